@@ -1,0 +1,152 @@
+"""The one run path shared by the CLI and the server worker: fetch → preprocess → generate → encode.
+
+`run_job` never leaves a half-written output: frames are encoded to a temporary name and renamed into place
+only after the encode succeeded; a cancelled or failed job leaves nothing in `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vace_local.errors import JobCancelled
+from vace_local.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
+from vace_local.spec import MAX_SEED, JobSpec
+
+if TYPE_CHECKING:
+    from vace_local.engine import Engine
+
+
+@dataclass
+class RunResult:
+    video_path: Path
+    metadata_path: Path
+    seed: int
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    model: str
+    tiny: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    #: Extra files written beside the video (e.g. "control", "mask" previews).
+    extras: dict[str, Path] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["video_path"] = str(self.video_path)
+        d["metadata_path"] = str(self.metadata_path)
+        d["extras"] = {k: str(v) for k, v in self.extras.items()}
+        return d
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 means random; the seed actually used is always reported back."""
+    return random.SystemRandom().randint(0, MAX_SEED) if seed < 0 else seed
+
+
+def run_job(
+    spec: JobSpec,
+    out_dir: Path,
+    *,
+    engine: Engine | None = None,
+    on_progress: ProgressFn = no_progress,
+    should_cancel: CancelFn = never_cancel,
+    name: str = "output",
+) -> RunResult:
+    """Run one job end to end and write `<out_dir>/<name>.mp4` and `<name>.json`.
+
+    `engine` is the process's loaded model (the worker keeps one); when None it is loaded (and cached)
+    for `spec.model`. Raises `InputError` for bad inputs, `JobCancelled` when `should_cancel` turned true.
+    """
+    from preprocessors import build_bundle
+    from vace_local.engine import get_engine
+    from vace_local.inputs import fetch_inputs
+    from vace_local.media import write_mask_video, write_video
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    seed = resolve_seed(spec.seed)
+
+    def check_cancel() -> None:
+        if should_cancel():
+            raise JobCancelled("job cancelled")
+
+    t0 = time.perf_counter()
+    if engine is None:
+        on_progress(Progress("load", message=f"loading {spec.model}"))
+        engine = get_engine(spec.model)
+    timings["load"] = time.perf_counter() - t0
+
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
+    try:
+        check_cancel()
+        t = time.perf_counter()
+        on_progress(Progress("fetch"))
+        resolved = fetch_inputs(spec.inputs, work / "inputs")
+        timings["fetch"] = time.perf_counter() - t
+
+        check_cancel()
+        t = time.perf_counter()
+        on_progress(Progress("preprocess", message=f"task {spec.task}"))
+        bundle = build_bundle(spec, resolved)
+        bundle.check(spec.num_frames, spec.height, spec.width)
+        timings["preprocess"] = time.perf_counter() - t
+
+        check_cancel()
+        t = time.perf_counter()
+        on_progress(Progress("generate", 0, spec.num_inference_steps))
+        frames = engine.generate(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel)
+        timings["generate"] = time.perf_counter() - t
+
+        check_cancel()
+        t = time.perf_counter()
+        on_progress(Progress("encode"))
+        tmp_video = work / f"{name}.mp4"
+        write_video(frames, tmp_video, fps=spec.fps, quality=spec.output.video_quality,
+                    write_mode=spec.output.video_write_mode)
+        extras_tmp: dict[str, Path] = {}
+        if spec.output.save_control:
+            extras_tmp["control"] = work / f"{name}.control.mp4"
+            write_video((bundle.frames * 255.0 + 0.5).astype("uint8"), extras_tmp["control"], fps=spec.fps)
+            extras_tmp["mask"] = work / f"{name}.mask.mp4"
+            write_mask_video(bundle.masks, extras_tmp["mask"], fps=spec.fps)
+        timings["encode"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+
+        video_path = out_dir / f"{name}.mp4"
+        meta_path = out_dir / f"{name}.json"
+        extras: dict[str, Path] = {}
+        for key, tmp in extras_tmp.items():
+            extras[key] = out_dir / tmp.name
+            tmp.replace(extras[key])
+        result = RunResult(
+            video_path=video_path, metadata_path=meta_path, seed=seed, width=spec.width, height=spec.height,
+            num_frames=int(frames.shape[0]), fps=spec.fps, model=engine.model_name, tiny=engine.is_tiny,
+            timings=timings, extras=extras,
+        )
+        metadata = {
+            "spec": spec.model_dump(mode="json"),
+            "seed": seed,
+            "negative_prompt_used": spec.effective_negative_prompt,
+            "model": engine.describe(),
+            "control": bundle.info,
+            "result": result.to_dict(),
+        }
+        if engine.is_tiny:
+            metadata["warning"] = "tiny random-weight smoke model: the output is noise"
+        meta_tmp = work / f"{name}.json"
+        meta_tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+        tmp_video.replace(video_path)
+        meta_tmp.replace(meta_path)
+        on_progress(Progress("done", spec.num_inference_steps, spec.num_inference_steps))
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""`JobSpec`: the one internal contract every entry point (CLI, each API dialect) builds.
+
+Dialects translate their own field names and ranges into this model; the engine, the job store and the
+worker only ever see a `JobSpec`. Validation messages name the field and the rule, because they are shown
+to API users verbatim.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: The official Wan 2.1 negative prompt (`sample_neg_prompt`); diffusers would silently use "" instead.
+OFFICIAL_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+MAX_REFERENCE_IMAGES = 5
+MIN_FRAMES, MAX_FRAMES = 17, 241
+MAX_SEED = 2**31 - 1
+
+Task = Literal["none", "depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe"]
+Sampler = Literal["unipc", "dpm++", "euler"]
+TransparencyMode = Literal["content_aware", "white", "black"]
+MaskTracker = Literal["flow", "sam2", "static"]
+VideoQuality = Literal["low", "medium", "high", "maximum"]
+VideoWriteMode = Literal["fast", "balanced", "small"]
+
+
+class JobInputs(BaseModel):
+    """Media inputs: local paths, http(s) URLs or data URIs. Resolved to local files before preprocessing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video: str | None = None
+    mask_video: str | None = None
+    mask_image: str | None = None
+    reference_images: list[str] = Field(default_factory=list)
+    first_image: str | None = None
+    last_image: str | None = None
+
+    @field_validator("reference_images")
+    @classmethod
+    def _max_refs(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_REFERENCE_IMAGES:
+            raise ValueError(f"at most {MAX_REFERENCE_IMAGES} reference images are allowed, got {len(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _masks_need_video(self) -> JobInputs:
+        if (self.mask_video or self.mask_image) and not self.video:
+            raise ValueError("mask_video / mask_image need a video to apply to")
+        return self
+
+
+class ControlOptions(BaseModel):
+    """How the preprocessors build the control video; task-specific knobs live here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: False: the input video already is the control signal (fal's `preprocess=false`).
+    preprocess: bool = True
+    mask_tracker: MaskTracker = "flow"
+    expand_left: bool = False
+    expand_right: bool = False
+    expand_top: bool = False
+    expand_bottom: bool = False
+    expand_ratio: float = Field(0.25, ge=0.0, le=1.0)
+    zoom_factor: float = Field(0.0, ge=0.0, le=0.9)
+    trim_borders: bool = True
+    transparency_mode: TransparencyMode = "content_aware"
+    match_input_num_frames: bool = False
+    match_input_frames_per_second: bool = False
+
+
+class OutputOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    video_quality: VideoQuality = "high"
+    video_write_mode: VideoWriteMode = "balanced"
+    #: Also write control.mp4 / mask.mp4 (what the model saw) beside the output.
+    save_control: bool = False
+
+
+class JobSpec(BaseModel):
+    """Everything needed to produce one video. Defaults follow the official VACE / WaveSpeed settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "wan2.1-vace-14b"
+    task: Task = "none"
+    prompt: str = ""
+    negative_prompt: str | None = Field(
+        None, description="None or empty → the official Wan negative prompt (see effective_negative_prompt)."
+    )
+    width: int = Field(832, ge=16, le=2048)
+    height: int = Field(480, ge=16, le=2048)
+    num_frames: int = Field(81, ge=MIN_FRAMES, le=MAX_FRAMES)
+    fps: int = Field(16, ge=1, le=60)
+    num_inference_steps: int = Field(30, ge=1, le=100)
+    guidance_scale: float = Field(5.0, ge=0.0, le=20.0)
+    guidance_scale_2: float | None = Field(None, ge=0.0, le=20.0)
+    flow_shift: float = Field(16.0, gt=0.0, le=30.0)
+    sampler: Sampler = "unipc"
+    context_scale: float | list[Annotated[float, Field(ge=0.0, le=2.0)]] = Field(1.0)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    inputs: JobInputs = Field(default_factory=JobInputs)
+    control: ControlOptions = Field(default_factory=ControlOptions)
+    output: OutputOptions = Field(default_factory=OutputOptions)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, v: int, info) -> int:  # noqa: ANN001
+        if v % 16:
+            raise ValueError(f"{info.field_name} must be a multiple of 16, got {v}")
+        return v
+
+    @field_validator("num_frames")
+    @classmethod
+    def _four_k_plus_one(cls, v: int) -> int:
+        if v % 4 != 1:
+            lo = (v - 1) // 4 * 4 + 1
+            raise ValueError(f"num_frames must be of the form 4k+1 (e.g. {lo} or {lo + 4}), got {v}")
+        return v
+
+    @field_validator("context_scale")
+    @classmethod
+    def _scalar_range(cls, v: float | list[float]) -> float | list[float]:
+        if isinstance(v, float | int) and not 0.0 <= v <= 2.0:
+            raise ValueError(f"context_scale must be within 0..2, got {v}")
+        if isinstance(v, list) and not v:
+            raise ValueError("context_scale list must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _task_inputs(self) -> JobSpec:
+        needs_video = {"depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe"}
+        if self.task in needs_video and not self.inputs.video:
+            raise ValueError(f"task '{self.task}' needs inputs.video")
+        if self.task == "inpainting" and not (self.inputs.mask_video or self.inputs.mask_image):
+            raise ValueError("task 'inpainting' needs inputs.mask_video or inputs.mask_image")
+        return self
+
+    @property
+    def effective_negative_prompt(self) -> str:
+        return self.negative_prompt or OFFICIAL_NEGATIVE_PROMPT
