@@ -76,11 +76,27 @@ class ControlOptions(BaseModel):
     match_input_frames_per_second: bool = False
 
 
+class TemporalOptions(BaseModel):
+    """Generate fewer frames, then interpolate back (fal's downsample / interpolation extras)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: New frames inserted between each pair of generated frames.
+    num_interpolated_frames: int = Field(0, ge=0, le=5)
+    #: Keep every (d+1)-th input frame for generation; d frames are interpolated back afterwards.
+    temporal_downsample_factor: int = Field(0, ge=0, le=5)
+    enable_auto_downsample: bool = False
+    auto_downsample_min_fps: float = Field(15.0, ge=1.0, le=60.0)
+    interpolator: Literal["flow", "rife", "film"] = "flow"
+
+
 class OutputOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     video_quality: VideoQuality = "high"
     video_write_mode: VideoWriteMode = "balanced"
+    #: Also write every output frame as PNG into a zip beside the video (fal's return_frames_zip).
+    frames_zip: bool = False
     #: Also write control.mp4 / mask.mp4 (what the model saw) beside the output.
     save_control: bool = False
 
@@ -109,6 +125,7 @@ class JobSpec(BaseModel):
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     inputs: JobInputs = Field(default_factory=JobInputs)
     control: ControlOptions = Field(default_factory=ControlOptions)
+    temporal: TemporalOptions = Field(default_factory=TemporalOptions)
     output: OutputOptions = Field(default_factory=OutputOptions)
 
     @field_validator("width", "height")
