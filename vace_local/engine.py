@@ -1,0 +1,236 @@
+"""The engine: load a Wan VACE pipeline once per process and turn (JobSpec, ControlBundle) into frames.
+
+It wraps diffusers' `WanVACEPipeline` and guards against its silent pitfalls: conditioning is passed as exact
+(width, height, num_frames) tensors, reference images are passed reversed so the model sees them in the
+user's order, the official negative prompt is explicit, the scheduler's shift comes from the spec, and the
+global RNG is seeded too (stochastic schedulers ignore the generator).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from vace_local.bundle import ControlBundle
+from vace_local.errors import InputError, JobCancelled, OutOfMemory
+from vace_local.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
+from vace_local.memory import POLICIES, Footprint, Policy, apply_policy, choose_policy, wants_vae_tiling
+from vace_local.models import ResolvedModel, resolve_model
+from vace_local.samplers import make_scheduler
+from vace_local.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Process-level settings (not per job): where and how the weights live."""
+
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: Dtype = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    offload: str = "auto"  # one of memory.POLICIES
+    vae_tiling: bool | None = None  # None: on when memory is tight
+    allow_download: bool = False
+
+    def __post_init__(self) -> None:
+        if self.offload not in POLICIES:
+            raise ValueError(f"offload must be one of {', '.join(POLICIES)}, got {self.offload!r}")
+
+
+class Engine:
+    """A loaded pipeline plus the logic to run one job on it. Not thread-safe: one job at a time."""
+
+    def __init__(self, model: str, options: EngineOptions | None = None) -> None:
+        import torch
+        from diffusers import WanVACEPipeline
+
+        self.options = options or EngineOptions()
+        self.resolved: ResolvedModel = resolve_model(model, allow_download=self.options.allow_download)
+        self.model_name = model
+        self.device = self._pick_device()
+        self.compute_dtype = self._pick_dtype(torch)
+        dtypes = {
+            "transformer": self.compute_dtype,
+            "transformer_2": self.compute_dtype,
+            "text_encoder": self.compute_dtype,
+            "default": torch.float32,  # VAE stays fp32 (diffusers docs)
+        }
+        self.pipe = WanVACEPipeline.from_pretrained(self.resolved.path, dtype=dtypes)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._base_scheduler_config = dict(self.pipe.scheduler.config)
+        free = self._free_vram()
+        self.policy: Policy = (
+            choose_policy(free, self.footprint()) if self.options.offload == "auto" else self.options.offload
+        )
+        apply_policy(self.pipe, self.policy, self.device)
+        tiling = self.options.vae_tiling
+        self.vae_tiling = wants_vae_tiling(self.policy, free) if tiling is None else tiling
+        if self.vae_tiling:
+            self.pipe.vae.enable_tiling()
+        log.info("loaded %s from %s on %s (%s, offload=%s, vae_tiling=%s)", model, self.resolved.path,
+                 self.device, self.compute_dtype, self.policy, self.vae_tiling)
+
+    # -- setup helpers -------------------------------------------------------------------------------
+    def _pick_device(self) -> str:
+        import torch
+
+        if self.options.device != "auto":
+            return self.options.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _pick_dtype(self, torch: Any) -> Any:
+        named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        if self.options.dtype != "auto":
+            return named[self.options.dtype]
+        return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+
+    def _free_vram(self) -> int | None:
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return None
+        free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+        return int(free)
+
+    def footprint(self) -> Footprint:
+        """Bytes per component from the loaded modules (exact, unlike the catalogue estimate)."""
+
+        def size(module: Any) -> int:
+            if module is None:
+                return 0
+            return sum(p.numel() for p in module.parameters()) * (2 if self.compute_dtype.itemsize == 2 else 4)
+
+        p = self.pipe
+        experts = 2 if getattr(p, "transformer_2", None) is not None and p.transformer is not None else 1
+        main = p.transformer if p.transformer is not None else p.transformer_2
+        vae = sum(x.numel() for x in p.vae.parameters()) * 4
+        return Footprint(size(main), size(p.text_encoder), vae, experts)
+
+    # -- introspection -------------------------------------------------------------------------------
+    @property
+    def is_tiny(self) -> bool:
+        return self.resolved.is_tiny
+
+    @property
+    def two_experts(self) -> bool:
+        return self.pipe.config.boundary_ratio is not None
+
+    @property
+    def vace_layers(self) -> list[int]:
+        t = self.pipe.transformer if self.pipe.transformer is not None else self.pipe.transformer_2
+        return list(t.config.vace_layers)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.model_name,
+            "path": str(self.resolved.path),
+            "kind": self.resolved.kind,
+            "tiny": self.is_tiny,
+            "device": self.device,
+            "dtype": str(self.compute_dtype).removeprefix("torch."),
+            "offload": self.policy,
+            "vae_tiling": self.vae_tiling,
+            "two_experts": self.two_experts,
+            "boundary_ratio": self.pipe.config.boundary_ratio,
+        }
+
+    # -- one job -------------------------------------------------------------------------------------
+    def _conditioning_scale(self, spec: JobSpec) -> float | list[float]:
+        scale = spec.context_scale
+        if isinstance(scale, list) and len(scale) != len(self.vace_layers):
+            raise InputError(
+                "context_scale",
+                f"this model has {len(self.vace_layers)} VACE layers; give one value or exactly "
+                f"{len(self.vace_layers)} values, got {len(scale)}",
+            )
+        return scale
+
+    def generate(
+        self,
+        spec: JobSpec,
+        bundle: ControlBundle,
+        *,
+        seed: int,
+        on_progress: ProgressFn = no_progress,
+        should_cancel: CancelFn = never_cancel,
+    ) -> np.ndarray:
+        """Run the denoising loop and decode; returns (F, H, W, 3) uint8 frames."""
+        import torch
+        from PIL import Image
+
+        bundle.check(spec.num_frames, spec.height, spec.width)
+        if spec.guidance_scale_2 is not None and not self.two_experts:
+            raise InputError("guidance_scale_2", f"model '{self.model_name}' has a single expert")
+        scale = self._conditioning_scale(spec)
+        self.pipe.scheduler = make_scheduler(spec.sampler, spec.flow_shift, self._base_scheduler_config)
+
+        # Exact-size 5-D tensors in [0, 1]: diffusers then does no resize of its own (pitfall 1).
+        video = torch.from_numpy(bundle.frames).permute(0, 3, 1, 2).unsqueeze(0)
+        mask = torch.from_numpy(bundle.masks).unsqueeze(1).expand(-1, 3, -1, -1).unsqueeze(0)
+        refs = [Image.fromarray((r * 255.0 + 0.5).clip(0, 255).astype(np.uint8)) for r in bundle.reference_images]
+        # diffusers prepends refs one by one, which reverses them; reverse so the model sees the user's order.
+        refs_arg = list(reversed(refs)) or None
+
+        total = spec.num_inference_steps
+
+        def on_step(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_progress(Progress("generate", i + 1, total))
+            if should_cancel():
+                raise JobCancelled("job cancelled during denoising")
+            return {}
+
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with _GLOBAL_RNG_LOCK:
+            torch.manual_seed(seed)  # stochastic schedulers draw from the global RNG (pitfall 4)
+            try:
+                out = self.pipe(
+                    prompt=spec.prompt,
+                    negative_prompt=spec.effective_negative_prompt,
+                    video=video,
+                    mask=mask,
+                    reference_images=refs_arg,
+                    conditioning_scale=scale,
+                    height=spec.height,
+                    width=spec.width,
+                    num_frames=spec.num_frames,
+                    num_inference_steps=total,
+                    guidance_scale=spec.guidance_scale,
+                    guidance_scale_2=spec.guidance_scale_2 if self.two_experts else None,
+                    generator=generator,
+                    output_type="np",
+                    callback_on_step_end=on_step,
+                )
+            except torch.OutOfMemoryError as exc:
+                raise OutOfMemory(
+                    f"GPU out of memory at {spec.width}x{spec.height}x{spec.num_frames} "
+                    f"(offload={self.policy}); try a lower offload level such as --offload group"
+                ) from exc
+            finally:
+                self.pipe.maybe_free_model_hooks()  # also after a cancel: offload hooks back to the CPU
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        frames = np.asarray(out.frames[0])
+        return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+_GLOBAL_RNG_LOCK = threading.Lock()
+_ENGINE_LOCK = threading.Lock()
+_ENGINE: Engine | None = None
+
+
+def get_engine(model: str, options: EngineOptions | None = None) -> Engine:
+    """The process's engine for `model`, loaded once and reused; switching models frees the old one."""
+    global _ENGINE
+    options = options or EngineOptions()
+    with _ENGINE_LOCK:
+        if _ENGINE is not None and _ENGINE.model_name == model and _ENGINE.options == options:
+            return _ENGINE
+        _ENGINE = None  # drop the old pipeline before loading the next
+        _ENGINE = Engine(model, options)
+        return _ENGINE

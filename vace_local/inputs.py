@@ -1,0 +1,112 @@
+"""Fetch a job's media inputs to local files before any model code runs (cog's rule: inputs outside the model).
+
+Accepted forms: an existing local path, a `data:` URI, or an http(s) URL. The server passes its own
+`url_fetcher` (with its network safety rules); the CLI's default fetcher trusts the user's URLs but still
+limits size and time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import mimetypes
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
+
+from vace_local.errors import InputError
+from vace_local.spec import JobInputs
+
+MAX_INPUT_BYTES = 512 * 1024 * 1024
+FETCH_TIMEOUT_S = 60.0
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+
+UrlFetcher = Callable[[str, Path, str], Path]
+
+
+@dataclass
+class ResolvedInputs:
+    """`JobInputs` with every value a local file."""
+
+    video: Path | None = None
+    mask_video: Path | None = None
+    mask_image: Path | None = None
+    reference_images: list[Path] = field(default_factory=list)
+    first_image: Path | None = None
+    last_image: Path | None = None
+
+
+def decode_data_uri(uri: str, dest_stem: Path, field_name: str, max_bytes: int = MAX_INPUT_BYTES) -> Path:
+    m = _DATA_URI.match(uri)
+    if not m:
+        raise InputError(field_name, "malformed data URI (expected data:<mime>;base64,<data>)")
+    payload = uri[m.end():]
+    try:
+        data = base64.b64decode(payload, validate=True) if m.group("b64") else unquote(payload).encode()
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(field_name, "data URI is not valid base64") from exc
+    if not data:
+        raise InputError(field_name, "data URI is empty")
+    if len(data) > max_bytes:
+        raise InputError(field_name, f"data URI is larger than {max_bytes} bytes")
+    ext = mimetypes.guess_extension(m.group("mime") or "") or ".bin"
+    out = dest_stem.with_suffix(ext)
+    out.write_bytes(data)
+    return out
+
+
+def default_url_fetcher(url: str, dest_stem: Path, field_name: str) -> Path:
+    """Download with a size cap and timeout (CLI use: the user's own URLs are trusted)."""
+    import httpx
+
+    suffix = Path(url.split("?", 1)[0]).suffix[:8] or ".bin"
+    out = dest_stem.with_suffix(suffix)
+    try:
+        with httpx.stream("GET", url, timeout=FETCH_TIMEOUT_S, follow_redirects=True) as r:
+            if r.status_code != 200:
+                raise InputError(field_name, f"download failed: HTTP {r.status_code} from {url}")
+            total = 0
+            with out.open("wb") as fh:
+                for chunk in r.iter_bytes():
+                    total += len(chunk)
+                    if total > MAX_INPUT_BYTES:
+                        raise InputError(field_name, f"download is larger than {MAX_INPUT_BYTES} bytes")
+                    fh.write(chunk)
+    except httpx.HTTPError as exc:
+        raise InputError(field_name, f"download failed: {type(exc).__name__}") from exc
+    return out
+
+
+def fetch_one(value: str, dest_stem: Path, field_name: str, url_fetcher: UrlFetcher = default_url_fetcher) -> Path:
+    value = value.strip()
+    if value.startswith("data:"):
+        return decode_data_uri(value, dest_stem, field_name)
+    if re.match(r"^https?://", value, re.I):
+        return url_fetcher(value, dest_stem, field_name)
+    path = Path(value.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise InputError(field_name, f"not a file, URL or data URI: {value[:200]}")
+    return path
+
+
+def fetch_inputs(inputs: JobInputs, dest: Path, url_fetcher: UrlFetcher = default_url_fetcher) -> ResolvedInputs:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def get(name: str) -> Path | None:
+        value = getattr(inputs, name)
+        return fetch_one(value, dest / name, name, url_fetcher) if value else None
+
+    return ResolvedInputs(
+        video=get("video"),
+        mask_video=get("mask_video"),
+        mask_image=get("mask_image"),
+        reference_images=[
+            fetch_one(v, dest / f"reference_{i}", f"reference_images[{i}]", url_fetcher)
+            for i, v in enumerate(inputs.reference_images)
+        ],
+        first_image=get("first_image"),
+        last_image=get("last_image"),
+    )

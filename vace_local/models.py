@@ -1,0 +1,99 @@
+"""Model resolution: built-in names, Hugging Face repo ids, local directories and the tiny smoke models.
+
+Hub ids go through huggingface_hub (its cache, resumable downloads, `HF_HUB_OFFLINE`); loading never
+downloads implicitly unless `allow_download` is set, so a missing model gives one clear error with the
+command that fetches it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vace_local.errors import ModelNotFoundError
+from vace_local.tiny import TINY_MODELS, ensure_tiny_model
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What we know about a model before loading it (for memory planning and two-expert handling)."""
+
+    repo_id: str
+    #: bf16 bytes of the transformer(s), text encoder and VAE (fp32), for memory planning.
+    transformer_bytes: int
+    text_encoder_bytes: int
+    vae_bytes: int
+    two_experts: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return self.transformer_bytes * (2 if self.two_experts else 1) + self.text_encoder_bytes + self.vae_bytes
+
+
+# Sizes from the published configs (see shared/reference/diffusers-wan-notes.md §8).
+_UMT5_XXL = int(10.6 * GIB)
+_VAE = int(0.47 * GIB)
+BUILTIN_MODELS: dict[str, ModelInfo] = {
+    "wan2.1-vace-14b": ModelInfo("Wan-AI/Wan2.1-VACE-14B-diffusers", int(32.3 * GIB), _UMT5_XXL, _VAE),
+    "wan2.1-vace-1.3b": ModelInfo("Wan-AI/Wan2.1-VACE-1.3B-diffusers", int(4.0 * GIB), _UMT5_XXL, _VAE),
+    "wan2.2-vace-fun-a14b": ModelInfo(
+        "linoyts/Wan2.2-VACE-Fun-14B-diffusers", int(32.3 * GIB), _UMT5_XXL, _VAE, two_experts=True
+    ),
+}
+DEFAULT_MODEL = "wan2.1-vace-14b"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    path: Path
+    kind: str  # "tiny" | "builtin" | "hub" | "local"
+    info: ModelInfo | None = None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.kind == "tiny"
+
+
+def _hub_snapshot(repo_id: str, name: str, allow_download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=not allow_download))
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"model '{name}' ({repo_id}) is not in the Hugging Face cache. "
+            f"Fetch it first with: vace-local download {name}"
+        ) from exc
+    except Exception as exc:  # network errors, gated repos, bad ids
+        raise ModelNotFoundError(f"could not get model '{name}' ({repo_id}): {exc}") from exc
+
+
+def resolve_model(name: str, *, allow_download: bool = False, cache_dir: Path | None = None) -> ResolvedModel:
+    """Map a model name to a local directory holding a diffusers `model_index.json`."""
+    if name in TINY_MODELS:
+        return ResolvedModel(name, ensure_tiny_model(name, cache_dir), "tiny")
+    if name in BUILTIN_MODELS:
+        info = BUILTIN_MODELS[name]
+        return ResolvedModel(name, _hub_snapshot(info.repo_id, name, allow_download), "builtin", info)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"model directory {path} has no model_index.json (not a diffusers pipeline)")
+        return ResolvedModel(name, path, "local")
+    if _REPO_ID.match(name) and not name.startswith((".", "/", "~")):
+        return ResolvedModel(name, _hub_snapshot(name, name, allow_download), "hub")
+    raise ModelNotFoundError(
+        f"model '{name}' not found: not a built-in name ({', '.join([*BUILTIN_MODELS, *TINY_MODELS])}), "
+        "not an existing local directory, not a Hugging Face repo id"
+    )
+
+
+def download_model(name: str) -> Path:
+    """Fetch a model's weights ahead of time (resumable); return the local directory."""
+    return resolve_model(name, allow_download=True).path
