@@ -1,0 +1,178 @@
+"""`build_bundle`: from resolved inputs and a task, the exact control video, masks and reference images.
+
+Rules (shared/reference/vace-conventions.md): mask 1 = generate, 0 = keep, binary; generated regions are
+gray 0.5; no video → gray + mask 1; video without mask → mask 1; frames cover-resized + centre-cropped;
+sampled at the job fps; short clips padded with gray / mask 1 up to exactly num_frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from preprocessors import images
+from preprocessors.geometry import binarize, cover_crop, cover_crop_mask, to_unit
+from preprocessors.video import VideoInfo, legal_num_frames, open_video, read_frames, sample_indices
+from vace_local.bundle import GRAY, ControlBundle
+from vace_local.errors import InputError
+from vace_local.spec import MAX_FRAMES, MIN_FRAMES, JobSpec
+
+CONTROL_TASKS = {"depth", "depthv2", "pose", "face"}
+
+
+class Resolved(Protocol):
+    video: Path | None
+    mask_video: Path | None
+    mask_image: Path | None
+    reference_images: list[Path]
+    first_image: Path | None
+    last_image: Path | None
+
+
+def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
+    """Apply `match_input_frames_per_second` / `match_input_num_frames`: a copy with the input's fps/length.
+
+    fps is rounded to an integer within the spec's range; the frame count is the clip's length at the job fps,
+    rounded up to the next legal 4k+1 (the padding is gray / mask 1) and clamped to the allowed range.
+    """
+    c = spec.control
+    if not (c.match_input_frames_per_second or c.match_input_num_frames) or not resolved.video:
+        return spec
+    info = open_video(resolved.video, "video")[0]
+    update: dict[str, Any] = {}
+    fps = spec.fps
+    if c.match_input_frames_per_second:
+        fps = int(min(60, max(1, round(info.fps))))
+        update["fps"] = fps
+    if c.match_input_num_frames:
+        n = len(sample_indices(info.num_frames, info.fps, fps, 10**6))
+        update["num_frames"] = legal_num_frames(n, MIN_FRAMES, MAX_FRAMES)
+    return spec.model_copy(update=update)
+
+
+def build_bundle(spec: JobSpec, resolved: Resolved) -> ControlBundle:
+    """The bundle for `spec.task`, matching (num_frames, height, width) exactly."""
+    F, H, W = spec.num_frames, spec.height, spec.width
+    info: dict[str, Any] = {"task": spec.task}
+    refs = images.reference_images([Path(p) for p in (resolved.reference_images or [])], H, W)
+
+    if resolved.video is None:
+        if resolved.mask_video or resolved.mask_image:
+            raise InputError("mask_video" if resolved.mask_video else "mask_image", "a mask needs a video")
+        if spec.task != "none":
+            raise InputError("video", f"task '{spec.task}' needs a video")
+        bundle = ControlBundle.blank(F, H, W)
+        info["source"] = "none"
+    else:
+        bundle = _from_video(spec, resolved, info)
+
+    _apply_end_frames(spec, resolved, bundle, info)
+    bundle.reference_images = refs
+    info["reference_images"] = len(refs)
+    bundle.info = info
+    bundle.check(F, H, W)
+    return bundle
+
+
+def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> ControlBundle:
+    F, H, W = spec.num_frames, spec.height, spec.width
+    vinfo, vr = open_video(resolved.video, "video")
+    idx = sample_indices(vinfo.num_frames, vinfo.fps, spec.fps, F)
+    info.update(
+        source_fps=vinfo.fps, source_frames=vinfo.num_frames, source_size=[vinfo.width, vinfo.height],
+        frames_from_video=len(idx), padded_frames=F - len(idx),
+    )
+    task = spec.task
+    if task in CONTROL_TASKS and not spec.control.preprocess:
+        info["preprocess"] = False
+        task = "none"
+
+    if task in ("outpainting", "reframe"):
+        from preprocessors.outpaint import outpaint_frames
+
+        frames, masks = outpaint_frames(spec, vinfo, vr, idx, info)
+    else:
+        rgb = read_frames(vinfo, vr, idx, lambda f: cover_crop(f, H, W))  # (n, H, W, 3) uint8
+        masks = _user_masks(spec, resolved, vinfo, idx, rgb, info)
+        if task == "none":
+            frames = to_unit(rgb)
+        elif task == "inpainting":
+            frames = to_unit(rgb)
+            frames[masks > 0.5] = GRAY
+        else:
+            from preprocessors.annotators import annotate
+
+            control = annotate(task, rgb, info)  # float32 [0, 1]
+            if masks is None:
+                frames = control
+            else:  # repaint + control composition: orig where kept, control where generated
+                m = masks[..., None]
+                frames = to_unit(rgb) * (1.0 - m) + control * m
+        if masks is None:
+            masks = np.ones(rgb.shape[:3], dtype=np.float32)
+    return _pad(frames.astype(np.float32), masks.astype(np.float32), F)
+
+
+def _pad(frames: np.ndarray, masks: np.ndarray, num_frames: int) -> ControlBundle:
+    """Pad short clips at the end with gray frames and mask 1 (generate)."""
+    bundle = ControlBundle.blank(num_frames, frames.shape[1], frames.shape[2])
+    n = min(len(frames), num_frames)
+    bundle.frames[:n] = frames[:n]
+    bundle.masks[:n] = masks[:n]
+    return bundle
+
+
+def _user_masks(
+    spec: JobSpec, resolved: Resolved, vinfo: VideoInfo, idx: list[int], rgb: np.ndarray, info: dict[str, Any]
+) -> np.ndarray | None:
+    """Masks for the sampled frames from a mask video, or a tracked / static mask image; None if neither."""
+    H, W = spec.height, spec.width
+    if resolved.mask_video:
+        info["mask_source"] = "mask_video"
+        return _mask_video(Path(resolved.mask_video), vinfo, idx, spec.fps, H, W)
+    if resolved.mask_image:
+        first = images.mask_image(Path(resolved.mask_image), vinfo.width, vinfo.height, H, W)
+        tracker = spec.control.mask_tracker if spec.task != "none" else "static"
+        info["mask_source"] = "mask_image"
+        info["mask_tracker"] = tracker
+        if tracker == "static" or len(rgb) == 1:
+            return np.repeat(first[None], len(rgb), axis=0)
+        from preprocessors.tracking import track_mask
+
+        masks = track_mask(rgb, first, backend=tracker)
+        area = masks.reshape(len(masks), -1).mean(axis=1)
+        info["mask_area_first_last"] = [float(area[0]), float(area[-1])]
+        return masks
+    return None
+
+
+def _mask_video(path: Path, vinfo: VideoInfo, idx: list[int], job_fps: int, H: int, W: int) -> np.ndarray:
+    """Read the mask video at the same times as the video; it must match the video in shape and length."""
+    minfo, mvr = open_video(path, "mask_video")
+    images.check_mask_shape("mask_video", minfo.width, minfo.height, vinfo.width, vinfo.height)
+    same_count = minfo.num_frames == vinfo.num_frames
+    tol = 1.0 / min(minfo.fps, vinfo.fps) + 1e-3
+    if not same_count and abs(minfo.duration - vinfo.duration) > tol:
+        raise InputError(
+            "mask_video",
+            f"mask video has {minfo.num_frames} frames ({minfo.duration:.2f} s) but the video has "
+            f"{vinfo.num_frames} frames ({vinfo.duration:.2f} s): they must cover the same frames",
+        )
+    midx = idx if same_count else sample_indices(minfo.num_frames, minfo.fps, job_fps, len(idx))
+    midx = midx + [minfo.num_frames - 1] * (len(idx) - len(midx))  # within tolerance: hold the last mask
+    return read_frames(minfo, mvr, midx, lambda f: cover_crop_mask(binarize(f), H, W))
+
+
+def _apply_end_frames(spec: JobSpec, resolved: Resolved, bundle: ControlBundle, info: dict[str, Any]) -> None:
+    """First/last images become real frames (mask 0 where opaque) at positions 0 / F-1 (composition rule)."""
+    H, W = spec.height, spec.width
+    mode = spec.control.transparency_mode
+    for field, pos in (("first_image", 0), ("last_image", spec.num_frames - 1)):
+        p = getattr(resolved, field, None)
+        if p:
+            frame, mask = images.frame_image(Path(p), field, H, W, mode)
+            bundle.frames[pos] = frame
+            bundle.masks[pos] = mask
+            info[field] = True

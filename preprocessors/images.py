@@ -1,0 +1,88 @@
+"""Still images: reference images (fitted on white), first/last frames (cover-cropped, RGBA-aware), masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from preprocessors.geometry import GRAY_U8, binarize, cover_crop, cover_crop_mask, fit_on_canvas
+from vace_local.errors import InputError
+from vace_local.media import load_image
+from vace_local.spec import MAX_REFERENCE_IMAGES
+
+
+def _rgba(path: Path, field: str) -> np.ndarray:
+    """(H, W, 4) float32 0..255, alpha 255 where the image has no transparency."""
+    im = load_image(path, field=field, mode=None)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("LA", "PA"):
+        im = im.convert("RGBA")
+    if im.mode != "RGBA":
+        im = im.convert("RGB").convert("RGBA")
+    return np.asarray(im, dtype=np.float32)
+
+
+def _composite(rgba: np.ndarray, background: float) -> np.ndarray:
+    a = rgba[..., 3:4] / 255.0
+    return rgba[..., :3] * a + background * (1.0 - a)
+
+
+def reference_images(paths: list[Path], height: int, width: int) -> list[np.ndarray]:
+    """Each image composited onto white (RGBA) and fitted, not cropped, on a white canvas; user order kept."""
+    if len(paths) > MAX_REFERENCE_IMAGES:
+        raise InputError(
+            "reference_images", f"at most {MAX_REFERENCE_IMAGES} reference images are allowed, got {len(paths)}"
+        )
+    out = []
+    for i, p in enumerate(paths):
+        rgb = _composite(_rgba(Path(p), f"reference_images[{i}]"), 255.0)
+        canvas, _ = fit_on_canvas(rgb, height, width, fill=255.0)
+        out.append(np.clip(canvas / 255.0, 0.0, 1.0).astype(np.float32))
+    return out
+
+
+def frame_image(
+    path: Path, field: str, height: int, width: int, transparency_mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A first/last image as a real frame: (frame (H, W, 3) in [0, 1], mask (H, W) 0/1).
+
+    Opaque pixels are kept (mask 0). Transparent pixels follow `transparency_mode`: `content_aware` → gray
+    and generated (mask 1); `white` / `black` → composited onto that colour and kept.
+    """
+    rgba = cover_crop(_rgba(Path(path), field), height, width)
+    alpha = rgba[..., 3]
+    if transparency_mode == "content_aware":
+        transparent = alpha < 128.0
+        rgb = rgba[..., :3].copy()
+        rgb[transparent] = GRAY_U8
+        mask = transparent.astype(np.float32)
+    elif transparency_mode in ("white", "black"):
+        rgb = _composite(rgba, 255.0 if transparency_mode == "white" else 0.0)
+        mask = np.zeros(alpha.shape, dtype=np.float32)
+    else:
+        raise InputError("control.transparency_mode", f"unknown transparency mode '{transparency_mode}'")
+    return np.clip(rgb / 255.0, 0.0, 1.0).astype(np.float32), mask
+
+
+def mask_image(
+    path: Path, video_w: int, video_h: int, height: int, width: int, field: str = "mask_image"
+) -> np.ndarray:
+    """A still mask (white = generate) checked against the video's shape, cover-cropped like the video."""
+    im = load_image(path, field=field, mode=None)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        gray = _composite(rgba, 0.0).mean(axis=-1)  # transparent = black = keep
+    else:
+        gray = np.asarray(im.convert("L"), dtype=np.float32)
+    check_mask_shape(field, gray.shape[1], gray.shape[0], video_w, video_h)
+    return cover_crop_mask(binarize(gray), height, width)
+
+
+def check_mask_shape(field: str, mw: int, mh: int, vw: int, vh: int) -> None:
+    """A mask may be scaled, but it must have the video's aspect ratio (else it marks the wrong region)."""
+    if (mw, mh) == (vw, vh):
+        return
+    if abs(mw / mh - vw / vh) > 0.02 * (vw / vh):
+        raise InputError(field, f"mask is {mw}x{mh} but the video is {vw}x{vh}: the aspect ratios differ")

@@ -1,0 +1,51 @@
+"""Synthetic media for tests and the benchmark (real ffmpeg encodes, no mocks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vace_local.media import write_video
+
+
+@dataclass
+class LocalInputs:
+    """Stand-in with `vace_local.inputs.ResolvedInputs`' field names (all local paths)."""
+
+    video: Path | None = None
+    mask_video: Path | None = None
+    mask_image: Path | None = None
+    reference_images: list[Path] = field(default_factory=list)
+    first_image: Path | None = None
+    last_image: Path | None = None
+
+
+def index_video(path: Path, n: int, fps: float, width: int = 96, height: int = 64, step: int = 4) -> Path:
+    """Uniform frames whose gray level encodes the frame index (level = 16 + step * i): sampling is visible."""
+    levels = (16 + step * np.arange(n)).clip(0, 255).astype(np.uint8)
+    frames = np.broadcast_to(levels[:, None, None, None], (n, height, width, 3)).copy()
+    return write_video(frames, path, fps=fps, quality="maximum")
+
+
+def moving_square(
+    n: int, width: int, height: int, size: int = 20, speed: tuple[float, float] = (2.0, 1.0), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A textured square moving over a textured background: (frames uint8, true masks float32 0/1)."""
+    rng = np.random.default_rng(seed)
+    import cv2
+
+    bg = cv2.GaussianBlur(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), (0, 0), 2)
+    tex = cv2.GaussianBlur(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), (0, 0), 1)
+    frames = np.empty((n, height, width, 3), np.uint8)
+    masks = np.zeros((n, height, width), np.float32)
+    for i in range(n):
+        x = int(round(width * 0.15 + speed[0] * i))
+        y = int(round(height * 0.2 + speed[1] * i))
+        f = bg.copy()
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + size, width), min(y + size, height)
+        f[y0:y1, x0:x1] = tex[y0 - y : y1 - y, x0 - x : x1 - x]
+        frames[i] = f
+        masks[i, y0:y1, x0:x1] = 1.0
+    return frames, masks

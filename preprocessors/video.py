@@ -1,0 +1,160 @@
+"""Decode the user's videos at the job's frame rate: only the frames that are needed, in chunks.
+
+Time mapping: job frame k sits at t = k / job_fps; it shows the source frame on screen at that time
+(index floor(t * src_fps)). Frames past the clip's real duration do not exist: the caller pads them
+(gray + mask 1). A longer clip is cut at num_frames / job_fps seconds, so motion keeps its real speed;
+`match_input_num_frames` (see `plan_timing`) makes the job as long as the clip instead.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from vace_local.errors import InputError
+
+CHUNK = 16
+
+
+@dataclass
+class VideoInfo:
+    path: Path
+    field: str
+    num_frames: int
+    fps: float
+    width: int  # as displayed (after rotation)
+    height: int
+    rotation: int  # clockwise degrees applied to decoded frames: 0, 90, 180, 270
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+
+@lru_cache(maxsize=64)
+def _rotation(path: str) -> int:
+    """Display rotation from container metadata (decord ignores it); 0 when ffmpeg says nothing."""
+    import imageio_ffmpeg
+
+    try:
+        err = subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
+            capture_output=True, text=True, timeout=30,
+        ).stderr
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    m = re.search(r"displaymatrix: rotation of (-?[0-9.]+) degrees", err)
+    if m:  # display matrix angle is counter-clockwise
+        return int(round(-float(m.group(1)))) % 360
+    m = re.search(r"rotate\s*:\s*(-?[0-9]+)", err)
+    return int(m.group(1)) % 360 if m else 0
+
+
+def _reader(path: Path, field: str):  # noqa: ANN202 - decord.VideoReader
+    import decord
+
+    if not path.is_file():
+        raise InputError(field, f"file not found: {path.name}")
+    try:
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
+    except Exception as exc:  # decord raises DECORDError / RuntimeError for anything unreadable
+        raise InputError(field, f"not a readable video ({type(exc).__name__})") from exc
+    if len(vr) == 0:
+        raise InputError(field, "video has no frames")
+    return vr
+
+
+def open_video(path: str | Path, field: str = "video") -> tuple[VideoInfo, object]:
+    """Open and describe a video; errors name the input."""
+    p = Path(path)
+    vr = _reader(p, field)
+    try:
+        h, w = vr[0].shape[:2]
+    except Exception as exc:
+        raise InputError(field, f"could not decode the first frame ({type(exc).__name__})") from exc
+    fps = float(vr.get_avg_fps() or 0.0)
+    if not np.isfinite(fps) or fps <= 0:
+        fps = 16.0
+    rot = _rotation(str(p))
+    if rot in (90, 270):
+        h, w = w, h
+    return VideoInfo(p, field, len(vr), fps, int(w), int(h), rot), vr
+
+
+def probe(path: str | Path, field: str = "video") -> VideoInfo:
+    return open_video(path, field)[0]
+
+
+def sample_indices(src_frames: int, src_fps: float, job_fps: float, num_frames: int) -> list[int]:
+    """Source index for each job frame that falls inside the clip (len <= num_frames)."""
+    duration = src_frames / src_fps
+    out: list[int] = []
+    for k in range(num_frames):
+        t = k / job_fps
+        if t >= duration - 1e-6:
+            break
+        out.append(min(src_frames - 1, int(np.floor(t * src_fps + 1e-6))))
+    return out
+
+
+def legal_num_frames(n: int, lo: int, hi: int) -> int:
+    """Smallest 4k+1 >= n (pad rather than drop input frames), clamped to [lo, hi]."""
+    k = max(0, -(-(n - 1) // 4))
+    return int(min(hi, max(lo, 4 * k + 1)))
+
+
+def _rotate(frames: np.ndarray, rot: int) -> np.ndarray:
+    if rot == 0:
+        return frames
+    return np.ascontiguousarray(np.rot90(frames, k=-(rot // 90), axes=(1, 2)))
+
+
+def iter_frames(
+    info: VideoInfo, vr: object, indices: list[int], transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> Iterator[np.ndarray]:
+    """Yield decoded (and transformed) frames in chunks so full-HD input never sits in memory at once."""
+    for start in range(0, len(indices), CHUNK):
+        idx = indices[start : start + CHUNK]
+        try:
+            batch = _rotate(vr.get_batch(idx).asnumpy()[..., :3], info.rotation)  # type: ignore[attr-defined]
+        except Exception:  # decord fails on some tiny widths: let ffmpeg decode (it applies rotation itself)
+            batch = _ffmpeg_frames(info, idx)
+        for frame in batch:
+            yield transform(frame) if transform else frame
+
+
+def _ffmpeg_frames(info: VideoInfo, indices: list[int]) -> np.ndarray:
+    """Sequential decode with imageio-ffmpeg up to the last wanted frame (fallback path)."""
+    import imageio_ffmpeg
+
+    wanted = set(indices)
+    got: dict[int, np.ndarray] = {}
+    gen = imageio_ffmpeg.read_frames(str(info.path), pix_fmt="rgb24")
+    try:
+        meta = next(gen)
+        w, h = meta["size"]
+        for i, raw in enumerate(gen):
+            if i in wanted:
+                got[i] = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+            if i >= max(wanted):
+                break
+    except Exception as exc:
+        raise InputError(info.field, f"could not decode frames ({type(exc).__name__})") from exc
+    finally:
+        gen.close()
+    last = max(got) if got else None
+    if last is None:
+        raise InputError(info.field, "could not decode any frame")
+    return np.stack([got.get(i, got[last]) for i in indices])
+
+
+def read_frames(
+    info: VideoInfo, vr: object, indices: list[int], transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> np.ndarray:
+    return np.stack(list(iter_frames(info, vr, indices, transform)))
