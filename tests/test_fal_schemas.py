@@ -1,0 +1,167 @@
+"""fal request schemas and their JobSpec translation (pure functions, no server)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.dialects.fal_schemas import (
+    FAL_NEGATIVE_PROMPT,
+    FieldError,
+    SourceInfo,
+    fal_to_jobspec,
+    frames_4k1,
+    output_size,
+    parse_fal_request,
+)
+
+VID = "https://example.com/v.mp4"
+HD = SourceInfo(num_frames=81, fps=16.0, width=1280, height=720)
+
+
+def tr(endpoint: str, source: SourceInfo | None = HD, **body):
+    body.setdefault("prompt", "a cat")
+    return fal_to_jobspec(endpoint, parse_fal_request(endpoint, body), model="tiny", source=source)
+
+
+def test_defaults_follow_the_published_schema():
+    req = parse_fal_request("pose", {"prompt": "p", "video_url": VID})
+    assert (req.num_frames, req.frames_per_second, req.shift, req.sampler) == (81, 16, 5.0, "unipc")
+    assert (req.resolution, req.aspect_ratio, req.num_inference_steps, req.guidance_scale) == ("auto", "auto", 30, 5)
+    assert req.negative_prompt == FAL_NEGATIVE_PROMPT and req.acceleration == "regular"
+    assert req.interpolator_model == "film" and req.transparency_mode == "content_aware"
+    reframe = parse_fal_request("reframe", {"video_url": VID})
+    assert reframe.prompt == "" and reframe.match_input_num_frames and reframe.match_input_frames_per_second
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "field"),
+    [
+        ("pose", {"prompt": "p"}, "video_url"),
+        ("depth", {"video_url": VID}, "prompt"),
+        ("", {"prompt": "p", "num_frames": 16}, "num_frames"),
+        ("", {"prompt": "p", "num_frames": 242}, "num_frames"),
+        ("", {"prompt": "p", "frames_per_second": 31}, "frames_per_second"),
+        ("", {"prompt": "p", "shift": 0.5}, "shift"),
+        ("", {"prompt": "p", "sampler": "ddim"}, "sampler"),
+        ("", {"prompt": "p", "resolution": "1080p"}, "resolution"),
+        ("", {"prompt": "p", "aspect_ratio": "4:3"}, "aspect_ratio"),
+        ("", {"prompt": "p", "num_inference_steps": 1}, "num_inference_steps"),
+        ("", {"prompt": "p", "guidance_scale": 11}, "guidance_scale"),
+        ("", {"prompt": "p", "task": "face"}, "task"),
+        ("", {"prompt": "p", "temporal_downsample_factor": 6}, "temporal_downsample_factor"),
+        ("", {"prompt": "p", "interpolator_model": "dain"}, "interpolator_model"),
+        ("outpainting", {"prompt": "p", "video_url": VID, "expand_ratio": 1.5}, "expand_ratio"),
+        ("reframe", {"video_url": VID, "zoom_factor": 0.95}, "zoom_factor"),
+    ],
+)
+def test_bad_fields_are_named(endpoint, body, field):
+    with pytest.raises(ValidationError) as exc:
+        parse_fal_request(endpoint, body)
+    assert field in {str(e["loc"][0]) for e in exc.value.errors()}
+
+
+def test_geometry_tiers_and_aspects():
+    assert output_size("480p", "16:9", None) == (832, 480)
+    assert output_size("720p", "9:16", None) == (720, 1280)
+    assert output_size("580p", "1:1", None) == (576, 576)
+    assert output_size("auto", "auto", None) == (832, 480)
+    assert output_size("auto", "auto", HD) == (1280, 720)
+    portrait = SourceInfo(num_frames=25, fps=25, width=512, height=768)
+    assert output_size("auto", "auto", portrait) == (480, 720)
+    assert output_size("240p", "auto", portrait) == (240, 368)
+    for res in ("240p", "360p", "480p", "580p", "720p"):
+        for ar in ("auto", "16:9", "1:1", "9:16"):
+            w, h = output_size(res, ar, portrait)
+            assert w % 16 == 0 and h % 16 == 0
+
+
+def test_frames_round_to_4k_plus_1():
+    assert [frames_4k1(n) for n in (17, 18, 50, 81, 240, 241, 500)] == [17, 21, 53, 81, 241, 241, 241]
+
+
+def test_pose_translation_maps_every_knob():
+    t = tr("pose", video_url=VID, resolution="240p", aspect_ratio="16:9", num_frames=17, frames_per_second=8,
+           shift=7, sampler="euler", seed=3, preprocess=True, num_inference_steps=2, guidance_scale=3,
+           video_quality="low", video_write_mode="fast", return_frames_zip=True, transparency_mode="white",
+           ref_image_urls=["a.png", "b.png"], first_frame_url="f.png", last_frame_url="l.png")
+    s = t.spec
+    assert (s.task, s.width, s.height, s.num_frames, s.fps) == ("pose", 416, 240, 17, 8)
+    assert (s.flow_shift, s.sampler, s.seed, s.num_inference_steps, s.guidance_scale) == (7, "euler", 3, 2, 3)
+    assert s.control.preprocess is True and s.control.transparency_mode == "white"
+    assert (s.output.video_quality, s.output.video_write_mode, s.output.frames_zip) == ("low", "fast", True)
+    assert s.inputs.reference_images == ["a.png", "b.png"]
+    assert (s.inputs.first_image, s.inputs.last_image, s.inputs.video) == ("f.png", "l.png", VID)
+    assert s.negative_prompt == FAL_NEGATIVE_PROMPT
+    assert tr("pose", video_url=VID).spec.control.preprocess is False  # fal default: already a pose video
+    assert tr("pose", video_url=VID).spec.seed == -1
+
+
+def test_match_input_frames_and_fps():
+    src = SourceInfo(num_frames=50, fps=25.0, width=640, height=360)
+    s = tr("depth", source=src, video_url=VID, match_input_num_frames=True, match_input_frames_per_second=True).spec
+    assert (s.num_frames, s.fps) == (53, 25)  # 50 frames → next 4k+1
+    s = tr("depth", source=src, video_url=VID, match_input_num_frames=True, frames_per_second=10).spec
+    assert (s.num_frames, s.fps) == (21, 10)  # 2 s of input at 10 fps = 20 frames → 21
+    long = SourceInfo(num_frames=350, fps=50.0, width=960, height=540)
+    s = tr("reframe", source=long, video_url=VID).spec  # reframe matches both by default
+    assert (s.num_frames, s.fps) == (241, 50)
+
+
+def test_outpainting_expands_and_follows_canvas_aspect():
+    t = tr("outpainting", video_url=VID, resolution="240p", expand_left=True, expand_right=True,
+           expand_ratio=0.5)
+    c = t.spec.control
+    assert (c.expand_left, c.expand_right, c.expand_top, c.expand_bottom, c.expand_ratio) == (True, True, False,
+                                                                                              False, 0.5)
+    assert (t.spec.width, t.spec.height) == (848, 240)  # 2560x720 canvas → 32:9
+    assert t.spec.task == "outpainting"
+
+
+def test_reframe_zoom_and_borders():
+    t = tr("reframe", video_url=VID, zoom_factor=0.4, trim_borders=False, aspect_ratio="9:16", resolution="240p")
+    assert (t.spec.control.zoom_factor, t.spec.control.trim_borders) == (0.4, False)
+    assert (t.spec.width, t.spec.height) == (240, 416)
+    bare = fal_to_jobspec("reframe", parse_fal_request("reframe", {"video_url": VID}), model="tiny", source=HD)
+    assert bare.spec.prompt == ""
+
+
+def test_mask_precedence_per_endpoint():
+    both = {"video_url": VID, "mask_video_url": "m.mp4", "mask_image_url": "m.png"}
+    inp = tr("inpainting", **both).spec.inputs
+    assert (inp.mask_video, inp.mask_image) == ("m.mp4", None)
+    base = tr("", **both)
+    assert (base.spec.inputs.mask_video, base.spec.inputs.mask_image) == (None, "m.png")
+    assert base.spec.task == "inpainting"  # masks and no explicit task → inpainting
+    assert tr("", task="pose", **both).spec.task == "pose"
+    with pytest.raises(FieldError) as exc:
+        tr("inpainting", video_url=VID)
+    assert exc.value.field == "mask_video_url"
+
+
+def test_base_endpoint_tasks():
+    assert tr("", source=None).spec.task == "none"  # no video: text/reference-to-video
+    assert tr("", video_url=VID).spec.task == "depth"  # documented default task
+    assert tr("", video_url=VID, task="outpainting").spec.task == "outpainting"
+
+
+def test_too_many_reference_images_rejected():
+    with pytest.raises(ValidationError, match="at most 5 reference images"):
+        tr("pose", video_url=VID, ref_image_urls=[f"{i}.png" for i in range(6)])
+
+
+def test_temporal_extras_and_interpolator():
+    t = tr("pose", video_url=VID, temporal_downsample_factor=2, num_interpolated_frames=1,
+           enable_auto_downsample=True, auto_downsample_min_fps=8)
+    tm = t.spec.temporal
+    assert (tm.temporal_downsample_factor, tm.num_interpolated_frames, tm.enable_auto_downsample) == (2, 1, True)
+    assert tm.auto_downsample_min_fps == 8 and tm.interpolator == "flow"
+    assert any("film" in n for n in t.notes)
+    assert tr("pose", video_url=VID, interpolator_model="rife").spec.temporal.interpolator == "rife"
+    assert tr("reframe", video_url=VID, temporal_upsample_factor=2).spec.temporal.num_interpolated_frames == 2
+
+
+def test_sync_mode_and_ignored_fields():
+    t = tr("pose", video_url=VID, sync_mode=True, acceleration="none", enable_safety_checker=True)
+    assert t.sync_mode is True
+    assert t.ignored["acceleration"] == "none" and t.ignored["enable_safety_checker"] is True
