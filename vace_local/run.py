@@ -65,7 +65,7 @@ def run_job(
     `engine` is the process's loaded model (the worker keeps one); when None it is loaded (and cached)
     for `spec.model`. Raises `InputError` for bad inputs, `JobCancelled` when `should_cancel` turned true.
     """
-    from preprocessors import build_bundle
+    from preprocessors import build_bundle, plan_timing
     from vace_local.engine import get_engine
     from vace_local.inputs import fetch_inputs
     from vace_local.media import write_mask_video, write_video
@@ -96,6 +96,7 @@ def run_job(
         check_cancel()
         t = time.perf_counter()
         on_progress(Progress("preprocess", message=f"task {spec.task}"))
+        spec = plan_timing(spec, resolved)  # match_input_* may change num_frames / fps
         bundle = build_bundle(spec, resolved)
         bundle.check(spec.num_frames, spec.height, spec.width)
         timings["preprocess"] = time.perf_counter() - t

@@ -1,0 +1,212 @@
+"""Command line: `vace-local generate | download | ...` (scripts/generate.py runs the same `generate`).
+
+Flags mirror `JobSpec`; a JSON spec file can provide the rest. Validation errors name the field and exit 2
+before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from vace_local.errors import VaceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan VACE video models locally.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    for sep in ("*", "x", "X"):
+        if sep in size:
+            w, h = size.split(sep, 1)
+            try:
+                return int(w), int(h)
+            except ValueError:
+                break
+    _fail(f"size: expected WIDTH*HEIGHT such as 832*480, got {size!r}")
+    raise AssertionError  # unreachable
+
+
+def _parse_context_scale(value: str) -> float | list[float]:
+    try:
+        values = [float(v) for v in value.split(",")]
+    except ValueError:
+        _fail(f"context_scale: expected a number or comma-separated numbers, got {value!r}")
+        raise
+    return values[0] if len(values) == 1 else values
+
+
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What should happen in the video.")] = "",
+    model: Annotated[str, typer.Option(help="Built-in name, Hugging Face repo id, local dir, or 'tiny'.")] = "",
+    task: Annotated[str, typer.Option(help="none | depth | depthv2 | pose | face | inpainting | outpainting | "
+                                           "reframe")] = "",
+    negative_prompt: Annotated[str | None, typer.Option(help="Default: the official Wan negative prompt.")] = None,
+    size: Annotated[str | None, typer.Option(help="WIDTH*HEIGHT, e.g. 832*480 (multiples of 16).")] = None,
+    num_frames: Annotated[int | None, typer.Option(help="4k+1 within 17..241 (81 = 5 s at 16 fps).")] = None,
+    fps: Annotated[int | None, typer.Option(help="Output frames per second.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (0..20).")] = None,
+    guidance_scale_2: Annotated[float | None, typer.Option(help="CFG of the low-noise expert (Wan 2.2).")] = None,
+    flow_shift: Annotated[float | None, typer.Option(help="Timestep shift (official VACE: 16).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="unipc | dpm++ | euler")] = None,
+    context_scale: Annotated[str | None, typer.Option(help="VACE strength 0..2, or one value per layer "
+                                                           "(comma-separated).")] = None,
+    seed: Annotated[int | None, typer.Option(help="-1 = random; the seed used is printed.")] = None,
+    video: Annotated[str | None, typer.Option(help="Source/control video: path, URL or data URI.")] = None,
+    mask_video: Annotated[str | None, typer.Option(help="Mask video (white = generate).")] = None,
+    mask_image: Annotated[str | None, typer.Option(help="Mask image (white = generate).")] = None,
+    ref: Annotated[list[str] | None, typer.Option("--ref", help="Reference image (repeat, up to 5, "
+                                                                "in order).")] = None,
+    first_image: Annotated[str | None, typer.Option(help="Image for the first frame.")] = None,
+    last_image: Annotated[str | None, typer.Option(help="Image for the last frame.")] = None,
+    spec_file: Annotated[Path | None, typer.Option("--spec", help="JobSpec JSON; flags override it.")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("outputs"),
+    name: Annotated[str | None, typer.Option(help="Output file stem (default: generated from time).")] = None,
+    save_control: Annotated[bool, typer.Option(help="Also write the control and mask videos.")] = False,
+    offload: Annotated[str, typer.Option(help="auto | none | model | group | sequential")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA).")] = "auto",
+    download: Annotated[bool, typer.Option(help="Download missing Hub weights instead of failing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Generate one video and write <out>/<name>.mp4 plus <name>.json metadata."""
+    from vace_local.spec import JobSpec
+
+    base: dict = {}
+    if spec_file is not None:
+        try:
+            base = json.loads(spec_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            _fail(f"--spec: cannot read JSON from {spec_file}: {exc}")
+    overrides: dict = {
+        "prompt": prompt or None, "model": model or None, "task": task or None,
+        "negative_prompt": negative_prompt, "num_frames": num_frames, "fps": fps,
+        "num_inference_steps": steps, "guidance_scale": guidance_scale, "guidance_scale_2": guidance_scale_2,
+        "flow_shift": flow_shift, "sampler": sampler, "seed": seed,
+    }
+    if size is not None:
+        overrides["width"], overrides["height"] = _parse_size(size)
+    if context_scale is not None:
+        overrides["context_scale"] = _parse_context_scale(context_scale)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    inputs = dict(base.get("inputs") or {})
+    for key, value in (("video", video), ("mask_video", mask_video), ("mask_image", mask_image),
+                       ("first_image", first_image), ("last_image", last_image)):
+        if value is not None:
+            inputs[key] = value
+    if ref:
+        inputs["reference_images"] = list(ref)
+    base["inputs"] = inputs
+    if save_control:
+        base.setdefault("output", {})["save_control"] = True
+    try:
+        spec = JobSpec.model_validate(base)
+    except ValidationError as exc:
+        _fail(format_validation_error(exc))
+        raise
+
+    from vace_local.engine import EngineOptions
+    try:
+        options = EngineOptions(device=device, dtype=dtype, offload=offload, allow_download=download)  # type: ignore[arg-type]
+    except ValueError as exc:
+        _fail(str(exc))
+        raise
+
+    _run_with_progress(spec, options, out, name, quiet)
+
+
+def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) -> None:  # noqa: ANN001
+    import time
+
+    from tqdm import tqdm
+
+    from vace_local.engine import get_engine
+    from vace_local.events import Progress
+    from vace_local.run import run_job
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    bar: tqdm | None = None
+
+    def on_progress(p: Progress) -> None:
+        nonlocal bar
+        if quiet:
+            return
+        if p.stage == "generate" and p.total:
+            if bar is None:
+                bar = tqdm(total=p.total, desc="denoising", unit="step", file=sys.stderr)
+            bar.n = p.step
+            bar.refresh()
+        elif p.stage != "generate":
+            if bar is not None:
+                bar.close()
+                bar = None
+            typer.echo(f"[{p.stage}] {p.message}".rstrip(), err=True)
+
+    stem = name or time.strftime("vace-%Y%m%d-%H%M%S")
+    try:
+        on_progress(Progress("load", message=f"loading {spec.model}"))
+        engine = get_engine(spec.model, options)
+        if engine.is_tiny:
+            typer.secho("note: 'tiny' is a random-weight smoke model; its output is noise.", fg="yellow", err=True)
+        result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem)
+    except VaceError as exc:
+        if bar is not None:
+            bar.close()
+        _fail(str(exc), code=1)
+        raise
+    typer.echo(f"video:    {result.video_path}")
+    typer.echo(f"metadata: {result.metadata_path}")
+    for key, path in result.extras.items():
+        typer.echo(f"{key + ':':9} {path}")
+    typer.echo(f"seed:     {result.seed}")
+    if result.tiny:
+        typer.echo("(tiny smoke model: the video is noise)")
+
+
+@app.command("download")
+def download(
+    what: Annotated[str, typer.Argument(help="A model name or Hugging Face repo id, or 'annotators'.")],
+) -> None:
+    """Fetch weights ahead of time into the Hugging Face cache (resumable)."""
+    if what == "annotators":
+        from preprocessors.weights import download_annotators
+
+        typer.echo(f"annotators: {download_annotators(None)}")
+        return
+    from vace_local.models import download_model
+
+    try:
+        typer.echo(f"{what}: {download_model(what)}")
+    except VaceError as exc:
+        _fail(str(exc), code=1)
+
+
+app.command("generate")(generate)
+
+#: A one-command app for scripts/generate.py (same function, same flags).
+generate_app = typer.Typer(add_completion=False)
+generate_app.command()(generate)
+
+
+def main() -> None:
+    app()
