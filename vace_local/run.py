@@ -68,6 +68,7 @@ def run_job(
     from preprocessors import build_bundle, plan_timing
     from vace_local.engine import get_engine
     from vace_local.inputs import fetch_inputs
+    from vace_local.interpolate import get_interpolator, plan_for_spec, write_frames_zip
     from vace_local.media import write_mask_video, write_video
 
     out_dir = Path(out_dir)
@@ -97,28 +98,46 @@ def run_job(
         t = time.perf_counter()
         on_progress(Progress("preprocess", message=f"task {spec.task}"))
         spec = plan_timing(spec, resolved)  # match_input_* may change num_frames / fps
-        bundle = build_bundle(spec, resolved)
-        bundle.check(spec.num_frames, spec.height, spec.width)
+        # --- temporal plan (vace_local.interpolate): generate every stride-th frame, interpolate back ---
+        tplan = plan_for_spec(spec)
+        if tplan.active:
+            get_interpolator(spec.temporal.interpolator)  # a missing RIFE model fails before generating
+        gen_spec = tplan.generation_spec(spec)
+        bundle = tplan.subsample(build_bundle(tplan.bundle_spec(spec), resolved))
+        bundle.check(gen_spec.num_frames, spec.height, spec.width)
+        # --- end temporal plan ---
         timings["preprocess"] = time.perf_counter() - t
 
         check_cancel()
         t = time.perf_counter()
         on_progress(Progress("generate", 0, spec.num_inference_steps))
-        frames = engine.generate(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel)
+        frames = engine.generate(gen_spec, bundle, seed=seed, on_progress=on_progress,
+                                 should_cancel=should_cancel)
         timings["generate"] = time.perf_counter() - t
+        # --- temporal plan: interpolate back to the job's frame count (and num_interpolated_frames) ---
+        if tplan.active:
+            check_cancel()
+            t = time.perf_counter()
+            on_progress(Progress("encode", message=f"interpolating {len(frames)} → {tplan.output_frames} frames"))
+            frames = tplan.restore(frames, spec.temporal.interpolator)
+            timings["interpolate"] = time.perf_counter() - t
+        out_fps = tplan.output_fps
+        # --- end temporal plan ---
 
         check_cancel()
         t = time.perf_counter()
         on_progress(Progress("encode"))
         tmp_video = work / f"{name}.mp4"
-        write_video(frames, tmp_video, fps=spec.fps, quality=spec.output.video_quality,
+        write_video(frames, tmp_video, fps=out_fps, quality=spec.output.video_quality,
                     write_mode=spec.output.video_write_mode)
         extras_tmp: dict[str, Path] = {}
+        if spec.output.frames_zip:
+            extras_tmp["frames_zip"] = write_frames_zip(frames, work / f"{name}.frames.zip")
         if spec.output.save_control:
             extras_tmp["control"] = work / f"{name}.control.mp4"
-            write_video((bundle.frames * 255.0 + 0.5).astype("uint8"), extras_tmp["control"], fps=spec.fps)
+            write_video((bundle.frames * 255.0 + 0.5).astype("uint8"), extras_tmp["control"], fps=gen_spec.fps)
             extras_tmp["mask"] = work / f"{name}.mask.mp4"
-            write_mask_video(bundle.masks, extras_tmp["mask"], fps=spec.fps)
+            write_mask_video(bundle.masks, extras_tmp["mask"], fps=gen_spec.fps)
         timings["encode"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -130,7 +149,7 @@ def run_job(
             tmp.replace(extras[key])
         result = RunResult(
             video_path=video_path, metadata_path=meta_path, seed=seed, width=spec.width, height=spec.height,
-            num_frames=int(frames.shape[0]), fps=spec.fps, model=engine.model_name, tiny=engine.is_tiny,
+            num_frames=int(frames.shape[0]), fps=out_fps, model=engine.model_name, tiny=engine.is_tiny,
             timings=timings, extras=extras,
         )
         metadata = {

@@ -1,0 +1,34 @@
+"""The temporal plan through the real run path: tiny model on CPU, real preprocessing and encoding."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+from vace_local.media import probe_video
+from vace_local.run import run_job
+from vace_local.spec import JobSpec, OutputOptions, TemporalOptions
+
+
+def test_downsample_factor_1_gives_the_requested_frame_count(tmp_path):
+    spec = JobSpec(model="tiny", prompt="a cat", width=64, height=64, num_frames=17, fps=16,
+                   num_inference_steps=2, seed=1, temporal=TemporalOptions(temporal_downsample_factor=1),
+                   output=OutputOptions(frames_zip=True))
+    res = run_job(spec, tmp_path)
+    assert res.num_frames == 17 and res.fps == 16
+    n, fps, w, h = probe_video(res.video_path)
+    assert (n, round(fps), w, h) == (17, 16, 64, 64)
+    meta = json.loads(res.metadata_path.read_text())
+    assert meta["control"]["temporal_stride"] == 2 and meta["control"]["generated_frames"] == 9
+    assert "interpolate" in res.timings
+    with zipfile.ZipFile(res.extras["frames_zip"]) as zf:
+        assert len(zf.namelist()) == 17
+
+
+def test_num_interpolated_frames_scales_frames_and_fps(tmp_path):
+    spec = JobSpec(model="tiny", prompt="a cat", width=64, height=64, num_frames=17, fps=8,
+                   num_inference_steps=2, seed=1, temporal=TemporalOptions(num_interpolated_frames=1))
+    res = run_job(spec, tmp_path)
+    assert (res.num_frames, res.fps) == (33, 16)
+    n, fps, _, _ = probe_video(res.video_path)
+    assert (n, round(fps)) == (33, 16)
