@@ -1,0 +1,5 @@
+"""`python -m server [options]`: same as `vace-local serve`."""
+
+from server.cli import main
+
+main()

@@ -1,0 +1,164 @@
+"""FastAPI application factory: dialect routers, health/ready/metrics, file serving, supervisor and loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import vace_local
+from server import inputs as safety
+from server.core import ApiError, Core, validation_error
+from server.dialects import Dialect, default_render_error, load_dialects
+from server.metrics import make_registry
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger("vace.server")
+
+
+def _dialect_for(request: Request, dialects: list[Dialect]) -> Dialect | None:
+    route = request.scope.get("route")
+    tags = getattr(route, "tags", None) or []
+    for d in dialects:
+        if d.name in tags:
+            return d
+    path = request.url.path
+    for d in dialects:
+        if any(path.startswith(p) for p in d.path_prefixes):
+            return d
+    return None
+
+
+def create_app(settings: Settings | None = None, *, start_workers: bool = True) -> FastAPI:
+    """Build the API app. Workers and background loops start in the lifespan (i.e. when served)."""
+    settings = settings or Settings()
+    settings.prepare_dirs()
+    store = Store(settings.db_url)
+    store.create_all()
+    core = Core(settings, store)
+    instance = uuid.uuid4().hex
+    dialects = load_dialects()
+    renderers = {d.name: d.render_webhook for d in dialects if d.render_webhook is not None}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from server.supervisor import Supervisor
+        from server.webhooks import webhook_loop
+
+        sup = Supervisor(settings, store, instance) if start_workers and settings.workers != "0" else None
+        app.state.supervisor = sup
+        if sup is not None:
+            await asyncio.to_thread(sup.start)
+        if settings.is_tiny:
+            log.warning("model 'tiny': every output comes from a tiny random-weight model (noise)")
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(webhook_loop(core, renderers, stop)),
+                 asyncio.create_task(_cleanup_loop(core, stop))]
+        try:
+            yield
+        finally:
+            stop.set()
+            for t in tasks:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(t, timeout=5)
+            if sup is not None:
+                await asyncio.to_thread(sup.stop)
+            store.dispose()
+
+    app = FastAPI(
+        title="vace-local",
+        version=vace_local.__version__,
+        description="Local Wan VACE video generation behind hosted-API-compatible endpoints"
+        + (" — TINY random-weight model: outputs are noise" if settings.is_tiny else ""),
+        lifespan=lifespan,
+    )
+    app.state.core = core
+    app.state.settings = settings
+    app.state.instance = instance
+    app.state.supervisor = None
+    registry = make_registry(store, instance)
+
+    # ---- errors: one handler set, rendered by the dialect owning the route ----
+
+    def render(request: Request, err: ApiError) -> Response:
+        d = _dialect_for(request, dialects)
+        return (d.render_error if d else default_render_error)(request, err)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return render(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return render(request, validation_error(list(exc.errors()), status_code=422))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        etype = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return render(request, ApiError(exc.status_code, msg, error_type=etype))
+
+    # ---- operational endpoints ----
+
+    @app.get("/health", tags=["ops"], summary="Process is up")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model, "tiny": settings.is_tiny}
+
+    @app.get("/ready", tags=["ops"], summary="Every worker has its model loaded (503 until then)")
+    async def ready(request: Request) -> Response:
+        sup = request.app.state.supervisor
+        workers = await asyncio.to_thread(store.list_workers, instance)
+        expected = sup.expected if sup is not None else 0
+        loaded = [w for w in workers if w["status"] in ("ready", "busy")]
+        ok = len(loaded) >= expected
+        body = {
+            "ready": ok, "model": settings.model, "tiny": settings.is_tiny, "expected_workers": expected,
+            "workers": [{k: w[k] for k in ("slot", "device", "status", "model", "message", "pid")} for w in workers],
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        data = await asyncio.to_thread(generate_latest, registry)
+        return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
+
+    @app.api_route("/files/{kind}/{ident}/{name}", methods=["GET", "HEAD"], tags=["files"],
+                   summary="Outputs and uploads (only files inside the data dir)")
+    async def files(kind: str, ident: str, name: str) -> Response:
+        try:
+            path = safety.safe_data_path(core.data_dir, kind, ident, name)
+        except ValueError:
+            raise ApiError(404, "file not found", error_type="not_found") from None
+        if not path.is_file():
+            raise ApiError(404, "file not found", error_type="not_found")
+        with open(path, "rb") as f:
+            media_type = safety.mime_of(safety.sniff(f.read(512)))
+        return FileResponse(path, media_type=media_type)
+
+    for d in dialects:
+        app.include_router(d.router)
+    return app
+
+
+async def _cleanup_loop(core: Core, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            n = await asyncio.to_thread(core.cleanup_expired)
+            if n:
+                log.info("retention: removed %d expired jobs/uploads", n)
+        except Exception:  # noqa: BLE001
+            log.exception("cleanup failed")
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=core.settings.cleanup_interval_s)
+        except TimeoutError:
+            pass

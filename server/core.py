@@ -1,0 +1,497 @@
+"""The shared core every dialect router calls: jobs, auth, input resolution, URLs, uploads, errors.
+
+Dialect routers stay thin: parse their request model, build a `JobSpec`, call `Core.create_job`, and render
+the returned `JobRecord` in their own shape. Get the core in a route with `core: Core = Depends(get_core)`.
+
+Core API (stable; the fal and AI/ML dialects build on it):
+
+* `require_auth` — FastAPI dependency; accepts `Authorization: Bearer <key>` and `Authorization: Key <key>`
+  (constant-time compare against `Settings.api_keys`; no keys configured → open). Raises `ApiError(401)`.
+* `Core.base_url(request)` — public base URL (setting, else derived from the request), no trailing slash.
+* `Core.create_job(spec, dialect=, model_id=, base_url=, webhook_url=None, extra=None, field_names=None,
+  logs=None) -> JobRecord` — validates/rewrites inputs (data URIs stored as uploads, our own file URLs mapped
+  to local files, URL hosts checked), applies tiny-mode caps, stores the job queued. `field_names` maps
+  JobInputs/JobSpec names to the dialect's (e.g. `{"reference_images": "ref_image_urls"}`) so every error
+  names the user's field. `extra` is free dialect JSON kept on the record (e.g. sub-endpoint, raw input).
+  Raises `ApiError` (4xx) for bad input, 429 when the queue is full.
+* `Core.get_job(job_id, with_logs=False) -> JobRecord | None`.
+* `Core.cancel_job(job_id) -> JobRecord | None` — queued: cancelled at once; running: flagged, the worker stops
+  at the next denoising step (poll `get_job`).
+* `Core.queue_position(job_id) -> int | None` — jobs ahead (0 = next), None when not queued.
+* `await Core.wait_for_job(job_id, timeout_s) -> JobRecord` — for sync modes; returns the record as it is
+  when the timeout hits (check `.terminal`).
+* `Core.output_urls(job, base_url) -> list[dict]` — `{kind, url, file, content_type, size, …}` per output,
+  video first. `Core.output_path(job, output) -> Path`, `Core.file_url(base, kind, ident, name)`.
+* `Core.resolve_input_reference(value, field, base_url, expected)` — the submit-time rule for one media
+  reference (used by create_job); `server.inputs` holds the download/sniff helpers the worker uses.
+* `Core.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
+* `map_exception(exc) -> Failure` — the one exception-to-status mapper (worker side).
+* `validation_error(exc, field_names) -> ApiError` — pydantic errors → one message naming field and rule.
+
+Internal statuses: queued | running | succeeded | failed | cancelled (`server.store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from server import inputs as safety
+from server.settings import Settings
+from server.store import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    Store,
+    new_id,
+)
+from vace_local.errors import InputError
+from vace_local.spec import MIN_FRAMES, JobInputs, JobSpec
+
+log = logging.getLogger("vace.server")
+
+TINY_NOTE = "served by the tiny random-weight smoke model: the output is noise, not a real generation"
+
+__all__ = [
+    "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "ApiError", "Core", "Failure", "JobRecord",
+    "get_core", "iso_time", "map_exception", "require_auth", "user_field", "validation_error",
+]
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An HTTP-level error; each dialect renders it in its own envelope.
+
+    `field` names the user's field when known; `errors` keeps pydantic-style details for dialects that
+    return lists (fal's `detail`).
+    """
+
+    def __init__(self, status_code: int, message: str, *, field: str | None = None,
+                 error_type: str = "invalid_request", errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.field = field
+        self.error_type = error_type
+        self.errors = errors or []
+
+
+@dataclass
+class Failure:
+    """What the worker records for an exception: final status, a short type, a user-facing message."""
+
+    status: str
+    error_type: str
+    message: str
+    restart_worker: bool = False
+
+
+def user_field(name: str, field_names: dict[str, str] | None) -> str:
+    """Translate a JobSpec/JobInputs field path (`inputs.reference_images[2]`) to the dialect's name."""
+    if not field_names:
+        return name
+    n = name.removeprefix("inputs.")
+    head, sep, rest = n.partition("[")
+    head_dot, dot, tail = head.partition(".")
+    mapped = field_names.get(head_dot, head_dot)
+    return mapped + dot + tail + sep + rest
+
+
+def map_exception(exc: BaseException, field_names: dict[str, str] | None = None) -> Failure:
+    """The one exception-to-status mapper. Matches torch errors by name so the API never imports torch."""
+    from vace_local.errors import JobCancelled, ModelNotFoundError, OutOfMemory, VaceError
+
+    name = type(exc).__name__
+    if isinstance(exc, JobCancelled):
+        return Failure(CANCELLED, "cancelled", "cancelled by request")
+    if isinstance(exc, InputError):
+        return Failure(FAILED, "input_error", f"input '{user_field(exc.field, field_names)}': {exc.message}")
+    if isinstance(exc, OutOfMemory) or name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+        return Failure(FAILED, "out_of_memory",
+                       "the GPU ran out of memory for this job (try a smaller size or fewer frames); "
+                       "the worker was restarted", restart_worker=True)
+    if isinstance(exc, ModelNotFoundError):
+        return Failure(FAILED, "model_not_found", str(exc))
+    if isinstance(exc, ValidationError):
+        return Failure(FAILED, "invalid_input", validation_error(exc, field_names).message)
+    if isinstance(exc, VaceError):
+        return Failure(FAILED, "error", str(exc))
+    return Failure(FAILED, "internal_error", f"internal error: {name}: {str(exc)[:500]}")
+
+
+def validation_error(exc: ValidationError | list[dict[str, Any]], field_names: dict[str, str] | None = None,
+                     status_code: int = 400) -> ApiError:
+    """Pydantic errors → ApiError whose message names each field and the rule broken."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else exc
+    parts: list[str] = []
+    first_field: str | None = None
+    for e in errors[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
+        path = ""
+        for x in loc:
+            path += f"[{x}]" if x.isdigit() else (f".{x}" if path else x)
+        path = user_field(path, field_names) if path else ""
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "json_invalid":
+            msg = f"request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})"
+            path = ""
+        elif e.get("type") == "missing":
+            msg = "field required"
+        elif "input" in e and e.get("type") not in ("missing",) and not isinstance(e["input"], dict | list):
+            shown = repr(e["input"])
+            msg += f" (got {shown[:60]})"
+        first_field = first_field or path or None
+        parts.append(f"{path}: {msg}" if path else msg)
+    if len(errors) > 5:
+        parts.append(f"… and {len(errors) - 5} more")
+    clean = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]
+    return ApiError(status_code, "; ".join(parts), field=first_field, error_type="validation_error", errors=clean)
+
+
+def iso_time(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---- FastAPI dependencies -----------------------------------------------------------------------------
+
+
+def get_core(request: Request) -> Core:
+    return request.app.state.core
+
+
+def require_auth(request: Request) -> None:
+    """Accept `Authorization: Bearer <key>` or `Key <key>` when keys are configured (constant-time)."""
+    core: Core = request.app.state.core
+    if not core.settings.auth_enabled:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() not in ("bearer", "key") or not key.strip():
+        raise ApiError(401, "missing or malformed Authorization header (expected 'Bearer <key>' or 'Key <key>')",
+                       error_type="unauthorized")
+    if not core.key_ok(key.strip()):
+        raise ApiError(401, "invalid API key", error_type="unauthorized")
+
+
+# ---- the core -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class UploadInfo:
+    id: str
+    filename: str
+    size: int
+    content_type: str | None
+    path: Path
+    media_kind: str | None = None
+    token: str = field(default="", repr=False)
+
+
+class Core:
+    """Job submission and lookup shared by all dialects; one per API process (`app.state.core`)."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.data_dir = settings.data_dir.resolve()
+        self._keys = [k.encode() for k in settings.api_keys]
+
+    # -- auth & URLs --
+
+    def key_ok(self, key: str) -> bool:
+        ok = False
+        kb = key.encode()
+        for k in self._keys:  # no early exit: timing does not reveal which key matched
+            ok |= hmac.compare_digest(kb, k)
+        return ok
+
+    def base_url(self, request: Request | None = None) -> str:
+        if self.settings.public_base_url:
+            return self.settings.public_base_url
+        if request is not None:
+            return str(request.base_url).rstrip("/")
+        scheme = "https" if self.settings.ssl_certfile else "http"
+        return f"{scheme}://{self.settings.host}:{self.settings.port}"
+
+    @staticmethod
+    def file_url(base: str, kind: str, ident: str, name: str) -> str:
+        return f"{base}/files/{kind}/{ident}/{name}"
+
+    def output_path(self, job: JobRecord, output: dict[str, Any]) -> Path:
+        return safety.safe_data_path(self.data_dir, "outputs", job.id, output["file"])
+
+    def output_urls(self, job: JobRecord, base: str) -> list[dict[str, Any]]:
+        if job.status != SUCCEEDED:
+            return []
+        return [dict(o, url=self.file_url(base, "outputs", job.id, o["file"])) for o in job.outputs]
+
+    def own_netlocs(self, base: str) -> set[str]:
+        locs = {urlsplit(base).netloc.lower()}
+        if self.settings.public_base_url:
+            locs.add(urlsplit(self.settings.public_base_url).netloc.lower())
+        port = self.settings.port
+        locs |= {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+        return locs
+
+    # -- inputs --
+
+    def resolve_input_reference(self, value: str, field_name: str, base: str, expected: safety.Kind) -> str:
+        """Submit-time rule for one media reference; returns what the worker will resolve.
+
+        data URI → decoded, content-checked and stored as an upload (local path); our own `/files/…` URL →
+        local path (must exist, no traversal); other http(s) URL → kept after a literal-host check (the
+        worker re-checks DNS and downloads with limits); anything else → InputError.
+        """
+        v = value.strip()
+        if v.lower().startswith("data:"):
+            data = safety.decode_data_uri(v, field_name, self.settings.max_upload_bytes)
+            ext = safety.check_content(data[:512], field_name, expected)
+            info = self._store_bytes(data, f"{field_name.split('[')[0]}.{ext}", safety.mime_of(ext))
+            return str(info.path)
+        parts = urlsplit(v)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise InputError(field_name, "must be an http(s) URL, a data URI or a file uploaded to this server")
+        if parts.netloc.lower() in self.own_netlocs(base) or parts.path.startswith("/files/"):
+            ref = safety.parse_file_url_path(parts.path, field_name)
+            if ref is not None and parts.netloc.lower() in self.own_netlocs(base):
+                kind, ident, name = ref
+                path = safety.safe_data_path(self.data_dir, kind, ident, name)
+                if kind == "uploads":
+                    up = self.store.get_upload(ident)
+                    if up is None or up["completed_at"] is None or not path.is_file():
+                        raise InputError(field_name, "uploaded file not found (expired or never completed)")
+                elif not path.is_file():
+                    raise InputError(field_name, "file not found on this server")
+                safety.check_file(path, field_name, expected)
+                return str(path)
+        problem = safety.literal_host_problem(parts.hostname, self.settings.allowed_hosts)
+        if problem:
+            raise InputError(field_name, f"URL host '{parts.hostname}' {problem}; refused "
+                             "(allow-list it with VACE_ALLOWED_HOSTS)")
+        return v
+
+    def _prepare_inputs(self, spec_inputs: JobInputs, base: str, field_names: dict[str, str] | None) -> JobInputs:
+        out: dict[str, Any] = {}
+        for name, expected in safety.FIELD_KINDS.items():
+            val = getattr(spec_inputs, name)
+            if name == "reference_images":
+                out[name] = [
+                    self.resolve_input_reference(v, user_field(f"{name}[{i}]", field_names), base, expected)
+                    for i, v in enumerate(val)
+                ]
+            elif val:
+                out[name] = self.resolve_input_reference(val, user_field(name, field_names), base, expected)
+            else:
+                out[name] = val
+        return JobInputs.model_construct(**out)
+
+    # -- jobs --
+
+    def _apply_server_model(self, spec: JobSpec, logs: list[str]) -> JobSpec:
+        s = self.settings
+        upd: dict[str, Any] = {}
+        if spec.model != s.model:
+            upd["model"] = s.model
+        if s.is_tiny:
+            logs.append(f"model: {TINY_NOTE}")
+            w, h = spec.width, spec.height
+            if s.tiny_max_side and max(w, h) > s.tiny_max_side:
+                scale = s.tiny_max_side / max(w, h)
+                nw, nh = max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
+                upd.update(width=nw, height=nh)
+                logs.append(f"tiny mode cap (VACE_TINY_MAX_SIDE): size {w}x{h} → {nw}x{nh}")
+            if s.tiny_max_frames and spec.num_frames > s.tiny_max_frames:
+                nf = max(MIN_FRAMES, (s.tiny_max_frames - 1) // 4 * 4 + 1)
+                upd["num_frames"] = nf
+                logs.append(f"tiny mode cap (VACE_TINY_MAX_FRAMES): {spec.num_frames} → {nf} frames")
+            if s.tiny_max_steps and spec.num_inference_steps > s.tiny_max_steps:
+                upd["num_inference_steps"] = s.tiny_max_steps
+                logs.append(f"tiny mode cap (VACE_TINY_MAX_STEPS): {spec.num_inference_steps} → "
+                            f"{s.tiny_max_steps} steps")
+        if s.save_previews and not spec.output.save_control:
+            upd["output"] = spec.output.model_copy(update={"save_control": True})
+        return spec.model_copy(update=upd) if upd else spec
+
+    def create_job(
+        self,
+        spec: JobSpec,
+        *,
+        dialect: str,
+        model_id: str,
+        base_url: str,
+        webhook_url: str | None = None,
+        extra: dict[str, Any] | None = None,
+        field_names: dict[str, str] | None = None,
+        logs: Iterable[str] = (),
+        priority: int = 0,
+    ) -> JobRecord:
+        """Validate inputs, store the job as queued and return its record (see module docstring)."""
+        if self.store.queue_depth() >= self.settings.max_queue:
+            raise ApiError(429, f"the queue is full ({self.settings.max_queue} jobs); retry later",
+                           error_type="queue_full")
+        lines = list(logs)
+        try:
+            resolved = self._prepare_inputs(spec.inputs, base_url, field_names)
+        except InputError as e:
+            raise ApiError(400, f"{e.field}: {e.message}", field=e.field, error_type="invalid_input") from None
+        spec = spec.model_copy(update={"inputs": resolved})
+        spec = self._apply_server_model(spec, lines)
+        if webhook_url is not None:
+            self.check_webhook_url(webhook_url)
+        ex = dict(extra or {})
+        ex["fields"] = field_names or {}
+        ex["base_url"] = base_url
+        lines.insert(0, f"queued via {dialect} as '{model_id}' (served by {self.settings.model})")
+        jid = self.store.insert_job(dialect=dialect, model=model_id, spec=spec.model_dump(mode="json"),
+                                    extra=ex, webhook_url=webhook_url, priority=priority, logs=lines)
+        job = self.store.get_job(jid)
+        assert job is not None
+        return job
+
+    def check_webhook_url(self, url: str, field_name: str = "webhook") -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ApiError(400, f"{field_name}: must be an http(s) URL", field=field_name)
+        problem = safety.literal_host_problem(parts.hostname, self.settings.allowed_hosts)
+        if problem:
+            raise ApiError(400, f"{field_name}: URL host '{parts.hostname}' {problem}; refused "
+                           "(allow-list it with VACE_ALLOWED_HOSTS)", field=field_name)
+
+    def get_job(self, job_id: str, *, with_logs: bool = False) -> JobRecord | None:
+        if not job_id or len(job_id) > 64:
+            return None
+        return self.store.get_job(job_id, with_logs=with_logs)
+
+    def cancel_job(self, job_id: str) -> JobRecord | None:
+        if self.store.request_cancel(job_id) is None:
+            return None
+        return self.store.get_job(job_id)
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self.store.queue_position(job_id)
+
+    async def wait_for_job(self, job_id: str, timeout_s: float | None = None) -> JobRecord:
+        """Poll until terminal or timeout (default `Settings.sync_timeout_s`); returns the latest record."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.sync_timeout_s)
+        delay = 0.05
+        while True:
+            job = self.store.get_job(job_id)
+            if job is None:
+                raise ApiError(404, f"job '{job_id}' not found", error_type="not_found")
+            if job.terminal or time.monotonic() >= deadline:
+                return job
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.5)
+
+    # -- uploads --
+
+    def _upload_dir(self, upload_id: str) -> Path:
+        d = self.data_dir / "uploads" / upload_id
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _store_bytes(self, data: bytes, filename: str, content_type: str | None) -> UploadInfo:
+        uid = new_id()
+        name = safety.sanitize_filename(filename)
+        path = self._upload_dir(uid) / name
+        path.write_bytes(data)
+        self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=content_type,
+                                 size=len(data), path=f"uploads/{uid}/{name}", completed=True)
+        return UploadInfo(uid, name, len(data), content_type, path, safety.kind_of(safety.sniff(data[:512])))
+
+    async def save_upload(self, chunks: AsyncIterator[bytes], filename: str,
+                          content_type: str | None) -> UploadInfo:
+        """Stream an upload to disk under the size limit (413 beyond it); returns where it lives."""
+        uid = new_id()
+        name = safety.sanitize_filename(filename or "upload")
+        path = self._upload_dir(uid) / name
+        size = await self._write_stream(chunks, path)
+        self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=content_type, size=size,
+                                 path=f"uploads/{uid}/{name}", completed=True)
+        return UploadInfo(uid, name, size, content_type, path, self._media_kind(path))
+
+    async def _write_stream(self, chunks: AsyncIterator[bytes], path: Path) -> int:
+        limit = self.settings.max_upload_bytes
+        size = 0
+        tmp = path.with_name(path.name + ".part")
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, f"file: upload exceeds the {limit} byte limit", field="file",
+                                       error_type="too_large")
+                    f.write(chunk)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise
+        return size
+
+    @staticmethod
+    def _media_kind(path: Path) -> str | None:
+        with open(path, "rb") as f:
+            return safety.kind_of(safety.sniff(f.read(512)))
+
+    def create_upload_ticket(self, filename: str, size: int | None, content_type: str | None) -> UploadInfo:
+        """Reserve an upload id + secret token for a later `receive_upload` (the SDK's PUT flow)."""
+        if size is not None and size > self.settings.max_upload_bytes:
+            raise ApiError(413, f"size: {size} bytes exceeds the {self.settings.max_upload_bytes} byte limit",
+                           field="size", error_type="too_large")
+        uid = new_id()
+        token = secrets.token_urlsafe(24)
+        name = safety.sanitize_filename(filename or "upload")
+        self.store.insert_upload(upload_id=uid, token=token, filename=name, content_type=content_type,
+                                 size=size, path=f"uploads/{uid}/{name}", completed=False)
+        return UploadInfo(uid, name, size or 0, content_type, self.data_dir / "uploads" / uid / name, token=token)
+
+    async def receive_upload(self, upload_id: str, token: str, chunks: AsyncIterator[bytes]) -> UploadInfo:
+        up = self.store.get_upload(upload_id) if len(upload_id) <= 64 else None
+        if up is None or not up["token"] or not hmac.compare_digest(up["token"].encode(), token.encode()):
+            raise ApiError(403, "upload URL is invalid or expired", error_type="forbidden")
+        if up["completed_at"] is not None:
+            raise ApiError(409, "this upload URL was already used", error_type="conflict")
+        path = self._upload_dir(upload_id) / up["filename"]
+        size = await self._write_stream(chunks, path)
+        self.store.complete_upload(upload_id, size)
+        return UploadInfo(upload_id, up["filename"], size, up["content_type"], path, self._media_kind(path))
+
+    # -- retention --
+
+    def cleanup_expired(self) -> int:
+        """Delete finished jobs (and their outputs) and uploads older than the retention period."""
+        if not self.settings.retention_hours:
+            return 0
+        cutoff = time.time() - self.settings.retention_hours * 3600
+        n = 0
+        ids = self.store.expired_jobs(cutoff)
+        for jid in ids:
+            shutil.rmtree(self.data_dir / "outputs" / jid, ignore_errors=True)
+        self.store.delete_jobs(ids)
+        n += len(ids)
+        ups = self.store.expired_uploads(cutoff)
+        for u in ups:
+            shutil.rmtree(self.data_dir / "uploads" / u["id"], ignore_errors=True)
+        self.store.delete_uploads([u["id"] for u in ups])
+        return n + len(ups)

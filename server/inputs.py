@@ -1,0 +1,286 @@
+"""Input safety: turn a user's media reference into a local file we are willing to read.
+
+Accepted references are http(s) URLs, `data:` URIs and files served by this server (`/files/uploads/…`,
+`/files/outputs/…`). Rules, applied in the API process at submit time (cheap checks, 4xx) and again in the
+worker when it downloads (DNS, size, time):
+
+* URLs whose host resolves to a loopback, private, link-local, multicast or reserved address are refused
+  unless the host (name, IP or CIDR) is in `Settings.allowed_hosts`; every redirect hop is re-checked.
+* Downloads stop at `max_download_bytes` and `download_timeout_s`; uploads at `max_upload_bytes`.
+* Content is sniffed from its first bytes: image fields need an image, video fields a video.
+* Our own file URLs resolve to files under the data dir only; `..`, encoded separators and odd names
+  are refused. Local paths supplied by users are never accepted.
+
+Nothing here imports torch; the API process uses it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urljoin, urlsplit
+
+from vace_local.errors import InputError
+
+Kind = Literal["image", "video"]
+
+#: JobInputs field → the kind of media it must hold.
+FIELD_KINDS: dict[str, Kind] = {
+    "video": "video",
+    "mask_video": "video",
+    "mask_image": "image",
+    "reference_images": "image",
+    "first_image": "image",
+    "last_image": "image",
+}
+
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FILE_KINDS = ("uploads", "outputs")
+
+_EXT = {
+    "png": ("image", "image/png"), "jpeg": ("image", "image/jpeg"), "gif": ("image", "image/gif"),
+    "webp": ("image", "image/webp"), "bmp": ("image", "image/bmp"), "tiff": ("image", "image/tiff"),
+    "mp4": ("video", "video/mp4"), "mov": ("video", "video/quicktime"), "webm": ("video", "video/webm"),
+    "mkv": ("video", "video/x-matroska"), "avi": ("video", "video/x-msvideo"), "flv": ("video", "video/x-flv"),
+    "ts": ("video", "video/mp2t"), "mpg": ("video", "video/mpeg"), "ogv": ("video", "video/ogg"),
+}
+
+
+def sniff(head: bytes) -> str | None:
+    """File type from magic bytes (an extension key of `_EXT`), or None when unrecognised."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"):
+            return None  # still-image containers: not decodable as video here
+        return "mov" if brand == b"qt  " else "mp4"
+    if head[4:8] in (b"moov", b"mdat", b"wide", b"free", b"skip"):
+        return "mov"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "webm" if b"webm" in head[:64] else "mkv"
+    if head.startswith(b"FLV"):
+        return "flv"
+    if head.startswith(b"\x00\x00\x01\xba") or head.startswith(b"\x00\x00\x01\xb3"):
+        return "mpg"
+    if head.startswith(b"OggS"):
+        return "ogv"
+    if len(head) > 188 and head[0] == 0x47 and head[188] == 0x47:
+        return "ts"
+    return None
+
+
+def kind_of(ext: str | None) -> Kind | None:
+    return _EXT[ext][0] if ext in _EXT else None  # type: ignore[return-value]
+
+
+def mime_of(ext: str | None) -> str:
+    return _EXT[ext][1] if ext in _EXT else "application/octet-stream"
+
+
+def check_content(head: bytes, field: str, expected: Kind) -> str:
+    """Raise InputError unless the bytes look like `expected`; returns the detected extension."""
+    ext = sniff(head)
+    got = kind_of(ext)
+    if got != expected:
+        what = f"a {ext.upper()} {got}" if ext else "not a recognised image or video format"
+        want = "an image" if expected == "image" else "a video"
+        raise InputError(field, f"must be {want}, but the content is {what}")
+    return ext  # type: ignore[return-value]
+
+
+def check_file(path: Path, field: str, expected: Kind) -> str:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        raise InputError(field, "the file is empty")
+    return check_content(head, field, expected)
+
+
+# ---- hosts -------------------------------------------------------------------------------------------
+
+
+def _host_allowed(host: str, addrs: list[str], allowed: list[str]) -> bool:
+    host = host.lower().strip("[]")
+    for entry in allowed:
+        e = entry.lower().strip()
+        if not e:
+            continue
+        if e == host:
+            return True
+        try:
+            net = ipaddress.ip_network(e, strict=False)
+        except ValueError:
+            continue
+        for a in [host, *addrs]:
+            try:
+                if ipaddress.ip_address(a) in net:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def _is_public(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+def literal_host_problem(host: str, allowed: list[str]) -> str | None:
+    """Submit-time check without DNS: refuse `localhost` and private/loopback IP literals."""
+    h = host.lower().strip("[]")
+    if _host_allowed(h, [], allowed):
+        return None
+    if h in ("localhost", "localhost.localdomain") or h.endswith(".localhost"):
+        return "refers to localhost"
+    try:
+        ipaddress.ip_address(h)
+    except ValueError:
+        return None
+    if not _is_public(h):
+        return "points to a loopback, private or link-local address"
+    return None
+
+
+def check_host(host: str, port: int, field: str, allowed: list[str]) -> None:
+    """Resolve `host` and refuse it if any address is not public (unless allow-listed)."""
+    problem = literal_host_problem(host, allowed)
+    if problem:
+        raise InputError(field, f"URL host '{host}' {problem}; refused (allow-list it with VACE_ALLOWED_HOSTS)")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise InputError(field, f"URL host '{host}' cannot be resolved ({e.strerror})") from None
+    addrs = sorted({i[4][0] for i in infos})
+    if _host_allowed(host, addrs, allowed):
+        return
+    bad = [a for a in addrs if not _is_public(a)]
+    if bad:
+        raise InputError(
+            field, f"URL host '{host}' resolves to a loopback, private or link-local address ({bad[0]}); "
+            "refused (allow-list it with VACE_ALLOWED_HOSTS)")
+
+
+# ---- data URIs and our own file URLs -----------------------------------------------------------------
+
+_DATA_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
+                      re.IGNORECASE)
+
+
+def decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
+    """Decode a `data:[mime][;base64],payload` URI; InputError names the field on any problem."""
+    m = _DATA_RE.match(uri[:512])
+    if not m:
+        raise InputError(field, "malformed data URI (expected data:<mime>;base64,<payload>)")
+    payload = uri[m.end():]
+    if len(payload) * 3 // 4 > max_bytes:
+        raise InputError(field, f"data URI is larger than the {max_bytes} byte limit")
+    if m.group("b64"):
+        try:
+            data = base64.b64decode(payload.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(field, "data URI payload is not valid base64") from None
+    else:
+        data = unquote(payload).encode("latin-1", errors="replace")
+    if not data:
+        raise InputError(field, "data URI is empty")
+    return data
+
+
+def parse_file_url_path(path: str, field: str) -> tuple[str, str, str] | None:
+    """`/files/<kind>/<id>/<name>` → (kind, id, name); None if not a files path; InputError if unsafe."""
+    raw = path
+    if not raw.startswith("/files/"):
+        return None
+    decoded = unquote(raw)
+    parts = decoded.split("/")[2:]
+    if (".." in parts or "\\" in decoded or "\x00" in decoded or len(parts) != 3
+            or parts[0] not in FILE_KINDS or not _ID_RE.match(parts[1]) or not _NAME_RE.match(parts[2])):
+        raise InputError(field, "file URL path is not a valid file of this server (path traversal refused)")
+    return parts[0], parts[1], parts[2]
+
+
+def safe_data_path(data_dir: Path, kind: str, ident: str, name: str) -> Path:
+    """Path of a served file, guaranteed inside `data_dir/<kind>`; raises ValueError otherwise."""
+    if kind not in FILE_KINDS or not _ID_RE.match(ident) or not _NAME_RE.match(name):
+        raise ValueError("bad file reference")
+    root = (data_dir / kind).resolve()
+    p = (root / ident / name).resolve()
+    if not p.is_relative_to(root):
+        raise ValueError("path escapes the data dir")
+    return p
+
+
+def sanitize_filename(name: str, default: str = "upload") -> str:
+    base = Path(name.replace("\\", "/")).name
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._-")[:100]
+    return clean or default
+
+
+# ---- downloads (worker side) -------------------------------------------------------------------------
+
+
+def download(url: str, dest: Path, field: str, *, allowed: list[str], max_bytes: int, timeout_s: float,
+             max_redirects: int = 5) -> Path:
+    """Stream `url` to `dest` with size/time limits, re-checking the host of every redirect hop."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    current = url
+    with httpx.Client(follow_redirects=False, timeout=httpx.Timeout(min(30.0, timeout_s)),
+                      trust_env=False) as client:
+        for _ in range(max_redirects + 1):
+            parts = urlsplit(current)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InputError(field, f"URL must be http(s), got '{current[:100]}'")
+            check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), field, allowed)
+            try:
+                with client.stream("GET", current, headers={"User-Agent": "vace-local"}) as r:
+                    if r.is_redirect:
+                        loc = r.headers.get("location")
+                        if not loc:
+                            raise InputError(field, f"URL redirect without a location (HTTP {r.status_code})")
+                        current = urljoin(current, loc)
+                        continue
+                    if r.status_code != 200:
+                        raise InputError(field, f"URL download failed with HTTP {r.status_code}")
+                    declared = r.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > max_bytes:
+                        raise InputError(field, f"URL content is {declared} bytes, over the {max_bytes} byte limit")
+                    size = 0
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with open(dest, "wb") as f:
+                        for chunk in r.iter_bytes(1 << 16):
+                            size += len(chunk)
+                            if size > max_bytes:
+                                raise InputError(field, f"URL content exceeds the {max_bytes} byte limit")
+                            if time.monotonic() > deadline:
+                                raise InputError(field, f"URL download took longer than {timeout_s:g} s")
+                            f.write(chunk)
+                    return dest
+            except httpx.TimeoutException:
+                raise InputError(field, f"URL download timed out after {timeout_s:g} s") from None
+            except httpx.HTTPError as e:
+                raise InputError(field, f"URL download failed: {type(e).__name__}: {e}") from None
+    raise InputError(field, f"URL redirected more than {max_redirects} times")

@@ -1,0 +1,108 @@
+"""Server settings: `VACE_*` environment variables, overridden by `vace-local serve` options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+TINY_MODEL = "tiny"
+
+
+def _split_list(v: Any) -> Any:
+    """Env lists are comma-separated (`VACE_API_KEYS=a,b`); JSON lists are accepted too."""
+    if isinstance(v, str):
+        s = v.strip()
+        if s.startswith("["):
+            import json
+
+            return json.loads(s)
+        return [p.strip() for p in s.split(",") if p.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    """Everything the API process and its workers need; workers receive a copy at spawn."""
+
+    model_config = SettingsConfigDict(env_prefix="VACE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    #: Model the workers load (`tiny` = random-weight smoke model).
+    model: str = "wan2.1-vace-14b"
+    #: `auto` = one worker per visible GPU, one CPU worker without GPUs; or an explicit count (0 = API only).
+    workers: str = "auto"
+    data_dir: Path = Path("vace-data")
+    #: SQLAlchemy URL; default `sqlite:///<data_dir>/jobs.db` (WAL). A PostgreSQL URL works unchanged.
+    database_url: str | None = None
+    #: Accepted API keys (comma-separated in env). Empty: no auth and the server binds to localhost only.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Base of every URL we hand out (outputs, uploads, urls.get); default: derived from each request.
+    public_base_url: str | None = None
+    #: Hosts / IPs / CIDRs that input URLs and webhooks may reach even when they are private or loopback.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_upload_bytes: int = Field(300 * 1024 * 1024, gt=0)
+    max_download_bytes: int = Field(500 * 1024 * 1024, gt=0)
+    download_timeout_s: float = Field(120.0, gt=0)
+    #: Finished jobs, their outputs and uploads are deleted after this many hours (0 = keep forever).
+    retention_hours: float = Field(168.0, ge=0)
+    cleanup_interval_s: float = Field(600.0, gt=0)
+    #: How long `enable_sync_mode` / sync endpoints wait before answering with the timeout shape.
+    sync_timeout_s: float = Field(600.0, gt=0)
+    #: A running job whose worker has not heart-beaten for this long is treated as orphaned.
+    heartbeat_timeout_s: float = Field(60.0, gt=0)
+    max_queue: int = Field(10000, ge=1)
+    max_attempts: int = Field(2, ge=1)
+    webhook_max_attempts: int = Field(6, ge=1)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    #: Also write control/mask preview videos beside each output.
+    save_previews: bool = False
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    log_level: str = "info"
+    #: TEST/LAPTOP ONLY, effective only with `model=tiny`: cap width/height (keeping aspect) and frame count
+    #: so hosted-API sizes (832*480, 81 frames) run quickly on CPU. 0 = no cap.
+    tiny_max_side: int = Field(0, ge=0)
+    tiny_max_frames: int = Field(0, ge=0)
+    tiny_max_steps: int = Field(0, ge=0)
+
+    @field_validator("api_keys", "allowed_hosts", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        return _split_list(v)
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("public_base_url must start with http:// or https://")
+        return v
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: Any) -> str:
+        s = str(v).strip().lower()
+        if s != "auto" and not (s.isdigit() and int(s) <= 64):
+            raise ValueError(f"workers must be 'auto' or a count 0..64, got {v!r}")
+        return s
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == TINY_MODEL
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def prepare_dirs(self) -> None:
+        for sub in ("uploads", "outputs", "work", "cache"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,577 @@
+"""Durable job store on SQLAlchemy Core: one job record for every dialect, plus logs, workers and uploads.
+
+SQLite (WAL) is the embedded default; any SQLAlchemy URL (e.g. `postgresql+psycopg://…`) works unchanged
+because every statement here is portable Core. Each write is its own short transaction of a single
+statement (no read-then-write upgrades), so concurrent API/worker writers never deadlock on SQLite, and
+state transitions are conditional updates (`WHERE status = …`) so they stay atomic on any backend.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+#: Internal job statuses; dialects map them to their own vocabularies.
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+#: Histogram bucket bounds (seconds) for stage durations exported on /metrics.
+STAGE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("dialect", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("extra", sa.JSON, nullable=False, default=dict),
+    sa.Column("status", sa.String(16), nullable=False, default=QUEUED),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("stage", sa.String(16)),
+    sa.Column("step", sa.Integer, nullable=False, default=0),
+    sa.Column("total", sa.Integer, nullable=False, default=0),
+    sa.Column("progress", sa.Float, nullable=False, default=0.0),
+    sa.Column("outputs", sa.JSON, nullable=False, default=list),
+    sa.Column("result", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("error_type", sa.String(64)),
+    sa.Column("timings", sa.JSON, nullable=False, default=dict),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("worker_id", sa.String(64)),
+    sa.Column("heartbeat_at", sa.Float),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("webhook_url", sa.Text),
+    sa.Column("webhook_status", sa.String(16)),
+    sa.Column("webhook_attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("webhook_next_at", sa.Float),
+    sa.Index("ix_jobs_queue", "status", "priority", "created_at"),
+    sa.Index("ix_jobs_webhook", "webhook_status", "webhook_next_at"),
+    sa.Index("ix_jobs_finished", "finished_at"),
+)
+
+job_logs = sa.Table(
+    "job_logs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(64), nullable=False, index=True),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("level", sa.String(8), nullable=False, default="info"),
+    sa.Column("source", sa.String(16), nullable=False, default="server"),
+    sa.Column("message", sa.Text, nullable=False),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("slot", sa.Integer, nullable=False),
+    sa.Column("instance", sa.String(64), nullable=False, index=True),
+    sa.Column("pid", sa.Integer),
+    sa.Column("device", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("model", sa.String(255)),
+    sa.Column("message", sa.Text),
+    sa.Column("info", sa.JSON, nullable=False, default=dict),
+    sa.Column("current_job", sa.String(64)),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float),
+)
+
+uploads = sa.Table(
+    "uploads",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("token", sa.String(64), nullable=False),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("content_type", sa.String(128)),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("completed_at", sa.Float),
+)
+
+stage_stats = sa.Table(
+    "stage_stats",
+    metadata,
+    sa.Column("slot", sa.Integer, primary_key=True),
+    sa.Column("stage", sa.String(16), primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False, default=0),
+    sa.Column("total", sa.Float, nullable=False, default=0.0),
+    sa.Column("buckets", sa.JSON, nullable=False, default=list),
+)
+
+
+@dataclass
+class JobRecord:
+    """One job as stored; dialects render it (status vocabulary, URLs, envelopes) in their own shape."""
+
+    id: str
+    dialect: str
+    model: str
+    spec: dict[str, Any]
+    extra: dict[str, Any]
+    status: str
+    priority: int
+    stage: str | None
+    step: int
+    total: int
+    progress: float
+    outputs: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    error: str | None
+    error_type: str | None
+    timings: dict[str, float]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    attempts: int
+    worker_id: str | None
+    heartbeat_at: float | None
+    cancel_requested: bool
+    webhook_url: str | None
+    webhook_status: str | None
+    webhook_attempts: int
+    webhook_next_at: float | None
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> JobRecord:
+        d = dict(row._mapping)
+        d["extra"] = d.get("extra") or {}
+        d["outputs"] = d.get("outputs") or []
+        d["timings"] = d.get("timings") or {}
+        d["cancel_requested"] = bool(d.get("cancel_requested"))
+        return cls(**d)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=15000")
+    cur.close()
+
+
+class Store:
+    """Thread-safe access to the job store; one instance per process (API process, each worker)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True}
+        is_sqlite = url.startswith("sqlite")
+        if is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 15}
+            kwargs["pool_size"] = 16
+            kwargs["max_overflow"] = 32
+        self.engine: Engine = sa.create_engine(url, **kwargs)
+        if is_sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    def create_all(self) -> None:
+        metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        with self.engine.connect() as c:
+            c.execute(sa.text("SELECT 1"))
+        return True
+
+    # ---- jobs: create / read -------------------------------------------------------------------------
+
+    def insert_job(
+        self,
+        *,
+        dialect: str,
+        model: str,
+        spec: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
+        priority: int = 0,
+        job_id: str | None = None,
+        logs: list[str] | None = None,
+    ) -> str:
+        """Insert a queued job (and its first log lines) in one transaction; returns its id."""
+        now = time.time()
+        jid = job_id or new_id()
+        with self.engine.begin() as c:
+            c.execute(
+                jobs.insert().values(
+                    id=jid, dialect=dialect, model=model, spec=spec, extra=extra or {}, status=QUEUED,
+                    priority=priority, step=0, total=0, progress=0.0, outputs=[], timings={},
+                    created_at=now, updated_at=now, attempts=0, cancel_requested=False,
+                    webhook_url=webhook_url, webhook_attempts=0,
+                )
+            )
+            if logs:
+                c.execute(job_logs.insert(), [
+                    {"job_id": jid, "ts": now, "level": "info", "source": "server", "message": m} for m in logs
+                ])
+        return jid
+
+    def get_job(self, job_id: str, *, with_logs: bool = False) -> JobRecord | None:
+        with self.engine.connect() as c:
+            row = c.execute(jobs.select().where(jobs.c.id == job_id)).first()
+            if row is None:
+                return None
+            rec = JobRecord.from_row(row)
+            if with_logs:
+                rec.logs = [
+                    dict(r._mapping)
+                    for r in c.execute(
+                        sa.select(job_logs.c.ts, job_logs.c.level, job_logs.c.source, job_logs.c.message)
+                        .where(job_logs.c.job_id == job_id)
+                        .order_by(job_logs.c.id)
+                    )
+                ]
+        return rec
+
+    def logs(self, job_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [
+                dict(r._mapping)
+                for r in c.execute(
+                    sa.select(job_logs.c.ts, job_logs.c.level, job_logs.c.source, job_logs.c.message)
+                    .where(job_logs.c.job_id == job_id)
+                    .order_by(job_logs.c.id)
+                )
+            ]
+
+    def queue_position(self, job_id: str) -> int | None:
+        """Jobs ahead of this one in the queue (0 = next to run); None when it is not queued."""
+        with self.engine.connect() as c:
+            row = c.execute(
+                sa.select(jobs.c.status, jobs.c.priority, jobs.c.created_at).where(jobs.c.id == job_id)
+            ).first()
+            if row is None or row.status != QUEUED:
+                return None
+            ahead = c.execute(
+                sa.select(sa.func.count()).select_from(jobs).where(
+                    jobs.c.status == QUEUED,
+                    sa.or_(
+                        jobs.c.priority < row.priority,
+                        sa.and_(jobs.c.priority == row.priority, jobs.c.created_at < row.created_at),
+                        sa.and_(jobs.c.priority == row.priority, jobs.c.created_at == row.created_at,
+                                jobs.c.id < job_id),
+                    ),
+                )
+            ).scalar_one()
+        return int(ahead)
+
+    def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        with self.engine.connect() as c:
+            for status, n in c.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)):
+                counts[status] = int(n)
+        return counts
+
+    def queue_depth(self) -> int:
+        with self.engine.connect() as c:
+            return int(c.execute(
+                sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == QUEUED)
+            ).scalar_one())
+
+    def add_log(self, job_id: str, message: str, *, level: str = "info", source: str = "server") -> None:
+        with self.engine.begin() as c:
+            c.execute(job_logs.insert().values(job_id=job_id, ts=time.time(), level=level, source=source,
+                                               message=message))
+
+    # ---- jobs: worker side ---------------------------------------------------------------------------
+
+    def claim_next(self, worker_id: str) -> JobRecord | None:
+        """Atomically move the oldest queued job to `running` for this worker; None when the queue is empty.
+
+        A single conditional UPDATE (`… WHERE id = (oldest queued) AND status = 'queued'`): two workers
+        racing for the same row cannot both win, on SQLite or PostgreSQL.
+        """
+        for _ in range(5):
+            now = time.time()
+            oldest = (
+                sa.select(jobs.c.id).where(jobs.c.status == QUEUED)
+                .order_by(jobs.c.priority, jobs.c.created_at, jobs.c.id).limit(1).scalar_subquery()
+            )
+            with self.engine.begin() as c:
+                jid = c.execute(
+                    jobs.update()
+                    .where(jobs.c.id == oldest, jobs.c.status == QUEUED)
+                    .values(status=RUNNING, worker_id=worker_id, started_at=now, heartbeat_at=now,
+                            updated_at=now, attempts=jobs.c.attempts + 1, stage="load", step=0, total=0)
+                    .returning(jobs.c.id)
+                ).scalar_one_or_none()
+            if jid is not None:
+                return self.get_job(jid)
+            if self.queue_depth() == 0:
+                return None
+        return None
+
+    def set_progress(self, job_id: str, worker_id: str, *, stage: str, step: int, total: int,
+                     progress: float) -> None:
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == RUNNING)
+                .values(stage=stage, step=step, total=total, progress=progress, updated_at=now, heartbeat_at=now)
+            )
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.engine.connect() as c:
+            v = c.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar_one_or_none()
+        return bool(v)
+
+    def finish_job(
+        self,
+        job_id: str,
+        worker_id: str | None,
+        *,
+        status: str,
+        outputs: list[dict[str, Any]] | None = None,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        error_type: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> bool:
+        """Record the final state; only the worker that owns the running job can (stale workers lose)."""
+        assert status in TERMINAL
+        now = time.time()
+        values: dict[str, Any] = {
+            "status": status, "finished_at": now, "updated_at": now, "error": error, "error_type": error_type,
+            "webhook_status": sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
+            "webhook_next_at": now,
+        }
+        if status == SUCCEEDED:
+            values.update(stage="done", progress=1.0, step=jobs.c.total)
+        if outputs is not None:
+            values["outputs"] = outputs
+        if result is not None:
+            values["result"] = result
+        if timings is not None:
+            values["timings"] = timings
+        cond = [jobs.c.id == job_id, jobs.c.status == RUNNING]
+        if worker_id is not None:
+            cond.append(jobs.c.worker_id == worker_id)
+        with self.engine.begin() as c:
+            n = c.execute(jobs.update().where(*cond).values(**values)).rowcount
+        return n == 1
+
+    def request_cancel(self, job_id: str, reason: str = "cancelled by request") -> str | None:
+        """Cancel a queued job at once, or flag a running one (its worker stops at the next step).
+
+        Returns the job's status after the call, or None for an unknown id.
+        """
+        now = time.time()
+        with self.engine.begin() as c:
+            n = c.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == QUEUED).values(
+                    status=CANCELLED, cancel_requested=True, finished_at=now, updated_at=now, error=reason,
+                    error_type="cancelled",
+                    webhook_status=sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
+                    webhook_next_at=now,
+                )
+            ).rowcount
+            if n:
+                c.execute(job_logs.insert().values(job_id=job_id, ts=now, level="info", source="server",
+                                                   message=f"{reason} while queued"))
+                return CANCELLED
+            n = c.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING)
+                .values(cancel_requested=True, updated_at=now)
+            ).rowcount
+            if n:
+                c.execute(job_logs.insert().values(job_id=job_id, ts=now, level="info", source="server",
+                                                   message="cancel requested; stopping at the next step"))
+            status = c.execute(sa.select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one_or_none()
+        return status
+
+    def running_jobs(self, worker_ids: list[str] | None = None) -> list[JobRecord]:
+        q = jobs.select().where(jobs.c.status == RUNNING)
+        if worker_ids is not None:
+            q = q.where(jobs.c.worker_id.in_(worker_ids))
+        with self.engine.connect() as c:
+            return [JobRecord.from_row(r) for r in c.execute(q)]
+
+    def stale_running(self, older_than: float) -> list[JobRecord]:
+        with self.engine.connect() as c:
+            return [JobRecord.from_row(r) for r in c.execute(
+                jobs.select().where(jobs.c.status == RUNNING, jobs.c.heartbeat_at < older_than)
+            )]
+
+    def recover_job(self, job: JobRecord, reason: str, *, max_attempts: int) -> str | None:
+        """A running job lost its worker: re-queue it if attempts remain, else fail it naming the reason."""
+        now = time.time()
+        cond = [jobs.c.id == job.id, jobs.c.status == RUNNING, jobs.c.attempts == job.attempts]
+        with self.engine.begin() as c:
+            if job.cancel_requested:
+                n = c.execute(jobs.update().where(*cond).values(
+                    status=CANCELLED, finished_at=now, updated_at=now, error="cancelled by request",
+                    error_type="cancelled",
+                    webhook_status=sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
+                    webhook_next_at=now)).rowcount
+                new = CANCELLED
+            elif job.attempts < max_attempts:
+                n = c.execute(jobs.update().where(*cond).values(
+                    status=QUEUED, worker_id=None, stage=None, step=0, total=0, progress=0.0,
+                    updated_at=now, heartbeat_at=None)).rowcount
+                new = QUEUED
+            else:
+                msg = (f"{reason}; the job was attempted {job.attempts} time(s) and is not retried again")
+                n = c.execute(jobs.update().where(*cond).values(
+                    status=FAILED, finished_at=now, updated_at=now, error=msg, error_type="worker_died",
+                    webhook_status=sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
+                    webhook_next_at=now)).rowcount
+                new = FAILED
+            if not n:
+                return None
+            verb = {"queued": "re-queued", "failed": "failed", "cancelled": "cancelled"}[new]
+            c.execute(job_logs.insert().values(job_id=job.id, ts=now, level="warning", source="server",
+                                               message=f"{reason}; job {verb} (attempt {job.attempts})"))
+        return new
+
+    # ---- webhooks ------------------------------------------------------------------------------------
+
+    def due_webhooks(self, now: float, limit: int = 20) -> list[JobRecord]:
+        with self.engine.connect() as c:
+            return [JobRecord.from_row(r) for r in c.execute(
+                jobs.select().where(jobs.c.webhook_status == "pending", jobs.c.webhook_next_at <= now)
+                .order_by(jobs.c.webhook_next_at).limit(limit)
+            )]
+
+    def webhook_attempted(self, job_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
+        status = "delivered" if delivered else ("pending" if next_at is not None else "failed")
+        with self.engine.begin() as c:
+            c.execute(jobs.update().where(jobs.c.id == job_id).values(
+                webhook_status=status, webhook_attempts=attempts, webhook_next_at=next_at))
+
+    # ---- retention -----------------------------------------------------------------------------------
+
+    def expired_jobs(self, cutoff: float, limit: int = 500) -> list[str]:
+        with self.engine.connect() as c:
+            return list(c.execute(
+                sa.select(jobs.c.id).where(jobs.c.finished_at.is_not(None), jobs.c.finished_at < cutoff)
+                .limit(limit)).scalars())
+
+    def delete_jobs(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        with self.engine.begin() as c:
+            c.execute(job_logs.delete().where(job_logs.c.job_id.in_(ids)))
+            c.execute(jobs.delete().where(jobs.c.id.in_(ids)))
+
+    # ---- uploads -------------------------------------------------------------------------------------
+
+    def insert_upload(self, *, upload_id: str, token: str, filename: str, content_type: str | None,
+                      size: int | None, path: str, completed: bool) -> None:
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(uploads.insert().values(id=upload_id, token=token, filename=filename,
+                                              content_type=content_type, size=size, path=path, created_at=now,
+                                              completed_at=now if completed else None))
+
+    def get_upload(self, upload_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(uploads.select().where(uploads.c.id == upload_id)).first()
+        return dict(row._mapping) if row else None
+
+    def complete_upload(self, upload_id: str, size: int) -> None:
+        with self.engine.begin() as c:
+            c.execute(uploads.update().where(uploads.c.id == upload_id).values(completed_at=time.time(),
+                                                                               size=size))
+
+    def expired_uploads(self, cutoff: float, limit: int = 500) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(
+                uploads.select().where(uploads.c.created_at < cutoff).limit(limit))]
+
+    def delete_uploads(self, ids: list[str]) -> None:
+        if ids:
+            with self.engine.begin() as c:
+                c.execute(uploads.delete().where(uploads.c.id.in_(ids)))
+
+    # ---- workers -------------------------------------------------------------------------------------
+
+    def upsert_worker(self, worker_id: str, **values: Any) -> None:
+        now = time.time()
+        values.setdefault("heartbeat_at", now)
+        with self.engine.begin() as c:
+            n = c.execute(workers.update().where(workers.c.id == worker_id).values(**values)).rowcount
+            if not n:
+                values.setdefault("started_at", now)
+                values.setdefault("info", {})
+                c.execute(workers.insert().values(id=worker_id, **values))
+
+    def worker_heartbeat(self, worker_id: str, job_id: str | None, info: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        vals: dict[str, Any] = {"heartbeat_at": now, "current_job": job_id}
+        if info is not None:
+            vals["info"] = info
+        with self.engine.begin() as c:
+            c.execute(workers.update().where(workers.c.id == worker_id).values(**vals))
+            if job_id:
+                c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.worker_id == worker_id,
+                                              jobs.c.status == RUNNING).values(heartbeat_at=now))
+
+    def list_workers(self, instance: str | None = None) -> list[dict[str, Any]]:
+        q = workers.select().order_by(workers.c.slot)
+        if instance is not None:
+            q = q.where(workers.c.instance == instance)
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(q)]
+
+    def delete_workers_not_in(self, instance: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(workers.delete().where(workers.c.instance != instance))
+
+    # ---- stage statistics (Prometheus histograms, monotonic across restarts) --------------------------
+
+    def observe_stages(self, slot: int, timings: dict[str, float]) -> None:
+        """Add one job's stage durations; each worker slot owns its rows, so there is a single writer."""
+        with self.engine.connect() as c:  # read outside the write transaction: no snapshot upgrade on SQLite
+            existing = {r.stage: r for r in c.execute(stage_stats.select().where(stage_stats.c.slot == slot))}
+        with self.engine.begin() as c:
+            for stage, secs in timings.items():
+                row = existing.get(stage)
+                buckets = list(row.buckets) if row is not None else [0] * len(STAGE_BUCKETS)
+                for i, le in enumerate(STAGE_BUCKETS):
+                    if secs <= le:
+                        buckets[i] += 1
+                if row is None:
+                    c.execute(stage_stats.insert().values(slot=slot, stage=stage, count=1, total=secs,
+                                                          buckets=buckets))
+                else:
+                    c.execute(stage_stats.update()
+                              .where(stage_stats.c.slot == slot, stage_stats.c.stage == stage)
+                              .values(count=stage_stats.c.count + 1, total=stage_stats.c.total + secs,
+                                      buckets=buckets))
+
+    def stage_histograms(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as c:
+            for r in c.execute(stage_stats.select()):
+                agg = out.setdefault(r.stage, {"count": 0, "total": 0.0, "buckets": [0] * len(STAGE_BUCKETS)})
+                agg["count"] += r.count
+                agg["total"] += r.total
+                agg["buckets"] = [a + b for a, b in zip(agg["buckets"], r.buckets, strict=False)]
+        return out

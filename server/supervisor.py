@@ -1,0 +1,179 @@
+"""Spawns and supervises the worker processes (multiprocessing 'spawn'), from a thread of the API process.
+
+* `workers=auto`: one worker per visible GPU (counted without torch: `CUDA_VISIBLE_DEVICES`, else
+  `nvidia-smi -L`), one CPU worker when there is none.
+* At start, jobs left `running` by a previous server instance are re-queued once, then failed.
+* A worker that exits or stops heart-beating has its job re-queued once (then failed with the reason) and is
+  restarted with exponential backoff. A worker that cannot load its model keeps /ready at 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger("vace.server.supervisor")
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices this machine exposes, found without importing torch."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def plan_workers(setting: str) -> list[str | None]:
+    """One entry per worker: a GPU index, or None for a CPU worker."""
+    gpus = visible_gpus()
+    if setting == "auto":
+        return list(gpus) if gpus else [None]
+    n = int(setting)
+    if not gpus:
+        return [None] * n
+    return [gpus[i % len(gpus)] for i in range(n)]
+
+
+@dataclass
+class Slot:
+    index: int
+    gpu: str | None
+    proc: Any = None
+    worker_id: str = ""
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+    history: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, store: Store, instance: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.instance = instance
+        self.slots = [Slot(i, g) for i, g in enumerate(plan_workers(settings.workers))]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx = mp.get_context("spawn")
+
+    @property
+    def expected(self) -> int:
+        return len(self.slots)
+
+    def recover_previous_instance(self) -> None:
+        """Jobs left running by a previous server process are orphans: re-queue once, else fail."""
+        self.store.delete_workers_not_in(self.instance)
+        for job in self.store.running_jobs():
+            new = self.store.recover_job(job, "the server restarted while the job was running",
+                                         max_attempts=self.settings.max_attempts)
+            log.warning("job %s orphaned by a previous server instance → %s", job.id, new)
+
+    def start(self) -> None:
+        self.recover_previous_instance()
+        for slot in self.slots:
+            self._spawn(slot)
+        self._thread = threading.Thread(target=self._loop, name="vace-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self, slot: Slot) -> None:
+        from server.worker import WorkerArgs, worker_main
+
+        slot.worker_id = f"w{slot.index}-{self.instance[:8]}-{slot.restarts}"
+        device = f"cuda:{slot.gpu}" if slot.gpu is not None else "cpu"
+        self.store.upsert_worker(slot.worker_id, slot=slot.index, instance=self.instance, pid=None,
+                                 device=device, status="starting", model=self.settings.model, message=None)
+        args = WorkerArgs(slot=slot.index, worker_id=slot.worker_id, gpu=slot.gpu,
+                          settings_json=self.settings.model_dump_json(), parent_pid=os.getpid())
+        slot.proc = self._ctx.Process(target=worker_main, args=(args,), name=f"vace-worker-{slot.index}",
+                                      daemon=False)
+        slot.proc.start()
+        slot.started_at = time.time()
+        log.info("started worker %s (pid %s, %s)", slot.worker_id, slot.proc.pid, device)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self._check()
+            except Exception:  # noqa: BLE001 - supervision must not die
+                log.exception("supervisor check failed")
+
+    def _check(self) -> None:
+        now = time.time()
+        for slot in self.slots:
+            p = slot.proc
+            if p is not None and not p.is_alive():
+                code = p.exitcode
+                reason = _describe_exit(code)
+                self.store.upsert_worker(slot.worker_id, status="dead", message=reason)
+                for job in self.store.running_jobs([slot.worker_id]):
+                    new = self.store.recover_job(job, f"the worker process died ({reason})",
+                                                 max_attempts=self.settings.max_attempts)
+                    log.warning("job %s lost its worker (%s) → %s", job.id, reason, new)
+                healthy_for = now - slot.started_at
+                slot.restarts += 1
+                delay = 1.0 if healthy_for > 300 else min(60.0, 2.0 ** min(len(slot.history), 6))
+                slot.history = [] if healthy_for > 300 else [*slot.history, code or 0]
+                slot.next_start = now + delay
+                slot.proc = None
+                log.warning("worker slot %d exited (%s); restarting in %.0f s", slot.index, reason, delay)
+            if slot.proc is None and now >= slot.next_start and not self._stop.is_set():
+                self._spawn(slot)
+        # Hung workers: a running job whose heartbeat stopped → kill its worker (recovered next round).
+        for job in self.store.stale_running(now - self.settings.heartbeat_timeout_s):
+            owner = next((s for s in self.slots if s.worker_id == job.worker_id and s.proc is not None), None)
+            if owner is not None:
+                log.warning("worker %s stopped heart-beating; killing it", owner.worker_id)
+                owner.proc.kill()
+            else:
+                self.store.recover_job(job, "its worker stopped heart-beating",
+                                       max_attempts=self.settings.max_attempts)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        for p in procs:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.time() + timeout
+        for p in procs:
+            p.join(timeout=max(0.1, deadline - time.time()))
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        for s in self.slots:
+            if s.worker_id:
+                self.store.upsert_worker(s.worker_id, status="stopped")
+
+    def workers_status(self) -> list[dict[str, Any]]:
+        return self.store.list_workers(self.instance)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown exit"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return {3: "model failed to load", 4: "restart after GPU out-of-memory"}.get(code, f"exit code {code}")

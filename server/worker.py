@@ -1,0 +1,306 @@
+"""Worker process: loads the model once, claims jobs from the store and runs them through `run_job`.
+
+This is the only server module that imports torch (through the engine). One worker per GPU (its
+`CUDA_VISIBLE_DEVICES` is set before torch loads) or one on the CPU. It heart-beats from a thread (so a
+long denoising step never looks like a hang), reports progress per step, honours cancel between steps, and
+exits if its parent (the API process) dies, so a SIGKILLed server leaves no orphan running jobs behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server import inputs as safety
+from server.core import map_exception, user_field
+from server.settings import Settings
+from server.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, Store
+from vace_local.errors import InputError, JobCancelled
+from vace_local.events import Progress
+from vace_local.spec import JobSpec
+
+log = logging.getLogger("vace.worker")
+
+EXIT_LOAD_FAILED = 3
+EXIT_RESTART = 4
+#: Fraction of overall progress at the start of each stage; `generate` spans the steps.
+_STAGE_START = {"load": 0.0, "fetch": 0.02, "preprocess": 0.05, "generate": 0.1, "encode": 0.95, "done": 1.0}
+
+
+@dataclass
+class WorkerArgs:
+    slot: int
+    worker_id: str
+    gpu: str | None
+    settings_json: str
+    parent_pid: int
+
+
+class Worker:
+    def __init__(self, args: WorkerArgs, settings: Settings) -> None:
+        self.args = args
+        self.settings = settings
+        self.id = args.worker_id
+        self.store = Store(settings.db_url)
+        self.data_dir = settings.data_dir.resolve()
+        self.current: JobRecord | None = None
+        self.shutdown = threading.Event()
+        self.engine: Any = None
+        self._last_cancel_check = 0.0
+        self._cancel_cached = False
+
+    # -- lifecycle --
+
+    def _watch_parent(self) -> None:
+        while True:
+            if os.getppid() != self.args.parent_pid:
+                log.error("API process %d is gone; worker exiting", self.args.parent_pid)
+                os._exit(1)
+            time.sleep(0.5)
+
+    def _heartbeat(self) -> None:
+        while not self.shutdown.is_set():
+            try:
+                job = self.current
+                self.store.worker_heartbeat(self.id, job.id if job else None, self._gpu_info())
+            except Exception:  # noqa: BLE001 - a missed heartbeat is not fatal
+                log.exception("heartbeat failed")
+            self.shutdown.wait(2.0)
+
+    def _gpu_info(self) -> dict[str, Any]:
+        if self.args.gpu is None or "torch" not in sys.modules:
+            return {}
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        free, total = torch.cuda.mem_get_info()
+        return {"gpu_memory_allocated": torch.cuda.memory_allocated(),
+                "gpu_memory_reserved": torch.cuda.memory_reserved(), "gpu_memory_total": total,
+                "gpu_memory_free": free}
+
+    def load(self) -> None:
+        from vace_local.engine import EngineOptions, get_engine
+
+        self.store.upsert_worker(self.id, pid=os.getpid(), status="loading",
+                                 message=f"loading {self.settings.model}")
+        device = "cuda" if self.args.gpu is not None else "cpu"
+        self.engine = get_engine(self.settings.model, EngineOptions(device=device))
+        desc = self.engine.describe()
+        msg = "tiny random-weight model loaded (outputs are noise)" if self.engine.is_tiny else "model loaded"
+        self.store.upsert_worker(self.id, status="ready", message=msg, info={"engine": desc, **self._gpu_info()})
+        log.info("worker %s ready: %s", self.id, desc)
+
+    def run_forever(self) -> None:
+        idle = 0.05
+        while not self.shutdown.is_set():
+            job = self.store.claim_next(self.id)
+            if job is None:
+                self.shutdown.wait(idle)
+                idle = min(idle * 1.5, 0.5)
+                continue
+            idle = 0.05
+            self.run_one(job)
+
+    # -- one job --
+
+    def should_cancel(self) -> bool:
+        if self.shutdown.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._last_cancel_check >= 0.25 and self.current is not None:
+            self._last_cancel_check = now
+            self._cancel_cached = self.store.cancel_requested(self.current.id)
+        return self._cancel_cached
+
+    def _progress_fn(self, job: JobRecord):  # noqa: ANN202
+        state = {"stage": None, "last": 0.0}
+
+        def on_progress(p: Progress) -> None:
+            now = time.monotonic()
+            stage_changed = p.stage != state["stage"]
+            last_step = p.total and p.step >= p.total
+            if not (stage_changed or last_step or now - state["last"] >= 0.25):
+                return
+            state["last"] = now
+            if p.stage == "generate" and p.total:
+                frac = 0.1 + 0.85 * p.fraction
+            else:
+                frac = _STAGE_START.get(p.stage, 0.0)
+            self.store.set_progress(job.id, self.id, stage=p.stage, step=p.step, total=p.total, progress=frac)
+            if stage_changed:
+                state["stage"] = p.stage
+                self.store.add_log(job.id, f"stage {p.stage}" + (f": {p.message}" if p.message else ""),
+                                   source="worker")
+
+        return on_progress
+
+    def resolve_inputs(self, spec: JobSpec, dest: Path, fields: dict[str, str]) -> JobSpec:
+        """Every input becomes a checked local file (downloads follow the safety rules)."""
+        s = self.settings
+
+        def one(value: str, name: str, kind: safety.Kind, stem: str) -> str:
+            label = user_field(name, fields)
+            if value.startswith("data:"):
+                data = safety.decode_data_uri(value, label, s.max_upload_bytes)
+                ext = safety.check_content(data[:512], label, kind)
+                p = dest / f"{stem}.{ext}"
+                p.write_bytes(data)
+                return str(p)
+            if value.lower().startswith(("http://", "https://")):
+                p = safety.download(value, dest / f"{stem}.download", label, allowed=s.allowed_hosts,
+                                    max_bytes=s.max_download_bytes, timeout_s=s.download_timeout_s)
+                ext = safety.check_file(p, label, kind)
+                final = p.with_suffix(f".{ext}")
+                p.replace(final)
+                return str(final)
+            p = Path(value).resolve()
+            if not p.is_relative_to(self.data_dir) or not p.is_file():
+                raise InputError(label, "file is not available on this server any more")
+            safety.check_file(p, label, kind)
+            return str(p)
+
+        dest.mkdir(parents=True, exist_ok=True)
+        upd: dict[str, Any] = {}
+        for name, kind in safety.FIELD_KINDS.items():
+            val = getattr(spec.inputs, name)
+            if name == "reference_images":
+                upd[name] = [one(v, f"{name}[{i}]", kind, f"ref{i}") for i, v in enumerate(val)]
+            elif val:
+                upd[name] = one(val, name, kind, name)
+        return spec.model_copy(update={"inputs": spec.inputs.model_copy(update=upd)})
+
+    def _apply_fast_mode(self, job: JobRecord, spec: JobSpec) -> JobSpec:
+        if not job.extra.get("enable_fast_mode"):
+            return spec
+        fast = getattr(self.engine, "fast_mode_steps", None)
+        if callable(fast):
+            steps = int(fast(spec))
+            self.store.add_log(job.id, f"enable_fast_mode: {spec.num_inference_steps} → {steps} steps",
+                               source="worker")
+            return spec.model_copy(update={"num_inference_steps": steps})
+        self.store.add_log(job.id, "enable_fast_mode accepted but ignored: this engine has no fast mode yet",
+                           level="warning", source="worker")
+        return spec
+
+    def run_one(self, job: JobRecord) -> None:
+        from vace_local.run import run_job
+
+        self.current = job
+        self._cancel_cached = False
+        self._last_cancel_check = 0.0
+        fields = job.extra.get("fields") or {}
+        work = self.data_dir / "work" / job.id
+        out_dir = self.data_dir / "outputs" / job.id
+        self.store.upsert_worker(self.id, status="busy", current_job=job.id)
+        self.store.add_log(job.id, f"started on worker {self.args.slot} ({self.engine.device}), attempt "
+                           f"{job.attempts}", source="worker")
+        try:
+            spec = JobSpec.model_validate(job.spec)
+            spec = self._apply_fast_mode(job, spec)
+            if self.should_cancel():
+                raise JobCancelled("cancelled before start")
+            t = time.perf_counter()
+            spec = self.resolve_inputs(spec, work / "inputs", fields)
+            resolve_s = time.perf_counter() - t
+            result = run_job(spec, out_dir, engine=self.engine, on_progress=self._progress_fn(job),
+                             should_cancel=self.should_cancel)
+            outputs = [{"kind": "video", "file": result.video_path.name, "content_type": "video/mp4",
+                        "size": result.video_path.stat().st_size}]
+            for key, p in result.extras.items():
+                ctype = "application/zip" if p.suffix == ".zip" else "video/mp4"
+                outputs.append({"kind": key, "file": p.name, "content_type": ctype, "size": p.stat().st_size})
+            outputs.append({"kind": "metadata", "file": result.metadata_path.name,
+                            "content_type": "application/json", "size": result.metadata_path.stat().st_size})
+            timings = dict(result.timings)
+            timings["fetch"] = timings.get("fetch", 0.0) + resolve_s
+            info = {"seed": result.seed, "width": result.width, "height": result.height,
+                    "num_frames": result.num_frames, "fps": result.fps, "model": result.model,
+                    "tiny": result.tiny}
+            self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
+            if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
+                                     timings=timings):
+                note = " (tiny random-weight model: the video is noise)" if result.tiny else ""
+                self.store.add_log(job.id, f"completed in {timings.get('total', 0):.1f} s, seed {result.seed}"
+                                   + note, source="worker")
+        except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then re-raised if fatal
+            if isinstance(exc, JobCancelled) and self.shutdown.is_set():
+                self._release(job)
+                return
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            failure = map_exception(exc, fields)
+            if failure.error_type == "internal_error":
+                log.exception("job %s failed", job.id)
+            status = CANCELLED if failure.status == CANCELLED else FAILED
+            shutil.rmtree(out_dir, ignore_errors=True)
+            self.store.finish_job(job.id, self.id, status=status, error=failure.message,
+                                  error_type=failure.error_type)
+            self.store.add_log(job.id, f"{status}: {failure.message}",
+                               level="info" if status == CANCELLED else "error", source="worker")
+            if failure.restart_worker:
+                self.store.upsert_worker(self.id, status="dead", message="restarting after GPU out-of-memory")
+                os._exit(EXIT_RESTART)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            self.current = None
+            if not self.shutdown.is_set():
+                self.store.upsert_worker(self.id, status="ready", current_job=None)
+
+    def _release(self, job: JobRecord) -> None:
+        """Graceful shutdown mid-job: put it back in the queue without spending an attempt."""
+        from server.store import RUNNING, jobs
+
+        with self.store.engine.begin() as c:
+            c.execute(jobs.update().where(jobs.c.id == job.id, jobs.c.worker_id == self.id,
+                                          jobs.c.status == RUNNING)
+                      .values(status="queued", worker_id=None, stage=None, step=0, total=0, progress=0.0,
+                              attempts=max(job.attempts - 1, 0)))
+        self.store.add_log(job.id, "server shutting down; job returned to the queue", source="worker")
+
+
+def worker_main(args: WorkerArgs) -> None:
+    """Process entry point (multiprocessing 'spawn')."""
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    settings = Settings.model_validate_json(args.settings_json)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s worker{args.slot} %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("VACE_CACHE_DIR", str((settings.data_dir / "cache").resolve()))
+    if settings.is_tiny and "VACE_ANNOTATORS_DIR" not in os.environ:
+        try:
+            from preprocessors.weights import ensure_tiny_annotators
+
+            ann = (settings.data_dir / "cache" / "tiny-annotators").resolve()
+            ensure_tiny_annotators(ann)
+            os.environ["VACE_ANNOTATORS_DIR"] = str(ann)
+        except (ImportError, AttributeError):
+            log.info("tiny annotators unavailable (preprocessors.weights.ensure_tiny_annotators missing)")
+        except Exception:  # noqa: BLE001 - tasks needing annotators will fail with their own message
+            log.exception("could not prepare tiny annotators")
+    w = Worker(args, settings)
+    threading.Thread(target=w._watch_parent, daemon=True, name="parent-watch").start()
+
+    def on_term(signum: int, frame: Any) -> None:  # noqa: ARG001
+        w.shutdown.set()
+        if w.current is None:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which stops us
+    try:
+        w.load()
+    except Exception as exc:  # noqa: BLE001
+        log.exception("model failed to load")
+        w.store.upsert_worker(w.id, status="error", message=f"model failed to load: {type(exc).__name__}: {exc}")
+        sys.exit(EXIT_LOAD_FAILED)
+    threading.Thread(target=w._heartbeat, daemon=True, name="heartbeat").start()
+    w.run_forever()
