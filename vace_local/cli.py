@@ -203,6 +203,10 @@ def download(
 
 app.command("generate")(generate)
 
+from server.cli import serve  # noqa: E402 - the server package registers its own command
+
+app.command("serve")(serve)
+
 #: A one-command app for scripts/generate.py (same function, same flags).
 generate_app = typer.Typer(add_completion=False)
 generate_app.command()(generate)
