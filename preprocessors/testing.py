@@ -36,13 +36,15 @@ def moving_square(
     rng = np.random.default_rng(seed)
     import cv2
 
-    bg = cv2.GaussianBlur(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), (0, 0), 2)
-    tex = cv2.GaussianBlur(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), (0, 0), 1)
+    bg = cv2.GaussianBlur(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), (0, 0), 1.0)
+    bg = cv2.normalize(bg, None, 0, 255, cv2.NORM_MINMAX)
+    tex = cv2.GaussianBlur(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), (0, 0), 1.0)
+    tex = cv2.normalize(tex, None, 0, 255, cv2.NORM_MINMAX)
     frames = np.empty((n, height, width, 3), np.uint8)
     masks = np.zeros((n, height, width), np.float32)
     for i in range(n):
-        x = int(round(width * 0.15 + speed[0] * i))
-        y = int(round(height * 0.2 + speed[1] * i))
+        x = min(max(int(round(width * 0.15 + speed[0] * i)), 0), width - size)
+        y = min(max(int(round(height * 0.2 + speed[1] * i)), 0), height - size)
         f = bg.copy()
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + size, width), min(y + size, height)
         f[y0:y1, x0:x1] = tex[y0 - y : y1 - y, x0 - x : x1 - x]

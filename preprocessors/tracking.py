@@ -1,0 +1,96 @@
+"""Propagate a first-frame mask through a clip: `flow` (OpenCV DIS optical flow, no weights) or `sam2`.
+
+Flow tracker: per frame, dense flow prev → cur is computed at a reduced working size. Flow at an object's
+edge is unreliable (patch-based flow smears the background's motion into it, which makes a naive warp leave a
+trail behind a moving subject), so the subject's motion is taken from the mask's eroded interior and
+extrapolated to the edge and beyond by normalised convolution. The per-frame backward maps are composed
+into one map back to frame 0, and the first mask is resampled through it: edges stay crisp and no blur
+accumulates over a long clip.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from vace_local.errors import InputError
+
+FLOW_SIZE = 416  # working long side: masks need region accuracy, and this keeps the tracker real-time on CPU
+ERODE = 12  # interior depth (working px): beyond the flow's patch footprint at the edge
+
+
+def _work_size(h: int, w: int) -> tuple[int, int]:
+    s = min(1.0, FLOW_SIZE / max(h, w))
+    return max(8, round(h * s)), max(8, round(w * s))
+
+
+class FlowTracker:
+    """Incremental tracker: feed frames one by one (the benchmark and the CLI stream frames)."""
+
+    def __init__(self, first_frame: np.ndarray, first_mask: np.ndarray) -> None:
+        self.h, self.w = first_mask.shape
+        self.wh, self.ww = _work_size(self.h, self.w)
+        self.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
+        self.dis.setFinestScale(1)
+        self.prev = self._gray(first_frame)
+        self.m0 = cv2.resize(first_mask.astype(np.float32), (self.ww, self.wh), interpolation=cv2.INTER_AREA)
+        gx, gy = np.meshgrid(np.arange(self.ww, dtype=np.float32), np.arange(self.wh, dtype=np.float32))
+        self.grid = np.stack([gx, gy], axis=-1)
+        self.phi = self.grid.copy()  # current frame pixel → frame-0 coordinates
+        self.cur_mask = (self.m0 >= 0.5).astype(np.float32)
+
+    def _gray(self, frame: np.ndarray) -> np.ndarray:
+        g = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
+        return cv2.resize(g, (self.ww, self.wh), interpolation=cv2.INTER_AREA)
+
+    def _object_flow(self, flow: np.ndarray) -> np.ndarray:
+        """Flow inside the eroded mask, extrapolated outward (normalised convolution)."""
+        if self.cur_mask.sum() < 1:
+            return np.zeros_like(flow)
+        dist = cv2.distanceTransform(self.cur_mask.astype(np.uint8), cv2.DIST_L2, 3)
+        inner = (dist >= min(float(ERODE), 0.6 * float(dist.max()))).astype(np.float32)
+        sigma = max(3.0, 0.25 * float(np.sqrt(inner.sum())))
+        den = cv2.GaussianBlur(inner, (0, 0), sigma)
+        num = cv2.GaussianBlur(flow * inner[..., None], (0, 0), sigma)
+        med = np.median(flow[inner > 0.5], axis=0) if (inner > 0.5).any() else np.zeros(2, np.float32)
+        ext = np.where(den[..., None] > 1e-3, num / np.maximum(den, 1e-6)[..., None], med)
+        return (inner[..., None] * flow + (1.0 - inner[..., None]) * ext).astype(np.float32)
+
+    def step(self, frame: np.ndarray) -> np.ndarray:
+        """Mask (H, W) float32 0/1 for the next frame."""
+        cur = self._gray(frame)
+        fwd = self._object_flow(self.dis.calc(self.prev, cur, None))
+        # backward map cur → prev: x - f(x - f(x)) (one fixed-point step on the forward field)
+        guess = self.grid - fwd
+        back = self.grid - cv2.remap(fwd, guess[..., 0], guess[..., 1], cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_REPLICATE)
+        self.phi = cv2.remap(self.phi, back[..., 0], back[..., 1], cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+        soft = cv2.remap(self.m0, self.phi[..., 0], self.phi[..., 1], cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        self.cur_mask = (soft >= 0.5).astype(np.float32)
+        self.prev = cur
+        full = cv2.resize(soft, (self.w, self.h), interpolation=cv2.INTER_LINEAR)
+        return (full >= 0.5).astype(np.float32)
+
+
+def track_flow(frames: np.ndarray, first_mask: np.ndarray) -> np.ndarray:
+    out = np.empty(frames.shape[:3], np.float32)
+    out[0] = (first_mask >= 0.5).astype(np.float32)
+    tracker = FlowTracker(frames[0], first_mask)
+    for i in range(1, len(frames)):
+        out[i] = tracker.step(frames[i])
+    return out
+
+
+def track_mask(frames: np.ndarray, first_mask: np.ndarray, backend: str = "flow") -> np.ndarray:
+    """One binary mask (F, H, W) per frame from the first-frame mask."""
+    if backend == "flow":
+        return track_flow(frames, first_mask)
+    if backend == "sam2":
+        from preprocessors.sam2_track import track_sam2
+
+        return track_sam2(frames, first_mask)
+    if backend == "static":
+        return np.repeat((first_mask >= 0.5).astype(np.float32)[None], len(frames), axis=0)
+    raise InputError("control.mask_tracker", f"unknown mask tracker '{backend}' (flow, sam2 or static)")
