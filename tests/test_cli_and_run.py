@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from imageio_ffmpeg import get_ffmpeg_exe
 from typer.testing import CliRunner
 
 from tests.conftest import ROOT
@@ -33,6 +34,8 @@ def test_generate_script_writes_playable_mp4_and_metadata(tmp_path: Path) -> Non
     assert f"video:    {video}" in proc.stdout
     n, fps, w, h = probe_video(video)
     assert (n, fps, w, h) == (21, 12.0, 64, 48)
+    probe = subprocess.run([get_ffmpeg_exe(), "-hide_banner", "-i", str(video)], capture_output=True, text=True)
+    assert "h264" in probe.stderr and "yuv420p" in probe.stderr
     data = json.loads(meta.read_text())
     assert data["seed"] == 5 and data["spec"]["num_frames"] == 21
     assert data["model"]["tiny"] is True and "noise" in data["warning"]
