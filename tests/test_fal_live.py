@@ -94,7 +94,8 @@ def _stop(proc: subprocess.Popen, log) -> None:  # noqa: ANN001
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fal-live")
     cert, key = _make_cert(tmp)
-    proc, port, log = _start(tmp, cert, key, "--model", "tiny", "--workers", "1")
+    proc, port, log = _start(tmp, cert, key, "--model", "tiny", "--workers", "1",
+                             env_extra={"VACE_ALLOWED_HOSTS": "127.0.0.1"})
     try:
         _wait_ready(f"https://127.0.0.1:{port}", cert, proc)
         yield {"port": port, "cert": cert, "base": f"https://127.0.0.1:{port}", "tmp": tmp}
@@ -313,3 +314,41 @@ def test_unserved_model_is_a_clear_4xx(tmp_path):
         assert r.status_code == 200 and r.json()["status_url"].startswith(b)
     finally:
         _stop(proc, log)
+
+
+def test_fal_webhook_payload(server, video_data_uri):
+    """`?fal_webhook=` gets the documented payload: request_id, gateway_request_id, status OK, payload."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import httpx
+
+    got: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):  # noqa: ANN002
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{hook.server_port}/done"
+        r = httpx.post(f"{server['base']}/fal-ai/wan-vace-14b/pose", params={"fal_webhook": url},
+                       headers={"Authorization": f"Key {KEY}"}, verify=_ctx(server["cert"]),
+                       json={"prompt": "p", "video_url": video_data_uri, "num_frames": 17, "num_inference_steps": 2})
+        assert r.status_code == 200
+        rid = r.json()["request_id"]
+        deadline = time.time() + 120
+        while not got and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        hook.shutdown()
+    assert got, "webhook never arrived"
+    body = got[0]
+    assert (body["request_id"], body["gateway_request_id"], body["status"], body["error"]) == (rid, rid, "OK", None)
+    assert body["payload"]["video"]["url"].startswith(server["base"] + "/files/outputs/")
