@@ -1,0 +1,105 @@
+"""Tiny random-weight annotators (tests and `--model tiny`): real architecture classes, small configs.
+
+Saved in the same layout the real loaders read, so tests exercise the real loading code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DET_SIZE = (640, 640)  # YOLOX-L input (h, w)
+POSE_SIZE = (384, 288)  # DW-LL ucoco 384 input (h, w)
+NUM_KPTS = 133  # COCO-WholeBody
+SIMCC_SPLIT = 2.0
+
+
+def _image_processor(dest: Path, size: int, keep_aspect: bool) -> None:
+    from transformers import DPTImageProcessor
+
+    DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=keep_aspect, ensure_multiple_of=14,
+                      do_pad=False).save_pretrained(dest)
+
+
+def save_tiny_dpt(dest: Path) -> Path:
+    """DPTForDepthEstimation (the transformers class of Intel/dpt-hybrid-midas) with a tiny ViT config."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    if (dest / "config.json").is_file():
+        return dest
+    torch.manual_seed(0)
+    cfg = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32,
+                    patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                    fusion_hidden_size=16, head_in_index=-1, is_hybrid=False)
+    DPTForDepthEstimation(cfg).save_pretrained(dest)
+    _image_processor(dest, 32, keep_aspect=False)
+    return dest
+
+
+def save_tiny_depth_anything(dest: Path) -> Path:
+    """DepthAnythingForDepthEstimation with a tiny DINOv2 backbone (same class as the *-hf repos)."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    if (dest / "config.json").is_file():
+        return dest
+    torch.manual_seed(0)
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                            image_size=28, patch_size=14, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
+                              neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
+    DepthAnythingForDepthEstimation(cfg).save_pretrained(dest)
+    _image_processor(dest, 28, keep_aspect=True)
+    return dest
+
+
+def save_tiny_dwpose(det_path: Path, pose_path: Path) -> tuple[Path, Path]:
+    """ONNX files with YOLOX-L's and DW-LL's input/output signatures, built from tiny random torch nets."""
+    import torch
+    from torch import nn
+
+    class Det(nn.Module):
+        """(1, 3, 640, 640) → (1, 8400, 85): per-anchor raw YOLOX outputs at strides 8, 16, 32."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleList(nn.Conv2d(3, 85, 1) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for s, head in zip((8, 16, 32), self.heads, strict=True):
+                y = head(nn.functional.avg_pool2d(x / 255.0, s))
+                outs.append(y.flatten(2).transpose(1, 2))
+            return torch.cat(outs, 1)
+
+    class Pose(nn.Module):
+        """(1, 3, 384, 288) → simcc_x (1, 133, 576), simcc_y (1, 133, 768)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fx = nn.Linear(3, NUM_KPTS * int(POSE_SIZE[1] * SIMCC_SPLIT))
+            self.fy = nn.Linear(3, NUM_KPTS * int(POSE_SIZE[0] * SIMCC_SPLIT))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+            return self.fx(f).view(1, NUM_KPTS, -1), self.fy(f).view(1, NUM_KPTS, -1)
+
+    torch.manual_seed(0)
+    for path, net, shape, names in (
+        (det_path, Det(), (1, 3, *DET_SIZE), ["output"]),
+        (pose_path, Pose(), (1, 3, *POSE_SIZE), ["simcc_x", "simcc_y"]),
+    ):
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.onnx.export(net.eval(), (torch.zeros(shape),), str(tmp), input_names=["input"], output_names=names,
+                          dynamo=False)
+        tmp.replace(path)
+    return det_path, pose_path
+
+
+def random_rgb(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (n, h, w, 3), dtype=np.uint8)

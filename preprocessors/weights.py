@@ -1,0 +1,84 @@
+"""Where annotator weights live: `VACE_ANNOTATORS_DIR` in the ali-vilab/VACE-Annotators layout.
+
+Resolution order per file: the local folder; then (unless HF_HUB_OFFLINE) huggingface_hub from the official
+repo; else one clear error naming the missing file and the command that fetches it. Transformers-format
+models (Depth-Anything-V2 `*-hf` repos, Intel/dpt-hybrid-midas) are accepted as sub-folders with config.json.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vace_local.errors import ModelNotFoundError
+
+OFFICIAL_REPO = "ali-vilab/VACE-Annotators"
+FILES = {
+    "depth": "depth/dpt_hybrid-midas-501f0c75.pt",
+    "depthv2": "depth/depth_anything_v2_vitl.pth",
+    "pose_det": "pose/yolox_l.onnx",
+    "pose_est": "pose/dw-ll_ucoco_384.onnx",
+    "sam2": "sam2/sam2.1_hiera_large.pt",
+    "salient": "salient/u2net.pt",
+}
+#: transformers-format alternatives (folder with config.json), looked up before the official file
+HF_DIRS = {"depth": "depth/dpt-hybrid-midas-hf", "depthv2": "depth/depth-anything-v2-hf"}
+DOWNLOAD_HINT = "run `vace-local download annotators` (or set VACE_ANNOTATORS_DIR to a folder that has it)"
+
+
+def annotators_dir() -> Path:
+    env = os.environ.get("VACE_ANNOTATORS_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vace-local" / "annotators"
+
+
+def hf_dir(key: str) -> Path | None:
+    rel = HF_DIRS.get(key)
+    d = annotators_dir() / rel if rel else None
+    return d if d is not None and (d / "config.json").is_file() else None
+
+
+def resolve(key: str) -> Path:
+    """Local path of the official file for `key`; fetched from the Hub when online, else ModelNotFoundError."""
+    rel = FILES[key]
+    local = annotators_dir() / rel
+    if local.is_file():
+        return local
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(OFFICIAL_REPO, rel, local_dir=annotators_dir()))
+        except Exception:  # offline, repo unreachable, file absent: fall through to the clear error
+            pass
+    raise ModelNotFoundError(f"annotator weights missing: {local} ({OFFICIAL_REPO}/{rel}); {DOWNLOAD_HINT}")
+
+
+def download_annotators(dest: Path | None = None, keys: list[str] | None = None) -> Path:
+    """Fetch the official annotator files into `dest` (default: the annotators folder); returns the folder."""
+    from huggingface_hub import snapshot_download
+
+    dest = Path(dest) if dest else annotators_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = [FILES[k] for k in (keys or ["depth", "depthv2", "pose_det", "pose_est", "sam2", "salient"])]
+    snapshot_download(OFFICIAL_REPO, allow_patterns=wanted, local_dir=dest)
+    return dest
+
+
+def ensure_tiny_annotators(dest: Path) -> Path:
+    """Build tiny random-weight annotators in the expected layout (idempotent); point VACE_ANNOTATORS_DIR here.
+
+    depth / depthv2: tiny transformers DPT / Depth-Anything models; pose: tiny ONNX models with the DWPose
+    input/output signatures. Outputs are meaningless; the code paths are the real ones.
+    """
+    from preprocessors import tiny
+
+    dest = Path(dest)
+    marker = dest / ".tiny-complete"
+    if marker.is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    tiny.save_tiny_dpt(dest / HF_DIRS["depth"])
+    tiny.save_tiny_depth_anything(dest / HF_DIRS["depthv2"])
+    tiny.save_tiny_dwpose(dest / FILES["pose_det"], dest / FILES["pose_est"])
+    marker.write_text("tiny random-weight annotators: outputs are noise\n")
+    return dest
