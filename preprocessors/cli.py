@@ -1,0 +1,72 @@
+"""`vace-local preprocess`: write what the model will see (control.mp4, mask.mp4, side-by-side preview.mp4)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from pydantic import ValidationError
+
+from vace_local.errors import VaceError
+
+
+def preprocess(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    task: Annotated[str, typer.Option(help="none | depth | depthv2 | pose | face | inpainting | outpainting | "
+                                           "reframe")] = "none",
+    video: Annotated[str | None, typer.Option(help="Source video (path, URL or data URI).")] = None,
+    mask_video: Annotated[str | None, typer.Option(help="Mask video (white = generate).")] = None,
+    mask_image: Annotated[str | None, typer.Option(help="First-frame / static mask image.")] = None,
+    ref: Annotated[list[str] | None, typer.Option("--ref", help="Reference image (repeatable).")] = None,
+    first_image: Annotated[str | None, typer.Option(help="Image for the first frame.")] = None,
+    last_image: Annotated[str | None, typer.Option(help="Image for the last frame.")] = None,
+    size: Annotated[str, typer.Option(help="WIDTH*HEIGHT (multiples of 16).")] = "832*480",
+    num_frames: Annotated[int, typer.Option(help="4k+1 frames.")] = 81,
+    fps: Annotated[int, typer.Option(help="Job frame rate.")] = 16,
+    control: Annotated[str | None, typer.Option(help="JSON object of control options, e.g. "
+                                                     "'{\"mask_tracker\": \"static\"}'.")] = None,
+) -> None:
+    """Build the control video, mask and reference images for a job without running the model."""
+    from preprocessors import build_bundle, plan_timing
+    from vace_local.inputs import fetch_inputs
+    from vace_local.media import write_mask_video, write_video
+    from vace_local.spec import JobSpec
+
+    try:
+        w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
+        spec = JobSpec(task=task, width=w, height=h, num_frames=num_frames, fps=fps,
+                       inputs={"video": video, "mask_video": mask_video, "mask_image": mask_image,
+                               "reference_images": ref or [], "first_image": first_image, "last_image": last_image},
+                       control=json.loads(control) if control else {})
+    except (ValidationError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            resolved = fetch_inputs(spec.inputs, Path(tmp))
+            spec = plan_timing(spec, resolved)
+            bundle = build_bundle(spec, resolved)
+    except VaceError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    control_u8 = (bundle.frames * 255.0 + 0.5).astype(np.uint8)
+    write_video(control_u8, out / "control.mp4", fps=spec.fps)
+    write_mask_video(bundle.masks, out / "mask.mp4", fps=spec.fps)
+    mask_u8 = np.repeat((bundle.masks[..., None] * 255).astype(np.uint8), 3, axis=-1)
+    write_video(np.concatenate([control_u8, mask_u8], axis=2), out / "preview.mp4", fps=spec.fps)
+    for i, r in enumerate(bundle.reference_images):
+        from PIL import Image
+
+        Image.fromarray((r * 255.0 + 0.5).astype(np.uint8)).save(out / f"reference_{i}.png")
+    (out / "bundle.json").write_text(json.dumps({"num_frames": spec.num_frames, "fps": spec.fps, **bundle.info},
+                                                indent=2, default=str))
+    typer.echo(f"control: {out / 'control.mp4'}\nmask:    {out / 'mask.mp4'}\npreview: {out / 'preview.mp4'}")
+
+
+app = typer.Typer(add_completion=False)
+app.command()(preprocess)
