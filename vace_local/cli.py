@@ -203,6 +203,10 @@ def download(
 
 app.command("generate")(generate)
 
+from preprocessors.cli import preprocess  # noqa: E402 - the preprocessors package owns its command
+
+app.command("preprocess")(preprocess)
+
 from server.cli import serve  # noqa: E402 - the server package registers its own command
 
 app.command("serve")(serve)
