@@ -165,3 +165,25 @@ def test_sync_mode_and_ignored_fields():
     t = tr("pose", video_url=VID, sync_mode=True, acceleration="none", enable_safety_checker=True)
     assert t.sync_mode is True
     assert t.ignored["acceleration"] == "none" and t.ignored["enable_safety_checker"] is True
+
+
+def test_model_mapping_rules():
+    """tiny serves every id; a family mismatch is refused unless Settings.model_map maps it."""
+    from types import SimpleNamespace
+
+    from server.dialects.fal import check_served_model, served_note
+    from server.settings import Settings
+
+    def core(**kw):
+        return SimpleNamespace(settings=Settings(**kw))
+
+    wan22 = ("alibaba/wan2.2-vace-fun-a14b-pose", "wan2.2-vace-fun-a14b")
+    assert check_served_model(core(model="tiny"), *wan22) is None
+    assert check_served_model(core(model="wan2.2-vace-fun-a14b"), *wan22) is None
+    refusal = check_served_model(core(model="wan2.1-vace-14b"), *wan22)
+    assert refusal and "VACE_MODEL_MAP" in refusal and "wan2.1-vace-14b" in refusal
+    mapped = core(model="wan2.1-vace-14b", model_map={"wan2.2-vace-fun-a14b": "wan2.1-vace-14b"})
+    assert check_served_model(mapped, *wan22) is None
+    assert "model mapping" in served_note(mapped, *wan22)
+    by_id = core(model="wan2.1-vace-14b", model_map={"alibaba/wan2.2-vace-fun-a14b-pose": "wan2.1-vace-14b"})
+    assert check_served_model(by_id, *wan22) is None
