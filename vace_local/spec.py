@@ -28,6 +28,8 @@ TransparencyMode = Literal["content_aware", "white", "black"]
 MaskTracker = Literal["flow", "sam2", "static"]
 VideoQuality = Literal["low", "medium", "high", "maximum"]
 VideoWriteMode = Literal["fast", "balanced", "small"]
+#: Step-cache presets (fal's `acceleration`; WaveSpeed's enable_fast_mode → "regular"). See step_cache.py.
+Acceleration = Literal["none", "low", "regular"]
 
 
 class JobInputs(BaseModel):
@@ -122,6 +124,10 @@ class JobSpec(BaseModel):
     flow_shift: float = Field(16.0, gt=0.0, le=30.0)
     sampler: Sampler = "unipc"
     context_scale: float | list[Annotated[float, Field(ge=0.0, le=2.0)]] = Field(1.0)
+    #: Fast mode: skip denoising steps whose prediction barely changes (VACE-correct step cache).
+    acceleration: Acceleration = "none"
+    #: Explicit step-cache threshold (0 = never skip); overrides the `acceleration` preset when set.
+    step_cache_threshold: float | None = Field(None, ge=0.0, le=1.0)
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     inputs: JobInputs = Field(default_factory=JobInputs)
     control: ControlOptions = Field(default_factory=ControlOptions)
