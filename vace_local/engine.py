@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -18,10 +21,12 @@ import numpy as np
 from vace_local.bundle import ControlBundle
 from vace_local.errors import InputError, JobCancelled, OutOfMemory
 from vace_local.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
+from vace_local.lora import LoraOption
 from vace_local.memory import POLICIES, Footprint, Policy, apply_policy, choose_policy, wants_vae_tiling
 from vace_local.models import ResolvedModel, resolve_model
 from vace_local.samplers import make_scheduler
 from vace_local.spec import JobSpec
+from vace_local.step_cache import ACCELERATION_THRESHOLDS, FastForward, StepCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +42,67 @@ class EngineOptions:
     offload: str = "auto"  # one of memory.POLICIES
     vae_tiling: bool | None = None  # None: on when memory is tight
     allow_download: bool = False
+    # -- fast path (docs/PERFORMANCE.md); defaults are on only where they cost no quality --
+    #: Attention kernel, pinned per model: "auto" (FA3 > cuDNN SDPA > FA2 > SDPA on CUDA), or a name.
+    attention: str = "auto"
+    #: Prompt → embeddings cache entries (exact: same tensors the text encoder gives); 0 turns it off.
+    text_cache: int = 32
+    #: Run CFG's cond and uncond branches as one batch-2 forward (same result, more activation memory).
+    cfg_batch: bool = False
+    #: Regional torch.compile of the repeated transformer / VACE blocks.
+    compile: bool = False
+    compile_backend: str = "inductor"
+    #: Store transformer weights as fp8 (e4m3) and upcast per layer: ~half the VRAM, small output change.
+    fp8_storage: bool = False
+    #: torchao float8 dynamic quantisation of the block linears (CUDA >= 8.9): faster, small output change.
+    fp8_linear: bool = False
+    #: LoRAs fused at load; distillation LoRAs carry step / guidance / shift overrides.
+    loras: tuple[LoraOption, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.offload not in POLICIES:
             raise ValueError(f"offload must be one of {', '.join(POLICIES)}, got {self.offload!r}")
+        if self.text_cache < 0:
+            raise ValueError(f"text_cache must be >= 0, got {self.text_cache}")
+        if self.fp8_storage and self.fp8_linear:
+            raise ValueError("fp8_storage and fp8_linear are exclusive: fp8_linear already stores fp8 weights")
 
 
 class Engine:
     """A loaded pipeline plus the logic to run one job on it. Not thread-safe: one job at a time."""
 
-    def __init__(self, model: str, options: EngineOptions | None = None) -> None:
+    def __init__(self, model: str, options: EngineOptions | None = None, *, pipeline: Any = None) -> None:
         import torch
         from diffusers import WanVACEPipeline
 
         self.options = options or EngineOptions()
-        self.resolved: ResolvedModel = resolve_model(model, allow_download=self.options.allow_download)
         self.model_name = model
         self.device = self._pick_device()
         self.compute_dtype = self._pick_dtype(torch)
-        dtypes = {
-            "transformer": self.compute_dtype,
-            "transformer_2": self.compute_dtype,
-            "text_encoder": self.compute_dtype,
-            "default": torch.float32,  # VAE stays fp32 (diffusers docs)
-        }
-        self.pipe = WanVACEPipeline.from_pretrained(self.resolved.path, dtype=dtypes)
+        if pipeline is not None:  # prebuilt (benchmark's random-weight real-size models): same path from here
+            self.resolved = ResolvedModel(model, Path("<memory>"), "memory")
+            self.pipe = pipeline
+        else:
+            self.resolved = resolve_model(model, allow_download=self.options.allow_download)
+            dtypes = {
+                "transformer": self.compute_dtype,
+                "transformer_2": self.compute_dtype,
+                "text_encoder": self.compute_dtype,
+                "default": torch.float32,  # VAE stays fp32 (diffusers docs)
+            }
+            self.pipe = WanVACEPipeline.from_pretrained(self.resolved.path, dtype=dtypes)
         self.pipe.set_progress_bar_config(disable=True)
+        self._text_cache: OrderedDict[str, Any] = OrderedDict()
+        self.last_run: dict[str, Any] = {}
+        # LoRAs are fused into the weights before any fp8 cast or compile, which then see plain weights.
+        self.lora_overrides: dict[str, float | int] = {}
+        if self.options.loras:
+            self.add_loras(self.options.loras)
+        if self.options.fp8_storage:
+            from vace_local.fastpath import enable_fp8_storage
+
+            for t in self._transformers():
+                enable_fp8_storage(t, self.compute_dtype)
         self._base_scheduler_config = dict(self.pipe.scheduler.config)
         free = self._free_vram()
         self.policy: Policy = (
@@ -73,10 +113,53 @@ class Engine:
         self.vae_tiling = wants_vae_tiling(self.policy, free) if tiling is None else tiling
         if self.vae_tiling:
             self.pipe.vae.enable_tiling()
+        self._setup_fast_path()
         log.info("loaded %s from %s on %s (%s, offload=%s, vae_tiling=%s)", model, self.resolved.path,
                  self.device, self.compute_dtype, self.policy, self.vae_tiling)
 
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, name: str, options: EngineOptions | None = None) -> Engine:
+        """An engine around an already built `WanVACEPipeline` (weights on the CPU, or on `options.device`)."""
+        return cls(name, options, pipeline=pipeline)
+
     # -- setup helpers -------------------------------------------------------------------------------
+    def _transformers(self) -> list[Any]:
+        return [t for t in (self.pipe.transformer, getattr(self.pipe, "transformer_2", None)) if t is not None]
+
+    def _setup_fast_path(self) -> None:
+        """Per-model speed options, after the memory policy placed the weights (see fastpath.py)."""
+        from vace_local import fastpath
+
+        models = self._transformers()
+        if self.options.fp8_linear:
+            for t in models:
+                fastpath.enable_fp8_linear(t)
+        self.attention = fastpath.select_attention_backend(models, self.options.attention, self.device,
+                                                           self.compute_dtype)
+        if self.options.compile:
+            for t in models:
+                fastpath.compile_blocks(t, self.options.compile_backend)
+        self.fast = FastForward()
+        for t in models:
+            self.fast.install(t)
+
+    def add_loras(self, loras: Any) -> None:
+        """Fuse LoRAs (`LoraOption`s, or `(state_dict, scale)` pairs) into the weights; record overrides.
+
+        Call before anything else touches the weights (the engine does this for `options.loras`).
+        """
+        from vace_local.lora import fuse_loras, read_lora_file
+
+        items = []
+        for lora in loras:
+            if isinstance(lora, LoraOption):
+                items.append((read_lora_file(lora.source), lora.scale, lora.experts))
+                self.lora_overrides.update(lora.overrides())
+            else:
+                state, scale = lora
+                items.append((state, float(scale), "both"))
+        fuse_loras(self.pipe, items)
+
     def _pick_device(self) -> str:
         import torch
 
@@ -138,9 +221,48 @@ class Engine:
             "vae_tiling": self.vae_tiling,
             "two_experts": self.two_experts,
             "boundary_ratio": self.pipe.config.boundary_ratio,
+            "fast_path": {
+                "attention": self.attention.as_dict(),
+                "text_cache": self.options.text_cache,
+                "cfg_batch": self.options.cfg_batch,
+                "compile": self.options.compile_backend if self.options.compile else False,
+                "fp8_storage": self.options.fp8_storage,
+                "fp8_linear": self.options.fp8_linear,
+                "loras": [{"source": x.source, "scale": x.scale, "experts": x.experts, **x.overrides()}
+                          for x in self.options.loras],
+                "lora_overrides": dict(self.lora_overrides),
+            },
         }
 
     # -- one job -------------------------------------------------------------------------------------
+    @staticmethod
+    def step_cache_threshold(spec: JobSpec) -> float:
+        """The job's step-cache threshold: explicit value, else the `acceleration` preset."""
+        if spec.step_cache_threshold is not None:
+            return spec.step_cache_threshold
+        return ACCELERATION_THRESHOLDS[spec.acceleration]
+
+    def _encode(self, prompt: str, negative: str, cfg: bool) -> tuple[Any, Any]:
+        """Prompt embeddings through a small LRU cache; identical tensors to what the pipeline computes."""
+        return self._embed(prompt), (self._embed(negative) if cfg else None)
+
+    def _embed(self, text: str) -> Any:
+        import torch
+
+        cached = self._text_cache.get(text)
+        if cached is not None:
+            self._text_cache.move_to_end(text)
+            return cached
+        with torch.inference_mode():
+            emb, _ = self.pipe.encode_prompt(prompt=text, negative_prompt=None, do_classifier_free_guidance=False,
+                                             max_sequence_length=512, device=self.pipe._execution_device)
+        emb = emb.clone()  # out of inference mode: usable as a normal tensor later
+        if self.options.text_cache > 0:
+            self._text_cache[text] = emb
+            while len(self._text_cache) > self.options.text_cache:
+                self._text_cache.popitem(last=False)
+        return emb
+
     def _conditioning_scale(self, spec: JobSpec) -> float | list[float]:
         scale = spec.context_scale
         if isinstance(scale, list) and len(scale) != len(self.vace_layers):
@@ -168,7 +290,13 @@ class Engine:
         if spec.guidance_scale_2 is not None and not self.two_experts:
             raise InputError("guidance_scale_2", f"model '{self.model_name}' has a single expert")
         scale = self._conditioning_scale(spec)
+        if self.lora_overrides:  # a fused distillation LoRA only works with its own schedule
+            spec = spec.model_copy(update=self.lora_overrides)
         self.pipe.scheduler = make_scheduler(spec.sampler, spec.flow_shift, self._base_scheduler_config)
+        cfg = spec.guidance_scale > 1.0  # exactly the pipeline's rule (guidance_scale_2 does not count)
+        t_text = time.perf_counter()
+        prompt_embeds, negative_embeds = self._encode(spec.prompt, spec.effective_negative_prompt, cfg)
+        t_text = time.perf_counter() - t_text
 
         # Exact-size 5-D tensors in [0, 1]: diffusers then does no resize of its own (pitfall 1).
         video = torch.from_numpy(bundle.frames).permute(0, 3, 1, 2).unsqueeze(0)
@@ -186,12 +314,15 @@ class Engine:
             return {}
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        threshold = self.step_cache_threshold(spec)
+        self.fast.begin_job(total_steps=total, cache=StepCacheConfig(threshold=threshold),
+                            negative=negative_embeds if cfg else None, cfg_batch=self.options.cfg_batch)
         with _GLOBAL_RNG_LOCK:
             torch.manual_seed(seed)  # stochastic schedulers draw from the global RNG (pitfall 4)
             try:
                 out = self.pipe(
-                    prompt=spec.prompt,
-                    negative_prompt=spec.effective_negative_prompt,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_embeds if cfg else None,
                     video=video,
                     mask=mask,
                     reference_images=refs_arg,
@@ -212,6 +343,12 @@ class Engine:
                     f"(offload={self.policy}); try a lower offload level such as --offload group"
                 ) from exc
             finally:
+                stats = self.fast.end_job()
+                self.last_run = {
+                    "num_inference_steps": total, "guidance_scale": spec.guidance_scale,
+                    "flow_shift": spec.flow_shift, "step_cache_threshold": threshold,
+                    "text_encode_s": round(t_text, 4), **(stats.as_dict() if stats else {}),
+                }
                 self.pipe.maybe_free_model_hooks()  # also after a cancel: offload hooks back to the CPU
                 if self.device.startswith("cuda"):
                     torch.cuda.empty_cache()

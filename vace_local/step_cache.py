@@ -1,0 +1,246 @@
+"""A VACE-correct step cache and batched CFG, as one hook around the whole transformer forward.
+
+Why not diffusers' FirstBlockCache / MagCache: they hook only `blocks.*`; the residual they replay already
+contains the previous step's VACE hints, and the transformer's own loop adds fresh hints after blocks
+0, 5, …, 35 again on a skipped step, so the control signal is counted twice (a plausible cause of "masks
+ignored with caching"). Here the cache sits *outside* the transformer: a step is either a full forward
+(VACE branch and hints included, each exactly once) or no forward at all, replaying the last computed
+prediction. Nothing is added on top of a replay, so hints cannot be double-counted.
+
+When to skip (output-change estimate, as in EasyCache): after two computed steps we know how strongly
+the prediction reacts to a change of its input, k = rel‖Δout‖ / rel‖Δin‖. Each later step adds
+k · rel‖Δin‖ to an accumulator; while the accumulator stays below `threshold` the step is skipped, and a
+computed step resets it. The first `warmup_steps`, the last `final_steps`, the first steps after an expert
+switch and any step after `max_skips` skips in a row are always computed. Threshold 0 never skips, so the
+result is then bit-identical to an uncached run. For flow-matching models the velocity changes slowly
+along the trajectory, which is what makes replaying it a good approximation.
+
+Batched CFG: when enabled, the cond call runs cond and uncond as one batch-2 forward and the following
+uncond call (same latents, same timestep, the negative embeddings) is answered from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HOOK_NAME = "vace_local_fast_forward"
+#: JobSpec.acceleration → step-cache threshold. Uncalibrated on real weights (see docs/PERFORMANCE.md).
+ACCELERATION_THRESHOLDS: dict[str, float] = {"none": 0.0, "low": 0.05, "regular": 0.10}
+
+
+@dataclass(frozen=True)
+class StepCacheConfig:
+    threshold: float = 0.0
+    warmup_steps: int = 2
+    final_steps: int = 1
+    max_skips: int = 3
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ValueError(f"step cache threshold must be >= 0, got {self.threshold}")
+        if self.warmup_steps < 2:
+            raise ValueError("step cache warmup_steps must be >= 2 (two computed steps give the rate estimate)")
+
+
+@dataclass
+class StepStats:
+    """What the cache did in one job (recorded in the job's metadata)."""
+
+    computed: int = 0
+    skipped: int = 0
+    forwards: int = 0  # transformer forwards actually run (a batched CFG forward counts once)
+    skipped_steps: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"computed_steps": self.computed, "skipped_steps": self.skipped, "forwards": self.forwards,
+                "skipped_step_indices": list(self.skipped_steps)}
+
+
+def _rel_l1(a: Any, b: Any) -> float:
+    den = b.float().abs().mean().item()
+    return (a.float() - b.float()).abs().mean().item() / max(den, 1e-12)
+
+
+def _sample(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _wrap(kwargs: dict[str, Any], sample: Any) -> Any:
+    """Return `sample` in the form the caller asked for (tuple when return_dict=False)."""
+    if not kwargs.get("return_dict", True):
+        return (sample,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)
+
+
+class _JobState:
+    def __init__(self, cache: StepCacheConfig, total_steps: int, negative: Any | None, cfg_batch: bool) -> None:
+        self.cache = cache
+        self.total = total_steps
+        self.negative = negative
+        self.cfg_batch = cfg_batch and negative is not None
+        self.stats = StepStats()
+        self.step = -1
+        self.key: tuple[int, float] | None = None
+        self.branch = 0
+        self.skip = False
+        self.expert: int | None = None
+        self.prev_x: Any = None
+        self.acc = 0.0
+        self.rate: float | None = None
+        self.run_skips = 0
+        self.hist: dict[int, tuple[Any, Any]] = {}  # branch → (input, prediction) of the last computed step
+        self.pending: tuple[tuple[int, float], Any] | None = None  # batched uncond answer for this step
+        self.step_rates: list[float] = []
+
+    # -- step decision -----------------------------------------------------------------------------
+    def begin_step(self, expert: int, x: Any) -> None:
+        self.step += 1
+        forced = self.cache.threshold <= 0
+        if expert != self.expert:  # a new expert: the other expert's history says nothing about this one
+            self.expert, self.hist, self.rate, self.acc = expert, {}, None, 0.0
+            forced = True
+        c = self.cache
+        forced = forced or self.step < c.warmup_steps or self.step >= self.total - c.final_steps
+        forced = forced or self.run_skips >= c.max_skips or self.rate is None or self.prev_x is None
+        skip = False
+        if not forced:
+            self.acc += self.rate * _rel_l1(x, self.prev_x)
+            skip = self.acc < c.threshold
+        if skip:
+            self.run_skips += 1
+            self.stats.skipped += 1
+            self.stats.skipped_steps.append(self.step)
+        else:
+            self.acc, self.run_skips = 0.0, 0
+            self.stats.computed += 1
+        self.skip = skip
+        self.prev_x = x.detach().clone() if c.threshold > 0 else None
+
+    def record(self, branch: int, x: Any, pred: Any) -> None:
+        if self.cache.threshold <= 0:
+            return  # nothing is ever replayed: keep no tensors
+        old = self.hist.get(branch)
+        if old is not None:
+            rate = _rel_l1(pred, old[1]) / max(_rel_l1(x, old[0]), 1e-8)
+            self.step_rates.append(rate)
+            # Conservative: the larger rate of the branches of this step decides.
+            self.rate = rate if branch == 0 or self.rate is None else max(self.rate, rate)
+        self.hist[branch] = (x.detach().clone(), pred.detach().clone())
+
+
+class FastForward:
+    """Installs one hook per transformer (expert) and holds the per-job state they share."""
+
+    def __init__(self) -> None:
+        self._job: _JobState | None = None
+        self._models: list[Any] = []
+
+    def install(self, model: Any) -> None:
+        from diffusers.hooks import HookRegistry
+
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        if registry.get_hook(HOOK_NAME) is None:
+            registry.register_hook(_Hook(self, len(self._models)), HOOK_NAME)
+            self._models.append(model)
+
+    def remove(self) -> None:
+        from diffusers.hooks import HookRegistry
+
+        for model in self._models:
+            HookRegistry.check_if_exists_or_initialize(model).remove_hook(HOOK_NAME, recurse=False)
+        self._models = []
+
+    def begin_job(self, *, total_steps: int, cache: StepCacheConfig | None = None, negative: Any | None = None,
+                  cfg_batch: bool = False) -> None:
+        """Arm the hooks for one job. `negative`: the negative embeddings the pipeline will pass (for CFG)."""
+        self._job = _JobState(cache or StepCacheConfig(), total_steps, negative, cfg_batch)
+
+    def end_job(self) -> StepStats | None:
+        job, self._job = self._job, None
+        return job.stats if job is not None else None
+
+    @property
+    def active(self) -> bool:
+        return self._job is not None
+
+    # -- the forward --------------------------------------------------------------------------------
+    def forward(self, expert: int, fwd: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        job = self._job
+        if job is None or args or "hidden_states" not in kwargs:
+            return fwd(*args, **kwargs)
+        x, t = kwargs["hidden_states"], kwargs["timestep"]
+        key = (id(x), float(t.reshape(-1)[0]))
+        if key != job.key:
+            job.key, job.branch = key, 0
+            job.begin_step(expert, x)
+        else:
+            job.branch += 1
+        branch = job.branch
+
+        if branch == 1 and job.pending is not None and job.pending[0] == key:
+            uncond = job.pending[1]
+            job.pending = None
+            if self._is_negative(job, kwargs["encoder_hidden_states"]):
+                return _wrap(kwargs, uncond)
+
+        if job.skip and branch in job.hist:
+            return _wrap(kwargs, job.hist[branch][1])
+
+        if job.cfg_batch and branch == 0:
+            cond, uncond = self._batched(fwd, kwargs, job.negative)
+            job.stats.forwards += 1
+            job.record(0, x, cond)
+            job.record(1, x, uncond)
+            job.pending = (key, uncond)
+            return _wrap(kwargs, cond)
+
+        out = fwd(**kwargs)
+        job.stats.forwards += 1
+        job.record(branch, x, _sample(out))
+        return out
+
+    @staticmethod
+    def _is_negative(job: _JobState, embeds: Any) -> bool:
+        neg = job.negative
+        return neg is not None and embeds.shape == neg.shape and bool((embeds == neg.to(embeds.dtype)).all())
+
+    @staticmethod
+    def _batched(fwd: Any, kwargs: dict[str, Any], negative: Any) -> tuple[Any, Any]:
+        import torch
+
+        kw = dict(kwargs)
+        pos = kw["encoder_hidden_states"]
+        kw["hidden_states"] = torch.cat([kw["hidden_states"]] * 2)
+        kw["timestep"] = torch.cat([kw["timestep"]] * 2)
+        kw["encoder_hidden_states"] = torch.cat([pos, negative.to(device=pos.device, dtype=pos.dtype)])
+        if kw.get("control_hidden_states") is not None:
+            kw["control_hidden_states"] = torch.cat([kw["control_hidden_states"]] * 2)
+        out = fwd(**kw)
+        cond, uncond = _sample(out).chunk(2)
+        return cond, uncond
+
+
+@functools.cache
+def _hook_class() -> type:
+    from diffusers.hooks import ModelHook
+
+    class Hook(ModelHook):
+        def __init__(self, owner: FastForward, expert: int) -> None:
+            super().__init__()
+            self.owner, self.expert = owner, expert
+
+        def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.owner.forward(self.expert, self.fn_ref.original_forward, args, kwargs)
+
+    return Hook
+
+
+def _Hook(owner: FastForward, expert: int) -> Any:  # noqa: N802 - diffusers is imported lazily
+    return _hook_class()(owner, expert)
