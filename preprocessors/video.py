@@ -92,15 +92,16 @@ def probe(path: str | Path, field: str = "video") -> VideoInfo:
 
 
 def sample_indices(src_frames: int, src_fps: float, job_fps: float, num_frames: int) -> list[int]:
-    """Source index for each job frame that falls inside the clip (len <= num_frames)."""
+    """Source index for each job frame (len <= num_frames).
+
+    A clip that fits in `num_frames` at the job fps plays at its real speed (job frame k shows the source at
+    k/job_fps; the caller pads the rest). A longer clip is resampled uniformly over its whole duration, as
+    official VACE does ("trimmed or uniformly sampled", never truncated).
+    """
     duration = src_frames / src_fps
-    out: list[int] = []
-    for k in range(num_frames):
-        t = k / job_fps
-        if t >= duration - 1e-6:
-            break
-        out.append(min(src_frames - 1, int(np.floor(t * src_fps + 1e-6))))
-    return out
+    n_real = max(1, int(np.ceil(duration * job_fps - 1e-6)))
+    step, count = (1.0 / job_fps, n_real) if n_real <= num_frames else (duration / num_frames, num_frames)
+    return [min(src_frames - 1, int(np.floor(k * step * src_fps + 1e-6))) for k in range(count)]
 
 
 def legal_num_frames(n: int, lo: int, hi: int) -> int:

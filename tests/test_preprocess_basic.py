@@ -43,12 +43,13 @@ def test_none_task_resamples_fps_and_pads(tmp_path):
     assert b.info["frames_from_video"] == 16 and b.info["padded_frames"] == 1
 
 
-def test_long_clip_is_cut_at_job_duration(tmp_path):
-    v = index_video(tmp_path / "v.mp4", 40, 8.0, step=5)  # 5 s at 8 fps
+def test_long_clip_is_resampled_over_its_whole_duration(tmp_path):
+    v = index_video(tmp_path / "v.mp4", 40, 8.0, step=5)  # 5 s at 8 fps, longer than 17 frames at 16 fps
     b = build_bundle(spec(), LocalInputs(video=v))
     levels = b.frames.mean(axis=(1, 2, 3)) * 255
-    # job frame k at k/16 s shows source frame floor(k/2)
-    assert np.abs(levels - (16 + 5 * (np.arange(17) // 2))).max() < 3.0
+    # official VACE: uniform over the whole clip, not truncated → job frame k shows source floor(k·40/17)
+    assert np.abs(levels - (16 + 5 * (np.arange(17) * 40 // 17))).max() < 3.0
+    assert levels[-1] > 16 + 5 * 36  # the end of the clip is reached
     assert b.info["padded_frames"] == 0
 
 
@@ -194,7 +195,7 @@ def test_mask_not_matching_video(tmp_path):
         ("vace/test.mp4", 16.0, 81),  # 720p 16 fps 5.06 s
         ("wan22/talking_person.mp4", 30.0, 57),  # 1080p 30 fps 106 frames (3.53 s) + audio → 57 at 16 fps
         ("vace/test2.mp4", 25.0, 16),  # portrait full-range 1 s
-        ("wan22/pose_skeleton.mp4", 50.0, 81),  # 50 fps MPEG-4 Part 2, 7 s → cut at 81
+        ("wan22/pose_skeleton.mp4", 50.0, 81),  # 50 fps MPEG-4 Part 2, 7 s → resampled to 81
     ],
 )
 def test_real_videos_none_task(name, fps, expect_from_video):
