@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from vace_local.inputs import ResolvedInputs
 from vace_local.media import write_video
 
-
-@dataclass
-class LocalInputs:
-    """Stand-in with `vace_local.inputs.ResolvedInputs`' field names (all local paths)."""
-
-    video: Path | None = None
-    mask_video: Path | None = None
-    mask_image: Path | None = None
-    reference_images: list[Path] = field(default_factory=list)
-    first_image: Path | None = None
-    last_image: Path | None = None
+#: The real resolved-inputs type (all local paths); tests build it directly.
+LocalInputs = ResolvedInputs
 
 
 def index_video(path: Path, n: int, fps: float, width: int = 96, height: int = 64, step: int = 4) -> Path:

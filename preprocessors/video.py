@@ -2,7 +2,7 @@
 
 Time mapping: job frame k sits at t = k / job_fps; it shows the source frame on screen at that time
 (index floor(t * src_fps)). Frames past the clip's real duration do not exist: the caller pads them
-(gray + mask 1). A longer clip is cut at num_frames / job_fps seconds, so motion keeps its real speed;
+(gray + mask 1). A clip longer than the job is resampled uniformly over its whole duration (official VACE);
 `match_input_num_frames` (see `plan_timing`) makes the job as long as the clip instead.
 """
 

@@ -1,4 +1,4 @@
-"""Media I/O: decode videos (decord) and images (PIL, EXIF-aware), encode H.264 mp4 (imageio-ffmpeg).
+"""Media I/O: decode videos (decord, via preprocessors.video) and images (PIL, EXIF-aware), encode H.264 mp4.
 
 Frames are numpy arrays: (F, H, W, 3) uint8 RGB for decoded/encoded video.
 """
@@ -28,37 +28,20 @@ class VideoClip:
 
 
 def probe_video(path: str | Path, field: str = "video") -> tuple[int, float, int, int]:
-    """(num_frames, fps, width, height) without decoding every frame."""
-    vr = _open_video(path, field)
-    h, w = vr[0].shape[:2]
-    return len(vr), float(vr.get_avg_fps()), int(w), int(h)
+    """(num_frames, fps, width, height as displayed) without decoding every frame."""
+    from preprocessors.video import probe
 
-
-def _open_video(path: str | Path, field: str):  # noqa: ANN202 - decord type
-    import decord
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(field, f"file not found: {p}")
-    try:
-        vr = decord.VideoReader(str(p), ctx=decord.cpu(0), num_threads=1)
-    except Exception as exc:  # decord raises DECORDError / RuntimeError for anything unreadable
-        raise InputError(field, f"not a readable video ({type(exc).__name__})") from exc
-    if len(vr) == 0:
-        raise InputError(field, "video has no frames")
-    return vr
+    info = probe(path, field)
+    return info.num_frames, info.fps, info.width, info.height
 
 
 def read_video(path: str | Path, field: str = "video", indices: list[int] | None = None) -> VideoClip:
-    """Decode (selected) frames of a video as RGB uint8; audio is ignored."""
-    vr = _open_video(path, field)
-    fps = float(vr.get_avg_fps()) or 16.0
-    idx = list(range(len(vr))) if indices is None else [min(max(i, 0), len(vr) - 1) for i in indices]
-    try:
-        frames = vr.get_batch(idx).asnumpy()
-    except Exception as exc:
-        raise InputError(field, f"could not decode frames ({type(exc).__name__})") from exc
-    return VideoClip(frames=np.ascontiguousarray(frames[..., :3]), fps=fps)
+    """Decode (selected) frames of a video as RGB uint8, rotation applied; audio is ignored."""
+    from preprocessors.video import open_video, read_frames
+
+    info, vr = open_video(path, field)
+    idx = list(range(info.num_frames)) if indices is None else [min(max(i, 0), info.num_frames - 1) for i in indices]
+    return VideoClip(frames=read_frames(info, vr, idx), fps=info.fps)
 
 
 def load_image(path: str | Path, field: str = "image", mode: str | None = "RGB"):  # noqa: ANN201 - PIL.Image
