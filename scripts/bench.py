@@ -285,7 +285,8 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
             rec["e2e_est_s"] = round(comps["text_encode_s"] + comps["vae_encode_s"] + e2e_steps * s
                                      + comps["vae_decode_s"], 2)
             fl = step_flops(flops_cfg, w, h, f, cfg=cfg)
-            rec["step_pflop"] = round(fl / 1e15, 6)
+            rec["step_flops"] = fl
+            rec["step_pflop"] = float(f"{fl / 1e15:.4g}")
             rec["tflops"] = float(f"{fl / s / 1e12:.4g}")
     except torch.OutOfMemoryError as exc:
         rec["error"] = f"out of memory: {str(exc)[:200]}"
