@@ -450,6 +450,19 @@ class Store:
                                                message=f"{reason}; job {verb} (attempt {job.attempts})"))
         return new
 
+    def release_job(self, job: JobRecord, reason: str) -> bool:
+        """Put a running job back in the queue without spending an attempt (graceful shutdown)."""
+        now = time.time()
+        with self.engine.begin() as c:
+            n = c.execute(jobs.update().where(jobs.c.id == job.id, jobs.c.status == RUNNING,
+                                              jobs.c.attempts == job.attempts)
+                          .values(status=QUEUED, worker_id=None, stage=None, step=0, total=0, progress=0.0,
+                                  heartbeat_at=None, updated_at=now, attempts=max(job.attempts - 1, 0))).rowcount
+            if n:
+                c.execute(job_logs.insert().values(job_id=job.id, ts=now, level="info", source="server",
+                                                   message=f"{reason}; job returned to the queue"))
+        return n == 1
+
     # ---- webhooks ------------------------------------------------------------------------------------
 
     def due_webhooks(self, now: float, limit: int = 20) -> list[JobRecord]:

@@ -160,9 +160,11 @@ class Supervisor:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-        for s in self.slots:
-            if s.worker_id:
-                self.store.upsert_worker(s.worker_id, status="stopped")
+        ids = [s.worker_id for s in self.slots if s.worker_id]
+        for job in self.store.running_jobs(ids):  # killed mid-step during shutdown: not the job's fault
+            self.store.release_job(job, "server shut down while the job was running")
+        for wid in ids:
+            self.store.upsert_worker(wid, status="stopped")
 
     def workers_status(self) -> list[dict[str, Any]]:
         return self.store.list_workers(self.instance)

@@ -233,7 +233,7 @@ class Worker:
                                    + note, source="worker")
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then re-raised if fatal
             if isinstance(exc, JobCancelled) and self.shutdown.is_set():
-                self._release(job)
+                self.store.release_job(job, "server shutting down")
                 return
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
@@ -254,18 +254,6 @@ class Worker:
             self.current = None
             if not self.shutdown.is_set():
                 self.store.upsert_worker(self.id, status="ready", current_job=None)
-
-    def _release(self, job: JobRecord) -> None:
-        """Graceful shutdown mid-job: put it back in the queue without spending an attempt."""
-        from server.store import RUNNING, jobs
-
-        with self.store.engine.begin() as c:
-            c.execute(jobs.update().where(jobs.c.id == job.id, jobs.c.worker_id == self.id,
-                                          jobs.c.status == RUNNING)
-                      .values(status="queued", worker_id=None, stage=None, step=0, total=0, progress=0.0,
-                              attempts=max(job.attempts - 1, 0)))
-        self.store.add_log(job.id, "server shutting down; job returned to the queue", source="worker")
-
 
 def worker_main(args: WorkerArgs) -> None:
     """Process entry point (multiprocessing 'spawn')."""

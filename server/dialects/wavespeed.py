@@ -139,7 +139,8 @@ def render_data(job: JobRecord, core: Core, base: str, *, base64_output: bool | 
     if base64_output is None:
         base64_output = bool(job.extra.get("enable_base64_output"))
     outs = core.output_urls(job, base)
-    videos = [o for o in outs if o.get("kind") == "video"] + [o for o in outs if o.get("kind") != "video"]
+    media = [o for o in outs if str(o.get("content_type", "")).startswith(("video/", "image/"))]
+    videos = [o for o in media if o.get("kind") == "video"] + [o for o in media if o.get("kind") != "video"]
     if base64_output:
         outputs = [base64.b64encode(core.output_path(job, o).read_bytes()).decode() for o in videos]
     else:
