@@ -1,0 +1,170 @@
+"""Input safety rules, settings parsing and the torch-free API process (no model, no workers)."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from server import inputs as safety
+from server.settings import Settings
+from vace_local.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+MP4 = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64
+
+
+def test_api_process_never_imports_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from server.settings import Settings\n"
+        "from server.app import create_app\n"
+        "from fastapi.testclient import TestClient\n"
+        f"app = create_app(Settings(data_dir={str(tmp_path)!r}, workers='0', model='tiny'))\n"
+        "with TestClient(app) as c:\n"
+        "    r = c.post('/api/v3/wavespeed-ai/wan-2.1-14b-vace', json={'prompt': 'x'})\n"
+        "    assert r.status_code == 200, r.text\n"
+        "    c.get('/metrics'); c.get('/ready')\n"
+        "assert 'torch' not in sys.modules, 'torch was imported by the API process'\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_settings_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("VACE_API_KEYS", "alpha, beta")
+    monkeypatch.setenv("VACE_ALLOWED_HOSTS", "10.0.0.0/8,files.internal")
+    monkeypatch.setenv("VACE_PUBLIC_BASE_URL", "https://gpu.example.com/")
+    s = Settings(data_dir=tmp_path)
+    assert s.api_keys == ["alpha", "beta"] and s.allowed_hosts == ["10.0.0.0/8", "files.internal"]
+    assert s.public_base_url == "https://gpu.example.com"
+    assert s.db_url.startswith("sqlite:///") and s.db_url.endswith("jobs.db")
+    with pytest.raises(ValueError, match="workers"):
+        Settings(workers="many")
+
+
+@pytest.mark.parametrize("head,kind", [
+    (PNG, "image"), (b"\xff\xd8\xff\xe0" + b"\x00" * 20, "image"), (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image"),
+    (MP4, "video"), (b"\x1a\x45\xdf\xa3" + b"\x00" * 20 + b"webm", "video"), (b"RIFF\x00\x00\x00\x00AVI LIST", "video"),
+    (b"hello world, not media", None), (b"\x00\x00\x00\x18ftypheic", None),
+])
+def test_sniff(head, kind):
+    assert safety.kind_of(safety.sniff(head)) == kind
+
+
+def test_real_fixtures_sniff():
+    fx = ROOT.parent / "shared" / "fixtures" / "vace"
+    if not fx.is_dir():
+        pytest.skip("../shared/fixtures absent")
+    assert safety.check_file(fx / "test.mp4", "video", "video") == "mp4"
+    assert safety.check_file(fx / "test.jpg", "images[0]", "image") == "jpeg"
+    with pytest.raises(InputError, match="must be a video, but the content is a JPEG image"):
+        safety.check_file(fx / "test.jpg", "video", "video")
+
+
+@pytest.mark.parametrize("host,refused", [
+    ("127.0.0.1", True), ("localhost", True), ("10.1.2.3", True), ("192.168.0.1", True), ("169.254.169.254", True),
+    ("[::1]", True), ("::ffff:127.0.0.1", True), ("0.0.0.0", True), ("8.8.8.8", False), ("example.com", False),
+])
+def test_literal_hosts(host, refused):
+    assert (safety.literal_host_problem(host, []) is not None) == refused
+
+
+def test_allow_list_by_name_ip_and_cidr():
+    assert safety.literal_host_problem("127.0.0.1", ["127.0.0.1"]) is None
+    assert safety.literal_host_problem("10.9.8.7", ["10.0.0.0/8"]) is None
+    assert safety.literal_host_problem("10.9.8.7", ["192.168.0.0/16"]) is not None
+    safety.check_host("localhost", 80, "video", ["localhost"])  # allowed by name
+    safety.check_host("localhost", 80, "video", ["127.0.0.0/8", "::1/128"])  # allowed by resolved address
+    with pytest.raises(InputError, match="video: URL host 'localhost'"):
+        safety.check_host("localhost", 80, "video", [])
+
+
+@pytest.mark.parametrize("path", [
+    "/files/uploads/../../etc/passwd", "/files/uploads/%2e%2e/%2e%2e/jobs.db", "/files/uploads/abc/x.png",
+    "/files/secrets/0123456789abcdef0123456789abcdef/x.png", "/files/uploads/0123456789abcdef0123456789abcdef/..",
+    "/files/uploads/0123456789abcdef0123456789abcdef/a%2fb.png", "/files/uploads/0123456789abcdef0123456789abcdef/.env",
+])
+def test_file_url_traversal_refused(path):
+    with pytest.raises(InputError, match="path traversal refused"):
+        safety.parse_file_url_path(path, "video")
+
+
+def test_safe_data_path_stays_inside(tmp_path):
+    ok = safety.safe_data_path(tmp_path, "outputs", "0123456789abcdef0123456789abcdef", "output.mp4")
+    assert ok.is_relative_to(tmp_path.resolve())
+    for bad in [("outputs", "..", "jobs.db"), ("outputs", "0123456789abcdef0123456789abcdef", "../x"),
+                ("work", "0123456789abcdef0123456789abcdef", "x")]:
+        with pytest.raises(ValueError):
+            safety.safe_data_path(tmp_path, *bad)
+
+
+def test_data_uris():
+    good = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert safety.decode_data_uri(good, "images[0]", 1000) == PNG
+    with pytest.raises(InputError, match="images\\[0\\]: malformed data URI"):
+        safety.decode_data_uri("data:nonsense", "images[0]", 1000)
+    with pytest.raises(InputError, match="not valid base64"):
+        safety.decode_data_uri("data:image/png;base64,@@@@", "video", 1000)
+    with pytest.raises(InputError, match="larger than"):
+        safety.decode_data_uri("data:image/png;base64," + "A" * 4000, "video", 1000)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        if self.path == "/big":
+            body = MP4 + b"\x00" * 5000
+        elif self.path == "/redirect-private":
+            self.send_response(302)
+            self.send_header("Location", "http://10.0.0.1/x.mp4")
+            self.end_headers()
+            return
+        elif self.path == "/missing":
+            self.send_response(404)
+            self.end_headers()
+            return
+        else:
+            body = MP4
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):  # quiet
+        pass
+
+
+@pytest.fixture(scope="module")
+def file_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_download_rules(file_server, tmp_path):
+    allow = ["127.0.0.1"]
+    p = safety.download(f"{file_server}/ok.mp4", tmp_path / "a", "video", allowed=allow, max_bytes=10_000,
+                        timeout_s=10)
+    assert safety.check_file(p, "video", "video") == "mp4"
+    with pytest.raises(InputError, match="video: URL host '127.0.0.1' resolves to a loopback"):
+        safety.download(f"{file_server}/ok.mp4", tmp_path / "b", "video", allowed=[], max_bytes=10_000,
+                        timeout_s=10)
+    with pytest.raises(InputError, match="over the 1000 byte limit"):
+        safety.download(f"{file_server}/big", tmp_path / "c", "video", allowed=allow, max_bytes=1000, timeout_s=10)
+    with pytest.raises(InputError, match="URL host '10.0.0.1'"):
+        safety.download(f"{file_server}/redirect-private", tmp_path / "d", "video", allowed=allow,
+                        max_bytes=10_000, timeout_s=10)
+    with pytest.raises(InputError, match="HTTP 404"):
+        safety.download(f"{file_server}/missing", tmp_path / "e", "mask_video", allowed=allow, max_bytes=10_000,
+                        timeout_s=10)
+    assert not os.path.exists(tmp_path / "c") or os.path.getsize(tmp_path / "c") <= 1000
