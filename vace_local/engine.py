@@ -253,10 +253,9 @@ class Engine:
         if cached is not None:
             self._text_cache.move_to_end(text)
             return cached
-        with torch.inference_mode():
+        with torch.no_grad():  # the pipeline's own mode (grad-enabled T5 differs in the last bit)
             emb, _ = self.pipe.encode_prompt(prompt=text, negative_prompt=None, do_classifier_free_guidance=False,
                                              max_sequence_length=512, device=self.pipe._execution_device)
-        emb = emb.clone()  # out of inference mode: usable as a normal tensor later
         if self.options.text_cache > 0:
             self._text_cache[text] = emb
             while len(self._text_cache) > self.options.text_cache:
