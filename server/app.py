@@ -132,8 +132,9 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         data = await asyncio.to_thread(generate_latest, registry)
         return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
 
-    @app.api_route("/files/{kind}/{ident}/{name}", methods=["GET", "HEAD"], tags=["files"],
-                   summary="Outputs and uploads (only files inside the data dir)")
+    @app.head("/files/{kind}/{ident}/{name}", include_in_schema=False)
+    @app.get("/files/{kind}/{ident}/{name}", tags=["files"],
+             summary="Outputs and uploads (only files inside the data dir)")
     async def files(kind: str, ident: str, name: str) -> Response:
         try:
             path = safety.safe_data_path(core.data_dir, kind, ident, name)
