@@ -1,0 +1,150 @@
+"""LoRA through the engine: Kijai/ComfyUI and diffusers key layouts, fused weights, distillation overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vace_local.bundle import ControlBundle
+from vace_local.engine import Engine, EngineOptions, get_engine
+from vace_local.lora import LoraOption, read_lora_file
+from vace_local.spec import JobSpec
+
+F, H, W = 17, 32, 48
+D, FFN, RANK, ALPHA = 24, 32, 4, 2.0
+# Wan original module names → (out, in) of the tiny model's linears.
+KIJAI_TARGETS = {
+    **{f"self_attn.{n}": (D, D) for n in "qkvo"},
+    **{f"cross_attn.{n}": (D, D) for n in "qkvo"},
+    "ffn.0": (FFN, D),
+    "ffn.2": (D, FFN),
+}
+
+
+def kijai_lora(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random LoRA in the Kijai/ComfyUI layout (`diffusion_model.*`, lora_down/lora_up, alpha)."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for block in range(3):
+        for name, (out_f, in_f) in KIJAI_TARGETS.items():
+            key = f"diffusion_model.blocks.{block}.{name}"
+            sd[f"{key}.lora_down.weight"] = torch.randn(RANK, in_f, generator=g) * 0.5
+            sd[f"{key}.lora_up.weight"] = torch.randn(out_f, RANK, generator=g) * 0.5
+            sd[f"{key}.alpha"] = torch.tensor(ALPHA)
+    return sd
+
+
+def diffusers_lora(seed: int = 1) -> dict[str, torch.Tensor]:
+    """A random LoRA in the diffusers/PEFT layout (`transformer.*`, lora_A/lora_B)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for block in range(3):
+        key = f"transformer.blocks.{block}.attn1.to_q"
+        sd[f"{key}.lora_A.weight"] = torch.randn(RANK, D, generator=g) * 0.5
+        sd[f"{key}.lora_B.weight"] = torch.randn(D, RANK, generator=g) * 0.5
+    return sd
+
+
+def spec(**kw) -> JobSpec:
+    base = dict(model="tiny", prompt="a man walks on the street", width=W, height=H, num_frames=F,
+                num_inference_steps=3, seed=2)
+    base.update(kw)
+    return JobSpec(**base)
+
+
+def bundle() -> ControlBundle:
+    rng = np.random.default_rng(2)
+    return ControlBundle(frames=rng.random((F, H, W, 3), dtype=np.float32),
+                         masks=np.ones((F, H, W), dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def base() -> Engine:
+    return get_engine("tiny")
+
+
+@pytest.fixture(scope="module")
+def kijai_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("lora") / "causvid_tiny.safetensors"
+    save_file(kijai_lora(), str(path))
+    return path
+
+
+def test_kijai_lora_is_fused_with_the_exact_delta_and_vace_blocks_untouched(base: Engine, kijai_file: Path) -> None:
+    scale = 0.7
+    eng = Engine("tiny", EngineOptions(loras=(LoraOption(str(kijai_file), scale=scale),)))
+    sd = kijai_lora()
+    t, t0 = eng.pipe.transformer, base.pipe.transformer
+    for block in range(3):
+        for orig, module in (("self_attn.q", "attn1.to_q"), ("cross_attn.o", "attn2.to_out.0"), ("ffn.2", "ffn.net.2")):
+            key = f"diffusion_model.blocks.{block}.{orig}"
+            delta = sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"] * (ALPHA / RANK) * scale
+            w = t.get_submodule(f"blocks.{block}.{module}").weight
+            w0 = t0.get_submodule(f"blocks.{block}.{module}").weight
+            assert torch.allclose(w - w0, delta, atol=1e-5), (block, module)
+    for p, p0 in zip(t.vace_blocks.parameters(), t0.vace_blocks.parameters(), strict=True):
+        assert torch.equal(p, p0)  # T2V LoRAs touch only the main blocks
+    assert not any("lora" in n for n, _ in t.named_modules())  # fused: no adapter layers left at runtime
+    assert not np.array_equal(eng.generate(spec(), bundle(), seed=2), base.generate(spec(), bundle(), seed=2))
+    assert eng.describe()["fast_path"]["loras"][0]["scale"] == scale
+
+
+def test_diffusers_format_state_dict_through_add_loras(base: Engine) -> None:
+    eng = Engine("tiny", EngineOptions())
+    sd = diffusers_lora()
+    eng.add_loras([(sd, 1.0)])
+    for block in range(3):
+        key = f"transformer.blocks.{block}.attn1.to_q"
+        delta = sd[f"{key}.lora_B.weight"] @ sd[f"{key}.lora_A.weight"]
+        w = eng.pipe.transformer.blocks[block].attn1.to_q.weight
+        assert torch.allclose(w - base.pipe.transformer.blocks[block].attn1.to_q.weight, delta, atol=1e-5)
+    k = "blocks.0.attn1.to_k.weight"
+    assert torch.equal(eng.pipe.transformer.state_dict()[k], base.pipe.transformer.state_dict()[k])
+
+
+def test_distillation_overrides_set_steps_guidance_and_shift(kijai_file: Path) -> None:
+    lora = LoraOption(str(kijai_file), scale=0.5, num_inference_steps=2, guidance_scale=1.0, flow_shift=5.0)
+    eng = Engine("tiny", EngineOptions(loras=(lora,)))
+    steps: list[int] = []
+    frames = eng.generate(spec(num_inference_steps=30, guidance_scale=5.0), bundle(), seed=2,
+                          on_progress=lambda p: steps.append(p.step))
+    assert frames.shape == (F, H, W, 3)
+    assert steps == [1, 2]
+    run = eng.last_run
+    assert run["num_inference_steps"] == 2 and run["guidance_scale"] == 1.0 and run["flow_shift"] == 5.0
+    assert run["forwards"] == 2  # guidance 1: no uncond pass
+    assert eng.describe()["fast_path"]["lora_overrides"] == {"num_inference_steps": 2, "guidance_scale": 1.0,
+                                                             "flow_shift": 5.0}
+
+
+def test_two_expert_lora_targets_the_chosen_expert(kijai_file: Path) -> None:
+    base = Engine("tiny-two-expert", EngineOptions())
+    low = Engine("tiny-two-expert", EngineOptions(loras=(LoraOption(str(kijai_file), experts="low"),)))
+    q = "blocks.0.attn1.to_q.weight"
+    assert torch.equal(low.pipe.transformer.state_dict()[q], base.pipe.transformer.state_dict()[q])
+    assert not torch.equal(low.pipe.transformer_2.state_dict()[q], base.pipe.transformer_2.state_dict()[q])
+
+
+def test_lora_option_parsing_and_validation(tmp_path: Path) -> None:
+    o = LoraOption.parse("/models/causvid.safetensors:0.5:8:1")
+    assert (o.source, o.scale, o.num_inference_steps, o.guidance_scale, o.flow_shift) == (
+        "/models/causvid.safetensors", 0.5, 8, 1.0, None)
+    assert LoraOption.parse("C:/loras/x.safetensors").source == "C:/loras/x.safetensors"
+    assert LoraOption.parse("a.safetensors").scale == 1.0
+    with pytest.raises(ValueError, match="experts"):
+        LoraOption("a.safetensors", experts="middle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        LoraOption("a.safetensors", num_inference_steps=0)
+    with pytest.raises(FileNotFoundError, match="lora file not found"):
+        read_lora_file(tmp_path / "missing.safetensors")
+    pickle = tmp_path / "x.pt"
+    pickle.write_bytes(b"0")
+    with pytest.raises(ValueError, match="safetensors"):
+        read_lora_file(pickle)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(FileNotFoundError, match="exactly one"):
+        read_lora_file(tmp_path / "d")
