@@ -1,0 +1,315 @@
+"""Live server tests: the real `python -m server` on a loopback port, tiny model on CPU, official clients.
+
+Sizes are capped with the tiny-only settings (VACE_TINY_MAX_SIDE / _FRAMES) so each job takes seconds.
+Each test waits with a deadline; the servers are killed (their whole process group) at teardown.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "vace"
+MODEL = "wavespeed-ai/wan-2.1-14b-vace"
+KEY = "live-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, data_dir: Path, cache_dir: Path, workers: str = "1", extra_env: dict | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "VACE_TINY_MAX_SIDE": "64", "VACE_TINY_MAX_FRAMES": "17",
+                    "VACE_ALLOWED_HOSTS": "127.0.0.1", "VACE_API_KEYS": KEY, "VACE_CACHE_DIR": str(cache_dir),
+                    "VACE_HEARTBEAT_TIMEOUT_S": "60", **(extra_env or {})}
+        self.workers = workers
+        self.proc: subprocess.Popen | None = None
+        self.log = data_dir / f"server-{self.port}.log"
+
+    def start(self, ready_timeout: float = 120.0) -> LiveServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model", "tiny", "--port", str(self.port), "--data-dir",
+             str(self.data_dir), "--workers", self.workers, "--log-level", "warning"],
+            cwd=ROOT, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"server not ready in {ready_timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        """SIGKILL the API process only (its workers must notice and exit by themselves)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # our own session: the server and its workers
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+    # -- helpers --
+    def submit(self, body: dict, **params) -> dict:
+        r = httpx.post(f"{self.base}/api/v3/{MODEL}", json=body, headers=AUTH, params=params, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
+    def get(self, jid: str) -> dict:
+        r = httpx.get(f"{self.base}/api/v3/predictions/{jid}/result", headers=AUTH, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
+    def row(self, jid: str) -> dict:
+        with sqlite3.connect(self.data_dir / "jobs.db", timeout=10) as c:
+            c.row_factory = sqlite3.Row
+            return dict(c.execute("SELECT * FROM jobs WHERE id = ?", (jid,)).fetchone())
+
+    def logs(self, jid: str) -> list[str]:
+        with sqlite3.connect(self.data_dir / "jobs.db", timeout=10) as c:
+            return [r[0] for r in c.execute("SELECT message FROM job_logs WHERE job_id = ? ORDER BY id", (jid,))]
+
+    def wait(self, jid: str, pred, timeout: float = 90.0, what: str = "") -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            row = self.row(jid)
+            if pred(row):
+                return row
+            time.sleep(0.2)
+        raise AssertionError(f"timeout waiting for {what or 'condition'}: {self.row(jid)}\n{self.logs(jid)}")
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in httpx.get(f"{self.base}/ready", timeout=5).json()["workers"] if w["pid"]]
+
+
+def _terminal(row: dict) -> bool:
+    return row["status"] in ("succeeded", "failed", "cancelled")
+
+
+def _generating(row: dict) -> bool:
+    return row["status"] == "running" and row["stage"] == "generate" and row["step"] >= 1
+
+
+def _pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a zombie child of a dead parent is reaped by init; treat "Z" as gone
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vace-cache")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_cache):
+    srv = LiveServer(tmp_path_factory.mktemp("live"), tiny_cache).start()
+    yield srv
+    srv.stop()
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    hooks: list = []
+
+    def do_GET(self):  # noqa: N802
+        body = b"this is plain text, not a video"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        n = int(self.headers.get("Content-Length", 0))
+        _Files.hooks.append(json.loads(self.rfile.read(n)))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def helper_http():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_official_sdk_upload_and_run(server):
+    if not FIXTURES.is_dir():
+        pytest.skip("../shared/fixtures absent")
+    import wavespeed
+
+    client = wavespeed.Client(api_key=KEY, base_url=server.base)
+    url = client.upload(str(FIXTURES / "test.jpg"))
+    assert url.startswith(f"{server.base}/files/uploads/")
+    out = client.run(MODEL, {"prompt": "a kitten", "images": [url], "num_inference_steps": 2, "seed": 3},
+                     timeout=120, poll_interval=0.2)
+    video = httpx.get(out["outputs"][0], timeout=30)
+    assert video.status_code == 200 and video.content[4:8] == b"ftyp" and len(out["outputs"]) == 1
+    # huggingface_hub's provider: poll the path of urls.get, accept only the four statuses, download outputs[0]
+    jid = out["outputs"][0].split("/")[-2]
+    full = client.get_result(jid)
+    data = full["data"]
+    assert data["status"] == "completed" and data["has_nsfw_contents"] == [False]
+    assert data["timings"]["inference"] > 0 and "tiny" in data["note"]
+    path = httpx.URL(data["urls"]["get"]).path
+    again = httpx.get(server.base + path, headers=AUTH).json()["data"]
+    assert again["status"] in ("created", "processing", "completed", "failed") and again["outputs"] == data["outputs"]
+    row = server.row(jid)
+    assert json.loads(row["spec"])["inputs"]["reference_images"][0].startswith(str(server.data_dir))
+    assert any("tiny" in m for m in server.logs(jid))
+
+
+def test_sync_mode_webhook_and_base64(server, helper_http):
+    _Files.hooks.clear()
+    data = server.submit({"prompt": "sync", "num_inference_steps": 2, "enable_sync_mode": True},
+                         webhook=f"{helper_http}/hook")
+    assert data["status"] == "completed" and data["outputs"][0].endswith(".mp4")
+    deadline = time.time() + 15
+    while not _Files.hooks and time.time() < deadline:
+        time.sleep(0.1)
+    assert _Files.hooks, "webhook not delivered"
+    hook = _Files.hooks[0]
+    assert hook["id"] == data["id"] and hook["status"] == "completed" and hook["outputs"] == data["outputs"]
+    assert hook["input"]["prompt"] == "sync"
+    assert server.row(data["id"])["webhook_status"] == "delivered"
+
+    b64 = server.submit({"prompt": "b64", "num_inference_steps": 2, "enable_sync_mode": True,
+                         "enable_base64_output": True})
+    assert b64["status"] == "completed"
+    assert base64.b64decode(b64["outputs"][0])[4:8] == b"ftyp"  # bare base64, no data: prefix
+    assert server.get(b64["id"])["outputs"] == b64["outputs"]
+
+
+def test_broken_input_fails_job_naming_the_input(server, helper_http):
+    data = server.submit({"prompt": "x", "task": "none", "video": f"{helper_http}/not-a-video.mp4"})
+    row = server.wait(data["id"], _terminal, 60, "failure")
+    got = server.get(data["id"])
+    assert got["status"] == "failed" and got["error"].startswith("input 'video': must be a video"), got
+    assert row["error_type"] == "input_error"
+    data = server.submit({"prompt": "x", "images": [f"{helper_http}/x.png", "https://host.invalid/a.png"]})
+    server.wait(data["id"], _terminal, 60)
+    assert "input 'images[0]'" in server.get(data["id"])["error"]
+    assert httpx.get(f"{server.base}/health").status_code == 200
+
+
+def test_cancel_in_queue_and_mid_run(server):
+    long = server.submit({"prompt": "long", "num_inference_steps": 40})
+    queued = server.submit({"prompt": "queued", "num_inference_steps": 2})
+    r = httpx.post(f"{server.base}/api/v3/predictions/{queued['id']}/cancel", headers=AUTH).json()["data"]
+    assert r["status"] == "failed" and "cancelled" in r["error"]
+    server.wait(long["id"], _generating, 60, "denoising to start")
+    t = time.time()
+    httpx.post(f"{server.base}/api/v3/predictions/{long['id']}/cancel", headers=AUTH)
+    row = server.wait(long["id"], _terminal, 30, "cancel to take effect")
+    assert row["status"] == "cancelled" and row["step"] < 40, row
+    assert time.time() - t < 30
+    assert server.get(long["id"])["status"] == "failed"
+    assert server.row(queued["id"])["started_at"] is None  # never ran
+    assert not (server.data_dir / "outputs" / long["id"] / "output.mp4").exists()
+
+
+def test_worker_crash_requeues_once_and_worker_restarts(server):
+    job = server.submit({"prompt": "crash", "num_inference_steps": 8})
+    server.wait(job["id"], _generating, 60, "denoising to start")
+    [pid] = server.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    row = server.wait(job["id"], _terminal, 120, "the re-queued job to finish")
+    assert row["status"] == "succeeded" and row["attempts"] == 2, row
+    assert any("worker process died (killed by signal SIGKILL)" in m for m in server.logs(job["id"]))
+    deadline = time.time() + 60
+    while time.time() < deadline and httpx.get(f"{server.base}/ready").status_code != 200:
+        time.sleep(0.3)
+    assert server.worker_pids() and server.worker_pids() != [pid]
+
+
+def test_concurrent_submissions_none_lost(tmp_path, tiny_cache):
+    srv = LiveServer(tmp_path / "conc", tiny_cache, workers="0").start(30)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            ids = list(pool.map(lambda i: srv.submit({"prompt": f"p{i}", "seed": i})["id"], range(60)))
+        assert len(set(ids)) == 60
+        with sqlite3.connect(srv.data_dir / "jobs.db") as c:
+            q = "SELECT id, created_at FROM jobs WHERE status = 'queued' ORDER BY created_at, id"
+            rows = c.execute(q).fetchall()
+        assert sorted(r[0] for r in rows) == sorted(ids)
+        from server.store import Store
+
+        store = Store(f"sqlite:///{srv.data_dir / 'jobs.db'}")
+        assert [store.queue_position(r[0]) for r in rows] == list(range(60))
+        store.dispose()
+    finally:
+        srv.stop()
+
+
+def test_sigkill_server_mid_job_then_restart(tmp_path, tiny_cache):
+    srv = LiveServer(tmp_path / "restart", tiny_cache).start()
+    try:
+        running = srv.submit({"prompt": "interrupted", "num_inference_steps": 8})
+        waiting = [srv.submit({"prompt": f"w{i}", "num_inference_steps": 2}) for i in range(2)]
+        srv.wait(running["id"], _generating, 60, "denoising to start")
+        [worker_pid] = srv.worker_pids()
+        srv.kill9()
+        assert _pid_gone(worker_pid, 10), "the worker outlived its SIGKILLed server"
+        assert srv.row(running["id"])["status"] == "running"  # as left by the dead server
+
+        srv2 = LiveServer(srv.data_dir, tiny_cache)
+        srv.port, srv.base = srv2.port, srv2.base
+        srv.start()
+        rows = [srv.wait(j["id"], _terminal, 120, "jobs after restart") for j in [running, *waiting]]
+        assert [r["status"] for r in rows] == ["succeeded"] * 3, rows
+        assert rows[0]["attempts"] == 2
+        assert any("server restarted" in m for m in srv.logs(running["id"]))
+        assert srv.get(running["id"])["outputs"][0].endswith("output.mp4")
+    finally:
+        srv.stop()
