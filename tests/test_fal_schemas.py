@@ -164,7 +164,13 @@ def test_temporal_extras_and_interpolator():
 def test_sync_mode_and_ignored_fields():
     t = tr("pose", video_url=VID, sync_mode=True, acceleration="none", enable_safety_checker=True)
     assert t.sync_mode is True
-    assert t.ignored["acceleration"] == "none" and t.ignored["enable_safety_checker"] is True
+    assert t.ignored["enable_safety_checker"] is True
+    assert t.spec.acceleration == "none" and "acceleration" not in t.ignored
+
+
+def test_acceleration_reaches_the_step_cache():
+    assert tr("pose", video_url=VID).spec.acceleration == "regular"  # fal's default
+    assert tr("pose", video_url=VID, acceleration="low").spec.acceleration == "low"
 
 
 def test_model_mapping_rules():

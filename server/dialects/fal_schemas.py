@@ -338,6 +338,7 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         guidance_scale=req.guidance_scale,
         flow_shift=req.shift,
         sampler=req.sampler,
+        acceleration=req.acceleration,
         seed=-1 if req.seed is None else req.seed,
         inputs=inputs,
         control=ControlOptions(**control),
@@ -346,7 +347,6 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
                              frames_zip=req.return_frames_zip),
     )
     ignored = {
-        "acceleration": req.acceleration,
         "enable_safety_checker": req.enable_safety_checker,
         "enable_prompt_expansion": req.enable_prompt_expansion,
     }
