@@ -215,6 +215,7 @@ class Core:
         self.store = store
         self.data_dir = settings.data_dir.resolve()
         self._keys = [k.encode() for k in settings.api_keys]
+        self._depth: tuple[float, int] = (-1e9, 0)
 
     # -- auth & URLs --
 
@@ -346,7 +347,7 @@ class Core:
         priority: int = 0,
     ) -> JobRecord:
         """Validate inputs, store the job as queued and return its record (see module docstring)."""
-        if self.store.queue_depth() >= self.settings.max_queue:
+        if self._queue_depth() >= self.settings.max_queue:
             raise ApiError(429, f"the queue is full ({self.settings.max_queue} jobs); retry later",
                            error_type="queue_full")
         lines = list(logs)
@@ -362,11 +363,17 @@ class Core:
         ex["fields"] = field_names or {}
         ex["base_url"] = base_url
         lines.insert(0, f"queued via {dialect} as '{model_id}' (served by {self.settings.model})")
-        jid = self.store.insert_job(dialect=dialect, model=model_id, spec=spec.model_dump(mode="json"),
+        job = self.store.insert_job(dialect=dialect, model=model_id, spec=spec.model_dump(mode="json"),
                                     extra=ex, webhook_url=webhook_url, priority=priority, logs=lines)
-        job = self.store.get_job(jid)
-        assert job is not None
+        self._depth = (self._depth[0], self._depth[1] + 1)
         return job
+
+    def _queue_depth(self) -> int:
+        """Queue depth for the queue-full check, re-counted at most once a second (submit is hot)."""
+        now = time.monotonic()
+        if now - self._depth[0] > 1.0:
+            self._depth = (now, self.store.queue_depth())
+        return self._depth[1]
 
     def check_webhook_url(self, url: str, field_name: str = "webhook") -> None:
         parts = urlsplit(url)

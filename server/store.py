@@ -213,24 +213,25 @@ class Store:
         priority: int = 0,
         job_id: str | None = None,
         logs: list[str] | None = None,
-    ) -> str:
-        """Insert a queued job (and its first log lines) in one transaction; returns its id."""
+    ) -> JobRecord:
+        """Insert a queued job (and its first log lines) in one transaction; returns the new record."""
         now = time.time()
-        jid = job_id or new_id()
+        row: dict[str, Any] = {
+            "id": job_id or new_id(), "dialect": dialect, "model": model, "spec": spec, "extra": extra or {},
+            "status": QUEUED, "priority": priority, "stage": None, "step": 0, "total": 0, "progress": 0.0,
+            "outputs": [], "result": None, "error": None, "error_type": None, "timings": {}, "created_at": now,
+            "started_at": None, "finished_at": None, "updated_at": now, "attempts": 0, "worker_id": None,
+            "heartbeat_at": None, "cancel_requested": False, "webhook_url": webhook_url, "webhook_status": None,
+            "webhook_attempts": 0, "webhook_next_at": None,
+        }
         with self.engine.begin() as c:
-            c.execute(
-                jobs.insert().values(
-                    id=jid, dialect=dialect, model=model, spec=spec, extra=extra or {}, status=QUEUED,
-                    priority=priority, step=0, total=0, progress=0.0, outputs=[], timings={},
-                    created_at=now, updated_at=now, attempts=0, cancel_requested=False,
-                    webhook_url=webhook_url, webhook_attempts=0,
-                )
-            )
+            c.execute(jobs.insert(), row)
             if logs:
                 c.execute(job_logs.insert(), [
-                    {"job_id": jid, "ts": now, "level": "info", "source": "server", "message": m} for m in logs
+                    {"job_id": row["id"], "ts": now, "level": "info", "source": "server", "message": m}
+                    for m in logs
                 ])
-        return jid
+        return JobRecord(**row)
 
     def get_job(self, job_id: str, *, with_logs: bool = False) -> JobRecord | None:
         with self.engine.connect() as c:

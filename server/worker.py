@@ -90,6 +90,13 @@ class Worker:
     def load(self) -> None:
         from vace_local.engine import EngineOptions, get_engine
 
+        if self.args.gpu is None:
+            # A CPU worker would otherwise take every core from the API process: leave it one and yield.
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+            os.nice(5)
+
         self.store.upsert_worker(self.id, pid=os.getpid(), status="loading",
                                  message=f"loading {self.settings.model}")
         device = "cuda" if self.args.gpu is not None else "cpu"

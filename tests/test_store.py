@@ -19,7 +19,7 @@ def store(tmp_path):
 
 
 def _job(store: Store, **kw) -> str:
-    return store.insert_job(dialect="wavespeed", model="m", spec={"prompt": "x"}, **kw)
+    return store.insert_job(dialect="wavespeed", model="m", spec={"prompt": "x"}, **kw).id
 
 
 def test_wal_mode_and_roundtrip(store):
