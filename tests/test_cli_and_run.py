@@ -131,3 +131,19 @@ def test_unreadable_input_names_the_input(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "video" in result.output
     assert not any((tmp_path / "o").glob("*.mp4"))
+
+
+def test_fast_path_flags_reach_the_engine_and_metadata(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--size", "64*48", "--num-frames", "17", "--steps",
+                                 "2", "--seed", "3", "--cfg-batch", "--attention", "sdpa", "--step-cache-threshold",
+                                 "0", "--out", str(tmp_path), "--name", "fast", "-q"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "fast.json").read_text())
+    assert meta["model"]["fast_path"]["cfg_batch"] is True
+    assert meta["sampling"]["num_inference_steps"] == 2 and meta["sampling"]["step_cache_threshold"] == 0
+
+
+def test_bad_fp8_mode_is_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--fp8", "int4", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "fp8" in result.output
+    assert not (tmp_path / "o").exists()

@@ -87,6 +87,17 @@ def generate(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA).")] = "auto",
     download: Annotated[bool, typer.Option(help="Download missing Hub weights instead of failing.")] = False,
+    acceleration: Annotated[str | None, typer.Option(help="Step cache: none | low | regular.")] = None,
+    step_cache_threshold: Annotated[float | None, typer.Option(help="Explicit step-cache threshold "
+                                                                    "(0 = never skip).")] = None,
+    attention: Annotated[str, typer.Option(help="Attention backend: auto | fa3 | cudnn | fa2 | sdpa | "
+                                                "a diffusers name.")] = "auto",
+    cfg_batch: Annotated[bool, typer.Option(help="Run CFG's two branches as one batched forward.")] = False,
+    compile_blocks: Annotated[bool, typer.Option("--compile", help="torch.compile the repeated blocks.")] = False,
+    fp8: Annotated[str, typer.Option(help="none | storage (fp8 weights, bf16 compute) | linear (torchao "
+                                          "float8).")] = "none",
+    lora: Annotated[list[str] | None, typer.Option("--lora", help="PATH[:scale[:steps[:guidance[:shift]]]] "
+                                                                  "(repeatable).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate one video and write <out>/<name>.mp4 plus <name>.json metadata."""
@@ -102,7 +113,8 @@ def generate(
         "prompt": prompt or None, "model": model or None, "task": task or None,
         "negative_prompt": negative_prompt, "num_frames": num_frames, "fps": fps,
         "num_inference_steps": steps, "guidance_scale": guidance_scale, "guidance_scale_2": guidance_scale_2,
-        "flow_shift": flow_shift, "sampler": sampler, "seed": seed,
+        "flow_shift": flow_shift, "sampler": sampler, "seed": seed, "acceleration": acceleration,
+        "step_cache_threshold": step_cache_threshold,
     }
     if size is not None:
         overrides["width"], overrides["height"] = _parse_size(size)
@@ -126,8 +138,17 @@ def generate(
         raise
 
     from vace_local.engine import EngineOptions
+    from vace_local.lora import LoraOption
+
+    if fp8 not in ("none", "storage", "linear"):
+        _fail(f"fp8: must be none, storage or linear, got {fp8!r}")
     try:
-        options = EngineOptions(device=device, dtype=dtype, offload=offload, allow_download=download)  # type: ignore[arg-type]
+        options = EngineOptions(
+            device=device, dtype=dtype, offload=offload, allow_download=download,  # type: ignore[arg-type]
+            attention=attention, cfg_batch=cfg_batch, compile=compile_blocks,
+            fp8_storage=fp8 == "storage", fp8_linear=fp8 == "linear",
+            loras=tuple(LoraOption.parse(x) for x in lora or ()),
+        )
     except ValueError as exc:
         _fail(str(exc))
         raise

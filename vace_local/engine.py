@@ -262,6 +262,10 @@ class Engine:
                 self._text_cache.popitem(last=False)
         return emb
 
+    def effective_spec(self, spec: JobSpec) -> JobSpec:
+        """The spec as it will run: a fused distillation LoRA imposes its own steps / guidance / shift."""
+        return spec.model_copy(update=self.lora_overrides) if self.lora_overrides else spec
+
     def _conditioning_scale(self, spec: JobSpec) -> float | list[float]:
         scale = spec.context_scale
         if isinstance(scale, list) and len(scale) != len(self.vace_layers):
@@ -289,8 +293,7 @@ class Engine:
         if spec.guidance_scale_2 is not None and not self.two_experts:
             raise InputError("guidance_scale_2", f"model '{self.model_name}' has a single expert")
         scale = self._conditioning_scale(spec)
-        if self.lora_overrides:  # a fused distillation LoRA only works with its own schedule
-            spec = spec.model_copy(update=self.lora_overrides)
+        spec = self.effective_spec(spec)
         self.pipe.scheduler = make_scheduler(spec.sampler, spec.flow_shift, self._base_scheduler_config)
         cfg = spec.guidance_scale > 1.0  # exactly the pipeline's rule (guidance_scale_2 does not count)
         t_text = time.perf_counter()

@@ -110,7 +110,7 @@ def run_job(
 
         check_cancel()
         t = time.perf_counter()
-        on_progress(Progress("generate", 0, spec.num_inference_steps))
+        on_progress(Progress("generate", 0, engine.effective_spec(gen_spec).num_inference_steps))
         frames = engine.generate(gen_spec, bundle, seed=seed, on_progress=on_progress,
                                  should_cancel=should_cancel)
         timings["generate"] = time.perf_counter() - t
@@ -157,6 +157,7 @@ def run_job(
             "seed": seed,
             "negative_prompt_used": spec.effective_negative_prompt,
             "model": engine.describe(),
+            "sampling": dict(getattr(engine, "last_run", {}) or {}),  # effective steps, cache skips, overrides
             "control": bundle.info,
             "result": result.to_dict(),
         }
