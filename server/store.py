@@ -548,11 +548,20 @@ class Store:
                                               jobs.c.status == RUNNING).values(heartbeat_at=now))
 
     def list_workers(self, instance: str | None = None) -> list[dict[str, Any]]:
-        q = workers.select().order_by(workers.c.slot)
+        """The current worker of each slot (the most recently started), ordered by slot."""
+        q = workers.select().order_by(workers.c.slot, workers.c.started_at)
         if instance is not None:
             q = q.where(workers.c.instance == instance)
+        latest: dict[tuple[str, int], dict[str, Any]] = {}
         with self.engine.connect() as c:
-            return [dict(r._mapping) for r in c.execute(q)]
+            for r in c.execute(q):
+                latest[(r.instance, r.slot)] = dict(r._mapping)
+        return sorted(latest.values(), key=lambda w: (w["slot"], w["started_at"]))
+
+    def get_worker(self, worker_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(workers.select().where(workers.c.id == worker_id)).first()
+        return dict(row._mapping) if row else None
 
     def delete_workers_not_in(self, instance: str) -> None:
         with self.engine.begin() as c:

@@ -122,6 +122,9 @@ class Supervisor:
             if p is not None and not p.is_alive():
                 code = p.exitcode
                 reason = _describe_exit(code)
+                prev = self.store.get_worker(slot.worker_id) or {}
+                if prev.get("status") == "error" and prev.get("message"):
+                    reason = prev["message"]  # the worker's own account (e.g. why the model did not load)
                 self.store.upsert_worker(slot.worker_id, status="dead", message=reason)
                 for job in self.store.running_jobs([slot.worker_id]):
                     new = self.store.recover_job(job, f"the worker process died ({reason})",

@@ -37,8 +37,10 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, data_dir: Path, cache_dir: Path, workers: str = "1", extra_env: dict | None = None) -> None:
+    def __init__(self, data_dir: Path, cache_dir: Path, workers: str = "1", extra_env: dict | None = None,
+                 model: str = "tiny") -> None:
         self.data_dir = data_dir
+        self.model = model
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "VACE_TINY_MAX_SIDE": "64", "VACE_TINY_MAX_FRAMES": "17",
@@ -48,15 +50,15 @@ class LiveServer:
         self.proc: subprocess.Popen | None = None
         self.log = data_dir / f"server-{self.port}.log"
 
-    def start(self, ready_timeout: float = 120.0) -> LiveServer:
+    def start(self, ready_timeout: float = 120.0, wait_ready: bool = True) -> LiveServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", "tiny", "--port", str(self.port), "--data-dir",
+            [sys.executable, "-m", "server", "--model", self.model, "--port", str(self.port), "--data-dir",
              str(self.data_dir), "--workers", self.workers, "--log-level", "warning"],
             cwd=ROOT, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.time() + ready_timeout
-        while time.time() < deadline:
+        while wait_ready and time.time() < deadline:
             assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()[-3000:]}"
             try:
                 if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
@@ -64,6 +66,8 @@ class LiveServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
+        if not wait_ready:
+            return self
         raise AssertionError(f"server not ready in {ready_timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def kill9(self) -> None:
@@ -208,6 +212,9 @@ def test_official_sdk_upload_and_run(server):
     row = server.row(jid)
     assert json.loads(row["spec"])["inputs"]["reference_images"][0].startswith(str(server.data_dir))
     assert any("tiny" in m for m in server.logs(jid))
+    metrics = httpx.get(f"{server.base}/metrics").text
+    assert 'vace_stage_duration_seconds_count{stage="generate"}' in metrics
+    assert 'vace_workers{state="ready"} 1.0' in metrics or 'vace_workers{state="busy"} 1.0' in metrics
 
 
 def test_sync_mode_webhook_and_base64(server, helper_http):
@@ -311,5 +318,29 @@ def test_sigkill_server_mid_job_then_restart(tmp_path, tiny_cache):
         assert rows[0]["attempts"] == 2
         assert any("server restarted" in m for m in srv.logs(running["id"]))
         assert srv.get(running["id"])["outputs"][0].endswith("output.mp4")
+    finally:
+        srv.stop()
+
+
+def test_ready_is_503_while_the_model_cannot_load(tmp_path, tiny_cache):
+    srv = LiveServer(tmp_path / "noload", tiny_cache, model="no-such-model-anywhere").start(wait_ready=False)
+    try:
+        deadline = time.time() + 90
+        seen = None
+        while time.time() < deadline:
+            try:
+                r = httpx.get(f"{srv.base}/ready", timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.3)
+                continue
+            assert r.status_code == 503, r.text
+            w = r.json()["workers"]
+            if w and "failed to load" in (w[0]["message"] or ""):
+                seen = w[0]
+                break
+            time.sleep(0.3)
+        assert seen is not None, "the load failure never showed on /ready"
+        assert httpx.get(f"{srv.base}/health").status_code == 200
+        assert len(httpx.get(f"{srv.base}/ready").json()["workers"]) == 1  # one row per slot, not per restart
     finally:
         srv.stop()

@@ -215,3 +215,43 @@ def test_metrics_and_ready(client):
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
     assert SUBMIT in schema["paths"]
+
+
+def test_fast_mode_maps_to_acceleration(client):
+    r = _submit(client, {"prompt": "x", "enable_fast_mode": True})
+    job = client.app.state.core.get_job(r.json()["data"]["id"], with_logs=True)
+    assert job.spec["acceleration"] == "regular"
+    assert any("enable_fast_mode" in entry["message"] for entry in job.logs)
+    r = _submit(client, {"prompt": "x"})
+    assert client.app.state.core.get_job(r.json()["data"]["id"]).spec["acceleration"] == "none"
+
+
+def test_retention_removes_old_jobs_outputs_and_uploads(client):
+    import time as _time
+
+    from server.store import jobs, uploads
+
+    core = client.app.state.core
+    jid = _submit(client, {"prompt": "x"}).json()["data"]["id"]
+    up = client.post("/api/v3/media/upload/binary", files={"file": ("a.png", io.BytesIO(PNG))}, headers=AUTH)
+    up_url = up.json()["data"]["download_url"].removeprefix("http://testserver")
+    job = core.store.claim_next("w")
+    out_dir = core.data_dir / "outputs" / jid
+    out_dir.mkdir(parents=True)
+    (out_dir / "output.mp4").write_bytes(MP4)
+    core.store.finish_job(job.id, "w", status="succeeded", outputs=[
+        {"kind": "video", "file": "output.mp4", "content_type": "video/mp4", "size": len(MP4)}])
+    got = client.get(f"/api/v3/predictions/{jid}/result", headers=AUTH).json()["data"]
+    assert got["status"] == "completed" and got["outputs"][0].endswith(f"/files/outputs/{jid}/output.mp4")
+    assert client.get(got["outputs"][0].removeprefix("http://testserver")).content == MP4
+    assert core.cleanup_expired() == 0  # nothing old yet
+    old = _time.time() - 2 * 3600
+    with core.store.engine.begin() as c:
+        c.execute(jobs.update().where(jobs.c.id == jid).values(finished_at=old))
+        c.execute(uploads.update().values(created_at=old))
+    core.settings.retention_hours = 1
+    assert core.cleanup_expired() >= 2
+    assert not out_dir.exists()
+    assert client.get(f"/api/v3/predictions/{jid}/result", headers=AUTH).status_code == 404
+    assert client.get(got["outputs"][0].removeprefix("http://testserver")).status_code == 404
+    assert client.get(up_url).status_code == 404
