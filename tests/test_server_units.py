@@ -168,3 +168,34 @@ def test_download_rules(file_server, tmp_path):
         safety.download(f"{file_server}/missing", tmp_path / "e", "mask_video", allowed=allow, max_bytes=10_000,
                         timeout_s=10)
     assert not os.path.exists(tmp_path / "c") or os.path.getsize(tmp_path / "c") <= 1000
+
+
+def test_one_exception_mapper():
+    from pydantic import BaseModel, ValidationError
+
+    from server.core import map_exception
+    from vace_local.errors import JobCancelled, ModelNotFoundError, OutOfMemory
+
+    fields = {"reference_images": "images"}
+    f = map_exception(InputError("reference_images[2]", "cannot decode image"), fields)
+    assert (f.status, f.error_type) == ("failed", "input_error")
+    assert f.message == "input 'images[2]': cannot decode image"
+    assert map_exception(JobCancelled("x")).status == "cancelled"
+    oom = map_exception(OutOfMemory("GPU out of memory at 1280x720x81"))
+    assert oom.error_type == "out_of_memory" and oom.restart_worker and "worker was restarted" in oom.message
+
+    class OutOfMemoryError(RuntimeError):  # torch's class, matched by name so the API never imports torch
+        pass
+
+    assert map_exception(OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")).restart_worker
+    assert map_exception(ModelNotFoundError("weights missing")).error_type == "model_not_found"
+
+    class M(BaseModel):
+        n: int
+
+    try:
+        M(n="x")
+    except ValidationError as e:
+        assert map_exception(e).message.startswith("n: Input should be a valid integer")
+    boom = map_exception(ZeroDivisionError("division by zero"))
+    assert boom.error_type == "internal_error" and "ZeroDivisionError" in boom.message and not boom.restart_worker
