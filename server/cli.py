@@ -36,6 +36,12 @@ def serve(
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
+    offload: Annotated[str | None, typer.Option(help="auto | none | model | group | sequential "
+                                                     "(VACE_OFFLOAD).")] = None,
+    attention: Annotated[str | None, typer.Option(help="auto | fa3 | cudnn | fa2 | sdpa (VACE_ATTENTION).")] = None,
+    fp8: Annotated[str | None, typer.Option(help="none | storage | linear (VACE_FP8).")] = None,
+    lora: Annotated[list[str] | None, typer.Option("--lora", help="PATH[:scale[:steps[:guidance[:shift]]]] "
+                                                                  "(repeatable; VACE_LORAS).")] = None,
 ) -> None:
     """Serve the hosted-API-compatible HTTP API (WaveSpeed, fal, AI/ML) with GPU workers."""
     import uvicorn
@@ -46,7 +52,8 @@ def serve(
     overrides: dict[str, Any] = {k: v for k, v in {
         "host": host, "port": port, "model": model, "workers": workers, "data_dir": data_dir,
         "api_keys": api_key or None, "public_base_url": public_base_url, "ssl_certfile": ssl_certfile,
-        "ssl_keyfile": ssl_keyfile, "log_level": log_level,
+        "ssl_keyfile": ssl_keyfile, "log_level": log_level, "offload": offload, "attention": attention,
+        "fp8": fp8, "loras": lora or None,
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)

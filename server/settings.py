@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: str = "info"
+    # -- engine (process-level; see `vace-local generate --help` for the same options) --
+    #: Memory policy: auto | none | model | group | sequential.
+    offload: Literal["auto", "none", "model", "group", "sequential"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    #: Attention kernel: auto | fa3 | cudnn | fa2 | sdpa | a diffusers backend name.
+    attention: str = "auto"
+    cfg_batch: bool = False
+    compile: bool = False
+    fp8: Literal["none", "storage", "linear"] = "none"
+    #: LoRAs fused at load, `PATH[:scale[:steps[:guidance[:shift]]]]` (comma-separated in env).
+    loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: TEST/LAPTOP ONLY, effective only with `model=tiny`: cap width/height (keeping aspect) and frame count
     #: so hosted-API sizes (832*480, 81 frames) run quickly on CPU. 0 = no cap.
     tiny_max_side: int = Field(0, ge=0)
@@ -71,7 +82,7 @@ class Settings(BaseSettings):
     #: AI/ML Wan 2.2 ids with Wan 2.1 VACE (env `VACE_MODEL_MAP` as JSON). Unmapped ids of another model → 4xx.
     model_map: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("api_keys", "allowed_hosts", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "loras", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
@@ -93,6 +104,17 @@ class Settings(BaseSettings):
         if s != "auto" and not (s.isdigit() and int(s) <= 64):
             raise ValueError(f"workers must be 'auto' or a count 0..64, got {v!r}")
         return s
+
+    def engine_options(self, device: str):  # noqa: ANN201 - vace_local.engine.EngineOptions (worker only)
+        """The engine options the workers load with (imported lazily: the API process never needs them)."""
+        from vace_local.engine import EngineOptions
+        from vace_local.lora import LoraOption
+
+        return EngineOptions(
+            device=device, dtype=self.dtype, offload=self.offload, attention=self.attention,
+            cfg_batch=self.cfg_batch, compile=self.compile, fp8_storage=self.fp8 == "storage",
+            fp8_linear=self.fp8 == "linear", loras=tuple(LoraOption.parse(x) for x in self.loras),
+        )
 
     @property
     def is_tiny(self) -> bool:

@@ -88,7 +88,7 @@ class Worker:
                 "gpu_memory_free": free}
 
     def load(self) -> None:
-        from vace_local.engine import EngineOptions, get_engine
+        from vace_local.engine import get_engine
 
         if self.args.gpu is None:
             # A CPU worker would otherwise take every core from the API process: leave it one and yield.
@@ -100,7 +100,7 @@ class Worker:
         self.store.upsert_worker(self.id, pid=os.getpid(), status="loading",
                                  message=f"loading {self.settings.model}")
         device = "cuda" if self.args.gpu is not None else "cpu"
-        self.engine = get_engine(self.settings.model, EngineOptions(device=device))
+        self.engine = get_engine(self.settings.model, self.settings.engine_options(device))
         desc = self.engine.describe()
         msg = "tiny random-weight model loaded (outputs are noise)" if self.engine.is_tiny else "model loaded"
         self.store.upsert_worker(self.id, status="ready", message=msg, info={"engine": desc, **self._gpu_info()})

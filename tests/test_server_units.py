@@ -199,3 +199,17 @@ def test_one_exception_mapper():
         assert map_exception(e).message.startswith("n: Input should be a valid integer")
     boom = map_exception(ZeroDivisionError("division by zero"))
     assert boom.error_type == "internal_error" and "ZeroDivisionError" in boom.message and not boom.restart_worker
+
+
+def test_engine_settings_build_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.settings import Settings
+
+    monkeypatch.setenv("VACE_OFFLOAD", "group")
+    monkeypatch.setenv("VACE_FP8", "storage")
+    monkeypatch.setenv("VACE_LORAS", "/w/causvid.safetensors:0.5:8:1")
+    opts = Settings().engine_options("cuda")
+    assert (opts.device, opts.offload, opts.fp8_storage, opts.fp8_linear) == ("cuda", "group", True, False)
+    assert opts.loras[0].source == "/w/causvid.safetensors" and opts.loras[0].num_inference_steps == 8
+    monkeypatch.setenv("VACE_OFFLOAD", "lots")
+    with pytest.raises(ValueError, match="offload"):
+        Settings()
