@@ -270,15 +270,11 @@ def worker_main(args: WorkerArgs) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s worker{args.slot} %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("VACE_CACHE_DIR", str((settings.data_dir / "cache").resolve()))
-    if settings.is_tiny and "VACE_ANNOTATORS_DIR" not in os.environ:
-        try:
-            from preprocessors.weights import ensure_tiny_annotators
+    if settings.is_tiny:
+        try:  # build the tiny annotators before reporting ready (the run path would do it on first use)
+            from vace_local.tiny import use_tiny_annotators
 
-            ann = (settings.data_dir / "cache" / "tiny-annotators").resolve()
-            ensure_tiny_annotators(ann)
-            os.environ["VACE_ANNOTATORS_DIR"] = str(ann)
-        except (ImportError, AttributeError):
-            log.info("tiny annotators unavailable (preprocessors.weights.ensure_tiny_annotators missing)")
+            use_tiny_annotators()
         except Exception:  # noqa: BLE001 - tasks needing annotators will fail with their own message
             log.exception("could not prepare tiny annotators")
     w = Worker(args, settings)

@@ -147,3 +147,18 @@ def test_bad_fp8_mode_is_refused(tmp_path: Path) -> None:
     result = runner.invoke(app, ["generate", "--model", "tiny", "--fp8", "int4", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "fp8" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_tiny_model_runs_annotator_tasks_on_tiny_annotators(tmp_path: Path, fixtures_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Smoke mode covers preprocessing too: a pose job runs with no downloaded annotator weights."""
+    monkeypatch.delenv("VACE_ANNOTATORS_DIR", raising=False)
+    spec = JobSpec(**SMALL, seed=1, task="pose", inputs={"video": str(fixtures_dir / "wan22" / "talking_person.mp4")},
+                   output={"save_control": True})
+    res = run_job(spec, tmp_path)
+    meta = json.loads(res.metadata_path.read_text())
+    assert meta["control"]["task"] == "pose"
+    assert probe_video(res.video_path)[0] == 17
+    import os
+
+    assert Path(os.environ["VACE_ANNOTATORS_DIR"]).is_dir()

@@ -97,6 +97,10 @@ def run_job(
         check_cancel()
         t = time.perf_counter()
         on_progress(Progress("preprocess", message=f"task {spec.task}"))
+        if engine.is_tiny and spec.task not in ("none", "outpainting", "reframe"):
+            from vace_local.tiny import use_tiny_annotators
+
+            use_tiny_annotators()  # smoke mode: annotators on tiny random weights too
         spec = plan_timing(spec, resolved)  # match_input_* may change num_frames / fps
         # --- temporal plan (vace_local.interpolate): generate every stride-th frame, interpolate back ---
         tplan = plan_for_spec(spec)
