@@ -185,19 +185,6 @@ class Worker:
                 upd[name] = one(val, name, kind, name)
         return spec.model_copy(update={"inputs": spec.inputs.model_copy(update=upd)})
 
-    def _apply_fast_mode(self, job: JobRecord, spec: JobSpec) -> JobSpec:
-        if not job.extra.get("enable_fast_mode"):
-            return spec
-        fast = getattr(self.engine, "fast_mode_steps", None)
-        if callable(fast):
-            steps = int(fast(spec))
-            self.store.add_log(job.id, f"enable_fast_mode: {spec.num_inference_steps} → {steps} steps",
-                               source="worker")
-            return spec.model_copy(update={"num_inference_steps": steps})
-        self.store.add_log(job.id, "enable_fast_mode accepted but ignored: this engine has no fast mode yet",
-                           level="warning", source="worker")
-        return spec
-
     def run_one(self, job: JobRecord) -> None:
         from vace_local.run import run_job
 
@@ -212,7 +199,6 @@ class Worker:
                            f"{job.attempts}", source="worker")
         try:
             spec = JobSpec.model_validate(job.spec)
-            spec = self._apply_fast_mode(job, spec)
             if self.should_cancel():
                 raise JobCancelled("cancelled before start")
             t = time.perf_counter()

@@ -107,19 +107,15 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     if flow_shift <= 0:
         flow_shift = 1e-3
         notes.append("flow_shift 0 is degenerate for flow matching; using 0.001")
-    if not inp.enable_safety_checker:
-        pass
     extra = sorted(set(inp.model_extra or ()))
     if extra:
         notes.append(f"ignored unknown fields: {', '.join(extra)}")
     w, h = SIZES[inp.size]
-    fast: dict[str, Any] = {}
-    if inp.enable_fast_mode and "acceleration" in JobSpec.model_fields:
-        fast["acceleration"] = "regular"
+    if inp.enable_fast_mode:
         notes.append("enable_fast_mode → acceleration 'regular' (step cache)")
     try:
         spec = JobSpec(
-            **fast,
+            acceleration="regular" if inp.enable_fast_mode else "none",
             task=task, prompt=inp.prompt, negative_prompt=inp.negative_prompt or None, width=w, height=h,
             num_frames=inp.duration * FPS + 1, fps=FPS, num_inference_steps=inp.num_inference_steps,
             guidance_scale=inp.guidance_scale, flow_shift=flow_shift, context_scale=inp.context_scale,
@@ -276,7 +272,6 @@ async def submit(body: WanVaceInput, request: Request, webhook: str | None = Que
     if webhook and body.enable_base64_output:
         raise ApiError(400, BASE64_WEBHOOK_ERROR, error_type="base64_webhook")
     spec, notes = to_spec(body)
-    fast_unmapped = body.enable_fast_mode and getattr(spec, "acceleration", None) is None
     raw = body.model_dump(mode="json", exclude_none=True)
     for k in ("images", "video", "mask_video", "mask_image", "image", "first_image", "last_image"):
         v = raw.get(k)
@@ -288,8 +283,7 @@ async def submit(body: WanVaceInput, request: Request, webhook: str | None = Que
     job = core.create_job(
         spec, dialect=NAME, model_id=MODEL_ID, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
         logs=notes,
-        extra={"input": raw, "enable_fast_mode": fast_unmapped,
-               "enable_base64_output": body.enable_base64_output},
+        extra={"input": raw, "enable_base64_output": body.enable_base64_output},
     )
     if body.enable_sync_mode:
         job = await core.wait_for_job(job.id)
