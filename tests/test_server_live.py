@@ -267,7 +267,7 @@ def test_cancel_in_queue_and_mid_run(server):
 
 
 def test_worker_crash_requeues_once_and_worker_restarts(server):
-    job = server.submit({"prompt": "crash", "num_inference_steps": 8})
+    job = server.submit({"prompt": "crash", "num_inference_steps": 40})
     server.wait(job["id"], _generating, 60, "denoising to start")
     [pid] = server.worker_pids()
     os.kill(pid, signal.SIGKILL)
@@ -300,9 +300,11 @@ def test_concurrent_submissions_none_lost(tmp_path, tiny_cache):
 
 
 def test_sigkill_server_mid_job_then_restart(tmp_path, tiny_cache):
-    srv = LiveServer(tmp_path / "restart", tiny_cache).start()
+    # A job long enough (larger cap, 40 steps) that the kill lands while it is still denoising.
+    slow = {"VACE_TINY_MAX_SIDE": "256", "VACE_TINY_MAX_FRAMES": "33"}
+    srv = LiveServer(tmp_path / "restart", tiny_cache, extra_env=slow).start()
     try:
-        running = srv.submit({"prompt": "interrupted", "num_inference_steps": 8})
+        running = srv.submit({"prompt": "interrupted", "num_inference_steps": 40})
         waiting = [srv.submit({"prompt": f"w{i}", "num_inference_steps": 2}) for i in range(2)]
         srv.wait(running["id"], _generating, 60, "denoising to start")
         [worker_pid] = srv.worker_pids()
@@ -310,7 +312,7 @@ def test_sigkill_server_mid_job_then_restart(tmp_path, tiny_cache):
         assert _pid_gone(worker_pid, 10), "the worker outlived its SIGKILLed server"
         assert srv.row(running["id"])["status"] == "running"  # as left by the dead server
 
-        srv2 = LiveServer(srv.data_dir, tiny_cache)
+        srv2 = LiveServer(srv.data_dir, tiny_cache, extra_env=slow)
         srv.port, srv.base = srv2.port, srv2.base
         srv.start()
         rows = [srv.wait(j["id"], _terminal, 120, "jobs after restart") for j in [running, *waiting]]
