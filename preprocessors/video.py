@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -117,32 +116,18 @@ def _rotate(frames: np.ndarray, rot: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frames, k=-(rot // 90), axes=(1, 2)))
 
 
-def _decode_chunk(info: VideoInfo, vr: object, idx: list[int]) -> np.ndarray:
-    try:
-        return _rotate(vr.get_batch(idx).asnumpy()[..., :3], info.rotation)  # type: ignore[attr-defined]
-    except Exception:  # decord fails on some tiny widths: let ffmpeg decode (it applies rotation itself)
-        return _ffmpeg_frames(info, idx)
-
-
 def iter_frames(
     info: VideoInfo, vr: object, indices: list[int], transform: Callable[[np.ndarray], np.ndarray] | None = None
 ) -> Iterator[np.ndarray]:
-    """Yield decoded (and transformed) frames in chunks so full-HD input never sits in memory at once.
-
-    The next chunk is decoded on a helper thread while the caller transforms the current one (decord and
-    OpenCV release the GIL), so decode and resize overlap on a multi-core CPU.
-    """
-    chunks = [indices[s : s + CHUNK] for s in range(0, len(indices), CHUNK)]
-    if not chunks:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = pool.submit(_decode_chunk, info, vr, chunks[0])
-        for i in range(len(chunks)):
-            batch = pending.result()
-            if i + 1 < len(chunks):
-                pending = pool.submit(_decode_chunk, info, vr, chunks[i + 1])
-            for frame in batch:
-                yield transform(frame) if transform else frame
+    """Yield decoded (and transformed) frames in chunks so full-HD input never sits in memory at once."""
+    for start in range(0, len(indices), CHUNK):
+        idx = indices[start : start + CHUNK]
+        try:
+            batch = _rotate(vr.get_batch(idx).asnumpy()[..., :3], info.rotation)  # type: ignore[attr-defined]
+        except Exception:  # decord fails on some tiny widths: let ffmpeg decode (it applies rotation itself)
+            batch = _ffmpeg_frames(info, idx)
+        for frame in batch:
+            yield transform(frame) if transform else frame
 
 
 def _ffmpeg_frames(info: VideoInfo, indices: list[int]) -> np.ndarray:
