@@ -182,3 +182,10 @@ def test_pyproject_keeps_torch_a_range() -> None:
     torch_req = next(d for d in deps if d.startswith("torch"))
     assert "==" not in torch_req and ">=" in torch_req
     assert json.dumps(deps)  # sanity: parseable list
+
+
+def test_download_offline_says_why() -> None:
+    from vace_local.models import download_model
+
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        download_model("wan2.1-vace-1.3b")

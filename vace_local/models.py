@@ -60,16 +60,22 @@ class ResolvedModel:
 
 
 def _hub_snapshot(repo_id: str, name: str, allow_download: bool) -> Path:
+    import os
+
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=not allow_download))
     except LocalEntryNotFoundError as exc:
-        raise ModelNotFoundError(
-            f"model '{name}' ({repo_id}) is not in the Hugging Face cache. "
-            f"Fetch it first with: vace-local download {name}"
-        ) from exc
+        if not allow_download:
+            raise ModelNotFoundError(
+                f"model '{name}' ({repo_id}) is not in the Hugging Face cache. "
+                f"Fetch it first with: vace-local download {name}"
+            ) from exc
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set; unset it to download" if offline else "the Hugging Face Hub is unreachable"
+        raise ModelNotFoundError(f"could not download model '{name}' ({repo_id}): {why}") from exc
     except Exception as exc:  # network errors, gated repos, bad ids
         raise ModelNotFoundError(f"could not get model '{name}' ({repo_id}): {exc}") from exc
 
