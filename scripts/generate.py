@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Researcher entry point: the same code and flags as `vace-local generate`.
 
-Example: python scripts/generate.py --model tiny --prompt "a cat boxing" --size 832*480 --num-frames 17 --steps 2
+Example: python scripts/generate.py --model tiny --prompt "a cat boxing" --size 832x480 --num-frames 17 --steps 2
 """
 
 import sys
