@@ -82,6 +82,7 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> Cont
     idx = sample_indices(vinfo.num_frames, vinfo.fps, spec.fps, F)
     info.update(
         source_fps=vinfo.fps, source_frames=vinfo.num_frames, source_size=[vinfo.width, vinfo.height],
+        source_rotation=vinfo.rotation,
         frames_from_video=len(idx), padded_frames=F - len(idx),
     )
     task = spec.task

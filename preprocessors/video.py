@@ -30,16 +30,31 @@ class VideoInfo:
     fps: float
     width: int  # as displayed (after rotation)
     height: int
-    rotation: int  # clockwise degrees applied to decoded frames: 0, 90, 180, 270
+    #: Display rotation from the container (clockwise degrees: 0, 90, 180, 270), for information only:
+    #: decord (and the ffmpeg fallback) already return frames in display orientation.
+    rotation: int
 
     @property
     def duration(self) -> float:
         return self.num_frames / self.fps
 
 
+def parse_display_rotation(ffmpeg_stderr: str) -> int:
+    """Clockwise display rotation from `ffmpeg -i` output; 0 when it reports none.
+
+    ffmpeg < 7.1 prints `displaymatrix: rotation of -90.00 degrees`, newer ones `Display Matrix: rotation of
+    ...`; the matrix angle is counter-clockwise. Very old builds print a `rotate : 90` tag instead.
+    """
+    m = re.search(r"display\s*matrix: rotation of (-?[0-9.]+) degrees", ffmpeg_stderr, re.IGNORECASE)
+    if m:
+        return int(round(-float(m.group(1)))) % 360
+    m = re.search(r"^\s*rotate\s*:\s*(-?[0-9]+)", ffmpeg_stderr, re.MULTILINE)
+    return int(m.group(1)) % 360 if m else 0
+
+
 @lru_cache(maxsize=64)
 def _rotation(path: str) -> int:
-    """Display rotation from container metadata (decord ignores it); 0 when ffmpeg says nothing."""
+    """Display rotation from container metadata (reported in the bundle info; decord applies it itself)."""
     import imageio_ffmpeg
 
     try:
@@ -49,11 +64,7 @@ def _rotation(path: str) -> int:
         ).stderr
     except (OSError, subprocess.SubprocessError):
         return 0
-    m = re.search(r"displaymatrix: rotation of (-?[0-9.]+) degrees", err)
-    if m:  # display matrix angle is counter-clockwise
-        return int(round(-float(m.group(1)))) % 360
-    m = re.search(r"rotate\s*:\s*(-?[0-9]+)", err)
-    return int(m.group(1)) % 360 if m else 0
+    return parse_display_rotation(err)
 
 
 def _reader(path: Path, field: str):  # noqa: ANN202 - decord.VideoReader
@@ -81,10 +92,9 @@ def open_video(path: str | Path, field: str = "video") -> tuple[VideoInfo, objec
     fps = float(vr.get_avg_fps() or 0.0)
     if not np.isfinite(fps) or fps <= 0:
         fps = 16.0
-    rot = _rotation(str(p))
-    if rot in (90, 270):
-        h, w = w, h
-    return VideoInfo(p, field, len(vr), fps, int(w), int(h), rot), vr
+    # decord 0.6 decodes in display orientation (it applies the display matrix, measured for 90/180/270):
+    # rotating again here would turn a phone video on its side. The angle is only recorded.
+    return VideoInfo(p, field, len(vr), fps, int(w), int(h), _rotation(str(p))), vr
 
 
 def probe(path: str | Path, field: str = "video") -> VideoInfo:
@@ -110,12 +120,6 @@ def legal_num_frames(n: int, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, 4 * k + 1)))
 
 
-def _rotate(frames: np.ndarray, rot: int) -> np.ndarray:
-    if rot == 0:
-        return frames
-    return np.ascontiguousarray(np.rot90(frames, k=-(rot // 90), axes=(1, 2)))
-
-
 def iter_frames(
     info: VideoInfo, vr: object, indices: list[int], transform: Callable[[np.ndarray], np.ndarray] | None = None
 ) -> Iterator[np.ndarray]:
@@ -123,8 +127,8 @@ def iter_frames(
     for start in range(0, len(indices), CHUNK):
         idx = indices[start : start + CHUNK]
         try:
-            batch = _rotate(vr.get_batch(idx).asnumpy()[..., :3], info.rotation)  # type: ignore[attr-defined]
-        except Exception:  # decord fails on some tiny widths: let ffmpeg decode (it applies rotation itself)
+            batch = vr.get_batch(idx).asnumpy()[..., :3]  # type: ignore[attr-defined]
+        except Exception:  # decord fails on some tiny widths: let ffmpeg decode (it applies rotation too)
             batch = _ffmpeg_frames(info, idx)
         for frame in batch:
             yield transform(frame) if transform else frame
