@@ -167,13 +167,18 @@ def _mask_video(path: Path, vinfo: VideoInfo, idx: list[int], job_fps: int, H: i
 
 
 def _apply_end_frames(spec: JobSpec, resolved: Resolved, bundle: ControlBundle, info: dict[str, Any]) -> None:
-    """First/last images become real frames (mask 0 where opaque) at positions 0 / F-1 (composition rule)."""
+    """First/last images become real frames at positions 0 / F-1 by the VACE composition rule.
+
+    Where the image is kept (mask 0) its pixels replace the task's frame; where it is generated (transparent
+    pixels in `content_aware` mode, mask 1) the task's own frame stays; the mask is the product of both.
+    """
     H, W = spec.height, spec.width
     mode = spec.control.transparency_mode
     for field, pos in (("first_image", 0), ("last_image", spec.num_frames - 1)):
         p = getattr(resolved, field, None)
         if p:
             frame, mask = images.frame_image(Path(p), field, H, W, mode)
-            bundle.frames[pos] = frame
-            bundle.masks[pos] = mask
+            keep = mask < 0.5
+            bundle.frames[pos][keep] = frame[keep]
+            bundle.masks[pos] *= mask
             info[field] = True

@@ -61,3 +61,46 @@ def test_rotated_video_is_decoded_once_in_display_orientation(tmp_path, angle):
     b = build_bundle(JobSpec(width=w, height=h, num_frames=17, inputs={"video": "v"}), LocalInputs(video=dst))
     assert np.abs(b.frames[0] * 255.0 - ref).mean() < 1.0  # ...and applied exactly once
     assert b.info["source_rotation"] == info.rotation
+
+
+def _rgba_half(path: Path, w: int = 128, h: int = 64) -> Path:
+    """Left half opaque green, right half fully transparent."""
+    from PIL import Image
+
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., 1] = 200
+    rgba[:, : w // 2, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+def test_transparent_first_image_composes_with_the_task_frame(tmp_path):
+    # Composition rule: where the end-frame image is generated (transparent, content_aware) the task's own
+    # frame and mask stay (mask = product); only the opaque part replaces them with mask 0.
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    v = write_video(rng.integers(0, 255, (17, 64, 128, 3), dtype=np.uint8), tmp_path / "v.mp4", fps=16,
+                    quality="maximum")
+    first = _rgba_half(tmp_path / "half.png")
+    mask = np.zeros((64, 128), np.uint8)
+    mask[:, 96:] = 255  # inpaint only the right quarter
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    base = build_bundle(JobSpec(width=128, height=64, num_frames=17, inputs={"video": "v"}), LocalInputs(video=v))
+
+    b = build_bundle(JobSpec(width=128, height=64, num_frames=17, task="inpainting",
+                             inputs={"video": "v", "mask_image": "m", "first_image": "f"},
+                             control={"mask_tracker": "static"}),
+                     LocalInputs(video=v, mask_image=tmp_path / "m.png", first_image=first))
+    assert np.allclose(b.frames[0][:, :62], [0, 200 / 255, 0], atol=1e-6) and np.all(b.masks[0][:, :62] == 0)
+    # transparent but kept by the inpainting mask: the original video pixels, mask 0 (1 x 0)
+    assert np.all(b.masks[0][:, 66:94] == 0)
+    assert np.array_equal(b.frames[0][:, 66:94], base.frames[0][:, 66:94])
+    # transparent and inpainted: gray, mask 1
+    assert np.all(b.masks[0][:, 98:] == 1) and np.all(b.frames[0][:, 98:] == 0.5)
+
+    # with a control video (task none): the transparent part shows the control frame, generated
+    c = build_bundle(JobSpec(width=128, height=64, num_frames=17, inputs={"video": "v", "first_image": "f"}),
+                     LocalInputs(video=v, first_image=first))
+    assert np.all(c.masks[0][:, 66:] == 1) and np.array_equal(c.frames[0][:, 66:], base.frames[0][:, 66:])
+    assert np.all(c.masks[0][:, :62] == 0)
