@@ -94,8 +94,8 @@ def outpaint_frames(
     crop = (0, 0, 0, 0)
     src_w, src_h = vinfo.width, vinfo.height
     if spec.task == "outpainting":
-        if not 0.0 < c.expand_ratio <= 1.0:
-            raise InputError("control.expand_ratio", f"must be in (0, 1] for outpainting, got {c.expand_ratio}")
+        if not 0.0 <= c.expand_ratio <= 1.0:  # 0 adds int(0 * w) = 0 px: the clip is only fitted (official)
+            raise InputError("control.expand_ratio", f"must be within 0..1 for outpainting, got {c.expand_ratio}")
         sides = {"left": c.expand_left, "right": c.expand_right, "top": c.expand_top, "bottom": c.expand_bottom}
         if not any(sides.values()):
             sides["left"] = sides["right"] = True  # official default direction: left + right

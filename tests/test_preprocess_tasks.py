@@ -60,12 +60,22 @@ def test_outpaint_geometry(tmp_path, sides, rect):
     assert np.abs(core - np.array([200, 60, 30]) / 255).max() < 0.03  # original pixels kept
 
 
-def test_outpaint_ratio_out_of_range(tmp_path):
+def test_outpaint_ratio_edges(tmp_path):
     v = _video(tmp_path / "v.mp4")
+    # ratio 0 is in the published 0..1 range: int(0 * w) = 0 px added, the clip is fitted (96x64 → 96x64 in
+    # 128x64, gray pillars with mask 1), nothing of the original is generated.
     s = JobSpec(task="outpainting", width=128, height=64, num_frames=17, inputs={"video": "v"},
                 control={"expand_left": True, "expand_ratio": 0.0})
+    b = build_bundle(s, LocalInputs(video=v))
+    assert b.info["video_rect"] == [16, 0, 96, 64]
+    assert np.all(b.masks[:, :, 16:112] == 0) and np.all(b.masks[:, :, :16] == 1) and np.all(b.masks[:, :, 112:] == 1)
+    assert np.all(b.frames[:, :, :16] == 0.5) and np.all(b.frames[:, :, 112:] == 0.5)
+    # ratio 1 on left + right: canvas 288x64 → scale 4/9: original 43x28 in the middle third
+    s1 = s.model_copy(update={"control": s.control.model_copy(update={"expand_right": True, "expand_ratio": 1.0})})
+    assert build_bundle(s1, LocalInputs(video=v)).info["video_rect"] == [43, 18, 42, 28]
+    bad = s.model_copy(update={"control": s.control.model_copy(update={"expand_ratio": 1.5})})  # unvalidated
     with pytest.raises(InputError) as e:
-        build_bundle(s, LocalInputs(video=v))
+        build_bundle(bad, LocalInputs(video=v))
     assert e.value.field == "control.expand_ratio"
     with pytest.raises(ValueError, match="expand_ratio"):
         JobSpec(task="outpainting", inputs={"video": "v"}, control={"expand_ratio": 1.5})
