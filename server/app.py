@@ -39,6 +39,44 @@ def _dialect_for(request: Request, dialects: list[Dialect]) -> Dialect | None:
     return None
 
 
+def max_request_bytes(settings: Settings) -> int:
+    """Largest request body accepted: one upload-sized data URI in base64 (4/3) plus 1 MiB of JSON."""
+    return settings.max_upload_bytes * 4 // 3 + (1 << 20)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes (declared or streamed) becomes a 413 in the
+    owning dialect's error envelope, before it is buffered in memory or stored with a job."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"")
+        too_big = declared.isdigit() and int(declared) > limit
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            if too_big:
+                raise StarletteHTTPException(413, f"request body of {int(declared)} bytes exceeds the {limit} "
+                                                  "byte limit (send large media as URLs or uploads)")
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise StarletteHTTPException(413, f"request body exceeds the {limit} byte limit (send "
+                                                      "large media as URLs or uploads)")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
 def create_app(settings: Settings | None = None, *, start_workers: bool = True) -> FastAPI:
     """Build the API app. Workers and background loops start in the lifespan (i.e. when served)."""
     settings = settings or Settings()
@@ -105,7 +143,9 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        etype = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 400 and msg == "There was an error parsing the body":  # FastAPI's JSON decode
+            msg = "request body is not valid JSON (or not UTF-8, or nested too deeply)"
+        etype = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return render(request, ApiError(exc.status_code, msg, error_type=etype))
 
     # ---- operational endpoints ----
@@ -148,6 +188,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
 
     for d in dialects:
         app.include_router(d.router)
+    app.add_middleware(BodyLimit, limit=max_request_bytes(settings))
     return app
 
 

@@ -153,6 +153,14 @@ def validation_error(exc: ValidationError | list[dict[str, Any]], field_names: d
         if e.get("type") == "json_invalid":
             msg = f"request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})"
             path = ""
+        elif not path and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            got = e.get("input")
+            json_names = {"NoneType": "null", "list": "an array", "str": "a string", "int": "a number",
+                          "float": "a number", "bool": "a boolean"}
+            what = ("a body that was not sent as JSON" if isinstance(got, bytes)
+                    else f"JSON {json_names.get(type(got).__name__, type(got).__name__)}")
+            msg = (f"request body must be a JSON object of the documented fields, sent with "
+                   f"'Content-Type: application/json' (got {what})")
         elif e.get("type") == "missing":
             msg = "field required"
         elif "input" in e and e.get("type") not in ("missing",) and not isinstance(e["input"], dict | list):
@@ -449,6 +457,8 @@ class Core:
                         raise ApiError(413, f"file: upload exceeds the {limit} byte limit", field="file",
                                        error_type="too_large")
                     f.write(chunk)
+            if size == 0:
+                raise ApiError(400, "file: the upload is empty (0 bytes)", field="file", error_type="empty_upload")
             tmp.replace(path)
         except BaseException:
             tmp.unlink(missing_ok=True)

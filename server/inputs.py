@@ -147,9 +147,20 @@ def _is_public(addr: str) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 
 
+def _legacy_ipv4(host: str) -> str | None:
+    """The address behind the numeric IPv4 spellings resolvers accept (`2130706433`, `0x7f.1`, `0177.0.0.1`,
+    `127.1`), which `ipaddress` rejects but which still reach that address; None for anything else."""
+    if not host or not all(c in "0123456789abcdefx." for c in host) or not host[0].isdigit():
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
 def literal_host_problem(host: str, allowed: list[str]) -> str | None:
-    """Submit-time check without DNS: refuse `localhost` and private/loopback IP literals."""
-    h = host.lower().strip("[]")
+    """Submit-time check without DNS: refuse `localhost` and private/loopback IP literals (any spelling)."""
+    h = host.lower().strip("[]").rstrip(".")
     if _host_allowed(h, [], allowed):
         return None
     if h in ("localhost", "localhost.localdomain") or h.endswith(".localhost"):
@@ -157,7 +168,12 @@ def literal_host_problem(host: str, allowed: list[str]) -> str | None:
     try:
         ipaddress.ip_address(h)
     except ValueError:
-        return None
+        legacy = _legacy_ipv4(h)
+        if legacy is None:
+            return None
+        if _host_allowed(legacy, [], allowed):
+            return None
+        h = legacy
     if not _is_public(h):
         return "points to a loopback, private or link-local address"
     return None
@@ -232,9 +248,14 @@ def safe_data_path(data_dir: Path, kind: str, ident: str, name: str) -> Path:
 
 
 def sanitize_filename(name: str, default: str = "upload") -> str:
+    """A served file name (`_NAME_RE`): the last path part, odd characters replaced, extension kept."""
     base = Path(name.replace("\\", "/")).name
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._-")[:100]
-    return clean or default
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, ""
+    ext = re.sub(r"[^A-Za-z0-9]+", "", ext)[:16]
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:100] or default
+    return f"{clean}.{ext}" if ext else clean
 
 
 # ---- downloads (worker side) -------------------------------------------------------------------------

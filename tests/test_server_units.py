@@ -73,6 +73,9 @@ def test_real_fixtures_sniff():
 @pytest.mark.parametrize("host,refused", [
     ("127.0.0.1", True), ("localhost", True), ("10.1.2.3", True), ("192.168.0.1", True), ("169.254.169.254", True),
     ("[::1]", True), ("::ffff:127.0.0.1", True), ("0.0.0.0", True), ("8.8.8.8", False), ("example.com", False),
+    # numeric spellings that getaddrinfo/inet_aton accept, and the FQDN form of localhost
+    ("2130706433", True), ("0x7f000001", True), ("0177.0.0.1", True), ("127.1", True), ("0", True),
+    ("10.1", True), ("0xa9.254.169.254", True), ("localhost.", True), ("134744072", False), ("1e100.net", False),
 ])
 def test_literal_hosts(host, refused):
     assert (safety.literal_host_problem(host, []) is not None) == refused
@@ -213,3 +216,12 @@ def test_engine_settings_build_engine_options(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("VACE_OFFLOAD", "lots")
     with pytest.raises(ValueError, match="offload"):
         Settings()
+
+
+@pytest.mark.parametrize("name,want", [
+    ("clip one.mp4", "clip_one.mp4"), ("../../etc/passwd", "passwd"), ("..\\..\\x.png", "x.png"),
+    ("猫.png", "upload.png"), (".htaccess", "upload.htaccess"), ("", "upload"), ("a.p!n@g", "a.png"),
+])
+def test_sanitize_filename_keeps_a_servable_name_and_extension(name, want):
+    got = safety.sanitize_filename(name)
+    assert got == want and safety._NAME_RE.match(got)

@@ -99,6 +99,24 @@ BAD = [
     ({"prompt": "x", "video": "http://testserver/files/uploads/%2e%2e/%2e%2e/jobs.db"}, "video"),
     ({"prompt": "x", "video": "http://testserver/files/uploads/0123456789abcdef0123456789abcdef/v.mp4"}, "video"),
     ({"prompt": "x", "mask_video": "https://example.com/m.mp4"}, "mask"),
+    # wrong JSON types are refused, not coerced (strict): strings for numbers/booleans, floats/bools for ints
+    ({"prompt": "x", "num_inference_steps": "2"}, "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": 2.0}, "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": True}, "num_inference_steps"),
+    ({"prompt": "x", "seed": "42"}, "seed"),
+    ({"prompt": "x", "duration": "5"}, "duration"),
+    ({"prompt": "x", "guidance_scale": "5"}, "guidance_scale"),
+    ({"prompt": "x", "enable_fast_mode": "true"}, "enable_fast_mode"),
+    ({"prompt": "x", "enable_sync_mode": 1}, "enable_sync_mode"),
+    ({"prompt": "x", "negative_prompt": 3}, "negative_prompt"),
+    ({"prompt": "   "}, "prompt: Value error, must not be empty or only whitespace"),
+    ({"prompt": "a" * 20_001}, "prompt: String should have at most 20000 characters"),
+    # numeric spellings of loopback/private IPv4 that resolvers accept are refused at submit, too
+    ({"prompt": "x", "video": "http://2130706433/v.mp4"}, "video: URL host '2130706433' points to a loopback"),
+    ({"prompt": "x", "video": "http://0x7f000001/v.mp4"}, "video"),
+    ({"prompt": "x", "images": ["http://127.1/a.png"]}, "images[0]"),
+    ({"prompt": "x", "first_image": "http://0/a.png"}, "first_image"),
+    ({"prompt": "x", "last_image": "http://localhost./a.png"}, "last_image: URL host 'localhost.' refers to"),
     ({"prompt": "x", "task": "inpainting", "video": "https://example.com/v.mp4"}, "inpainting"),
 ]
 
@@ -255,3 +273,74 @@ def test_retention_removes_old_jobs_outputs_and_uploads(client):
     assert client.get(f"/api/v3/predictions/{jid}/result", headers=AUTH).status_code == 404
     assert client.get(got["outputs"][0].removeprefix("http://testserver")).status_code == 404
     assert client.get(up_url).status_code == 404
+
+
+def test_nan_and_infinity_literals_name_the_rule(client):
+    for raw, field in [(b'{"prompt":"x","guidance_scale":NaN}', "guidance_scale"),
+                       (b'{"prompt":"x","flow_shift":Infinity}', "flow_shift")]:
+        r = client.post(SUBMIT, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["message"].startswith(f"{field}: Input should be a finite number")
+
+
+def test_hf_negative_prompt_list_is_joined_and_unknown_values_not_stored(client):
+    # huggingface_hub's text_to_video sends negative_prompt as list[str] and num_frames as a float
+    r = _submit(client, {"prompt": "x", "negative_prompt": ["blurry", "dark"], "num_frames": 81.0,
+                         "junk": "y" * 10_000})
+    assert r.status_code == 200, r.text
+    job = client.app.state.core.get_job(r.json()["data"]["id"], with_logs=True)
+    assert job.spec["negative_prompt"] == "blurry, dark"
+    assert "junk" not in job.extra["input"] and "num_frames" not in job.extra["input"]  # values never stored
+    assert any("ignored unknown fields: junk, num_frames" in e["message"] for e in job.logs)
+
+
+def test_body_envelope_errors(client):
+    for ctype, body, want in [
+        ("text/plain", b'{"prompt": "x"}', "must be a JSON object"),
+        ("application/x-www-form-urlencoded", b"prompt=x", "Content-Type: application/json"),
+        ("application/json", b"null", "got JSON null"),
+        ("application/json", b"[1]", "got JSON an array"),
+        ("application/json", b'{"prompt": "\xff"}', "not valid JSON"),
+    ]:
+        r = client.post(SUBMIT, content=body, headers={**AUTH, "Content-Type": ctype})
+        j = r.json()
+        assert r.status_code == 400 and j["code"] == 400 and j["data"] is None and want in j["message"], (ctype, j)
+
+
+def test_request_body_limit(client):
+    from server.app import max_request_bytes
+
+    limit = max_request_bytes(client.app.state.core.settings)
+    big = {"prompt": "x", "video": "data:video/mp4;base64," + "A" * limit}
+    r = _submit(client, big)
+    assert r.status_code == 413 and r.json()["data"] is None and "byte limit" in r.json()["message"]
+
+    def chunks():  # no Content-Length: counted while streamed
+        yield b'{"prompt": "x", "pad": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}'
+
+    r = client.post(SUBMIT, content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["code"] == 413
+    assert client.get("/health").status_code == 200
+    assert client.app.state.core.store.queue_depth() == 0
+
+
+def test_empty_and_nameless_uploads_are_refused(client):
+    r = client.post("/api/v3/media/upload/binary", files={"file": ("a.mp4", io.BytesIO(b""), "video/mp4")},
+                    headers=AUTH)
+    assert r.status_code == 400 and r.json()["message"] == "file: the upload is empty (0 bytes)"
+    r = client.post("/api/v3/media/upload/binary", files={"file": ("", io.BytesIO(b"abc"))}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["message"].startswith("file: must be a file part with a filename")
+    d = client.post("/api/v3/media/uploads", json={"filename": "e.png", "size": 0}, headers=AUTH).json()["data"]
+    r = client.put(d["upload"]["url"].removeprefix("http://testserver"), content=b"")
+    assert r.status_code == 400 and "empty" in r.json()["message"]
+    r = client.post("/api/v3/media/upload/binary", files={"file": ("猫.png", io.BytesIO(PNG), "image/png")},
+                    headers=AUTH)
+    assert r.status_code == 200 and r.json()["data"]["filename"] == "upload.png"  # extension kept
+
+
+def test_empty_webhook_param_means_none(client):
+    r = client.post(SUBMIT + "?webhook=", json={"prompt": "x"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert client.app.state.core.get_job(r.json()["data"]["id"]).webhook_url is None

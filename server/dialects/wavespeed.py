@@ -46,20 +46,27 @@ BASE64_WEBHOOK_ERROR = ("webhook callback does not support base64 output, please
                         "base64 output")
 #: JobSpec / JobInputs names → WaveSpeed's, so errors name the user's field.
 FIELD_NAMES = {"reference_images": "images", "num_frames": "duration", "width": "size", "height": "size"}
+#: Longest prompt / negative prompt accepted (the UMT5 text encoder reads only the first 512 tokens anyway).
+PROMPT_MAX_CHARS = 20_000
 STATUS = {QUEUED: "created", RUNNING: "processing", SUCCEEDED: "completed", FAILED: "failed", CANCELLED: "failed"}
 
 
 class WanVaceInput(BaseModel):
-    """Request body of `POST /api/v3/wavespeed-ai/wan-2.1-14b-vace` (fields, defaults and ranges as documented)."""
+    """Request body of `POST /api/v3/wavespeed-ai/wan-2.1-14b-vace` (fields, defaults and ranges as documented).
 
-    model_config = ConfigDict(extra="allow")
+    Strict JSON types: a string where a number or boolean belongs (`"30"`, `"true"`) or a float where an
+    integer belongs (`2.0`) is a 400 naming the field, as the documented types say, never a silent coercion.
+    """
 
-    prompt: str = Field(..., min_length=1, description="What should happen in the video.")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS, description="What should happen in the video.")
     images: list[str] = Field(default_factory=list, max_length=5, description="Up to 5 reference image URLs.")
     video: str | None = Field(None, description="Source video for video-to-video workflows.")
     task: Literal["depth", "pose", "face", "inpainting", "none"] = Field(
         "depth", description="Control extracted from `video`; ignored (→ none) when no video is given.")
-    negative_prompt: str = ""
+    negative_prompt: str = Field("", max_length=PROMPT_MAX_CHARS,
+                                 description="What to avoid (a list of strings, as huggingface_hub sends, is joined).")
     mask_video: str | None = None
     mask_image: str | None = None
     image: str | None = Field(None, description="A single reference image (appended to `images`).")
@@ -68,14 +75,28 @@ class WanVaceInput(BaseModel):
     duration: int = Field(5, ge=5, le=10, description="Seconds at 16 fps (duration*16+1 frames).")
     size: Literal["832*480", "480*832", "1280*720", "720*1280"] = "832*480"
     num_inference_steps: int = Field(30, ge=1, le=40)
-    guidance_scale: float = Field(5.0, ge=0.0, le=20.0)
-    flow_shift: float = Field(16.0, ge=0.0, le=30.0)
-    context_scale: float = Field(1.0, ge=0.0, le=2.0)
+    guidance_scale: float = Field(5.0, ge=0.0, le=20.0, allow_inf_nan=False)
+    flow_shift: float = Field(16.0, ge=0.0, le=30.0, allow_inf_nan=False)
+    context_scale: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     seed: int = Field(-1, ge=-1, le=2147483647)
     enable_fast_mode: bool = False
     enable_safety_checker: bool = True
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty or only whitespace")
+        return v
+
+    @field_validator("negative_prompt", mode="before")
+    @classmethod
+    def _join_list(cls, v: Any) -> Any:
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return ", ".join(x.strip() for x in v if x.strip())
+        return v
 
     @field_validator("video", "mask_video", "mask_image", "image", "first_image", "last_image", mode="before")
     @classmethod
@@ -227,10 +248,13 @@ def _upload_data(core: Core, request: Request, info: Any) -> dict[str, Any]:
 
 
 @router.post("/media/upload/binary", dependencies=authed, summary="Upload a file (multipart field `file`)")
-async def upload_binary(request: Request, file: UploadFile | None = File(None),
+async def upload_binary(request: Request, file: UploadFile | str | None = File(None),
                         core: Core = Depends(get_core)) -> dict[str, Any]:
     if file is None:
         raise ApiError(400, "file: multipart form field 'file' is required", field="file")
+    if isinstance(file, str):  # a part without a filename arrives as a plain form value
+        raise ApiError(400, "file: must be a file part with a filename (multipart/form-data), not a plain "
+                       "form value", field="file")
 
     async def chunks():  # noqa: ANN202
         while chunk := await file.read(1 << 20):
@@ -269,10 +293,12 @@ async def put_upload(upload_id: str, request: Request, token: str = Query(""),
 @router.post(f"/{MODEL_ID}", dependencies=authed, summary="Submit a Wan 2.1 VACE task")
 async def submit(body: WanVaceInput, request: Request, webhook: str | None = Query(None),
                  core: Core = Depends(get_core)) -> Response:
+    webhook = (webhook or "").strip() or None  # `?webhook=` (empty) means no webhook
     if webhook and body.enable_base64_output:
         raise ApiError(400, BASE64_WEBHOOK_ERROR, error_type="base64_webhook")
     spec, notes = to_spec(body)
-    raw = body.model_dump(mode="json", exclude_none=True)
+    # Unknown fields are only named in the job log (to_spec): their values are never stored or echoed.
+    raw = body.model_dump(mode="json", exclude_none=True, exclude=set(body.model_extra or ()))
     for k in ("images", "video", "mask_video", "mask_image", "image", "first_image", "last_image"):
         v = raw.get(k)
         if isinstance(v, str) and v.startswith("data:"):
