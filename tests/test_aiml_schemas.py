@@ -78,3 +78,28 @@ def test_outpainting_and_reframe_fields():
     r = aiml_to_jobspec(parse_aiml_request({"model": "alibaba/wan2.2-vace-fun-a14b-reframe", "video_url": VID,
                                             "zoom_factor": 0.3, "trim_borders": False}), model="tiny", source=SRC)
     assert (r.spec.control.zoom_factor, r.spec.control.trim_borders, r.spec.prompt) == (0.3, False, "")
+
+
+def test_empty_video_url_is_named():
+    with pytest.raises(FieldError) as exc:
+        tr("depth", video_url="")
+    assert exc.value.field == "video_url"
+
+
+def test_generation_id_must_match_its_model(tmp_path):
+    """`<id>:<model>` finds the job only with its own model (or the bare id); another model's suffix is a 404."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(data_dir=tmp_path, workers="0", api_keys=["k"], model="tiny"))
+    with TestClient(app, headers={"Authorization": "Bearer k"}) as c:
+        r = c.post("/v2/video/generations", json={"model": "alibaba/wan2.2-vace-fun-a14b-depth", "prompt": "p",
+                                                  "video_url": VID, "resolution": "240p", "aspect_ratio": "16:9"})
+        assert r.status_code == 201, r.text
+        gid = r.json()["id"]
+        assert c.get("/v2/video/generations", params={"generation_id": gid}).json()["status"] == "queued"
+        assert c.get("/v2/video/generations", params={"generation_id": gid.split(":")[0]}).status_code == 200
+        r = c.get("/v2/video/generations", params={"generation_id": gid.replace("-depth", "-pose")})
+        assert r.status_code == 404 and set(r.json()) == {"message", "path", "requestId", "statusCode", "timestamp"}

@@ -193,3 +193,75 @@ def test_model_mapping_rules():
     assert "model mapping" in served_note(mapped, *wan22)
     by_id = core(model="wan2.1-vace-14b", model_map={"alibaba/wan2.2-vace-fun-a14b-pose": "wan2.1-vace-14b"})
     assert check_served_model(by_id, *wan22) is None
+
+
+def test_missing_or_empty_video_and_orphan_masks_are_named():
+    """An empty required URL or a mask without a video names the fal field (not a bare 'body' error)."""
+    with pytest.raises(FieldError) as exc:
+        tr("pose", video_url="")
+    assert exc.value.field == "video_url" and "pose" in exc.value.message
+    with pytest.raises(FieldError) as exc:
+        tr("", source=None, mask_image_url="m.png")
+    assert exc.value.field == "mask_image_url"
+    with pytest.raises(FieldError) as exc:
+        tr("", source=None, mask_video_url="m.mp4", task="inpainting")
+    assert exc.value.field == "mask_video_url"
+
+
+def test_probed_match_input_is_applied_once():
+    """With a probed source the translation applies match_input_* itself, so the run path does not redo it
+    (which would bypass server caps on num_frames); without a source the run path still applies them."""
+    src = SourceInfo(num_frames=30, fps=25.0, width=160, height=96)
+    s = tr("reframe", source=src, video_url=VID).spec
+    assert (s.num_frames, s.fps) == (33, 25)
+    assert not s.control.match_input_num_frames and not s.control.match_input_frames_per_second
+    s = tr("reframe", source=None, video_url=VID, resolution="240p", aspect_ratio="16:9").spec
+    assert s.control.match_input_num_frames and s.control.match_input_frames_per_second
+
+
+# ---- the routes over the real app and SQLite store, without workers (jobs stay queued) ----------------
+
+@pytest.fixture
+def client(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, workers="0", api_keys=["k"], model="tiny")
+    with TestClient(create_app(settings), headers={"Authorization": "Key k"}) as c:
+        yield c
+
+
+TEXT = {"prompt": "p", "resolution": "240p", "aspect_ratio": "16:9", "num_frames": 17}
+
+
+def test_sub_path_request_routes_and_fal_404s(client):
+    """status/result/cancel also answer with the sub-endpoint kept; unknown fal paths are 404s with detail."""
+    rid = client.post("/fal-ai/wan-vace-14b/pose", json=dict(TEXT, video_url=VID, resolution="240p")).json()[
+        "request_id"]
+    r = client.get(f"/fal-ai/wan-vace-14b/pose/requests/{rid}/status", params={"logs": "1"})
+    assert r.status_code == 202 and r.json()["status"] == "IN_QUEUE" and isinstance(r.json()["logs"], list)
+    r = client.get(f"/fal-ai/wan-vace-14b/pose/requests/{rid}")
+    assert r.status_code == 400 and r.json()["detail"] == "Request is still in progress"
+    assert client.get(f"/fal-ai/wan-vace-14b/face/requests/{rid}/status").status_code == 404
+    r = client.put(f"/fal-ai/wan-vace-14b/depth/requests/{rid}/cancel")
+    assert r.status_code == 202 and r.json() == {"status": "CANCELLATION_REQUESTED"}
+    r = client.put(f"/fal-ai/wan-vace-14b/requests/{rid}/cancel")
+    assert r.status_code == 400 and r.json() == {"status": "ALREADY_COMPLETED"}
+    for path in ("/fal-ai/other/requests/x/status", "/fal-ai/wan-vace-14b/requests/x/status/stream", "/run/x"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.headers["x-fal-request-id"] and "not found" in r.json()["detail"]
+
+
+def test_body_and_webhook_errors_are_located(client):
+    """A non-object body is loc ["body"]; a bad fal_webhook is loc ["query", "fal_webhook"]; both 422."""
+    for body in ([], "s", 3):
+        r = client.post("/fal-ai/wan-vace-14b", json=body)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"], r.text
+    for hook in ("ftp://x/y", "http://169.254.169.254/hook"):
+        r = client.post("/fal-ai/wan-vace-14b", json=TEXT, params={"fal_webhook": hook})
+        assert r.status_code == 422 and r.headers["x-fal-request-id"]
+        assert r.json()["detail"][0]["loc"] == ["query", "fal_webhook"], r.text
+    r = client.post("/fal-ai/wan-vace-14b/pose", json={"prompt": "p", "video_url": ""})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "video_url"], r.text

@@ -148,9 +148,9 @@ async def fetch(request: Request, core: Core = Depends(get_core)) -> Response:
     if not gid:
         raise ApiError(400, "generation_id: query parameter is required", field="generation_id",
                        error_type="validation_error")
-    job_id = gid.split(":", 1)[0]
+    job_id, sep, model = gid.partition(":")
     job = core.get_job(job_id)
-    if job is None or job.dialect != NAME:
+    if job is None or job.dialect != NAME or (sep and model != job.model):
         raise ApiError(404, f"generation '{gid}' not found", error_type="not_found")
     return JSONResponse(render_generation(job, core, core.base_url(request)))
 

@@ -155,9 +155,12 @@ def validation_api_error(exc: ValidationError, field_names: dict[str, str] | Non
                     errors=errs)
 
 
-def field_api_error(field: str, message: str, status_code: int = 422, etype: str = "value_error") -> ApiError:
+def field_api_error(field: str, message: str, status_code: int = 422, etype: str = "value_error",
+                    where: str = "body") -> ApiError:
+    """One named field's error; `where` is fal's loc root ("body" or "query"); field "body" = the whole body."""
+    loc = [where] if field == where else [where, field]
     return ApiError(status_code, f"{field}: {message}", field=field, error_type="validation_error",
-                    errors=[{"loc": ["body", field], "msg": message, "type": etype}])
+                    errors=[{"loc": loc, "msg": message, "type": etype}])
 
 
 def _request_id(request: Request) -> str:
@@ -332,7 +335,12 @@ async def create_fal_job(request: Request, core: Core, app_path: str) -> JobReco
         raise field_api_error(e.field, e.message) from None
     except ValidationError as e:
         raise validation_api_error(e, FIELD_NAMES) from None
-    webhook = request.query_params.get("fal_webhook")
+    webhook = request.query_params.get("fal_webhook") or None
+    if webhook is not None:
+        try:
+            core.check_webhook_url(webhook, "fal_webhook")
+        except ApiError as e:
+            raise field_api_error("fal_webhook", e.message.split(": ", 1)[-1], where="query") from None
     raw = {k: (v[:64] + "…" if isinstance(v, str) and v.startswith("data:") else v) for k, v in body.items()}
     logs = [served_note(core, app_id, REQUESTED_FAMILY), *tr.notes]
     try:
@@ -358,6 +366,34 @@ def _job_or_404(core: Core, request_id: str) -> JobRecord:
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"Request '{request_id}' not found", error_type="not_found")
     return job
+
+
+#: The same routes with the sub-endpoint kept (`.../wan-vace-14b/pose/requests/{id}`): fal-client drops it,
+#: hand-built URLs often keep it.
+SUB_REQ = f"/{OWNER}/{ALIAS}/{{endpoint}}/requests/{{request_id}}"
+
+
+def _check_endpoint(endpoint: str) -> None:
+    if endpoint not in FAL_ENDPOINTS or not endpoint:
+        split_app_path(f"{FAL_APP_ID}/{endpoint}")  # raises the 404 that lists the served endpoints
+
+
+@router.get(SUB_REQ + "/status", dependencies=authed, include_in_schema=False)
+async def status_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    _check_endpoint(endpoint)
+    return await status(request_id, request, core)
+
+
+@router.get(SUB_REQ, dependencies=authed, include_in_schema=False)
+async def result_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    _check_endpoint(endpoint)
+    return await result(request_id, request, core)
+
+
+@router.put(SUB_REQ + "/cancel", dependencies=authed, include_in_schema=False)
+async def cancel_sub(endpoint: str, request_id: str, core: Core = Depends(get_core)) -> Response:
+    _check_endpoint(endpoint)
+    return await cancel(request_id, core)
 
 
 @router.get(REQ + "/status", dependencies=authed, summary="fal queue status")
@@ -387,6 +423,14 @@ async def cancel(request_id: str, core: Core = Depends(get_core)) -> Response:
         return _json({"status": "ALREADY_COMPLETED"}, request_id, 400)
     core.cancel_job(request_id)
     return _json({"status": "CANCELLATION_REQUESTED"}, request_id, 202)
+
+
+@router.api_route(f"/{OWNER}/{{rest:path}}", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+@router.api_route("/run/{rest:path}", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+async def not_found(rest: str, request: Request) -> Response:
+    """Anything else under fal's prefixes: a 404 in fal's shape (not the catch-all's 405)."""
+    raise ApiError(404, f"{request.method} {request.url.path} not found: fal routes are POST "
+                   f"/{FAL_APP_ID}[/sub], GET {REQ}[/status] and PUT {REQ}/cancel", error_type="not_found")
 
 
 @router.post("/run/{app_path:path}", dependencies=authed, summary="fal synchronous run")

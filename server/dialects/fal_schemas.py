@@ -38,6 +38,8 @@ SHORT_SIDE = {"240p": 240, "360p": 352, "480p": 480, "580p": 576, "720p": 720}
 LANDSCAPE = {"240p": (416, 240), "360p": (640, 352), "480p": (832, 480), "580p": (1024, 576), "720p": (1280, 720)}
 #: Without an input video, "auto" resolution means Wan's native 480p.
 DEFAULT_TIER = "480p"
+#: Tasks whose control signal comes from `video_url`.
+VIDEO_TASKS = ("depth", "pose", "inpainting", "outpainting", "reframe")
 MAX_SIDE = 2048
 
 
@@ -288,10 +290,12 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
                              req.match_input_frames_per_second, source, notes)
 
     canvas_aspect = None
+    # With a probed source the switches are applied here (the counts above, logged at submit); the run path
+    # re-applies them only when the route could not probe, so server-side caps on num_frames still hold.
     control: dict[str, Any] = {
         "transparency_mode": req.transparency_mode,
-        "match_input_num_frames": req.match_input_num_frames,
-        "match_input_frames_per_second": req.match_input_frames_per_second,
+        "match_input_num_frames": req.match_input_num_frames and source is None,
+        "match_input_frames_per_second": req.match_input_frames_per_second and source is None,
     }
     if task in ("depth", "pose") and hasattr(req, "preprocess"):
         control["preprocess"] = req.preprocess
@@ -315,6 +319,11 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         else:
             notes.append("mask_image_url ignored: mask_video_url is given")
             mask_image = None
+    if task in VIDEO_TASKS and not req.video_url:
+        raise FieldError("video_url", f"required (a non-empty URL) for the {task} task")
+    if (mask_video or mask_image) and not req.video_url:
+        raise FieldError("mask_image_url" if mask_image else "mask_video_url",
+                         "a mask needs video_url (the video it applies to)")
     if task == "inpainting" and not (mask_video or mask_image):
         raise FieldError("mask_video_url", "inpainting needs mask_video_url or mask_image_url")
     inputs = JobInputs(
