@@ -51,15 +51,20 @@ def frame_image(
     Opaque pixels are kept (mask 0). Transparent pixels follow `transparency_mode`: `content_aware` → gray
     and generated (mask 1); `white` / `black` → composited onto that colour and kept.
     """
-    rgba = cover_crop(_rgba(Path(path), field), height, width)
-    alpha = rgba[..., 3]
+    rgba = _rgba(Path(path), field)
+    # Resize premultiplied colour: the RGB hidden under transparent pixels must not bleed into the edges
+    # (a white subject on a transparent black canvas would get a dark halo).
+    a = rgba[..., 3:4] / 255.0
+    scaled = cover_crop(np.concatenate([rgba[..., :3] * a, a], axis=-1), height, width)
+    alpha = np.clip(scaled[..., 3], 0.0, 1.0)
+    premul = np.clip(scaled[..., :3], 0.0, 255.0 * alpha[..., None])
     if transparency_mode == "content_aware":
-        transparent = alpha < 128.0
-        rgb = rgba[..., :3].copy()
+        transparent = alpha < 0.5
+        rgb = premul / np.maximum(alpha, 1e-6)[..., None]
         rgb[transparent] = GRAY_U8
         mask = transparent.astype(np.float32)
     elif transparency_mode in ("white", "black"):
-        rgb = _composite(rgba, 255.0 if transparency_mode == "white" else 0.0)
+        rgb = premul + (255.0 if transparency_mode == "white" else 0.0) * (1.0 - alpha[..., None])
         mask = np.zeros(alpha.shape, dtype=np.float32)
     else:
         raise InputError("control.transparency_mode", f"unknown transparency mode '{transparency_mode}'")

@@ -104,3 +104,25 @@ def test_transparent_first_image_composes_with_the_task_frame(tmp_path):
                      LocalInputs(video=v, first_image=first))
     assert np.all(c.masks[0][:, 66:] == 1) and np.array_equal(c.frames[0][:, 66:], base.frames[0][:, 66:])
     assert np.all(c.masks[0][:, :62] == 0)
+
+
+@pytest.mark.parametrize("mode", ["white", "content_aware"])
+def test_rgba_end_frame_resize_has_no_halo(tmp_path, mode):
+    # A white disc on a transparent *black* canvas, downscaled 4x: the hidden black must not bleed into the
+    # edge (it gave a 0.75-gray ring). Composited on white the frame is pure white; content_aware keeps the
+    # disc white and grays only the transparent part.
+    from PIL import Image
+
+    yy, xx = np.mgrid[:256, :256]
+    disc = np.hypot(yy - 128, xx - 128) < 80
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[disc] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "disc.png")
+    b = build_bundle(JobSpec(width=64, height=64, num_frames=17, inputs={"first_image": "f"},
+                             control={"transparency_mode": mode}), LocalInputs(first_image=tmp_path / "disc.png"))
+    f, m = b.frames[0], b.masks[0]
+    if mode == "white":
+        assert np.all(f == 1.0) and np.all(m == 0)
+    else:
+        assert np.all(f[m == 0] == 1.0) and np.all(f[m == 1] == 0.5)
+        assert abs(m.mean() - (1 - np.pi * 20**2 / 64**2)) < 0.02
