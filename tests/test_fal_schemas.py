@@ -157,8 +157,17 @@ def test_temporal_extras_and_interpolator():
     assert (tm.temporal_downsample_factor, tm.num_interpolated_frames, tm.enable_auto_downsample) == (2, 1, True)
     assert tm.auto_downsample_min_fps == 8 and tm.interpolator == "flow"
     assert any("film" in n for n in t.notes)
-    assert tr("pose", video_url=VID, interpolator_model="rife").spec.temporal.interpolator == "rife"
     assert tr("reframe", video_url=VID, temporal_upsample_factor=2).spec.temporal.num_interpolated_frames == 2
+
+
+def test_rife_is_used_when_its_weights_exist_else_served_by_flow(tmp_path, monkeypatch):
+    """'rife' is a valid fal value: without weights it falls back to the flow interpolator (noted), never fails."""
+    monkeypatch.setenv("VACE_RIFE_ONNX", str(tmp_path / "absent.onnx"))
+    t = tr("pose", video_url=VID, interpolator_model="rife", num_interpolated_frames=1)
+    assert t.spec.temporal.interpolator == "flow" and any("no RIFE weights" in n for n in t.notes)
+    (tmp_path / "rife.onnx").write_bytes(b"onnx")
+    monkeypatch.setenv("VACE_RIFE_ONNX", str(tmp_path / "rife.onnx"))
+    assert tr("pose", video_url=VID, interpolator_model="rife").spec.temporal.interpolator == "rife"
 
 
 def test_sync_mode_and_ignored_fields():

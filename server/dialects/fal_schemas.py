@@ -239,12 +239,22 @@ def timing(
 
 
 def temporal_options(req: Any, notes: list[str]) -> TemporalOptions:
-    """fal's downsample/interpolation extras; 'film' is served by the built-in optical-flow interpolator."""
+    """fal's downsample/interpolation extras. 'film' is served by the built-in optical-flow interpolator, and so
+    is 'rife' when no RIFE weights are installed: both are valid fal values, so a fal client never fails on them."""
+    from vace_local.interpolate import rife_model_path
+
     k = req.num_interpolated_frames
     if getattr(req, "temporal_upsample_factor", None) is not None and not k:
         k = req.temporal_upsample_factor
-    interp = "rife" if req.interpolator_model == "rife" else "flow"
-    if req.interpolator_model == "film" and (k or req.temporal_downsample_factor or req.enable_auto_downsample):
+    used = bool(k or req.temporal_downsample_factor or req.enable_auto_downsample)
+    interp = "flow"
+    if req.interpolator_model == "rife":
+        if rife_model_path().is_file():
+            interp = "rife"
+        elif used:
+            notes.append(f"interpolator_model 'rife': no RIFE weights at {rife_model_path()} (VACE_RIFE_ONNX), "
+                         "served by the built-in optical-flow interpolator")
+    if req.interpolator_model == "film" and used:
         notes.append("interpolator_model 'film' is served by the built-in optical-flow interpolator")
     return TemporalOptions(
         num_interpolated_frames=k,
