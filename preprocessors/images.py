@@ -12,9 +12,23 @@ from vace_local.media import load_image
 from vace_local.spec import MAX_REFERENCE_IMAGES
 
 
+def _to_8bit(im):  # noqa: ANN001, ANN202 - PIL.Image in and out
+    """16-bit / 32-bit gray images scaled to 8-bit "L": PIL's own convert clips them (mid-gray → white)."""
+    from PIL import Image
+
+    if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F" and a.size and a.max() <= 1.0:
+        a = a * 255.0
+    elif im.mode != "F" or (a.size and a.max() > 255.0):
+        a = a / 257.0  # 0..65535 → 0..255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def _rgba(path: Path, field: str) -> np.ndarray:
     """(H, W, 4) float32 0..255, alpha 255 where the image has no transparency."""
-    im = load_image(path, field=field, mode=None)
+    im = _to_8bit(load_image(path, field=field, mode=None))
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("LA", "PA"):
@@ -75,7 +89,7 @@ def mask_image(
     path: Path, video_w: int, video_h: int, height: int, width: int, field: str = "mask_image"
 ) -> np.ndarray:
     """A still mask (white = generate) checked against the video's shape, cover-cropped like the video."""
-    im = load_image(path, field=field, mode=None)
+    im = _to_8bit(load_image(path, field=field, mode=None))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
         gray = _composite(rgba, 0.0).mean(axis=-1)  # transparent = black = keep

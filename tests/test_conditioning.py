@@ -126,3 +126,25 @@ def test_rgba_end_frame_resize_has_no_halo(tmp_path, mode):
     else:
         assert np.all(f[m == 0] == 1.0) and np.all(f[m == 1] == 0.5)
         assert abs(m.mean() - (1 - np.pi * 20**2 / 64**2)) < 0.02
+
+
+def test_16bit_images_are_scaled_not_clipped(tmp_path):
+    # PIL's I;16 → RGB conversion clips at 255, so a 16-bit gray ramp became almost all white.
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    mask16 = np.zeros((32, 64), np.uint16)
+    mask16[:, 32:] = 40000  # 61 % white: generate; PIL would also clip 200 (keep) to white
+    mask16[:, :32] = 200
+    Image.fromarray(mask16).save(tmp_path / "m16.png")
+    s = JobSpec(width=64, height=64, num_frames=17, inputs={"first_image": "f", "reference_images": ["r"]})
+    b = build_bundle(s, LocalInputs(first_image=tmp_path / "g16.png", reference_images=[tmp_path / "g16.png"]))
+    expect = np.repeat((np.rint(ramp / 257.0) / 255.0)[..., None], 3, axis=-1)
+    assert np.abs(b.frames[0] - expect).max() < 1e-6
+    assert np.abs(b.reference_images[0] - expect).max() < 1e-6
+    v = write_video(np.full((17, 32, 64, 3), 90, np.uint8), tmp_path / "v.mp4", fps=16, quality="maximum")
+    m = build_bundle(JobSpec(task="inpainting", width=64, height=32, num_frames=17,
+                             inputs={"video": "v", "mask_image": "m"}, control={"mask_tracker": "static"}),
+                     LocalInputs(video=v, mask_image=tmp_path / "m16.png"))
+    assert np.all(m.masks[:, :, :32] == 0) and np.all(m.masks[:, :, 32:] == 1)
