@@ -280,9 +280,9 @@ class Core:
         parts = urlsplit(v)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise InputError(field_name, "must be an http(s) URL, a data URI or a file uploaded to this server")
-        if parts.netloc.lower() in self.own_netlocs(base) or parts.path.startswith("/files/"):
+        if parts.netloc.lower() in self.own_netlocs(base):  # other hosts' /files/… (e.g. CDNs) are just URLs
             ref = safety.parse_file_url_path(parts.path, field_name)
-            if ref is not None and parts.netloc.lower() in self.own_netlocs(base):
+            if ref is not None:
                 kind, ident, name = ref
                 path = safety.safe_data_path(self.data_dir, kind, ident, name)
                 if kind == "uploads":

@@ -344,3 +344,13 @@ def test_empty_webhook_param_means_none(client):
     r = client.post(SUBMIT + "?webhook=", json={"prompt": "x"}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert client.app.state.core.get_job(r.json()["data"]["id"]).webhook_url is None
+
+
+def test_other_hosts_files_paths_are_plain_urls(client):
+    # CDN URLs often live under /files/ (e.g. https://v3.fal.media/files/…): only our own host maps to disk
+    url = "https://v3.fal.media/files/penguin/abc123_ref.png"
+    r = _submit(client, {"prompt": "x", "images": [url]})
+    assert r.status_code == 200, r.text
+    assert client.app.state.core.get_job(r.json()["data"]["id"]).spec["inputs"]["reference_images"] == [url]
+    r = _submit(client, {"prompt": "x", "video": "http://testserver/files/uploads/../../jobs.db"})
+    assert r.status_code == 400 and "path traversal refused" in r.json()["message"]
