@@ -274,3 +274,20 @@ def test_body_and_webhook_errors_are_located(client):
         assert r.json()["detail"][0]["loc"] == ["query", "fal_webhook"], r.text
     r = client.post("/fal-ai/wan-vace-14b/pose", json={"prompt": "p", "video_url": ""})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "video_url"], r.text
+
+
+def test_validation_locs_are_pydantic_shaped(client):
+    """NaN/Infinity are 'not finite' (not a misleading range error); list indices are ints in `loc`;
+    pydantic's 'Value error, ' prefix is dropped."""
+    for field, raw in (("guidance_scale", "NaN"), ("shift", "Infinity")):
+        body = '{"prompt": "p", "' + field + '": ' + raw + '}'
+        r = client.post("/fal-ai/wan-vace-14b", content=body, headers={"content-type": "application/json"})
+        d = r.json()["detail"][0]
+        assert r.status_code == 422 and d["loc"] == ["body", field] and d["type"] == "finite_number", r.text
+    r = client.post("/fal-ai/wan-vace-14b", json=dict(TEXT, ref_image_urls=["https://example.com/a.png", 1]))
+    assert r.json()["detail"][0]["loc"] == ["body", "ref_image_urls", 1], r.text
+    r = client.post("/fal-ai/wan-vace-14b", json=dict(TEXT, ref_image_urls=["data:image/png;base64,!!"]))
+    assert r.json()["detail"][0]["loc"] == ["body", "ref_image_urls", 0], r.text
+    r = client.post("/fal-ai/wan-vace-14b", json=dict(TEXT, ref_image_urls=[VID] * 6))
+    d = r.json()["detail"][0]
+    assert d["loc"] == ["body", "ref_image_urls"] and d["msg"].startswith("at most 5"), r.text

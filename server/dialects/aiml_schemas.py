@@ -28,7 +28,8 @@ AIML_MODELS = tuple(AIML_MODEL_PREFIX + t for t in AIML_TASKS)
 
 
 class _AimlCommon(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    #: Unknown fields are ignored as at fal; NaN / Infinity are refused as "not a finite number".
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     video_url: str

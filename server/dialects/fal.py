@@ -140,27 +140,38 @@ def needs_source(body: Any) -> bool:
 
 # ---- errors ---------------------------------------------------------------------------------------------
 
+def _loc(name: str, where: str = "body") -> list[str | int]:
+    """`ref_image_urls[1]` / `ref_image_urls.1` → [where, "ref_image_urls", 1] (pydantic's loc, indices as ints)."""
+    parts = [p for p in re.split(r"[.\[\]]+", name) if p] if name and name != where else []
+    return [where, *(int(p) if p.isdigit() else p for p in parts)]
+
+
+def _loc_text(loc: list[str | int]) -> str:
+    out = ""
+    for p in loc[1:]:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out or str(loc[0])
+
+
 def validation_api_error(exc: ValidationError, field_names: dict[str, str] | None = None,
                          status_code: int = 422) -> ApiError:
     """pydantic errors → ApiError whose `errors` is fal's per-field list (loc starts with "body")."""
     errs: list[dict[str, Any]] = []
     for e in exc.errors():
-        loc = [str(x) for x in e.get("loc", ())]
-        path = ".".join(loc)
+        path = ".".join(str(x) for x in e.get("loc", ()))
         name = user_field(path, field_names) if path else ""
-        errs.append({"loc": ["body", *name.split(".")] if name else ["body"], "msg": e.get("msg", "invalid"),
-                     "type": e.get("type", "value_error")})
-    msg = "; ".join(f"{'.'.join(x['loc'][1:]) or 'body'}: {x['msg']}" for x in errs[:5])
-    return ApiError(status_code, msg, field=errs[0]["loc"][-1] if errs else None, error_type="validation_error",
-                    errors=errs)
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        errs.append({"loc": _loc(name), "msg": msg, "type": e.get("type", "value_error")})
+    msg = "; ".join(f"{_loc_text(x['loc'])}: {x['msg']}" for x in errs[:5])
+    first = next((p for p in errs[0]["loc"][1:] if isinstance(p, str)), None) if errs else None
+    return ApiError(status_code, msg, field=first, error_type="validation_error", errors=errs)
 
 
 def field_api_error(field: str, message: str, status_code: int = 422, etype: str = "value_error",
                     where: str = "body") -> ApiError:
     """One named field's error; `where` is fal's loc root ("body" or "query"); field "body" = the whole body."""
-    loc = [where] if field == where else [where, field]
-    return ApiError(status_code, f"{field}: {message}", field=field, error_type="validation_error",
-                    errors=[{"loc": loc, "msg": message, "type": etype}])
+    return ApiError(status_code, f"{field}: {message}", field=field.split("[")[0], error_type="validation_error",
+                    errors=[{"loc": _loc(field, where), "msg": message, "type": etype}])
 
 
 def _request_id(request: Request) -> str:

@@ -76,7 +76,8 @@ class Translation:
 class _Common(BaseModel):
     """Fields shared by all six endpoints."""
 
-    model_config = ConfigDict(extra="ignore")
+    #: Unknown fields are ignored as at fal; NaN / Infinity are refused as "not a finite number".
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str
     negative_prompt: str = FAL_NEGATIVE_PROMPT
