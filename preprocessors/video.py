@@ -67,7 +67,42 @@ def _rotation(path: str) -> int:
     return parse_display_rotation(err)
 
 
-def _reader(path: Path, field: str):  # noqa: ANN202 - decord.VideoReader
+class _FfmpegReader:
+    """Fallback for containers decord cannot open (GIF, some AVI/WebM): frames come from imageio-ffmpeg.
+
+    It has the few `decord.VideoReader` members we use; `get_batch` is refused so `iter_frames` takes its
+    sequential ffmpeg path.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import imageio_ffmpeg
+
+        gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        try:
+            meta = next(gen)
+            w, h = meta["size"]
+            self._first = np.frombuffer(next(gen), np.uint8).reshape(h, w, 3)
+        finally:
+            gen.close()
+        self._fps = float(meta.get("fps") or 0.0)
+        self._n = int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i != 0:
+            raise IndexError("the ffmpeg fallback reader serves frame 0 only; use iter_frames")
+        return self._first
+
+    def get_avg_fps(self) -> float:
+        return self._fps
+
+    def get_batch(self, idx: list[int]) -> None:
+        raise NotImplementedError("sequential ffmpeg decode")
+
+
+def _reader(path: Path, field: str):  # noqa: ANN202 - decord.VideoReader or _FfmpegReader
     import decord
 
     if not path.is_file():
@@ -75,7 +110,10 @@ def _reader(path: Path, field: str):  # noqa: ANN202 - decord.VideoReader
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
     except Exception as exc:  # decord raises DECORDError / RuntimeError for anything unreadable
-        raise InputError(field, f"not a readable video ({type(exc).__name__})") from exc
+        try:
+            vr = _FfmpegReader(path)  # a format ffmpeg knows but decord does not (e.g. GIF)
+        except Exception:  # noqa: BLE001 - not a video at all: report decord's verdict
+            raise InputError(field, f"not a readable video ({type(exc).__name__})") from exc
     if len(vr) == 0:
         raise InputError(field, "video has no frames")
     return vr

@@ -216,3 +216,17 @@ def test_full_range_video_matches_its_first_frame_image():
     ref = build_bundle(s, LocalInputs(first_image=FIX / "vace" / "test.jpg")).frames[0]
     assert abs(b.frames[0].mean() - ref.mean()) < 0.02
     assert np.abs(b.frames[0] - ref).mean() < 0.04
+
+
+def test_gif_video_decodes_through_the_ffmpeg_fallback(tmp_path):
+    """decord cannot open GIFs; ffmpeg can, so a GIF is a valid video input."""
+    from PIL import Image
+
+    imgs = [Image.fromarray(np.full((48, 64, 3), 20 + 20 * i, np.uint8)) for i in range(10)]
+    gif = tmp_path / "clip.gif"
+    imgs[0].save(gif, save_all=True, append_images=imgs[1:], duration=100, loop=0)  # 10 fps
+    b = build_bundle(spec(), LocalInputs(video=gif))
+    b.check(17, 64, 128)
+    assert b.info["frames_from_video"] == 16  # 1 s at 10 fps → 16 frames at 16 fps, then padding
+    levels = b.frames[:16].mean(axis=(1, 2, 3)) * 255
+    assert abs(levels[0] - 20) < 3 and abs(levels[15] - 200) < 3
