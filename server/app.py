@@ -148,6 +148,19 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         etype = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return render(request, ApiError(exc.status_code, msg, error_type=etype))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        """Last resort: still the dialect's envelope (SDKs parse it, and retry 5xx on polls), never a bare 500."""
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(exc, OperationalError):  # e.g. the SQLite file is locked or the database is unreachable
+            log.error("job store unavailable: %s", exc)
+            return render(request, ApiError(503, "the job store is temporarily unavailable; retry shortly",
+                                            error_type="unavailable"))
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return render(request, ApiError(500, f"internal server error ({type(exc).__name__}); the server "
+                                             "logged the details", error_type="internal_error"))
+
     # ---- operational endpoints ----
 
     @app.get("/health", tags=["ops"], summary="Process is up")

@@ -354,3 +354,25 @@ def test_other_hosts_files_paths_are_plain_urls(client):
     assert client.app.state.core.get_job(r.json()["data"]["id"]).spec["inputs"]["reference_images"] == [url]
     r = _submit(client, {"prompt": "x", "video": "http://testserver/files/uploads/../../jobs.db"})
     assert r.status_code == 400 and "path traversal refused" in r.json()["message"]
+
+
+def test_unexpected_errors_keep_the_envelope(tmp_path):
+    from server.store import jobs
+
+    settings = Settings(data_dir=tmp_path, workers="0", api_keys=[KEY], model="tiny")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        jid = c.post(SUBMIT, json={"prompt": "x"}, headers=AUTH).json()["data"]["id"]
+        core = c.app.state.core
+        with core.store.engine.begin() as conn:  # a row this version cannot render (e.g. written by a newer one)
+            conn.execute(jobs.update().where(jobs.c.id == jid).values(status="paused"))
+        r = c.get(f"/api/v3/predictions/{jid}/result", headers=AUTH)
+        assert r.status_code == 500 and r.json()["code"] == 500 and r.json()["data"] is None
+        assert "internal server error (KeyError)" in r.json()["message"]
+        # base64 output whose file is gone: a 404 naming the prediction, not a crash
+        jid = c.post(SUBMIT, json={"prompt": "x", "enable_base64_output": True}, headers=AUTH).json()["data"]["id"]
+        job = core.store.claim_next("w")
+        core.store.finish_job(job.id, "w", status="succeeded", outputs=[
+            {"kind": "video", "file": "output.mp4", "content_type": "video/mp4", "size": 10}])
+        r = c.get(f"/api/v3/predictions/{jid}", headers=AUTH)
+        assert r.status_code == 404 and "no longer available" in r.json()["message"]
+        assert c.get("/health").status_code == 200

@@ -164,7 +164,11 @@ def render_data(job: JobRecord, core: Core, base: str, *, base64_output: bool | 
     media = [o for o in outs if str(o.get("content_type", "")).startswith(("video/", "image/"))]
     videos = [o for o in media if o.get("kind") == "video"] + [o for o in media if o.get("kind") != "video"]
     if base64_output:
-        outputs = [base64.b64encode(core.output_path(job, o).read_bytes()).decode() for o in videos]
+        try:
+            outputs = [base64.b64encode(core.output_path(job, o).read_bytes()).decode() for o in videos]
+        except OSError:
+            raise ApiError(404, f"the outputs of prediction '{job.id}' are no longer available",
+                           error_type="not_found") from None
     else:
         outputs = [o["url"] for o in videos]
     infer_ms = int(round(1000 * (job.timings.get("generate") or 0.0)))
