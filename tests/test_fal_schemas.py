@@ -291,3 +291,31 @@ def test_validation_locs_are_pydantic_shaped(client):
     r = client.post("/fal-ai/wan-vace-14b", json=dict(TEXT, ref_image_urls=[VID] * 6))
     d = r.json()["detail"][0]
     assert d["loc"] == ["body", "ref_image_urls"] and d["msg"].startswith("at most 5"), r.text
+
+
+def test_unreachable_remote_video_is_accepted_and_noted(tmp_path):
+    """As at fal and the AI/ML API, a remote video that cannot be fetched at submit is not a submit error: the
+    job is queued (default geometry, noted in its logs) and fails or succeeds when the worker fetches it.
+    Refused hosts stay submit-time errors."""
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: connection refused
+    url = f"http://127.0.0.1:{port}/v.mp4"
+    settings = Settings(data_dir=tmp_path, workers="0", api_keys=["k"], model="tiny", allowed_hosts=["127.0.0.1"])
+    with TestClient(create_app(settings), headers={"Authorization": "Key k"}) as c:
+        r = c.post("/fal-ai/wan-vace-14b/pose", json={"prompt": "p", "video_url": url})
+        assert r.status_code == 200, r.text
+        logs = c.get(r.json()["status_url"].replace(str(c.base_url), ""), params={"logs": 1}).json()["logs"]
+        assert any("could not be fetched at submit" in x["message"] for x in logs), logs
+        r = c.post("/v2/video/generations", json={"model": "alibaba/wan2.2-vace-fun-a14b-reframe", "video_url": url},
+                   headers={"Authorization": "Bearer k"})
+        assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+        r = c.post("/fal-ai/wan-vace-14b/pose", json={"prompt": "p", "video_url": "http://10.0.0.1/v.mp4"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "video_url"]

@@ -120,10 +120,10 @@ async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     if problem:
         raise ApiError(404, problem, error_type="model_not_served")
     base = core.base_url(request)
-    source = None
+    source, probe_note = None, None
     if needs_source(req):
         try:
-            source, local_ref = await probe_source(core, base, req.video_url, "video_url")
+            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url")
         except InputError as e:
             raise ApiError(400, f"{e.field}: {e.message}", field=e.field, error_type="invalid_input") from None
         req = req.model_copy(update={"video_url": local_ref})
@@ -135,7 +135,7 @@ async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     except ValidationError as e:
         raise validation_api_error(e, FIELD_NAMES, status_code=400) from None
     raw = {k: (v[:64] + "…" if isinstance(v, str) and v.startswith("data:") else v) for k, v in body.items()}
-    logs = [served_note(core, req.model, REQUESTED_FAMILY), *tr.notes]
+    logs = [served_note(core, req.model, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
     job = core.create_job(tr.spec, dialect=NAME, model_id=req.model, base_url=base, field_names=FIELD_NAMES,
                           logs=logs, extra={"input": raw, "ignored": tr.ignored})
     log.info("aiml job %s for %s (%s)", job.id, req.model, "; ".join(logs))

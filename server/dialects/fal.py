@@ -110,9 +110,18 @@ async def _file_chunks(path: Path):  # noqa: ANN202 - async generator
             yield chunk
 
 
-async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[SourceInfo, str]:
-    """Make the input video local (stored as an upload), probe it; returns its facts and the reference
-    to submit instead (our own file URL, so the worker does not download it again)."""
+#: Longest a submit waits to fetch a remote input video for probing; beyond it the worker fetches it.
+SUBMIT_PROBE_TIMEOUT_S = 30.0
+
+
+async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[SourceInfo | None, str, str | None]:
+    """Make the input video local (stored as an upload), probe it; returns its facts, the reference to submit
+    instead (our own file URL, so the worker does not download it again) and None.
+
+    A refused reference (scheme, literal private/loopback host, bad data URI) or content that is not a readable
+    video raises InputError. A remote video that cannot be fetched now (network error, HTTP error, slow host)
+    does not: like fal and the AI/ML API, the request is accepted and the job fails (or succeeds) when the
+    worker fetches it; then this returns (None, value, note) and the size/timing use the defaults."""
     from vace_local.media import probe_video
 
     ref = core.resolve_input_reference(value, field, base, "video")
@@ -120,15 +129,20 @@ async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[S
         with tempfile.TemporaryDirectory(dir=core.data_dir / "cache") as tmp:
             dest = Path(tmp) / "video"
             s = core.settings
-            await asyncio.to_thread(safety.download, ref, dest, field, allowed=s.allowed_hosts,
-                                    max_bytes=s.max_download_bytes, timeout_s=s.download_timeout_s)
+            try:
+                await asyncio.to_thread(safety.download, ref, dest, field, allowed=s.allowed_hosts,
+                                        max_bytes=s.max_download_bytes,
+                                        timeout_s=min(s.download_timeout_s, SUBMIT_PROBE_TIMEOUT_S))
+            except InputError as e:
+                return None, value, (f"{field} could not be fetched at submit ({e.message}); the worker fetches "
+                                     "it, and resolution/aspect_ratio 'auto' use the defaults")
             ext = safety.check_file(dest, field, "video")
             info = await core.save_upload(_file_chunks(dest), f"{field}.{ext}", safety.mime_of(ext))
         local = str(info.path)
     else:
         local = ref
     n, fps, w, h = await asyncio.to_thread(probe_video, local, field)
-    return SourceInfo(num_frames=n, fps=fps, width=w, height=h), _local_path_url(core, base, local)
+    return SourceInfo(num_frames=n, fps=fps, width=w, height=h), _local_path_url(core, base, local), None
 
 
 def needs_source(body: Any) -> bool:
@@ -333,10 +347,10 @@ async def create_fal_job(request: Request, core: Core, app_path: str) -> JobReco
     except ValidationError as e:
         raise validation_api_error(e) from None
     base = core.base_url(request)
-    source = None
+    source, probe_note = None, None
     if needs_source(req):
         try:
-            source, local_ref = await probe_source(core, base, req.video_url, "video_url")
+            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url")
         except InputError as e:
             raise field_api_error(e.field, e.message) from None
         req = req.model_copy(update={"video_url": local_ref})
@@ -353,7 +367,7 @@ async def create_fal_job(request: Request, core: Core, app_path: str) -> JobReco
         except ApiError as e:
             raise field_api_error("fal_webhook", e.message.split(": ", 1)[-1], where="query") from None
     raw = {k: (v[:64] + "…" if isinstance(v, str) and v.startswith("data:") else v) for k, v in body.items()}
-    logs = [served_note(core, app_id, REQUESTED_FAMILY), *tr.notes]
+    logs = [served_note(core, app_id, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
     try:
         job = core.create_job(
             tr.spec, dialect=NAME, model_id=app_id, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
