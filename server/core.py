@@ -155,14 +155,15 @@ def validation_error(exc: ValidationError | list[dict[str, Any]], field_names: d
             path = ""
         elif not path and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
             got = e.get("input")
-            json_names = {"NoneType": "null", "list": "an array", "str": "a string", "int": "a number",
-                          "float": "a number", "bool": "a boolean"}
+            json_names = {"NoneType": "JSON null", "list": "a JSON array", "str": "a JSON string",
+                          "int": "a JSON number", "float": "a JSON number", "bool": "a JSON boolean"}
             what = ("a body that was not sent as JSON" if isinstance(got, bytes)
-                    else f"JSON {json_names.get(type(got).__name__, type(got).__name__)}")
+                    else json_names.get(type(got).__name__, type(got).__name__))
             msg = (f"request body must be a JSON object of the documented fields, sent with "
                    f"'Content-Type: application/json' (got {what})")
         elif e.get("type") == "missing":
-            msg = "field required"
+            msg = ("field required" if path else "request body is missing: send a JSON object of the documented "
+                   "fields with 'Content-Type: application/json'")
         elif "input" in e and e.get("type") not in ("missing",) and not isinstance(e["input"], dict | list):
             shown = repr(e["input"])
             msg += f" (got {shown[:60]})"

@@ -298,7 +298,8 @@ def test_body_envelope_errors(client):
         ("text/plain", b'{"prompt": "x"}', "must be a JSON object"),
         ("application/x-www-form-urlencoded", b"prompt=x", "Content-Type: application/json"),
         ("application/json", b"null", "got JSON null"),
-        ("application/json", b"[1]", "got JSON an array"),
+        ("application/json", b"[1]", "got a JSON array"),
+        ("application/json", b"", "request body is missing"),
         ("application/json", b'{"prompt": "\xff"}', "not valid JSON"),
     ]:
         r = client.post(SUBMIT, content=body, headers={**AUTH, "Content-Type": ctype})
