@@ -103,3 +103,21 @@ def test_generation_id_must_match_its_model(tmp_path):
         assert c.get("/v2/video/generations", params={"generation_id": gid.split(":")[0]}).status_code == 200
         r = c.get("/v2/video/generations", params={"generation_id": gid.replace("-depth", "-pose")})
         assert r.status_code == 404 and set(r.json()) == {"message", "path", "requestId", "statusCode", "timestamp"}
+
+
+def test_unknown_v2_paths_answer_in_the_aiml_shape(tmp_path):
+    """/v2 paths without a route get a 404 (405 for other methods on /v2/video/generations) as
+    {message, path, requestId, statusCode, timestamp}, not the fal catch-all's {detail}."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(data_dir=tmp_path, workers="0", api_keys=["k"], model="tiny"))
+    keys = {"message", "path", "requestId", "statusCode", "timestamp"}
+    with TestClient(app, headers={"Authorization": "Bearer k"}) as c:
+        for method, path, code in (("GET", "/v2/video/nothing", 404), ("POST", "/v2/video/nothing", 404),
+                                   ("GET", "/v2/other", 404), ("DELETE", "/v2/video/generations", 405)):
+            r = c.request(method, path)
+            assert r.status_code == code and set(r.json()) == keys, (method, path, r.text)
+            assert r.json()["path"] == path and r.json()["statusCode"] == code

@@ -97,11 +97,11 @@ def _field(name: str) -> str:
     return _FROM_FAL.get(name, name)
 
 
-router = APIRouter(prefix="/v2/video", tags=[NAME])
+router = APIRouter(prefix="/v2", tags=[NAME])
 authed = [Depends(require_auth)]
 
 
-@router.post("/generations", dependencies=authed, status_code=201, summary="Create a video generation task")
+@router.post("/video/generations", dependencies=authed, status_code=201, summary="Create a video generation task")
 async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     try:
         body = json.loads(await request.body() or b"{}")
@@ -142,7 +142,7 @@ async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     return JSONResponse(render_generation(job, core, base), status_code=201)
 
 
-@router.get("/generations", dependencies=authed, summary="Fetch a video generation task")
+@router.get("/video/generations", dependencies=authed, summary="Fetch a video generation task")
 async def fetch(request: Request, core: Core = Depends(get_core)) -> Response:
     gid = request.query_params.get("generation_id") or request.query_params.get("id")
     if not gid:
@@ -153,6 +153,16 @@ async def fetch(request: Request, core: Core = Depends(get_core)) -> Response:
     if job is None or job.dialect != NAME or (sep and model != job.model):
         raise ApiError(404, f"generation '{gid}' not found", error_type="not_found")
     return JSONResponse(render_generation(job, core, core.base_url(request)))
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+async def not_found(rest: str, request: Request) -> Response:
+    """Anything else under /v2: the AI/ML error shape (not the fal catch-all's)."""
+    if rest.strip("/") == "video/generations":
+        raise ApiError(405, f"{request.method} is not allowed on {request.url.path} (use POST or GET)",
+                       error_type="method_not_allowed")
+    raise ApiError(404, f"{request.method} {request.url.path} not found: use POST or GET /v2/video/generations",
+                   error_type="not_found")
 
 
 DIALECT = Dialect(name=NAME, router=router, render_error=render_error, path_prefixes=("/v2/",))
