@@ -32,3 +32,33 @@ def test_num_interpolated_frames_scales_frames_and_fps(tmp_path):
     assert (res.num_frames, res.fps) == (33, 16)
     n, fps, _, _ = probe_video(res.video_path)
     assert (n, round(fps)) == (33, 16)
+
+
+def test_last_image_survives_temporal_downsampling(tmp_path, fixtures_dir):
+    """The plan picks a stride that ends exactly on the job's last frame, so the last image is generated."""
+    from preprocessors import build_bundle
+    from vace_local.inputs import ResolvedInputs
+    from vace_local.interpolate import plan_for_spec
+    from vace_local.spec import JobSpec
+
+    last = fixtures_dir / "vace" / "test.jpg"
+    spec = JobSpec(model="tiny", width=64, height=48, num_frames=33, inputs={"last_image": str(last)},
+                   temporal={"temporal_downsample_factor": 2})
+    plan = plan_for_spec(spec)
+    assert plan.bundle_frames == 33 and plan.gen_frames < 33
+    bundle = plan.subsample(build_bundle(plan.bundle_spec(spec), ResolvedInputs(last_image=last)))
+    assert bundle.masks[-1].max() == 0.0  # the real last image, kept
+    assert (bundle.masks[:-1] == 1.0).all()
+
+
+def test_match_input_num_frames_returns_the_input_length(tmp_path):
+    from preprocessors.testing import index_video
+    from vace_local.media import probe_video
+    from vace_local.run import run_job
+    from vace_local.spec import JobSpec
+
+    video = index_video(tmp_path / "in.mp4", 30, 16.0, width=64, height=48)
+    spec = JobSpec(model="tiny", width=64, height=48, num_frames=17, num_inference_steps=1, seed=1,
+                   inputs={"video": str(video)}, control={"match_input_num_frames": True})
+    res = run_job(spec, tmp_path / "out")
+    assert res.num_frames == 30 and probe_video(res.video_path)[0] == 30

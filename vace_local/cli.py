@@ -61,7 +61,8 @@ def generate(
     task: Annotated[str, typer.Option(help="none | depth | depthv2 | pose | face | inpainting | outpainting | "
                                            "reframe")] = "",
     negative_prompt: Annotated[str | None, typer.Option(help="Default: the official Wan negative prompt.")] = None,
-    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT or WIDTH*HEIGHT, e.g. 832x480 (multiples of 16).")] = None,
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT or WIDTH*HEIGHT, e.g. 832x480 "
+                                                  "(multiples of 16).")] = None,
     num_frames: Annotated[int | None, typer.Option(help="4k+1 within 17..241 (81 = 5 s at 16 fps).")] = None,
     fps: Annotated[int | None, typer.Option(help="Output frames per second.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps.")] = None,

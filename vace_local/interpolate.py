@@ -109,12 +109,14 @@ def auto_downsample_factor(fps: float, min_fps: float) -> int:
 
 
 def plan_temporal(num_frames: int, fps: float, *, downsample: int = 0, auto: bool = False,
-                  auto_min_fps: float = 15.0, extra: int = 0) -> TemporalPlan:
+                  auto_min_fps: float = 15.0, extra: int = 0, exact: bool = False) -> TemporalPlan:
     """The plan for a job of `num_frames` at `fps`.
 
     An explicit `downsample` wins; otherwise `auto` picks the largest factor keeping ≥ `auto_min_fps`. A
     factor that would not reduce the generated frame count is lowered until it does (or to 0), and one that
-    generates no fewer frames than a smaller factor is lowered to that one.
+    generates no fewer frames than a smaller factor is lowered to that one. `exact` (a last image must land
+    on the job's last frame) accepts only strides whose generated frames end exactly on it, so nothing the
+    user placed at the end is trimmed away.
     """
     d = downsample if downsample > 0 else (auto_downsample_factor(fps, auto_min_fps) if auto else 0)
 
@@ -124,9 +126,9 @@ def plan_temporal(num_frames: int, fps: float, *, downsample: int = 0, auto: boo
     stride = d + 1
     while stride > 1:
         gen = gen_for(stride)
-        if gen < num_frames:
+        if gen < num_frames and (not exact or (gen - 1) * stride + 1 == num_frames):
             # 4k+1 rounding can make a smaller stride generate just as few frames: less to interpolate.
-            while stride > 2 and gen_for(stride - 1) == gen:
+            while not exact and stride > 2 and gen_for(stride - 1) == gen:
                 stride -= 1
             return TemporalPlan(stride=stride, bundle_frames=(gen - 1) * stride + 1, gen_frames=gen,
                                 num_frames=num_frames, extra=extra, fps=fps)
@@ -139,7 +141,7 @@ def plan_for_spec(spec: JobSpec) -> TemporalPlan:
     t = spec.temporal
     return plan_temporal(spec.num_frames, spec.fps, downsample=t.temporal_downsample_factor,
                          auto=t.enable_auto_downsample, auto_min_fps=t.auto_downsample_min_fps,
-                         extra=t.num_interpolated_frames)
+                         extra=t.num_interpolated_frames, exact=bool(spec.inputs.last_image))
 
 
 # --- interpolators ---------------------------------------------------------------------------------------

@@ -126,6 +126,10 @@ def run_job(
             frames = tplan.restore(frames, spec.temporal.interpolator)
             timings["interpolate"] = time.perf_counter() - t
         out_fps = tplan.output_fps
+        # match_input_num_frames padded the job up to 4k+1: give back exactly the input's frame count.
+        keep = bundle.info.get("frames_from_video") if spec.control.match_input_num_frames else None
+        if keep and not spec.temporal.num_interpolated_frames and keep < len(frames):
+            frames = frames[:keep]
         # --- end temporal plan ---
 
         check_cancel()
