@@ -101,6 +101,8 @@ def check_content(head: bytes, field: str, expected: Kind) -> str:
     """Raise InputError unless the bytes look like `expected`; returns the detected extension."""
     ext = sniff(head)
     got = kind_of(ext)
+    if expected == "video" and ext == "gif":
+        return ext  # an animated GIF is a clip too (decoded through ffmpeg)
     if got != expected:
         what = f"a {ext.upper()} {got}" if ext else "not a recognised image or video format"
         want = "an image" if expected == "image" else "a video"

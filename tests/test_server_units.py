@@ -60,6 +60,14 @@ def test_sniff(head, kind):
     assert safety.kind_of(safety.sniff(head)) == kind
 
 
+def test_animated_gif_is_accepted_as_video_and_as_image():
+    gif = b"GIF89a" + b"\x00" * 20
+    assert safety.check_content(gif, "video", "video") == "gif"
+    assert safety.check_content(gif, "images[0]", "image") == "gif"
+    with pytest.raises(InputError, match="must be a video"):
+        safety.check_content(PNG, "video", "video")
+
+
 def test_real_fixtures_sniff():
     fx = ROOT.parent / "shared" / "fixtures" / "vace"
     if not fx.is_dir():
