@@ -103,3 +103,58 @@ def save_tiny_dwpose(det_path: Path, pose_path: Path) -> tuple[Path, Path]:
 
 def random_rgb(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (n, h, w, 3), dtype=np.uint8)
+
+
+#: hydra overrides shrinking the package's SAM2.1 Hiera-T config: 128 px input, 32-d tokens, 16-d memory
+SAM2_TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+SAM2_TINY_OVERRIDES = [
+    "++model.image_size=128",
+    "++model.image_encoder.trunk.embed_dim=8",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    "++model.image_encoder.neck.d_model=32",
+    "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+    "++model.image_encoder.neck.position_encoding.num_pos_feats=32",
+    "++model.memory_attention.d_model=32",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.d_model=32",
+    "++model.memory_attention.layer.dim_feedforward=64",
+    "++model.memory_attention.layer.self_attention.embedding_dim=32",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=32",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=16",
+    "++model.memory_encoder.out_dim=16",
+    "++model.memory_encoder.in_dim=32",
+    "++model.memory_encoder.position_encoding.num_pos_feats=16",
+    "++model.memory_encoder.mask_downsampler.embed_dim=32",
+    "++model.memory_encoder.fuser.layer.dim=32",
+    "++model.memory_encoder.fuser.num_layers=1",
+]
+
+
+def save_tiny_sam2(ckpt: Path) -> Path:
+    """SAM2VideoPredictor (the class the real loader builds) from a shrunk Hiera-T config, random init.
+
+    Saved as `{"model": state_dict}` like the official checkpoint, plus the sidecar JSON the loader reads to
+    pick the config (preprocessors.sam2_track).
+    """
+    import json
+
+    import torch
+    from sam2.build_sam import build_sam2_video_predictor
+
+    from preprocessors.sam2_track import sidecar
+
+    if ckpt.is_file() and sidecar(ckpt).is_file():
+        return ckpt
+    torch.manual_seed(0)
+    model = build_sam2_video_predictor(SAM2_TINY_CONFIG, None, device="cpu", hydra_overrides_extra=SAM2_TINY_OVERRIDES)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"model": model.state_dict()}, tmp)
+    tmp.replace(ckpt)
+    sidecar(ckpt).write_text(json.dumps({"config": SAM2_TINY_CONFIG, "overrides": SAM2_TINY_OVERRIDES}, indent=1))
+    return ckpt

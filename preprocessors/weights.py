@@ -69,11 +69,17 @@ def ensure_tiny_annotators(dest: Path) -> Path:
 
     depth / depthv2: tiny transformers DPT / Depth-Anything models; pose: tiny ONNX models with the DWPose
     input/output signatures. Outputs are meaningless; the code paths are the real ones.
+    sam2 (only when the optional sam2 package is installed): a shrunk SAM2.1 video predictor with its config
+    sidecar.
     """
+    import importlib.util
+
     from preprocessors import tiny
 
     dest = Path(dest)
     marker = dest / ".tiny-complete"
+    if importlib.util.find_spec("sam2") is not None and not (dest / FILES["sam2"]).is_file():
+        tiny.save_tiny_sam2(dest / FILES["sam2"])
     if marker.is_file():
         return dest
     dest.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ def video(tmp_path):
 
 
 def test_tiny_layout(tiny_dir):
-    for rel in (weights.FILES["pose_det"], weights.FILES["pose_est"]):
+    for rel in (weights.FILES["pose_det"], weights.FILES["pose_est"], weights.FILES["sam2"]):
         assert (tiny_dir / rel).is_file()
+    assert (tiny_dir / weights.FILES["sam2"]).with_suffix(".json").is_file()  # the tiny config it needs
     for rel in weights.HF_DIRS.values():
         assert (tiny_dir / rel / "config.json").is_file()
 
