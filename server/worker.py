@@ -91,11 +91,12 @@ class Worker:
         from vace_local.engine import get_engine
 
         if self.args.gpu is None:
-            # A CPU worker would otherwise take every core from the API process: leave it one and yield.
+            # A CPU worker uses every core (a tiny job at the hosted sizes is minutes of CPU work) but runs
+            # niced, so the scheduler gives the API process the CPU whenever a request arrives.
             import torch
 
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-            os.nice(5)
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            os.nice(10)
 
         self.store.upsert_worker(self.id, pid=os.getpid(), status="loading",
                                  message=f"loading {self.settings.model}")
