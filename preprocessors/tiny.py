@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 DET_SIZE = (640, 640)  # YOLOX-L input (h, w)
 POSE_SIZE = (384, 288)  # DW-LL ucoco 384 input (h, w)
 NUM_KPTS = 133  # COCO-WholeBody
@@ -99,10 +97,6 @@ def save_tiny_dwpose(det_path: Path, pose_path: Path) -> tuple[Path, Path]:
                           dynamo=False)
         tmp.replace(path)
     return det_path, pose_path
-
-
-def random_rgb(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (n, h, w, 3), dtype=np.uint8)
 
 
 #: hydra overrides shrinking the package's SAM2.1 Hiera-T config: 128 px input, 32-d tokens, 16-d memory

@@ -195,11 +195,6 @@ class Store:
     def dispose(self) -> None:
         self.engine.dispose()
 
-    def ping(self) -> bool:
-        with self.engine.connect() as c:
-            c.execute(sa.text("SELECT 1"))
-        return True
-
     # ---- jobs: create / read -------------------------------------------------------------------------
 
     def insert_job(

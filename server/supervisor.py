@@ -169,10 +169,6 @@ class Supervisor:
         for wid in ids:
             self.store.upsert_worker(wid, status="stopped")
 
-    def workers_status(self) -> list[dict[str, Any]]:
-        return self.store.list_workers(self.instance)
-
-
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "unknown exit"

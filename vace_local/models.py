@@ -14,34 +14,20 @@ from pathlib import Path
 from vace_local.errors import ModelNotFoundError
 from vace_local.tiny import TINY_MODELS, ensure_tiny_model
 
-GIB = 1024**3
-
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What we know about a model before loading it (for memory planning and two-expert handling)."""
+    """What we know about a built-in model before loading it."""
 
     repo_id: str
-    #: bf16 bytes of the transformer(s), text encoder and VAE (fp32), for memory planning.
-    transformer_bytes: int
-    text_encoder_bytes: int
-    vae_bytes: int
     two_experts: bool = False
 
-    @property
-    def total_bytes(self) -> int:
-        return self.transformer_bytes * (2 if self.two_experts else 1) + self.text_encoder_bytes + self.vae_bytes
 
-
-# Sizes from the published configs (see shared/reference/diffusers-wan-notes.md §8).
-_UMT5_XXL = int(10.6 * GIB)
-_VAE = int(0.47 * GIB)
+# Repos and expert layout from the published configs (see shared/reference/diffusers-wan-notes.md §2, §8).
 BUILTIN_MODELS: dict[str, ModelInfo] = {
-    "wan2.1-vace-14b": ModelInfo("Wan-AI/Wan2.1-VACE-14B-diffusers", int(32.3 * GIB), _UMT5_XXL, _VAE),
-    "wan2.1-vace-1.3b": ModelInfo("Wan-AI/Wan2.1-VACE-1.3B-diffusers", int(4.0 * GIB), _UMT5_XXL, _VAE),
-    "wan2.2-vace-fun-a14b": ModelInfo(
-        "linoyts/Wan2.2-VACE-Fun-14B-diffusers", int(32.3 * GIB), _UMT5_XXL, _VAE, two_experts=True
-    ),
+    "wan2.1-vace-14b": ModelInfo("Wan-AI/Wan2.1-VACE-14B-diffusers"),
+    "wan2.1-vace-1.3b": ModelInfo("Wan-AI/Wan2.1-VACE-1.3B-diffusers"),
+    "wan2.2-vace-fun-a14b": ModelInfo("linoyts/Wan2.2-VACE-Fun-14B-diffusers", two_experts=True),
 }
 DEFAULT_MODEL = "wan2.1-vace-14b"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
