@@ -2,7 +2,9 @@
 
 Rules (shared/reference/vace-conventions.md): mask 1 = generate, 0 = keep, binary; generated regions are
 gray 0.5; no video → gray + mask 1; video without mask → mask 1; frames cover-resized + centre-cropped;
-sampled at the job fps; short clips padded with gray / mask 1 up to exactly num_frames.
+a clip with enough frames spread over the whole job (official keep_last), a shorter one padded at the end with
+gray / mask 1 up to exactly num_frames; a mask video paired with the video frame by frame over their common
+length. Every rule, its source and its test: docs/CONDITIONING.md.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from preprocessors import images
-from preprocessors.geometry import binarize, cover_crop, cover_crop_mask, to_unit
-from preprocessors.video import VideoInfo, legal_num_frames, open_video, read_frames, sample_indices
+from preprocessors.geometry import cover_crop, to_unit
+from preprocessors.video import VideoInfo, frames_at_fps, legal_num_frames, open_video, read_frames, sample_indices
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
 from vace_local.spec import MAX_FRAMES, MIN_FRAMES, JobSpec
@@ -47,7 +49,7 @@ def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
         fps = int(min(60, max(1, round(info.fps))))
         update["fps"] = fps
     if c.match_input_num_frames:
-        n = len(sample_indices(info.num_frames, info.fps, fps, 10**6))
+        n = frames_at_fps(info.num_frames, info.fps, fps)
         update["num_frames"] = legal_num_frames(n, MIN_FRAMES, MAX_FRAMES)
     return spec.model_copy(update=update)
 
@@ -79,16 +81,22 @@ def build_bundle(spec: JobSpec, resolved: Resolved) -> ControlBundle:
 def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> ControlBundle:
     F, H, W = spec.num_frames, spec.height, spec.width
     vinfo, vr = open_video(resolved.video, "video")
-    idx = sample_indices(vinfo.num_frames, vinfo.fps, spec.fps, F)
-    info.update(
-        source_fps=vinfo.fps, source_frames=vinfo.num_frames, source_size=[vinfo.width, vinfo.height],
-        source_rotation=vinfo.rotation,
-        frames_from_video=len(idx), padded_frames=F - len(idx),
-    )
     task = spec.task
     if task in CONTROL_TASKS and not spec.control.preprocess:
         info["preprocess"] = False
         task = "none"
+    usable = vinfo.num_frames
+    if resolved.mask_video and task not in ("outpainting", "reframe"):
+        usable = _paired_length(Path(resolved.mask_video), vinfo, info)
+    idx = sample_indices(usable, vinfo.fps, spec.fps, F)
+    info.update(
+        source_fps=vinfo.fps, source_frames=vinfo.num_frames, source_size=[vinfo.width, vinfo.height],
+        source_rotation=vinfo.rotation,
+        time_sampling="keep_last" if usable >= F else "short_clip_padded",
+        sampled_frame_ids=idx,
+        frames_from_video=len(idx), padded_frames=F - len(idx),
+        padding={"frames": F - len(idx), "at": "end", "first_padded_frame": len(idx)} if len(idx) < F else None,
+    )
 
     if task in ("outpainting", "reframe"):
         from preprocessors.outpaint import outpaint_frames
@@ -132,7 +140,7 @@ def _user_masks(
     H, W = spec.height, spec.width
     if resolved.mask_video:
         info["mask_source"] = "mask_video"
-        return _mask_video(Path(resolved.mask_video), vinfo, idx, spec.fps, H, W)
+        return _mask_video(Path(resolved.mask_video), idx, H, W)
     if resolved.mask_image:
         first = images.mask_image(Path(resolved.mask_image), vinfo.width, vinfo.height, H, W)
         tracker = spec.control.mask_tracker if spec.task != "none" else "static"
@@ -149,21 +157,31 @@ def _user_masks(
     return None
 
 
-def _mask_video(path: Path, vinfo: VideoInfo, idx: list[int], job_fps: int, H: int, W: int) -> np.ndarray:
-    """Read the mask video at the same times as the video; it must match the video in shape and length."""
-    minfo, mvr = open_video(path, "mask_video")
+def _paired_length(path: Path, vinfo: VideoInfo, info: dict[str, Any]) -> int:
+    """Official pairing (`load_video_pair`): video and mask video are used over their common length, by index.
+
+    A mask of another length is not refused: the longer of the two is cut (recorded in the bundle info).
+    """
+    minfo = open_video(path, "mask_video")[0]
     images.check_mask_shape("mask_video", minfo.width, minfo.height, vinfo.width, vinfo.height)
-    same_count = minfo.num_frames == vinfo.num_frames
-    tol = 1.0 / min(minfo.fps, vinfo.fps) + 1e-3
-    if not same_count and abs(minfo.duration - vinfo.duration) > tol:
-        raise InputError(
-            "mask_video",
-            f"mask video has {minfo.num_frames} frames ({minfo.duration:.2f} s) but the video has "
-            f"{vinfo.num_frames} frames ({vinfo.duration:.2f} s): they must cover the same frames",
-        )
-    midx = idx if same_count else sample_indices(minfo.num_frames, minfo.fps, job_fps, len(idx))
-    midx = midx + [minfo.num_frames - 1] * (len(idx) - len(midx))  # within tolerance: hold the last mask
-    return read_frames(minfo, mvr, midx, lambda f: cover_crop_mask(binarize(f), H, W))
+    common = min(minfo.num_frames, vinfo.num_frames)
+    info["mask_pairing"] = {"video_frames": vinfo.num_frames, "mask_frames": minfo.num_frames, "paired_frames": common}
+    return common
+
+
+def mask_video_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One mask-video frame → 0/1 mask: its first channel, resized like the video, then > 0.5 (official).
+
+    A red-on-black mask is therefore a mask (the mean of RGB would put red at 85/255, below mid-gray).
+    """
+    first = cover_crop(np.ascontiguousarray(frame[..., 0], dtype=np.float32), height, width)
+    return (first > 127.5).astype(np.float32)
+
+
+def _mask_video(path: Path, idx: list[int], H: int, W: int) -> np.ndarray:
+    """The mask video's frames with the same indices as the video's (paired by index, as official VACE)."""
+    minfo, mvr = open_video(path, "mask_video")
+    return read_frames(minfo, mvr, idx, lambda f: mask_video_frame(f, H, W))
 
 
 def _apply_end_frames(spec: JobSpec, resolved: Resolved, bundle: ControlBundle, info: dict[str, Any]) -> None:

@@ -1,17 +1,22 @@
-"""`vace-local preprocess`: write what the model will see (control.mp4, mask.mp4, side-by-side preview.mp4)."""
+"""`vace-local preprocess`: write what the model will see (control.mp4, mask.mp4, side-by-side preview.mp4,
+reference_N.png) and bundle.json, the facts needed to check every conditioning rule from outside."""
 
 from __future__ import annotations
 
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 from pydantic import ValidationError
 
 from vace_local.errors import VaceError
+
+if TYPE_CHECKING:
+    from vace_local.bundle import ControlBundle
+    from vace_local.spec import JobSpec
 
 
 def preprocess(
@@ -59,13 +64,35 @@ def preprocess(
     write_mask_video(bundle.masks, out / "mask.mp4", fps=spec.fps)
     mask_u8 = np.repeat((bundle.masks[..., None] * 255).astype(np.uint8), 3, axis=-1)
     write_video(np.concatenate([control_u8, mask_u8], axis=2), out / "preview.mp4", fps=spec.fps)
+    refs = []
     for i, r in enumerate(bundle.reference_images):
         from PIL import Image
 
-        Image.fromarray((r * 255.0 + 0.5).astype(np.uint8)).save(out / f"reference_{i}.png")
-    (out / "bundle.json").write_text(json.dumps({"num_frames": spec.num_frames, "fps": spec.fps, **bundle.info},
-                                                indent=2, default=str))
-    typer.echo(f"control: {out / 'control.mp4'}\nmask:    {out / 'mask.mp4'}\npreview: {out / 'preview.mp4'}")
+        refs.append(f"reference_{i}.png")
+        Image.fromarray((r * 255.0 + 0.5).astype(np.uint8)).save(out / refs[-1])
+    (out / "bundle.json").write_text(json.dumps(bundle_report(spec, bundle, refs), indent=2, default=str))
+    typer.echo(f"control: {out / 'control.mp4'}\nmask:    {out / 'mask.mp4'}\npreview: {out / 'preview.mp4'}\n"
+               f"bundle:  {out / 'bundle.json'}")
+
+
+def bundle_report(spec: JobSpec, bundle: ControlBundle, reference_files: list[str]) -> dict[str, Any]:
+    """What bundle.json holds, so every conditioning rule can be checked from outside (docs/CONDITIONING.md).
+
+    The job geometry after `plan_timing`, the control options, the files written, the masked share, and the
+    whole bundle info (sampled source frame ids, padding, mask pairing, tracker, annotator backends...).
+    """
+    return {
+        "task": spec.task,
+        "width": spec.width,
+        "height": spec.height,
+        "num_frames": spec.num_frames,
+        "fps": spec.fps,
+        "control_options": spec.control.model_dump(mode="json"),
+        "files": {"control": "control.mp4", "mask": "mask.mp4", "preview": "preview.mp4",
+                  "reference_images": reference_files},
+        "masked_fraction": float(bundle.masks.mean()),
+        **bundle.info,
+    }
 
 
 app = typer.Typer(add_completion=False)

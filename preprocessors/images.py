@@ -88,7 +88,10 @@ def frame_image(
 def mask_image(
     path: Path, video_w: int, video_h: int, height: int, width: int, field: str = "mask_image"
 ) -> np.ndarray:
-    """A still mask (white = generate) checked against the video's shape, cover-cropped like the video."""
+    """A still mask (white = generate) checked against the video's shape, cover-cropped like the video.
+
+    Any non-zero pixel is masked (official plain inpainting, `mask > 0`): soft edges count as masked.
+    """
     im = _to_8bit(load_image(path, field=field, mode=None))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
@@ -96,7 +99,7 @@ def mask_image(
     else:
         gray = np.asarray(im.convert("L"), dtype=np.float32)
     check_mask_shape(field, gray.shape[1], gray.shape[0], video_w, video_h)
-    return cover_crop_mask(binarize(gray), height, width)
+    return cover_crop_mask(binarize(gray, threshold=0.0), height, width)
 
 
 def check_mask_shape(field: str, mw: int, mh: int, vw: int, vh: int) -> None:

@@ -1,9 +1,12 @@
-"""Decode the user's videos at the job's frame rate: only the frames that are needed, in chunks.
+"""Decode the user's videos for a job: only the frames that are needed, in chunks.
 
-Time mapping: job frame k sits at t = k / job_fps; it shows the source frame on screen at that time
-(index floor(t * src_fps)). Frames past the clip's real duration do not exist: the caller pads them
-(gray + mask 1). A clip longer than the job is resampled uniformly over its whole duration (official VACE);
-`match_input_num_frames` (see `plan_timing`) makes the job as long as the clip instead.
+Time sampling (`sample_indices`, docs/CONDITIONING.md): a clip with at least as many frames as the job is
+spread over the whole job by the official VACE rule (`VaceVideoProcessor`, keep_last=True): the job's frames
+sit at evenly spaced times from 0 to the middle of the clip's last frame, each showing the source frame on
+screen at that time, so the first and last source frames are always used and nothing is padded. A clip with
+fewer frames than the job uses every source frame once (a clip slower than the job fps keeps its real speed,
+frames repeating, until the job is full) and the caller pads the rest at the end (gray + mask 1).
+`match_input_num_frames` (see `plan_timing`) makes the job as long as the clip at the job fps instead.
 """
 
 from __future__ import annotations
@@ -139,17 +142,32 @@ def probe(path: str | Path, field: str = "video") -> VideoInfo:
     return open_video(path, field)[0]
 
 
-def sample_indices(src_frames: int, src_fps: float, job_fps: float, num_frames: int) -> list[int]:
-    """Source index for each job frame (len <= num_frames).
+def keep_last_indices(src_frames: int, count: int) -> list[int]:
+    """Official keep_last sampling: `count` evenly spaced times over [0, mid-time of the last frame].
 
-    A clip that fits in `num_frames` at the job fps plays at its real speed (job frame k shows the source at
-    k/job_fps; the caller pads the rest). A longer clip is resampled uniformly over its whole duration, as
-    official VACE does ("trimmed or uniformly sampled", never truncated).
+    Source frame i is on screen over [i, i + 1] (in frame units); a time on a boundary belongs to the earlier
+    frame, as the official `argmax` over closed intervals picks. First and last source frames are always used.
     """
-    duration = src_frames / src_fps
-    n_real = max(1, int(np.ceil(duration * job_fps - 1e-6)))
-    step, count = (1.0 / job_fps, n_real) if n_real <= num_frames else (duration / num_frames, num_frames)
-    return [min(src_frames - 1, int(np.floor(k * step * src_fps + 1e-6))) for k in range(count)]
+    if count <= 1 or src_frames <= 1:
+        return [0] * max(count, 0)
+    x = np.linspace(0.0, src_frames - 0.5, count)
+    return np.clip(np.ceil(x - 1e-9) - 1, 0, src_frames - 1).astype(int).tolist()
+
+
+def frames_at_fps(src_frames: int, src_fps: float, job_fps: float) -> int:
+    """How many job frames the clip lasts when played at its real speed at `job_fps`."""
+    return max(1, int(np.ceil(src_frames / src_fps * job_fps - 1e-6)))
+
+
+def sample_indices(src_frames: int, src_fps: float, job_fps: float, num_frames: int) -> list[int]:
+    """Source index for each job frame (len <= num_frames; the caller pads the rest).
+
+    Enough frames (src_frames >= num_frames): all `num_frames` spread over the whole clip (official keep_last,
+    nothing padded). Fewer: every source frame at least once — `max(src_frames, real-speed length)` frames,
+    capped at `num_frames` — so a short clip is never thinned out while gray frames are added after it.
+    """
+    count = min(num_frames, max(src_frames, frames_at_fps(src_frames, src_fps, job_fps)))
+    return keep_last_indices(src_frames, count)
 
 
 def legal_num_frames(n: int, lo: int, hi: int) -> int:
