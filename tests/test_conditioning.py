@@ -135,8 +135,8 @@ def test_16bit_images_are_scaled_not_clipped(tmp_path):
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     mask16 = np.zeros((32, 64), np.uint16)
-    mask16[:, 32:] = 40000  # 61 % white: generate; PIL would also clip 200 (keep) to white
-    mask16[:, :32] = 200
+    mask16[:, 32:] = 40000  # 61 % white: generate; PIL's clipping would turn 100 (0 in 8-bit: keep) to 100
+    mask16[:, :32] = 100  # (masked, since any non-zero mask-image pixel is masked)
     Image.fromarray(mask16).save(tmp_path / "m16.png")
     s = JobSpec(width=64, height=64, num_frames=17, inputs={"first_image": "f", "reference_images": ["r"]})
     b = build_bundle(s, LocalInputs(first_image=tmp_path / "g16.png", reference_images=[tmp_path / "g16.png"]))

@@ -25,15 +25,15 @@ def test_inpainting_with_mask_image_static(tmp_path):
     m = tmp_path / "m.png"
     arr = np.zeros((64, 96), np.uint8)
     arr[16:48, 24:72] = 255
-    arr[0, 0] = 90  # below mid-gray: keep (not `> 0` like upstream)
+    arr[0, 0] = 90  # a soft pixel: masked, as official plain inpainting (`mask > 0`)
     Image.fromarray(arr).save(m)
     s = JobSpec(task="inpainting", width=96, height=64, num_frames=17,
                 inputs={"video": "v", "mask_image": "m"}, control={"mask_tracker": "static"})
     b = build_bundle(s, LocalInputs(video=v, mask_image=m))
-    assert np.all(b.masks[:, 16:48, 24:72] == 1) and b.masks[:, 0, 0].max() == 0
-    assert b.masks.sum() == 17 * 32 * 48
+    assert np.all(b.masks[:, 16:48, 24:72] == 1) and b.masks[:, 0, 0].min() == 1
+    assert b.masks.sum() == 17 * (32 * 48 + 1)
     assert np.all(b.frames[:, 16:48, 24:72] == 0.5)
-    assert np.abs(b.frames[:, :10, :10] - np.array([200, 60, 30]) / 255).max() < 0.03
+    assert np.abs(b.frames[:, 1:10, 1:10] - np.array([200, 60, 30]) / 255).max() < 0.03
 
 
 @pytest.mark.parametrize(
