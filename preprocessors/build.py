@@ -92,7 +92,7 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> Cont
     info.update(
         source_fps=vinfo.fps, source_frames=vinfo.num_frames, source_size=[vinfo.width, vinfo.height],
         source_rotation=vinfo.rotation,
-        time_sampling="keep_last" if usable >= F else "short_clip_padded",
+        time_sampling=_sampling_name(usable, len(idx), F),
         sampled_frame_ids=idx,
         frames_from_video=len(idx), padded_frames=F - len(idx),
         padding={"frames": F - len(idx), "at": "end", "first_padded_frame": len(idx)} if len(idx) < F else None,
@@ -122,6 +122,13 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> Cont
         if masks is None:
             masks = np.ones(rgb.shape[:3], dtype=np.float32)
     return _pad(frames.astype(np.float32), masks.astype(np.float32), F)
+
+
+def _sampling_name(usable: int, sampled: int, num_frames: int) -> str:
+    """How the clip was mapped onto the job (docs/CONDITIONING.md, time sampling)."""
+    if usable >= num_frames:
+        return "keep_last"  # spread over the whole clip, nothing padded
+    return "short_clip_padded" if sampled < num_frames else "keep_last_repeating"  # slow clip: frames repeat
 
 
 def _pad(frames: np.ndarray, masks: np.ndarray, num_frames: int) -> ControlBundle:

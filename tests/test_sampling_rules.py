@@ -120,6 +120,16 @@ def test_short_clip_uses_every_frame_then_pads(tmp_path):
     assert info["time_sampling"] == "short_clip_padded"
 
 
+def test_slow_clip_that_fills_the_job_keeps_real_speed(tmp_path):
+    # 60 frames at 10 fps (6 s) into 81 at 16 fps: 96 frames at real speed, so the job is full without padding;
+    # every source frame shows, some twice, from the first to the last.
+    clip = painted_clip(tmp_path / "slow.mp4", 60, 10.0)
+    b = build_bundle(JobSpec(width=W, height=H, num_frames=81, inputs={"video": "v"}), LocalInputs(video=clip))
+    shown = read_painted((b.frames * 255 + 0.5).astype(np.uint8))
+    assert shown == b.info["sampled_frame_ids"] and sorted(set(shown)) == list(range(60)) and shown == sorted(shown)
+    assert b.info["padded_frames"] == 0 and b.info["time_sampling"] == "keep_last_repeating"
+
+
 def test_talking_person_81_frames_no_padding(fixtures_dir):
     s = JobSpec(width=64, height=48, num_frames=81, inputs={"video": "v"})
     b = build_bundle(s, LocalInputs(video=fixtures_dir / "wan22" / "talking_person.mp4"))
