@@ -60,7 +60,6 @@ def lit(frame: np.ndarray, xy: np.ndarray, r: int = 1) -> float:
 @pytest.mark.parametrize("task", ["pose", "face"])
 def test_pose_and_face_draw_every_frame_with_firing_detector(fixtures_dir, tmp_path, monkeypatch, task):
     b = run(tmp_path, monkeypatch, talking_person(fixtures_dir), task, 832, 480, box=BOX)
-    assert b.info["annotator"] == "dwpose-onnx" and b.info["pose_whole_frame_estimates"] == 0
     n = b.info["frames_from_video"]
     canvas = ca.official_canvas_hw(*SRC_HW)
     pts = expected_points(ca.detector_box_on_canvas(BOX, *canvas), SRC_HW, (480, 832))
@@ -75,12 +74,12 @@ def test_pose_and_face_draw_every_frame_with_firing_detector(fixtures_dir, tmp_p
         else:
             assert lit(frame, body[4]) == 0 and lit(frame, body[10]) == 0  # no wrist, no ankle: face only
         assert frame[:40, :40].max() == 0 and frame[-40:, -40:].max() == 0  # black away from the person
+    assert b.info["annotator"] == "dwpose-onnx" and b.info["pose_whole_frame_estimates"] == 0
 
 
 def test_silent_detector_estimates_pose_on_the_whole_frame(fixtures_dir, tmp_path, monkeypatch):
     b = run(tmp_path, monkeypatch, talking_person(fixtures_dir), "pose", 832, 480, box=None)
     n = b.info["frames_from_video"]
-    assert b.info["pose_whole_frame_estimates"] == n  # no person passed: one estimate per frame on the whole frame
     ch, cw = ca.official_canvas_hw(*SRC_HW)
     joints = openpose18(expected_points(np.array([0.0, 0.0, cw, ch]), SRC_HW, (480, 832))[:17])
     inside = joints[(joints[:, 0] >= 0) & (joints[:, 0] < 832) & (joints[:, 1] >= 0) & (joints[:, 1] < 480)]
@@ -88,6 +87,7 @@ def test_silent_detector_estimates_pose_on_the_whole_frame(fixtures_dir, tmp_pat
     for frame in b.frames[:n]:
         assert frame.max() > 0.5  # not black
         assert all(lit(frame, p) > 60 for p in inside)
+    assert b.info["pose_whole_frame_estimates"] == n  # no person passed: one estimate per frame on the whole frame
 
 
 def test_bgr_reaches_detector_and_pose_model(tmp_path, monkeypatch):
@@ -99,7 +99,6 @@ def test_bgr_reaches_detector_and_pose_model(tmp_path, monkeypatch):
     b = run(tmp_path, monkeypatch, video, "pose", out_hw[1], out_hw[0], box=(250.0, 100.0, 390.0, 300.0),
             bgr_red_only=True, shift_per_channel_diff=shift)
     n = b.info["frames_from_video"]
-    assert b.info["pose_whole_frame_estimates"] == 0  # the detector fired: it saw BGR
 
     vinfo, vr = open_video(video, "video")
     rgb = read_frames(vinfo, vr, [0])[0].reshape(-1, 3).mean(0)
@@ -113,6 +112,7 @@ def test_bgr_reaches_detector_and_pose_model(tmp_path, monkeypatch):
     assert abs(nose["bgr"][0] - nose["rgb"][0]) > 20  # the two orders are far apart
     for frame in b.frames[:n]:
         assert lit(frame, nose["bgr"]) > 60 and lit(frame, nose["rgb"], r=2) == 0
+    assert b.info["pose_whole_frame_estimates"] == 0  # the detector fired: it saw BGR
 
 
 def official_style(canvas_pts: np.ndarray, canvas_hw: tuple[int, int], src_hw: tuple[int, int],
