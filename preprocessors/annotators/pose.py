@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from preprocessors import weights
-from preprocessors.geometry import cover_crop
+from preprocessors.geometry import cover_box, cover_crop
 from vace_local.errors import ModelNotFoundError
 
 DET_SIZE = 640
@@ -159,15 +159,23 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(img, (width, height), interpolation=cv2.INTER_LANCZOS4 if up else cv2.INTER_AREA)
 
 
-def render(model: DWPose, task: str, rgb: np.ndarray) -> tuple[np.ndarray, bool]:
-    """One RGB source frame → the pose map (uint8 RGB, same size) and whether the whole frame was estimated."""
+def render(model: DWPose, task: str, rgb: np.ndarray, size: tuple[int, int] | None = None) -> tuple[np.ndarray, bool]:
+    """One RGB source frame → the pose map (uint8 RGB) and whether the whole frame was estimated.
+
+    The map has the source size, or with `size` (height, width) the source's cover-resize + centre crop to it:
+    the canvas is resized once to the scaled source size (official: to the source, then the video processor's
+    resize; same geometry, one resample less).
+    """
     h, w = rgb.shape[:2]
     ch, cw = canvas_size(h, w)
     image = _resize(np.ascontiguousarray(rgb[..., ::-1]), ch, cw)  # BGR, as both models expect
     people, whole_frame = model(image)
     canvas = np.zeros((ch, cw, 3), np.uint8)
     draw(canvas, people, body=task == "pose", face=True)
-    return np.ascontiguousarray(_resize(canvas, h, w)[..., ::-1]), whole_frame
+    if size is None:
+        return np.ascontiguousarray(_resize(canvas, h, w)[..., ::-1]), whole_frame
+    sh, sw, top, left, oh, ow = cover_box(h, w, *size)
+    return np.ascontiguousarray(_resize(canvas, sh, sw)[top : top + oh, left : left + ow, ::-1]), whole_frame
 
 
 @lru_cache(maxsize=2)
@@ -194,7 +202,7 @@ def pose_frames(
     out, whole = [], 0
     for frame in frames:
         if isinstance(model, DWPose):
-            img, whole_frame = render(model, task, frame)
+            img, whole_frame = render(model, task, frame, size)
             whole += whole_frame
             info["pose_canvas"] = list(canvas_size(*frame.shape[:2])[::-1])  # [w, h]
         else:
@@ -203,7 +211,8 @@ def pose_frames(
             res = min(frame.shape[0], frame.shape[1], 1024) // 64 * 64 or 64
             img = model(frame, detect_resolution=res, image_resolution=res, output_type="np")
             img = cv2.resize(img, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_NEAREST)
-        out.append(cover_crop(img, *size) if size else img)
+            img = cover_crop(img, *size) if size else img
+        out.append(img)
     if isinstance(model, DWPose):
         info["pose_whole_frame_estimates"] = whole  # frames where no person box passed the threshold
     return np.stack(out).astype(np.float32) / 255.0
