@@ -3,8 +3,9 @@
 Follows VACE's PoseBodyFaceVideoAnnotator (vace/annotators/pose.py, dwpose/*.py): each source frame is turned
 to BGR (both models were trained on BGR), resized so its short side is 1024 (rounded to multiples of 64), the
 people are detected and drawn on a black canvas of that size (limb width 4, joint radius 4, face dots radius 3),
-the canvas is flipped back to RGB and resized to the source size; the caller crops it like the video. When no
-box passes the threshold the pose model runs on the whole frame (onnxpose.py). `pose` draws the 18 OpenPose
+the canvas is flipped back to RGB and resized to the job size by the video's cover-resize + centre crop. When
+no box passes the threshold the pose model runs on the whole frame (onnxpose.py). Rules and their tests:
+docs/CONDITIONING.md (pose and face). `pose` draws the 18 OpenPose
 body points and limbs plus the 68 face points (no hands); `face` draws only the face points.
 Fallback when the DWPose ONNX files are missing: controlnet-aux OpenPose (body) if `pose/body_pose_model.pth`.
 """
@@ -116,6 +117,7 @@ class DWPose:
 
 
 def _openpose18(pts: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """COCO-17 → OpenPose-18 points and visibility (neck = mean of the shoulders, visible if both are)."""
     coco, cs = pts[:17], scores[:17]
     op = np.array([coco[i] if i >= 0 else (coco[5] + coco[6]) / 2 for i in OPENPOSE_FROM_COCO])
     ok = np.array([cs[i] > SCORE_THR if i >= 0 else min(cs[5], cs[6]) > SCORE_THR for i in OPENPOSE_FROM_COCO])
