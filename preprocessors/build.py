@@ -111,9 +111,12 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> Cont
             frames = to_unit(rgb)
             frames[masks > 0.5] = GRAY
         else:
-            from preprocessors.annotators import annotate
+            from preprocessors.annotators import SOURCE_FRAME_TASKS, annotate
+            from preprocessors.video import iter_frames
 
-            control = annotate(task, rgb, info)  # float32 [0, 1]
+            # pose / face: detected and drawn on the source frame, then cropped like the video (official order)
+            source = iter_frames(vinfo, vr, idx) if task in SOURCE_FRAME_TASKS else rgb
+            control = annotate(task, source, info, (H, W))  # float32 [0, 1]
             if masks is None:
                 frames = control
             else:  # repaint + control composition: orig where kept, control where generated

@@ -62,10 +62,10 @@ def test_draw_pose_and_face():
     pts[FACE] = np.stack([np.linspace(20, 80, 68), np.full(68, 10)], -1)
     scores[FACE] = 0.9
     face = np.zeros((64, 96, 3), np.uint8)
-    draw(face, pts, scores, body=False, face=True)
+    draw(face, [(pts, scores)], body=False, face=True)
     assert np.all(face[10, 20] == 255) and face[40].max() == 0
     body = np.zeros((64, 96, 3), np.uint8)
-    draw(body, pts, scores, body=True, face=False)
+    draw(body, [(pts, scores)], body=True, face=False)
     assert body[40, 50].max() > 0 and body[10].max() == 0  # limb drawn, no face dots
     assert tuple(body[40, 60]) == tuple(int(c * 0.6) for c in (255, 85, 0))  # neck→left-shoulder limb colour
 

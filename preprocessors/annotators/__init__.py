@@ -5,13 +5,23 @@ Models are loaded once per process (lru_cache) from the weights folder (see `pre
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
+#: tasks whose annotator reads the source frames (not the job-size crop) and crops its own output, as official
+SOURCE_FRAME_TASKS = {"pose", "face"}
 
-def annotate(task: str, frames: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    """(F, H, W, 3) uint8 RGB → (F, H, W, 3) float32 control frames in [0, 1]."""
+
+def annotate(
+    task: str, frames: Iterable[np.ndarray], info: dict[str, Any], size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """uint8 RGB frames → (F, H, W, 3) float32 control frames in [0, 1].
+
+    For SOURCE_FRAME_TASKS `frames` are the source frames and `size` (height, width) the crop to return;
+    otherwise they are the job-size frames.
+    """
     if task in ("depth", "depthv2"):
         from preprocessors.annotators.depth import depth_frames
 
@@ -19,5 +29,5 @@ def annotate(task: str, frames: np.ndarray, info: dict[str, Any]) -> np.ndarray:
     if task in ("pose", "face"):
         from preprocessors.annotators.pose import pose_frames
 
-        return pose_frames(task, frames, info)
+        return pose_frames(task, frames, info, size)
     raise ValueError(f"no annotator for task {task!r}")
