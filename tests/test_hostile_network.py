@@ -158,16 +158,34 @@ ALLOW_LOOPBACK = ["127.0.0.1"]
 # ---- deadlines and cancel ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("handler", [drip, silent], ids=["drip", "silent"])
-def test_download_deadline_holds_against_slow_senders(servers, tmp_path, handler):
-    """3 s deadline: a 1 byte/s drip (never idle for a read timeout) and a silent peer both end by ~3 s."""
+@pytest.mark.parametrize("handler,scheme", [(drip, "http"), (silent, "http"), (silent, "https")],
+                         ids=["drip", "silent", "tls-handshake-tarpit"])
+def test_download_deadline_holds_against_slow_senders(servers, tmp_path, handler, scheme):
+    """3 s deadline: a 1 byte/s drip (never idle for a read timeout), a silent peer and a peer that never
+    answers the TLS handshake all end by ~3 s."""
     srv = servers(handler)
     t = time.monotonic()
     with pytest.raises(InputError, match=r"^video: URL download took longer than 3 s"):
-        safety.download(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "v", "video", allowed=ALLOW_LOOPBACK,
-                        max_bytes=10**6, timeout_s=3)
+        safety.download(f"{scheme}://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "v", "video",
+                        allowed=ALLOW_LOOPBACK, max_bytes=10**6, timeout_s=3)
     held = time.monotonic() - t
     assert held < 4.0, f"a {handler.__name__} server held the download {held:.1f} s past a 3 s deadline"
+
+
+def test_slow_dns_answer_is_inside_the_deadline(monkeypatch, tmp_path):
+    real = socket.getaddrinfo
+
+    def slow_getaddrinfo(host, *args, **kwargs):  # noqa: ANN001, ANN202
+        if host == "slow.test":
+            time.sleep(8)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+    t = time.monotonic()
+    with pytest.raises(InputError, match="took longer than 2 s"):
+        safety.download("http://slow.test/clip.mp4", tmp_path / "v", "video", allowed=[], max_bytes=10**6,
+                        timeout_s=2)
+    assert time.monotonic() - t < 3.0
 
 
 def test_cancel_lands_during_a_drip_download(servers, tmp_path):

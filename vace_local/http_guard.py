@@ -22,6 +22,7 @@ import os
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -150,14 +151,35 @@ class GuardedBackend(httpcore.NetworkBackend):
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        self._guard.check()
         last: Exception | None = None
-        for addr in self._resolve(host, port):
+        for addr in self._resolve_in_time(host, port):
             try:
                 return GuardedStream(self._connect(addr, port, timeout, local_address, socket_options), self._guard)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
                 last = e
         raise last or httpcore.ConnectError(f"host '{host}' has no address")
+
+    def _resolve_in_time(self, host: str, port: int) -> list[str]:
+        """`resolve` in a helper thread, waited for in slices: a slow DNS answer is bounded by the deadline and
+        the cancel check too (an abandoned lookup finishes on its own in the daemon thread)."""
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, self._resolve(host, port)))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                box.append((False, e))
+
+        thread = threading.Thread(target=run, daemon=True, name="resolve")
+        thread.start()
+        while thread.is_alive():
+            self._guard.check()
+            thread.join(self._guard.slice(math.inf))
+        self._guard.check()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def _connect(self, addr: str, port: int, timeout: float | None, local_address: str | None,
                  socket_options: Iterable[Any] | None) -> socket.socket:
