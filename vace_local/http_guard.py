@@ -256,6 +256,8 @@ def fetch_url(url: str, dest: Path, field: str, *, max_bytes: int, timeout_s: fl
         raise InputError(field, f"URL download stalled (no data for {per_wait:g} s)") from None
     except httpx.HTTPError as e:
         raise InputError(field, f"URL download failed: {type(e).__name__}: {e}") from None
+    except httpx.InvalidURL as e:  # e.g. a redirect to a host spelling httpx rejects
+        raise InputError(field, f"URL is not valid ({e})") from None
     raise InputError(field, f"URL redirected more than {max_redirects} times")
 
 
