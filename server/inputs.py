@@ -4,9 +4,11 @@ Accepted references are http(s) URLs, `data:` URIs and files served by this serv
 `/files/outputs/…`). Rules, applied in the API process at submit time (cheap checks, 4xx) and again in the
 worker when it downloads (DNS, size, time):
 
-* URLs whose host resolves to a loopback, private, link-local, multicast or reserved address are refused
-  unless the host (name, IP or CIDR) is in `Settings.allowed_hosts`; every redirect hop is re-checked.
-* Downloads stop at `max_download_bytes` and `download_timeout_s`; uploads at `max_upload_bytes`.
+* URLs whose host resolves to any loopback, private, link-local, multicast or reserved address are refused
+  unless the host (name, IP or CIDR) is in `Settings.allowed_hosts`; the connection then goes to an address
+  that was checked (no second lookup to rebind), and every redirect hop is checked and pinned the same way.
+* Downloads stop at `max_download_bytes` and at one `download_timeout_s` wall-clock deadline (slow senders
+  included); uploads at `max_upload_bytes`.
 * Content is sniffed from its first bytes: image fields need an image, video fields a video.
 * Our own file URLs resolve to files under the data dir only; `..`, encoded separators and odd names
   are refused. Local paths supplied by users are never accepted.
@@ -21,10 +23,10 @@ import binascii
 import ipaddress
 import re
 import socket
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote
 
 from vace_local.errors import InputError
 
@@ -121,25 +123,32 @@ def check_file(path: Path, field: str, expected: Kind) -> str:
 # ---- hosts -------------------------------------------------------------------------------------------
 
 
-def _host_allowed(host: str, addrs: list[str], allowed: list[str]) -> bool:
-    host = host.lower().strip("[]")
+def _allowed_networks(allowed: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    nets = []
     for entry in allowed:
-        e = entry.lower().strip()
-        if not e:
-            continue
-        if e == host:
-            return True
         try:
-            net = ipaddress.ip_network(e, strict=False)
+            nets.append(ipaddress.ip_network(entry.strip(), strict=False))
         except ValueError:
             continue
-        for a in [host, *addrs]:
-            try:
-                if ipaddress.ip_address(a) in net:
-                    return True
-            except ValueError:
-                continue
-    return False
+    return nets
+
+
+def _in_networks(addr: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return any(ip in n or ip.ipv4_mapped in n for n in nets)
+    return any(ip in n for n in nets)
+
+
+def _host_allowed(host: str, allowed: list[str]) -> bool:
+    """The host itself is allow-listed: by name, or as an IP literal inside an allowed IP/CIDR."""
+    host = host.lower().strip("[]")
+    if any(entry.lower().strip() == host for entry in allowed if entry.strip()):
+        return True
+    return _in_networks(host, _allowed_networks(allowed))
 
 
 def _is_public(addr: str) -> bool:
@@ -163,7 +172,7 @@ def _legacy_ipv4(host: str) -> str | None:
 def literal_host_problem(host: str, allowed: list[str]) -> str | None:
     """Submit-time check without DNS: refuse `localhost` and private/loopback IP literals (any spelling)."""
     h = host.lower().strip("[]").rstrip(".")
-    if _host_allowed(h, [], allowed):
+    if _host_allowed(h, allowed):
         return None
     if h in ("localhost", "localhost.localdomain") or h.endswith(".localhost"):
         return "refers to localhost"
@@ -173,7 +182,7 @@ def literal_host_problem(host: str, allowed: list[str]) -> str | None:
         legacy = _legacy_ipv4(h)
         if legacy is None:
             return None
-        if _host_allowed(legacy, [], allowed):
+        if _host_allowed(legacy, allowed):
             return None
         h = legacy
     if not _is_public(h):
@@ -181,22 +190,29 @@ def literal_host_problem(host: str, allowed: list[str]) -> str | None:
     return None
 
 
-def check_host(host: str, port: int, field: str, allowed: list[str]) -> None:
-    """Resolve `host` and refuse it if any address is not public (unless allow-listed)."""
-    if _host_allowed(host, [], allowed):
-        return
+def resolve_checked(host: str, port: int, field: str, allowed: list[str]) -> list[str]:
+    """Resolve `host` once and return its addresses, the only ones a connection may then use.
+
+    Every address must be public or inside an allow-listed IP/CIDR (one bad address refuses the host: a
+    resolver may hand out any of them); a host allow-listed by name may resolve anywhere. The error names
+    the field and the rule, never the addresses (they describe the server's network, not the client's)."""
     try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise InputError(field, f"URL host '{host}' cannot be resolved ({e.strerror})") from None
-    addrs = sorted({i[4][0] for i in infos})
-    if _host_allowed(host, addrs, allowed):
-        return
-    bad = [a for a in addrs if not _is_public(a)]
-    if bad:
-        raise InputError(
-            field, f"URL host '{host}' resolves to a loopback, private or link-local address ({bad[0]}); "
-            "refused (allow-list it with VACE_ALLOWED_HOSTS)")
+    addrs = list(dict.fromkeys(str(i[4][0]) for i in infos))
+    if _host_allowed(host, allowed):
+        return addrs
+    nets = _allowed_networks(allowed)
+    if not addrs or any(not (_is_public(a) or _in_networks(a, nets)) for a in addrs):
+        raise InputError(field, f"URL host '{host}' is not allowed: it resolves to a loopback, private or "
+                                "link-local address (allow-list it with VACE_ALLOWED_HOSTS)")
+    return addrs
+
+
+def check_host(host: str, port: int, field: str, allowed: list[str]) -> None:
+    """Refuse `host` unless every address it resolves to passes `resolve_checked`'s rule."""
+    resolve_checked(host, port, field, allowed)
 
 
 # ---- data URIs and our own file URLs -----------------------------------------------------------------
@@ -264,45 +280,14 @@ def sanitize_filename(name: str, default: str = "upload") -> str:
 
 
 def download(url: str, dest: Path, field: str, *, allowed: list[str], max_bytes: int, timeout_s: float,
-             max_redirects: int = 5) -> Path:
-    """Stream `url` to `dest` with size/time limits, re-checking the host of every redirect hop."""
-    import httpx
+             max_redirects: int = 5, should_cancel: Callable[[], bool] | None = None) -> Path:
+    """Stream `url` to `dest` within one wall-clock deadline (connect, headers, body, every redirect hop) and
+    the size limit; each connection (each redirect hop too) connects only to addresses `resolve_checked`
+    approved, and `should_cancel` is honoured between socket waits (JobCancelled)."""
+    from vace_local.http_guard import fetch_url
 
-    deadline = time.monotonic() + timeout_s
-    current = url
-    with httpx.Client(follow_redirects=False, timeout=httpx.Timeout(min(30.0, timeout_s)),
-                      trust_env=False) as client:
-        for _ in range(max_redirects + 1):
-            parts = urlsplit(current)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise InputError(field, f"URL must be http(s), got '{current[:100]}'")
-            check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), field, allowed)
-            try:
-                with client.stream("GET", current, headers={"User-Agent": "vace-local"}) as r:
-                    if r.is_redirect:
-                        loc = r.headers.get("location")
-                        if not loc:
-                            raise InputError(field, f"URL redirect without a location (HTTP {r.status_code})")
-                        current = urljoin(current, loc)
-                        continue
-                    if r.status_code != 200:
-                        raise InputError(field, f"URL download failed with HTTP {r.status_code}")
-                    declared = r.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > max_bytes:
-                        raise InputError(field, f"URL content is {declared} bytes, over the {max_bytes} byte limit")
-                    size = 0
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with open(dest, "wb") as f:
-                        for chunk in r.iter_bytes(1 << 16):
-                            size += len(chunk)
-                            if size > max_bytes:
-                                raise InputError(field, f"URL content exceeds the {max_bytes} byte limit")
-                            if time.monotonic() > deadline:
-                                raise InputError(field, f"URL download took longer than {timeout_s:g} s")
-                            f.write(chunk)
-                    return dest
-            except httpx.TimeoutException:
-                raise InputError(field, f"URL download timed out after {timeout_s:g} s") from None
-            except httpx.HTTPError as e:
-                raise InputError(field, f"URL download failed: {type(e).__name__}: {e}") from None
-    raise InputError(field, f"URL redirected more than {max_redirects} times")
+    def resolve(host: str, port: int) -> list[str]:
+        return resolve_checked(host, port, field, allowed)
+
+    return fetch_url(url, dest, field, max_bytes=max_bytes, timeout_s=timeout_s, resolve=resolve,
+                     should_cancel=should_cancel, max_redirects=max_redirects)

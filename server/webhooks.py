@@ -1,14 +1,19 @@
 """Webhook delivery: POST each finished job's dialect-rendered payload, retried with exponential backoff.
 
 Delivery state lives in the job store, so pending webhooks survive a restart. Target hosts follow the same
-private-address rule as input URLs (allow-list with `VACE_ALLOWED_HOSTS`).
+private-address rule as input URLs (allow-list with `VACE_ALLOWED_HOSTS`), and the connection goes to the
+address that was checked. Deliveries run concurrently, each bounded by `webhook_timeout_s` in all, with at
+most `PER_DESTINATION` in flight per destination: a client whose endpoint is a tarpit delays only its own
+webhooks, never another client's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,59 +24,142 @@ from server import inputs as safety
 from server.core import Core
 from server.store import JobRecord
 from vace_local.errors import InputError
+from vace_local.http_guard import PinnedAsyncBackend, PinnedAsyncTransport
 
 log = logging.getLogger("vace.server.webhooks")
+
+Renderer = Callable[[JobRecord, Core], dict[str, Any]]
+
+#: Deliveries in flight to one destination (scheme, host, port) at a time.
+PER_DESTINATION = 2
+#: Deliveries in flight in all (well under the connection pool's 100 connections).
+MAX_IN_FLIGHT = 32
 
 
 def backoff(attempt: int) -> float:
     return min(2.0 ** (attempt - 1), 300.0)
 
 
-async def deliver_once(core: Core, job: JobRecord, render: Callable[[JobRecord, Core], dict[str, Any]],
-                       client: httpx.AsyncClient) -> None:
+def destination(url: str) -> str:
+    """The key deliveries are capped by: one per scheme + host + port."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+
+
+def pinned_client(core: Core) -> httpx.AsyncClient:
+    """A client that connects only to addresses `resolve_checked` approved for the "webhook" field."""
+    allowed = core.settings.allowed_hosts
+
+    def resolve(host: str, port: int) -> list[str]:
+        return safety.resolve_checked(host, port, "webhook", allowed)
+
+    return httpx.AsyncClient(transport=PinnedAsyncTransport(PinnedAsyncBackend(resolve)),
+                             timeout=core.settings.webhook_timeout_s, trust_env=False, follow_redirects=False)
+
+
+async def deliver_once(core: Core, job: JobRecord, render: Renderer, client: httpx.AsyncClient) -> None:
     attempts = job.webhook_attempts + 1
     url = job.webhook_url or ""
+    limit = core.settings.webhook_timeout_s
     ok = False
     reason = ""
     try:
-        parts = urlsplit(url)
-        await asyncio.to_thread(safety.check_host, parts.hostname or "", parts.port or 443, "webhook",
-                                core.settings.allowed_hosts)
-        r = await client.post(url, json=render(job, core), headers={"User-Agent": "vace-local-webhook"})
+        async with asyncio.timeout(limit):  # DNS, connect, send and answer together
+            r = await client.post(url, json=render(job, core), headers={"User-Agent": "vace-local-webhook"})
         ok = 200 <= r.status_code < 300
         reason = f"HTTP {r.status_code}"
     except InputError as e:
         reason = e.message
         attempts = core.settings.webhook_max_attempts  # a refused host will not become acceptable
+    except TimeoutError:
+        reason = f"no answer within {limit:g} s"
     except httpx.HTTPError as e:
         reason = f"{type(e).__name__}: {e}"
     if ok:
-        core.store.webhook_attempted(job.id, delivered=True, attempts=attempts, next_at=None)
-        core.store.add_log(job.id, f"webhook delivered ({reason})")
+        await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=True, attempts=attempts,
+                                next_at=None)
+        await asyncio.to_thread(core.store.add_log, job.id, f"webhook delivered ({reason})")
         return
     next_at = time.time() + backoff(attempts) if attempts < core.settings.webhook_max_attempts else None
-    core.store.webhook_attempted(job.id, delivered=False, attempts=attempts, next_at=next_at)
+    await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=False, attempts=attempts,
+                            next_at=next_at)
     tail = f"retrying in {backoff(attempts):g} s" if next_at else "giving up"
-    core.store.add_log(job.id, f"webhook attempt {attempts} failed ({reason}); {tail}", level="warning")
+    await asyncio.to_thread(core.store.add_log, job.id, f"webhook attempt {attempts} failed ({reason}); {tail}",
+                            level="warning")
 
 
-async def webhook_loop(core: Core, renderers: dict[str, Callable[[JobRecord, Core], dict[str, Any]]],
-                       stop: asyncio.Event, interval: float = 0.5) -> None:
-    async with httpx.AsyncClient(timeout=core.settings.webhook_timeout_s, trust_env=False,
-                                 follow_redirects=False) as client:
-        while not stop.is_set():
-            try:
-                due = await asyncio.to_thread(core.store.due_webhooks, time.time())
-                for job in due:
-                    render = renderers.get(job.dialect)
-                    if render is None:
-                        core.store.webhook_attempted(job.id, delivered=False, attempts=job.webhook_attempts,
-                                                     next_at=None)
-                        continue
-                    await deliver_once(core, job, render, client)
-            except Exception:  # noqa: BLE001 - the loop must survive any one bad delivery
-                log.exception("webhook loop error")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+class _Dispatcher:
+    """Starts one task per due webhook, capped per destination and overall; tracks what is in flight."""
+
+    def __init__(self, core: Core, client: httpx.AsyncClient) -> None:
+        self.core = core
+        self.client = client
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.overall = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.per_dest: dict[str, asyncio.Semaphore] = {}
+        self.users: Counter[str] = Counter()
+
+    def lease(self, job: JobRecord) -> None:
+        """Push the job's next attempt past the end of this delivery (its wait behind the destination's queue
+        included), so the due query (the oldest few) does not keep returning it while it waits or runs; written
+        before the task starts, so it can never overwrite the delivery's own result. If the process dies
+        meanwhile, the webhook is retried once the lease ends."""
+        queued = self.users[destination(job.webhook_url or "")] // PER_DESTINATION + 1
+        lease = time.time() + self.core.settings.webhook_timeout_s * queued + 5.0
+        self.core.store.webhook_attempted(job.id, delivered=False, attempts=job.webhook_attempts, next_at=lease)
+
+    def start(self, job: JobRecord, render: Renderer) -> None:
+        dest = destination(job.webhook_url or "")
+        self.users[dest] += 1
+        sem = self.per_dest.setdefault(dest, asyncio.Semaphore(PER_DESTINATION))
+        task = asyncio.create_task(self._run(job, render, sem))
+        self.tasks[job.id] = task
+        task.add_done_callback(lambda _t, jid=job.id, d=dest: self._done(jid, d))
+
+    async def _run(self, job: JobRecord, render: Renderer, sem: asyncio.Semaphore) -> None:
+        try:
+            async with sem, self.overall:  # the destination's slot first: a tarpit's queue holds no global slot
+                await deliver_once(self.core, job, render, self.client)
+        except Exception:  # noqa: BLE001 - one bad delivery must not stop the others
+            log.exception("webhook delivery for job %s failed", job.id)
+
+    def _done(self, job_id: str, dest: str) -> None:
+        self.tasks.pop(job_id, None)
+        self.users[dest] -= 1
+        if self.users[dest] <= 0:
+            del self.users[dest]
+            self.per_dest.pop(dest, None)
+
+    async def close(self) -> None:
+        for t in list(self.tasks.values()):
+            t.cancel()
+        for t in list(self.tasks.values()):
+            with contextlib.suppress(BaseException):
+                await t
+
+
+async def webhook_loop(core: Core, renderers: dict[str, Renderer], stop: asyncio.Event, interval: float = 0.5) -> None:
+    async with pinned_client(core) as client:
+        dispatcher = _Dispatcher(core, client)
+        try:
+            while not stop.is_set():
+                try:
+                    due = await asyncio.to_thread(core.store.due_webhooks, time.time())
+                    for job in due:
+                        if job.id in dispatcher.tasks:
+                            continue
+                        render = renderers.get(job.dialect)
+                        if render is None:
+                            await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=False,
+                                                    attempts=job.webhook_attempts, next_at=None)
+                            continue
+                        await asyncio.to_thread(dispatcher.lease, job)
+                        dispatcher.start(job, render)
+                except Exception:  # noqa: BLE001 - the loop must survive any one bad delivery
+                    log.exception("webhook loop error")
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=interval)
+                except TimeoutError:
+                    pass
+        finally:
+            await dispatcher.close()

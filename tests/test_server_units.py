@@ -167,7 +167,7 @@ def test_download_rules(file_server, tmp_path):
     p = safety.download(f"{file_server}/ok.mp4", tmp_path / "a", "video", allowed=allow, max_bytes=10_000,
                         timeout_s=10)
     assert safety.check_file(p, "video", "video") == "mp4"
-    with pytest.raises(InputError, match="video: URL host '127.0.0.1' resolves to a loopback"):
+    with pytest.raises(InputError, match="video: URL host '127.0.0.1' is not allowed: it resolves to a loopback"):
         safety.download(f"{file_server}/ok.mp4", tmp_path / "b", "video", allowed=[], max_bytes=10_000,
                         timeout_s=10)
     with pytest.raises(InputError, match="over the 1000 byte limit"):

@@ -20,7 +20,8 @@ from vace_local.errors import InputError
 from vace_local.spec import JobInputs
 
 MAX_INPUT_BYTES = 512 * 1024 * 1024
-FETCH_TIMEOUT_S = 60.0
+FETCH_TIMEOUT_S = 60.0  # longest wait for any one read
+FETCH_DEADLINE_S = 900.0  # a whole download, slow senders included
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 
 UrlFetcher = Callable[[str, Path, str], Path]
@@ -58,25 +59,13 @@ def decode_data_uri(uri: str, dest_stem: Path, field_name: str, max_bytes: int =
 
 
 def default_url_fetcher(url: str, dest_stem: Path, field_name: str) -> Path:
-    """Download with a size cap and timeout (CLI use: the user's own URLs are trusted)."""
-    import httpx
+    """Download with a size cap, one wall-clock deadline and a per-wait timeout (CLI use: the user's own URLs
+    are trusted, so any address is fine; a slow sender still cannot hold the run past the deadline)."""
+    from vace_local.http_guard import fetch_url
 
     suffix = Path(url.split("?", 1)[0]).suffix[:8] or ".bin"
-    out = dest_stem.with_suffix(suffix)
-    try:
-        with httpx.stream("GET", url, timeout=FETCH_TIMEOUT_S, follow_redirects=True) as r:
-            if r.status_code != 200:
-                raise InputError(field_name, f"download failed: HTTP {r.status_code} from {url}")
-            total = 0
-            with out.open("wb") as fh:
-                for chunk in r.iter_bytes():
-                    total += len(chunk)
-                    if total > MAX_INPUT_BYTES:
-                        raise InputError(field_name, f"download is larger than {MAX_INPUT_BYTES} bytes")
-                    fh.write(chunk)
-    except httpx.HTTPError as exc:
-        raise InputError(field_name, f"download failed: {type(exc).__name__}") from exc
-    return out
+    return fetch_url(url, dest_stem.with_suffix(suffix), field_name, max_bytes=MAX_INPUT_BYTES,
+                     timeout_s=FETCH_DEADLINE_S, read_timeout_s=FETCH_TIMEOUT_S)
 
 
 def fetch_one(value: str, dest_stem: Path, field_name: str, url_fetcher: UrlFetcher = default_url_fetcher) -> Path:
