@@ -134,10 +134,10 @@ async def create(request: Request, core: Core = Depends(get_core)) -> Response:
                        error_type="validation_error") from None
     except ValidationError as e:
         raise validation_api_error(e, FIELD_NAMES, status_code=400) from None
-    raw = {k: (v[:64] + "…" if isinstance(v, str) and v.startswith("data:") else v) for k, v in body.items()}
+    # Only the normalised spec is stored (not the raw body): unknown fields and their values never reach the DB.
     logs = [served_note(core, req.model, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
     job = core.create_job(tr.spec, dialect=NAME, model_id=req.model, base_url=base, field_names=FIELD_NAMES,
-                          logs=logs, extra={"input": raw, "ignored": tr.ignored})
+                          logs=logs, extra={"ignored": tr.ignored})
     log.info("aiml job %s for %s (%s)", job.id, req.model, "; ".join(logs))
     return JSONResponse(render_generation(job, core, base), status_code=201)
 

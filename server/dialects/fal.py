@@ -366,12 +366,12 @@ async def create_fal_job(request: Request, core: Core, app_path: str) -> JobReco
             core.check_webhook_url(webhook, "fal_webhook")
         except ApiError as e:
             raise field_api_error("fal_webhook", e.message.split(": ", 1)[-1], where="query") from None
-    raw = {k: (v[:64] + "…" if isinstance(v, str) and v.startswith("data:") else v) for k, v in body.items()}
+    # Only the normalised spec is stored (not the raw body): unknown fields and their values never reach the DB.
     logs = [served_note(core, app_id, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
     try:
         job = core.create_job(
             tr.spec, dialect=NAME, model_id=app_id, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
-            logs=logs, extra={"endpoint": endpoint, "sync_mode": tr.sync_mode, "input": raw, "ignored": tr.ignored},
+            logs=logs, extra={"endpoint": endpoint, "sync_mode": tr.sync_mode, "ignored": tr.ignored},
         )
     except ApiError as e:
         if e.status_code == 400 and e.field:

@@ -32,7 +32,7 @@ from server.core import (
     require_auth,
     validation_error,
 )
-from server.dialects import Dialect
+from server.dialects import PROMPT_MAX_CHARS, Dialect
 from vace_local.spec import JobInputs, JobSpec
 
 log = logging.getLogger("vace.server.wavespeed")
@@ -46,8 +46,6 @@ BASE64_WEBHOOK_ERROR = ("webhook callback does not support base64 output, please
                         "base64 output")
 #: JobSpec / JobInputs names → WaveSpeed's, so errors name the user's field.
 FIELD_NAMES = {"reference_images": "images", "num_frames": "duration", "width": "size", "height": "size"}
-#: Longest prompt / negative prompt accepted (the UMT5 text encoder reads only the first 512 tokens anyway).
-PROMPT_MAX_CHARS = 20_000
 STATUS = {QUEUED: "created", RUNNING: "processing", SUCCEEDED: "completed", FAILED: "failed", CANCELLED: "failed"}
 
 
