@@ -78,7 +78,7 @@ TINY_NOTE = "served by the tiny random-weight smoke model: the output is noise, 
 
 __all__ = [
     "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "ApiError", "Core", "Failure", "JobRecord",
-    "get_core", "iso_time", "map_exception", "require_auth", "user_field", "validation_error",
+    "get_core", "iso_time", "map_exception", "read_body", "require_auth", "user_field", "validation_error",
 ]
 
 
@@ -208,6 +208,15 @@ def require_auth(request: Request) -> None:
                        error_type="unauthorized")
     if not core.key_ok(key.strip()):
         raise ApiError(401, "invalid API key", error_type="unauthorized")
+
+
+async def read_body(request: Request) -> bytearray:
+    """The request body in one buffer grown in place (Starlette's `request.body()` joins a list of chunks,
+    holding a ~400 MB data-URI body twice for a moment)."""
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+    return buf
 
 
 # ---- the core -----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from server.core import (
     Core,
     JobRecord,
     get_core,
+    read_body,
     require_auth,
 )
 from server.dialects import Dialect
@@ -105,7 +106,7 @@ authed = [Depends(require_auth)]
 @router.post("/video/generations", dependencies=authed, status_code=201, summary="Create a video generation task")
 async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     try:
-        body = await asyncio.to_thread(json.loads, await request.body() or b"{}")  # up to ~400 MB of base64
+        body = await asyncio.to_thread(json.loads, await read_body(request) or b"{}")  # up to ~400 MB of base64
     except ValueError as e:
         raise ApiError(400, f"request body is not valid JSON ({e})", error_type="validation_error") from None
     if not isinstance(body, dict):

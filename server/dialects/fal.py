@@ -39,6 +39,7 @@ from server.core import (
     JobRecord,
     get_core,
     iso_time,
+    read_body,
     require_auth,
     user_field,
 )
@@ -323,7 +324,7 @@ def split_app_path(app_path: str) -> str:
 
 
 async def _read_json(request: Request) -> Any:
-    raw = await request.body()
+    raw = await read_body(request)
     try:
         import json
 
