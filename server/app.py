@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
                     await asyncio.wait_for(t, timeout=5)
             if sup is not None:
                 await asyncio.to_thread(sup.stop)
+            core.slow_pool.shutdown(wait=False, cancel_futures=True)
             store.dispose()
 
     app = FastAPI(
@@ -165,6 +166,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
 
     @app.get("/health", tags=["ops"], summary="Process is up")
     async def health() -> dict[str, Any]:
+        """Answered on the event loop from memory only: no store, no thread pool, so it never queues."""
         return {"status": "ok", "model": settings.model, "tiny": settings.is_tiny}
 
     @app.get("/ready", tags=["ops"], summary="Every worker has its model loaded (503 until then)")
@@ -208,7 +210,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
 async def _cleanup_loop(core: Core, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            n = await asyncio.to_thread(core.cleanup_expired)
+            n = await core.run_slow(core.cleanup_expired)
             if n:
                 log.info("retention: removed %d expired jobs/uploads", n)
         except Exception:  # noqa: BLE001

@@ -47,6 +47,7 @@ def serve(
     import uvicorn
 
     from server.app import create_app
+    from server.http_guard import guarded_protocol, raise_fd_limit
     from server.settings import Settings
 
     overrides: dict[str, Any] = {k: v for k, v in {
@@ -74,11 +75,19 @@ def serve(
     if settings.is_tiny:
         log.warning("model 'tiny': outputs come from a tiny random-weight model and are noise")
     app = create_app(settings)
+    fds = raise_fd_limit()
+    if fds < settings.max_connections + 64:
+        log.warning("open-file limit %d is below max_connections (%d) + headroom; lower VACE_MAX_CONNECTIONS or "
+                    "raise the limit (ulimit -n)", fds, settings.max_connections)
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         timeout_graceful_shutdown=15, access_log=False,
+        # Connection guards (server/http_guard.py): h11 for its head-size limit, plus a head deadline and a cap.
+        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+        limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_timeout_s,
+        h11_max_incomplete_event_size=settings.max_header_bytes, backlog=settings.backlog,
     )
 
 

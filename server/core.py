@@ -14,6 +14,10 @@ Core API (stable; the fal and AI/ML dialects build on it):
   JobInputs/JobSpec names to the dialect's (e.g. `{"reference_images": "ref_image_urls"}`) so every error
   names the user's field. `extra` is free dialect JSON kept on the record (e.g. sub-endpoint, raw input).
   Raises `ApiError` (4xx) for bad input, 429 when the queue is full.
+* `await Core.create_job_async(spec, **same)` — `create_job` off the event loop (what async routes call).
+* `await Core.run_slow(fn, *args)` — blocking slow work (downloads, probes, data-URI decodes, cleanup) on the
+  core's own bounded pool (`Settings.slow_work_threads`), so `/ready` and quick store calls never queue
+  behind it.
 * `Core.get_job(job_id, with_logs=False) -> JobRecord | None`.
 * `Core.cancel_job(job_id) -> JobRecord | None` — queued: cancelled at once; running: flagged, the worker stops
   at the next denoising step (poll `get_job`).
@@ -34,16 +38,18 @@ Internal statuses: queued | running | succeeded | failed | cancelled (`server.st
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import Request
@@ -66,11 +72,13 @@ from vace_local.spec import MIN_FRAMES, JobInputs, JobSpec
 
 log = logging.getLogger("vace.server")
 
+T = TypeVar("T")
+
 TINY_NOTE = "served by the tiny random-weight smoke model: the output is noise, not a real generation"
 
 __all__ = [
     "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "ApiError", "Core", "Failure", "JobRecord",
-    "get_core", "iso_time", "map_exception", "require_auth", "user_field", "validation_error",
+    "get_core", "iso_time", "map_exception", "read_body", "require_auth", "user_field", "validation_error",
 ]
 
 
@@ -202,6 +210,15 @@ def require_auth(request: Request) -> None:
         raise ApiError(401, "invalid API key", error_type="unauthorized")
 
 
+async def read_body(request: Request) -> bytearray:
+    """The request body in one buffer grown in place (Starlette's `request.body()` joins a list of chunks,
+    holding a ~400 MB data-URI body twice for a moment)."""
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+    return buf
+
+
 # ---- the core -----------------------------------------------------------------------------------------
 
 
@@ -225,6 +242,14 @@ class Core:
         self.data_dir = settings.data_dir.resolve()
         self._keys = [k.encode() for k in settings.api_keys]
         self._depth: tuple[float, int] = (-1e9, 0)
+        #: Slow blocking work gets its own few threads (see `run_slow`); shut down with the app.
+        self.slow_pool = ThreadPoolExecutor(max_workers=settings.slow_work_threads, thread_name_prefix="vace-slow")
+
+    async def run_slow(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run blocking slow work (a download, probe, data-URI decode, cleanup) on the bounded slow pool: it
+        can pile up under hostile input, and must not take the default executor's threads from `/ready` and
+        the quick store calls."""
+        return await asyncio.get_running_loop().run_in_executor(self.slow_pool, functools.partial(fn, *args, **kwargs))
 
     # -- auth & URLs --
 
@@ -274,10 +299,7 @@ class Core:
         """
         v = value.strip()
         if v.lower().startswith("data:"):
-            data = safety.decode_data_uri(v, field_name, self.settings.max_upload_bytes)
-            ext = safety.check_content(data[:512], field_name, expected)
-            info = self._store_bytes(data, f"{field_name.split('[')[0]}.{ext}", safety.mime_of(ext))
-            return str(info.path)
+            return str(self._store_data_uri(v, field_name, expected))
         parts = urlsplit(v)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise InputError(field_name, "must be an http(s) URL, a data URI or a file uploaded to this server")
@@ -377,6 +399,15 @@ class Core:
         self._depth = (self._depth[0], self._depth[1] + 1)
         return job
 
+    async def create_job_async(self, spec: JobSpec, **kwargs: Any) -> JobRecord:
+        """`create_job` off the event loop: on the slow pool when an input is a data URI (decoded and written
+        there), otherwise on the default executor (a few store statements)."""
+        refs = [getattr(spec.inputs, name) for name in safety.FIELD_KINDS if name != "reference_images"]
+        refs += spec.inputs.reference_images
+        if any(isinstance(r, str) and r.lstrip()[:5].lower() == "data:" for r in refs):
+            return await self.run_slow(self.create_job, spec, **kwargs)
+        return await asyncio.to_thread(self.create_job, spec, **kwargs)
+
     def _queue_depth(self) -> int:
         """Queue depth for the queue-full check, re-counted at most once a second (submit is hot)."""
         now = time.monotonic()
@@ -411,7 +442,7 @@ class Core:
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.sync_timeout_s)
         delay = 0.05
         while True:
-            job = self.store.get_job(job_id)
+            job = await asyncio.to_thread(self.store.get_job, job_id)
             if job is None:
                 raise ApiError(404, f"job '{job_id}' not found", error_type="not_found")
             if job.terminal or time.monotonic() >= deadline:
@@ -426,14 +457,23 @@ class Core:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _store_bytes(self, data: bytes, filename: str, content_type: str | None) -> UploadInfo:
+    def _store_data_uri(self, uri: str, field_name: str, expected: safety.Kind) -> Path:
+        """Decode a data URI straight into a new upload (streamed: never the whole payload decoded in memory);
+        its content is checked against the field's kind before it is recorded."""
         uid = new_id()
-        name = safety.sanitize_filename(filename)
-        path = self._upload_dir(uid) / name
-        path.write_bytes(data)
-        self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=content_type,
-                                 size=len(data), path=f"uploads/{uid}/{name}", completed=True)
-        return UploadInfo(uid, name, len(data), content_type, path, safety.kind_of(safety.sniff(data[:512])))
+        part = self._upload_dir(uid) / "data.part"
+        try:
+            size = safety.write_data_uri(uri, field_name, self.settings.max_upload_bytes, part)
+            with open(part, "rb") as f:
+                ext = safety.check_content(f.read(512), field_name, expected)
+            name = safety.sanitize_filename(f"{field_name.split('[')[0]}.{ext}")
+            path = part.replace(part.with_name(name))
+        except BaseException:
+            shutil.rmtree(part.parent, ignore_errors=True)
+            raise
+        self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=safety.mime_of(ext),
+                                 size=size, path=f"uploads/{uid}/{name}", completed=True)
+        return path
 
     async def save_upload(self, chunks: AsyncIterator[bytes], filename: str,
                           content_type: str | None) -> UploadInfo:

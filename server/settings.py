@@ -53,6 +53,22 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(600.0, gt=0)
     #: A running job whose worker has not heart-beaten for this long is treated as orphaned.
     heartbeat_timeout_s: float = Field(60.0, gt=0)
+    #: Threads for slow blocking work on the API process (submit-time downloads/probes, data-URI decodes,
+    #: retention cleanup); /health and /ready never wait for them.
+    slow_work_threads: int = Field(4, ge=1, le=64)
+    # -- HTTP server guards (uvicorn; see README "Exposed deployments" for the reverse-proxy side) --
+    #: Open connections (and in-flight requests) at most; beyond it a request gets 503, a new connection an
+    #: immediate 503 and close, so idle sockets cannot use up every file descriptor.
+    max_connections: int = Field(1000, ge=1)
+    #: A client must send a complete request head (request line + headers) within this many seconds of
+    #: connecting or of the previous response (slowloris); else the connection is closed (408).
+    header_timeout_s: float = Field(10.0, gt=0)
+    #: Idle keep-alive connections are closed after this many seconds.
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    #: Largest request head (request line + headers) accepted; beyond it: 400.
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    #: Listen backlog (connections waiting to be accepted).
+    backlog: int = Field(2048, ge=1)
     max_queue: int = Field(10000, ge=1)
     max_attempts: int = Field(2, ge=1)
     webhook_max_attempts: int = Field(6, ge=1)

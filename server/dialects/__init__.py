@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from server.core import ApiError, Core
     from server.store import JobRecord
 
+#: Longest prompt / negative prompt any dialect accepts (the UMT5 text encoder reads only the first 512 tokens
+#: anyway); a longer one is a 4xx naming the field, so it is never stored, logged or polled back.
+PROMPT_MAX_CHARS = 20_000
+
 #: Module names under server.dialects, in inclusion order (missing modules are skipped).
 DIALECT_MODULES = ["wavespeed", "aiml", "fal"]
 

@@ -8,6 +8,7 @@ its `base_url`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -29,6 +30,7 @@ from server.core import (
     Core,
     JobRecord,
     get_core,
+    read_body,
     require_auth,
 )
 from server.dialects import Dialect
@@ -104,7 +106,7 @@ authed = [Depends(require_auth)]
 @router.post("/video/generations", dependencies=authed, status_code=201, summary="Create a video generation task")
 async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = await asyncio.to_thread(json.loads, await read_body(request) or b"{}")  # up to ~400 MB of base64
     except ValueError as e:
         raise ApiError(400, f"request body is not valid JSON ({e})", error_type="validation_error") from None
     if not isinstance(body, dict):
@@ -134,16 +136,16 @@ async def create(request: Request, core: Core = Depends(get_core)) -> Response:
                        error_type="validation_error") from None
     except ValidationError as e:
         raise validation_api_error(e, FIELD_NAMES, status_code=400) from None
-    raw = {k: (v[:64] + "…" if isinstance(v, str) and v.startswith("data:") else v) for k, v in body.items()}
+    # Only the normalised spec is stored (not the raw body): unknown fields and their values never reach the DB.
     logs = [served_note(core, req.model, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
-    job = core.create_job(tr.spec, dialect=NAME, model_id=req.model, base_url=base, field_names=FIELD_NAMES,
-                          logs=logs, extra={"input": raw, "ignored": tr.ignored})
+    job = await core.create_job_async(tr.spec, dialect=NAME, model_id=req.model, base_url=base,
+                                      field_names=FIELD_NAMES, logs=logs, extra={"ignored": tr.ignored})
     log.info("aiml job %s for %s (%s)", job.id, req.model, "; ".join(logs))
     return JSONResponse(render_generation(job, core, base), status_code=201)
 
 
 @router.get("/video/generations", dependencies=authed, summary="Fetch a video generation task")
-async def fetch(request: Request, core: Core = Depends(get_core)) -> Response:
+def fetch(request: Request, core: Core = Depends(get_core)) -> Response:
     gid = request.query_params.get("generation_id") or request.query_params.get("id")
     if not gid:
         raise ApiError(400, "generation_id: query parameter is required", field="generation_id",

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.dialects import PROMPT_MAX_CHARS
 from server.dialects.fal_schemas import (
     FAL_NEGATIVE_PROMPT,
     AspectRatio,
@@ -33,8 +34,8 @@ class _AimlCommon(BaseModel):
 
     model: str
     video_url: str
-    prompt: str
-    negative_prompt: str = FAL_NEGATIVE_PROMPT
+    prompt: str = Field(..., max_length=PROMPT_MAX_CHARS)
+    negative_prompt: str = Field(FAL_NEGATIVE_PROMPT, max_length=PROMPT_MAX_CHARS)
     match_input_num_frames: bool = False
     num_frames: int = Field(81, ge=81, le=241)
     match_input_frames_per_second: bool = False
@@ -85,7 +86,7 @@ class AimlOutpaintingRequest(_AimlCommon):
 
 
 class AimlReframeRequest(_AimlCommon):
-    prompt: str = ""
+    prompt: str = Field("", max_length=PROMPT_MAX_CHARS)
     zoom_factor: float = Field(0.0, ge=0.0, le=0.9)
     trim_borders: bool = True
 

@@ -39,6 +39,7 @@ from server.core import (
     JobRecord,
     get_core,
     iso_time,
+    read_body,
     require_auth,
     user_field,
 )
@@ -124,15 +125,15 @@ async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[S
     worker fetches it; then this returns (None, value, note) and the size/timing use the defaults."""
     from vace_local.media import probe_video
 
-    ref = core.resolve_input_reference(value, field, base, "video")
+    ref = await core.run_slow(core.resolve_input_reference, value, field, base, "video")  # may decode a data URI
     if ref.lower().startswith(("http://", "https://")):
         with tempfile.TemporaryDirectory(dir=core.data_dir / "cache") as tmp:
             dest = Path(tmp) / "video"
             s = core.settings
             try:
-                await asyncio.to_thread(safety.download, ref, dest, field, allowed=s.allowed_hosts,
-                                        max_bytes=s.max_download_bytes,
-                                        timeout_s=min(s.download_timeout_s, SUBMIT_PROBE_TIMEOUT_S))
+                await core.run_slow(safety.download, ref, dest, field, allowed=s.allowed_hosts,
+                                    max_bytes=s.max_download_bytes,
+                                    timeout_s=min(s.download_timeout_s, SUBMIT_PROBE_TIMEOUT_S))
             except InputError as e:
                 return None, value, (f"{field} could not be fetched at submit ({e.message}); the worker fetches "
                                      "it, and resolution/aspect_ratio 'auto' use the defaults")
@@ -141,7 +142,7 @@ async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[S
         local = str(info.path)
     else:
         local = ref
-    n, fps, w, h = await asyncio.to_thread(probe_video, local, field)
+    n, fps, w, h = await core.run_slow(probe_video, local, field)
     return SourceInfo(num_frames=n, fps=fps, width=w, height=h), _local_path_url(core, base, local), None
 
 
@@ -323,11 +324,11 @@ def split_app_path(app_path: str) -> str:
 
 
 async def _read_json(request: Request) -> Any:
-    raw = await request.body()
+    raw = await read_body(request)
     try:
         import json
 
-        return json.loads(raw or b"{}")
+        return await asyncio.to_thread(json.loads, raw or b"{}")  # a body may be ~400 MB of base64
     except ValueError as e:
         raise ApiError(422, f"body: request body is not valid JSON ({e})", error_type="validation_error",
                        errors=[{"loc": ["body"], "msg": f"invalid JSON: {e}", "type": "json_invalid"}]) from None
@@ -366,12 +367,12 @@ async def create_fal_job(request: Request, core: Core, app_path: str) -> JobReco
             core.check_webhook_url(webhook, "fal_webhook")
         except ApiError as e:
             raise field_api_error("fal_webhook", e.message.split(": ", 1)[-1], where="query") from None
-    raw = {k: (v[:64] + "…" if isinstance(v, str) and v.startswith("data:") else v) for k, v in body.items()}
+    # Only the normalised spec is stored (not the raw body): unknown fields and their values never reach the DB.
     logs = [served_note(core, app_id, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
     try:
-        job = core.create_job(
+        job = await core.create_job_async(
             tr.spec, dialect=NAME, model_id=app_id, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
-            logs=logs, extra={"endpoint": endpoint, "sync_mode": tr.sync_mode, "input": raw, "ignored": tr.ignored},
+            logs=logs, extra={"endpoint": endpoint, "sync_mode": tr.sync_mode, "ignored": tr.ignored},
         )
     except ApiError as e:
         if e.status_code == 400 and e.field:
@@ -404,25 +405,25 @@ def _check_endpoint(endpoint: str) -> None:
 
 
 @router.get(SUB_REQ + "/status", dependencies=authed, include_in_schema=False)
-async def status_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def status_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
     _check_endpoint(endpoint)
-    return await status(request_id, request, core)
+    return status(request_id, request, core)
 
 
 @router.get(SUB_REQ, dependencies=authed, include_in_schema=False)
-async def result_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def result_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
     _check_endpoint(endpoint)
-    return await result(request_id, request, core)
+    return result(request_id, request, core)
 
 
 @router.put(SUB_REQ + "/cancel", dependencies=authed, include_in_schema=False)
-async def cancel_sub(endpoint: str, request_id: str, core: Core = Depends(get_core)) -> Response:
+def cancel_sub(endpoint: str, request_id: str, core: Core = Depends(get_core)) -> Response:
     _check_endpoint(endpoint)
-    return await cancel(request_id, core)
+    return cancel(request_id, core)
 
 
 @router.get(REQ + "/status", dependencies=authed, summary="fal queue status")
-async def status(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def status(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
     job = _job_or_404(core, request_id)
     with_logs = request.query_params.get("logs", "0").lower() in ("1", "true", "yes")
     code, body = render_status(job, core, core.base_url(request), with_logs)
@@ -430,7 +431,7 @@ async def status(request_id: str, request: Request, core: Core = Depends(get_cor
 
 
 @router.get(REQ, dependencies=authed, summary="fal queue result")
-async def result(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def result(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
     job = _job_or_404(core, request_id)
     if job.status == SUCCEEDED:
         return _json(render_output(job, core, core.base_url(request)), job.id)
@@ -440,7 +441,7 @@ async def result(request_id: str, request: Request, core: Core = Depends(get_cor
 
 
 @router.put(REQ + "/cancel", dependencies=authed, summary="fal queue cancel")
-async def cancel(request_id: str, core: Core = Depends(get_core)) -> Response:
+def cancel(request_id: str, core: Core = Depends(get_core)) -> Response:
     job = core.get_job(request_id)
     if job is None or job.dialect != NAME:
         return _json({"status": "NOT_FOUND"}, request_id, 404)
@@ -467,7 +468,8 @@ async def run_sync(app_path: str, request: Request, core: Core = Depends(get_cor
         raise ApiError(504, "Request timed out", error_type="request_timeout")
     if job.status != SUCCEEDED:
         raise failure_error(job)
-    return _json(render_output(job, core, core.base_url(request)), job.id)
+    body = await asyncio.to_thread(render_output, job, core, core.base_url(request))  # sync_mode: base64 media
+    return _json(body, job.id)
 
 
 @router.post("/{app_path:path}", dependencies=authed, summary="fal queue submit (fal-ai/wan-vace-14b[/sub])")
@@ -475,7 +477,7 @@ async def submit(app_path: str, request: Request, core: Core = Depends(get_core)
     job = await create_fal_job(request, core, app_path)
     base = core.base_url(request)
     body = {"request_id": job.id, "gateway_request_id": job.id, "status": "IN_QUEUE",
-            "queue_position": core.queue_position(job.id) or 0, **urls(base, job.id)}
+            "queue_position": await asyncio.to_thread(core.queue_position, job.id) or 0, **urls(base, job.id)}
     return _json(body, job.id)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.dialects import PROMPT_MAX_CHARS
 from vace_local.spec import MAX_FRAMES, MAX_SEED, ControlOptions, JobInputs, JobSpec, OutputOptions, TemporalOptions
 
 FAL_APP_ID = "fal-ai/wan-vace-14b"
@@ -79,8 +80,8 @@ class _Common(BaseModel):
     #: Unknown fields are ignored as at fal; NaN / Infinity are refused as "not a finite number".
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: str
-    negative_prompt: str = FAL_NEGATIVE_PROMPT
+    prompt: str = Field(..., max_length=PROMPT_MAX_CHARS)
+    negative_prompt: str = Field(FAL_NEGATIVE_PROMPT, max_length=PROMPT_MAX_CHARS)
     match_input_num_frames: bool = False
     num_frames: int = Field(81, ge=17, le=241)
     match_input_frames_per_second: bool = False
@@ -149,7 +150,7 @@ class FalOutpaintingRequest(_WithRefs):
 
 
 class FalReframeRequest(_Common):
-    prompt: str = ""
+    prompt: str = Field("", max_length=PROMPT_MAX_CHARS)
     video_url: str
     match_input_num_frames: bool = True
     match_input_frames_per_second: bool = True

@@ -9,6 +9,7 @@ because older SDKs only treat `failed` as terminal).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from typing import Any, Literal
@@ -32,7 +33,7 @@ from server.core import (
     require_auth,
     validation_error,
 )
-from server.dialects import Dialect
+from server.dialects import PROMPT_MAX_CHARS, Dialect
 from vace_local.spec import JobInputs, JobSpec
 
 log = logging.getLogger("vace.server.wavespeed")
@@ -46,8 +47,6 @@ BASE64_WEBHOOK_ERROR = ("webhook callback does not support base64 output, please
                         "base64 output")
 #: JobSpec / JobInputs names → WaveSpeed's, so errors name the user's field.
 FIELD_NAMES = {"reference_images": "images", "num_frames": "duration", "width": "size", "height": "size"}
-#: Longest prompt / negative prompt accepted (the UMT5 text encoder reads only the first 512 tokens anyway).
-PROMPT_MAX_CHARS = 20_000
 STATUS = {QUEUED: "created", RUNNING: "processing", SUCCEEDED: "completed", FAILED: "failed", CANCELLED: "failed"}
 
 
@@ -223,18 +222,18 @@ def _job_or_404(core: Core, request_id: str) -> JobRecord:
 
 
 @router.get("/predictions/{request_id}/result", dependencies=authed, summary="Get a prediction's result")
-async def get_result(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+def get_result(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
     job = _job_or_404(core, request_id)
     return envelope(render_data(job, core, core.base_url(request)))
 
 
 @router.get("/predictions/{request_id}", dependencies=authed, summary="Get a prediction")
-async def get_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
-    return await get_result(request_id, request, core)
+def get_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+    return get_result(request_id, request, core)
 
 
 @router.post("/predictions/{request_id}/cancel", dependencies=authed, summary="Cancel a prediction")
-async def cancel_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+def cancel_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
     _job_or_404(core, request_id)
     job = core.cancel_job(request_id)
     assert job is not None
@@ -275,8 +274,8 @@ class UploadTicketRequest(BaseModel):
 
 
 @router.post("/media/uploads", dependencies=authed, summary="Create an upload URL (then PUT the bytes)")
-async def create_upload(body: UploadTicketRequest, request: Request,
-                        core: Core = Depends(get_core)) -> dict[str, Any]:
+def create_upload(body: UploadTicketRequest, request: Request,
+                  core: Core = Depends(get_core)) -> dict[str, Any]:
     info = core.create_upload_ticket(body.filename, body.size, body.content_type)
     base = core.base_url(request)
     headers = {"Content-Type": body.content_type} if body.content_type else {}
@@ -310,14 +309,14 @@ async def submit(body: WanVaceInput, request: Request, webhook: str | None = Que
         elif isinstance(v, list):
             raw[k] = [x[:64] + "…" if x.startswith("data:") else x for x in v]
     base = core.base_url(request)
-    job = core.create_job(
+    job = await core.create_job_async(
         spec, dialect=NAME, model_id=MODEL_ID, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
         logs=notes,
         extra={"input": raw, "enable_base64_output": body.enable_base64_output},
     )
     if body.enable_sync_mode:
         job = await core.wait_for_job(job.id)
-        data = render_data(job, core, base)
+        data = await asyncio.to_thread(render_data, job, core, base)  # base64 output: read + encoded off the loop
         if not job.terminal:
             data["code"] = SYNC_TIMEOUT_CODE
             data["error"] = (f"Sync mode timed out after {core.settings.sync_timeout_s:g} s; the task is still "
