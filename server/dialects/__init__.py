@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from server.store import JobRecord
 
 #: Module names under server.dialects, in inclusion order (missing modules are skipped).
-DIALECT_MODULES = ["wavespeed", "aiml", "fal"]
+DIALECT_MODULES = ["wavespeed", "aiml", "openai", "fal"]
 
 
 def default_render_error(request: Request, err: ApiError) -> Response:
