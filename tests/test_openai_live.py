@@ -9,9 +9,10 @@ import os
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.test_server_live import FIXTURES, KEY, LiveServer
+from tests.test_server_live import AUTH, FIXTURES, KEY, LiveServer
 
 openai = pytest.importorskip("openai")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
@@ -104,6 +105,19 @@ def test_list_pages_and_delete(server, client):
         client.videos.retrieve(video.id)
     assert video.id not in [v.id for v in client.videos.list(limit=100)]
     assert not (server.data_dir / "outputs" / video.id).exists()
+
+
+def test_json_body_with_image_url_data_uri(server, client):
+    """Raw JSON clients (OpenAI's REST docs) send `input_reference: {"image_url": …}`; a data URI is stored here."""
+    png = base64.b64encode((FIXTURES / "girl.png").read_bytes()).decode()
+    r = httpx.post(f"{server.base}/v1/videos", headers=AUTH, timeout=30, json={
+        "prompt": "x", "seconds": 1, "size": "64x64", "steps": 1,
+        "input_reference": {"image_url": f"data:image/png;base64,{png}"}})
+    assert r.status_code == 200, r.text
+    video = r.json()
+    first = _spec(server, video["id"])["inputs"]["first_image"]
+    assert Path(first).is_file() and Path(first).is_relative_to(server.data_dir.resolve() / "uploads")
+    assert client.videos.delete(video["id"]).deleted
 
 
 def test_bad_requests_name_the_field(server, client):

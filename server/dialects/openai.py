@@ -278,6 +278,14 @@ authed = [Depends(require_auth)]
 @router.post("/videos", dependencies=authed, summary="Create a video (OpenAI videos API)")
 async def create_video(request: Request, core: Core = Depends(get_core)) -> Response:
     body, upload = await _read_body(request, core)
+    try:
+        return await _create(request, core, body, upload)
+    finally:
+        if upload is not None:
+            await upload.close()  # the spooled copy of the file part
+
+
+async def _create(request: Request, core: Core, body: dict[str, Any], upload: UploadFile | None) -> Response:
     if upload is not None and "input_reference" in body:
         raise _bad("input_reference", "send either a file part or image_url, not both")
     req: VideoCreateRequest = parse_request(body)
