@@ -177,3 +177,21 @@ def test_list_pages_by_cursor_and_only_this_dialect(core):
     video = render_video(page[0], core)
     assert (video["object"], video["status"], video["seconds"], video["size"], video["progress"]) == (
         "video", "queued", "1", "64x64", 0)
+
+
+def test_other_v1_paths_answer_in_openais_envelope(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    app = create_app(Settings(model="tiny", data_dir=tmp_path, workers="0"), start_workers=False)
+    with TestClient(app) as c:
+        assert c.put("/v1/videos").status_code == 405
+        r = c.post("/v1/videos/abc/remix")
+        assert r.status_code == 404 and "remix" in r.json()["error"]["message"]
+        r = c.get("/v1/videos", params={"limit": "0"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+        r = c.get("/v1/videos/abc/content", params={"variant": "gif"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "variant"
+        assert c.get("/v1/videos").json() == {"object": "list", "data": [], "first_id": None, "last_id": None,
+                                              "has_more": False}

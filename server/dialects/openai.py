@@ -385,9 +385,14 @@ def download_content(video_id: str, variant: str = Query("video"), core: Core = 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
 async def not_found(rest: str, request: Request) -> Response:
-    """Anything else under /v1: OpenAI's error shape (not the fal catch-all's)."""
-    raise ApiError(404, f"{request.method} {request.url.path} is not served here (the videos API is "
-                   "/v1/videos)", error_type="not_found")
+    """Anything else under /v1 (remix, edits, extensions, characters, other APIs): OpenAI's error shape."""
+    parts = rest.strip("/").split("/")
+    if parts[0] == "videos" and len(parts) <= 2 and parts[-1] not in ("edits", "extensions", "characters"):
+        raise ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                       error_type="method_not_allowed")
+    raise ApiError(404, f"{request.method} {request.url.path} is not served here; this server offers the videos "
+                   "API's create, retrieve, list, delete and content (no remix, edits, extensions or characters)",
+                   error_type="not_found")
 
 
 DIALECT = Dialect(name=NAME, router=router, render_error=render_error, path_prefixes=("/v1/",))
