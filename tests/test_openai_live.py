@@ -92,6 +92,10 @@ def test_list_pages_and_delete(server, client):
                                      extra_body={"task": "none", "steps": 2})
     spec = _spec(server, video.id)
     assert spec["task"] == "none" and spec["inputs"]["video"] and not spec["inputs"]["first_image"]
+    with open(FIXTURES / "test.mp4", "rb") as f:  # no task: the control video gives its depth
+        default = client.videos.create(prompt="a control video", seconds="1", size="64x64", input_reference=f)
+    assert _spec(server, default.id)["task"] == "depth"
+    assert client.videos.delete(default.id).deleted  # still queued behind `video`: cancelled at once
 
     page = client.videos.list(limit=1)
     assert len(page.data) == 1 and page.data[0].id == video.id and page.has_more  # newest first

@@ -300,7 +300,7 @@ async def _create(request: Request, core: Core, body: dict[str, Any], upload: Up
         if kind is None:
             raise _bad("input_reference", "must be an image (PNG, JPEG, WEBP, …) or a video (MP4, WEBM, MOV, …); "
                        "the content is not a recognised format")
-        ref = Reference(kind, "")
+        ref = Reference(kind, "input_reference")  # placeholder until the file is stored (after validation)
     elif req.input_reference is not None:
         ref = reference_of(req.input_reference)
     spec, notes = to_spec(req, ref)  # every field is checked before anything is stored
