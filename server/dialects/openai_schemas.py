@@ -165,6 +165,14 @@ class Reference:
     value: str
 
 
+def _validation(exc: ValidationError, names: dict[str, str]) -> ApiError:
+    """Pydantic errors → one 400 naming the field, without pydantic's "Value error, " prefix."""
+    err = validation_error(exc, names)
+    err.message = err.message.replace("Value error, ", "")
+    err.args = (err.message,)
+    return err
+
+
 def parse_request(body: dict[str, Any]) -> VideoCreateRequest:
     """Validate a request body; an unknown field is OpenAI's `unknown_parameter`, naming it and the known ones."""
     try:
@@ -175,7 +183,7 @@ def parse_request(body: dict[str, Any]) -> VideoCreateRequest:
             known = ", ".join(list(VideoCreateRequest.model_fields) + ["steps"])
             raise ApiError(400, f"{unknown[0]}: unknown parameter (accepted: {known})", field=unknown[0],
                            error_type="unknown_parameter") from None
-        raise validation_error(e, FIELD_NAMES) from None
+        raise _validation(e, FIELD_NAMES) from None
 
 
 def field_names(ref: Reference | None) -> dict[str, str]:
@@ -237,5 +245,5 @@ def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, li
             **opts,
         )
     except ValidationError as e:
-        raise validation_error(e, field_names(ref)) from None
+        raise _validation(e, field_names(ref)) from None
     return spec, notes
