@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 PROMPT_MAX_CHARS = 20_000
 
 #: Module names under server.dialects, in inclusion order (missing modules are skipped).
-DIALECT_MODULES = ["wavespeed", "aiml", "fal"]
+DIALECT_MODULES = ["wavespeed", "aiml", "openai", "fal"]
 
 
 def default_render_error(request: Request, err: ApiError) -> Response:
