@@ -217,20 +217,6 @@ def _discard_upload(core: Core, upload_id: str) -> None:
     core.store.delete_uploads([upload_id])
 
 
-def _raw_input(body: dict[str, Any]) -> dict[str, Any]:
-    """The request as kept on the job record: data URIs shortened."""
-    def short(v: Any) -> Any:
-        if isinstance(v, str) and v.startswith("data:"):
-            return v[:64] + "…"
-        if isinstance(v, list):
-            return [short(x) for x in v]
-        if isinstance(v, dict):
-            return {k: short(x) for k, x in v.items()}
-        return v
-
-    return {k: short(v) for k, v in body.items()}
-
-
 # ---- job lookup, list and delete (store calls: run in worker threads, never on the event loop) -------------
 
 
@@ -316,10 +302,9 @@ async def _create(request: Request, core: Core, body: dict[str, Any], upload: Up
     served = core.settings.model
     logs = [f"model: '{req.model}' answered by the served model '{served}'", *notes]
     try:
-        job = await asyncio.to_thread(
-            core.create_job, spec, dialect=NAME, model_id=req.model,
-            base_url=base, field_names=field_names(ref), logs=logs,
-            extra={"input": _raw_input(body), "upload_id": upload_id})
+        job = await core.create_job_async(
+            spec, dialect=NAME, model_id=req.model, base_url=base, field_names=field_names(ref), logs=logs,
+            extra={"upload_id": upload_id})
     except BaseException:
         if upload_id:
             await asyncio.to_thread(_discard_upload, core, upload_id)

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.core import ApiError, validation_error
+from server.dialects import PROMPT_MAX_CHARS
 from server.dialects.fal_schemas import frames_4k1
-from server.dialects.wavespeed import PROMPT_MAX_CHARS
 from vace_local.spec import (
     MAX_FRAMES,
     MAX_REFERENCE_IMAGES,
