@@ -1,0 +1,157 @@
+"""The web playground in a real headless Chromium against a live tiny server (real uploads, real jobs).
+
+Needs Debian's `chromium` (installed by scripts/setup.sh when it can) and the `playwright` Python package
+(the `dev` extra); Playwright's own browser download is not used, it drives the system executable.
+Screenshots go to `test-artifacts/playground/` (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server_live import KEY, LiveServer
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "vace"
+ARTIFACTS = ROOT / "test-artifacts" / "playground"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LiveServer(tmp_path_factory.mktemp("play"), tmp_path_factory.mktemp("play-cache")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the `dev` extra)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium executable on PATH (scripts/setup.sh installs Debian's `chromium` as root)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_page_public_api_keyed(server):
+    """With keys configured the page and its assets load without one; the progress API still needs it."""
+    r = httpx.get(f"{server.base}/", follow_redirects=False, timeout=10)
+    assert r.status_code in (302, 307) and r.headers["location"] == "/playground"
+    page = httpx.get(f"{server.base}/playground", timeout=10)
+    assert page.status_code == 200 and "<form id=\"gen\"" in page.text
+    for asset in ("playground.js", "playground.css"):
+        assert httpx.get(f"{server.base}/playground/assets/{asset}", timeout=10).status_code == 200
+    # no external CDN or font: every src/href is a local path
+    assert not re.search(r"""(src|href)=["']https?://""", page.text)
+    r = httpx.get(f"{server.base}/api/v3/predictions/nope/progress", timeout=10)
+    assert r.status_code == 401 and r.json()["code"] == 401
+
+
+def _ready_video(page, selector: str, timeout_ms: int = 20_000) -> dict:
+    page.wait_for_function("s => { const v = document.querySelector(s); return v && v.readyState >= 2 && "
+                           "v.duration > 0; }", arg=selector, timeout=timeout_ms)
+    return page.eval_on_selector(selector, "v => ({ready: v.readyState, duration: v.duration, w: v.videoWidth, "
+                                           "h: v.videoHeight})")
+
+
+def test_playground_end_to_end(server, browser):
+    if not FIXTURES.is_dir():
+        pytest.skip("../shared/fixtures absent")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    requested: list[str] = []
+    page_errors: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+
+    page.goto(f"{server.base}/")
+    assert page.url == f"{server.base}/playground"
+    page.wait_for_selector("#tiny-banner:not([hidden])")
+    # record every status line the page shows (the job is fast: polling alone could miss the steps)
+    page.evaluate("""() => { window.__statuses = [];
+        new MutationObserver(() => window.__statuses.push(document.querySelector('#status').textContent))
+          .observe(document.querySelector('#status'), {childList: true, characterData: true, subtree: true}); }""")
+
+    page.get_by_label("Prompt", exact=True).fill("a kitten boxing in a ring")
+    page.get_by_label("Task").select_option("depth")
+    page.set_input_files("#video-input", str(FIXTURES / "test.mp4"))
+    page.set_input_files("#images-input", [str(FIXTURES / "test.jpg"), str(FIXTURES / "test2.jpg")])
+    assert page.locator("#refs .name").all_inner_texts() == ["test.jpg", "test2.jpg"]
+    page.get_by_role("button", name="Move down test.jpg (image 1)").click()  # order matters to the model
+    assert page.locator("#refs .name").all_inner_texts() == ["test2.jpg", "test.jpg"]
+
+    # a validation error from the server, shown with the field it named
+    page.locator("#advanced summary").click()
+    page.get_by_label("Steps").fill("99")
+    page.get_by_label("Seed").fill("7")
+    page.get_by_role("button", name="Generate").click()
+    # the server has a key: the page asks for it once and keeps it
+    page.wait_for_selector("#key-dialog[open]")
+    page.locator("#key-input").fill(KEY)
+    page.locator("#key-save").click()
+    err = page.locator("#form-error")
+    err.wait_for(state="visible")
+    assert err.locator(".field-name").inner_text() == "num_inference_steps"
+    assert "less than or equal to 40" in err.inner_text()
+    assert page.get_by_label("Steps").get_attribute("aria-invalid") == "true"
+    page.screenshot(path=str(ARTIFACTS / "1-validation-error.png"), full_page=True)
+
+    page.get_by_label("Steps").fill("2")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
+                           timeout=60_000)
+    status = page.locator("#status").inner_text()
+    assert status.startswith("Completed"), f"{status}\n{page.locator('#logs').inner_text()}"
+    statuses = page.evaluate("window.__statuses")
+    assert any(re.search(r"step \d+/2", s) for s in statuses), statuses
+    logs = page.locator("#logs").inner_text()
+    assert "stage generate" in logs and "queued via wavespeed" in logs
+    out = _ready_video(page, "#result")
+    control = _ready_video(page, "#preview-control")
+    mask = _ready_video(page, "#preview-mask")
+    assert out["w"] > 0 and control["w"] == out["w"] and mask["h"] == out["h"], (out, control, mask)
+    page.evaluate("document.querySelectorAll('video').forEach(v => { v.pause(); v.currentTime = v.duration / 2; })")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(ARTIFACTS / "2-completed.png"), full_page=True)
+
+    job_id = page.locator("#run-title").inner_text().removeprefix("Run ").strip()
+    prog = httpx.get(f"{server.base}/api/v3/predictions/{job_id}/progress",
+                     headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
+    assert set(prog["previews"]) == {"control", "mask"} and prog["status"] == "completed"
+    refs = [p for p in (server.data_dir / "uploads").glob("*/*.jpg")]
+    assert len(refs) == 2
+
+    # recent jobs survive a reload (localStorage) with their parameters; re-run, then cancel it
+    page.reload()
+    entry = page.locator(f"#history-list li[data-id='{job_id}']")
+    assert "steps 2" in entry.inner_text() and "seed 7" in entry.inner_text() and "2 reference(s)" in entry.inner_text()
+    entry.get_by_role("button", name=f"Re-run job {job_id}").click()
+    assert page.get_by_label("Prompt", exact=True).input_value() == "a kitten boxing in a ring"
+    cancel = page.get_by_role("button", name="Cancel")
+    cancel.wait_for(state="attached")
+    page.wait_for_function("() => !document.querySelector('#cancel').disabled", timeout=10_000)
+    cancel.click()
+    page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
+                           timeout=30_000)
+    assert "cancel" in page.locator("#status").inner_text().lower()
+    assert page.locator("#key-dialog[open]").count() == 0  # the key was kept: not asked again
+    assert page.locator("#history-list li").count() == 2
+    page.screenshot(path=str(ARTIFACTS / "3-cancelled.png"), full_page=True)
+
+    assert not page_errors, page_errors
+    foreign = [u for u in requested if not u.startswith((server.base, "blob:", "data:"))]
+    assert not foreign, foreign  # no CDN, no font host: the box may be offline
+    page.close()
+    assert time.monotonic() - t0 < 90
