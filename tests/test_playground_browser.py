@@ -7,6 +7,8 @@ Screenshots go to `test-artifacts/playground/` (git-ignored) for a person to loo
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import shutil
 import time
@@ -58,6 +60,35 @@ def test_page_public_api_keyed(server):
     assert r.status_code == 401 and r.json()["code"] == 401
 
 
+def test_progress_route_logs_and_previews(server):
+    """The extension route the page polls: live fields, log lines from `since`, and the previews a job
+    submitted with `save_previews` wrote (no browser needed)."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    data = server.submit({"prompt": "a lighthouse", "num_inference_steps": 1, "seed": 1, "save_previews": True})
+    url = f"{server.base}/api/v3/predictions/{data['id']}/progress"
+    seen, lines, since = set(), [], 0
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        p = httpx.get(url, params={"since": since}, headers=auth, timeout=10).json()["data"]
+        assert p["next"] == since + len(p["logs"])
+        lines += p["logs"]
+        since = p["next"]
+        seen.add(p["status"])
+        if p["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.2)
+    assert p["status"] == "completed", p
+    assert p["stage"] == "done" and p["step"] == p["total"] == 1 and p["progress"] == 1.0
+    msgs = [x["message"] for x in lines]
+    assert msgs[0].startswith("queued via wavespeed") and any(m.startswith("completed in") for m in msgs)
+    assert not any("ignored unknown fields" in m for m in msgs)  # save_previews is a field, not an extra
+    assert len(msgs) == len(set(msgs)), "a log line was sent twice across `since` pages"
+    assert set(p["previews"]) == {"control", "mask"}
+    for u in [*p["outputs"], *p["previews"].values()]:
+        r = httpx.get(u, headers=auth, timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4" and len(r.content) > 1000
+
+
 def _ready_video(page, selector: str, timeout_ms: int = 20_000) -> dict:
     page.wait_for_function("s => { const v = document.querySelector(s); return v && v.readyState >= 2 && "
                            "v.duration > 0; }", arg=selector, timeout=timeout_ms)
@@ -88,9 +119,15 @@ def test_playground_end_to_end(server, browser):
     page.get_by_label("Task").select_option("depth")
     page.set_input_files("#video-input", str(FIXTURES / "test.mp4"))
     page.set_input_files("#images-input", [str(FIXTURES / "test.jpg"), str(FIXTURES / "test2.jpg")])
-    assert page.locator("#refs .name").all_inner_texts() == ["test.jpg", "test2.jpg"]
+    # a third reference by drag and drop (a real `drop` event carrying a File)
+    jpg = base64.b64encode((FIXTURES / "test3.jpg").read_bytes()).decode()
+    dropped = page.evaluate_handle("""b64 => { const dt = new DataTransfer();
+        dt.items.add(new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], 'test3.jpg', {type: 'image/jpeg'}));
+        return dt; }""", jpg)
+    page.dispatch_event("[data-drop=images]", "drop", {"dataTransfer": dropped})
+    assert page.locator("#refs .name").all_inner_texts() == ["test.jpg", "test2.jpg", "test3.jpg"]
     page.get_by_role("button", name="Move down test.jpg (image 1)").click()  # order matters to the model
-    assert page.locator("#refs .name").all_inner_texts() == ["test2.jpg", "test.jpg"]
+    assert page.locator("#refs .name").all_inner_texts() == ["test2.jpg", "test.jpg", "test3.jpg"]
 
     # a validation error from the server, shown with the field it named
     page.locator("#advanced summary").click()
@@ -130,13 +167,15 @@ def test_playground_end_to_end(server, browser):
     prog = httpx.get(f"{server.base}/api/v3/predictions/{job_id}/progress",
                      headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
     assert set(prog["previews"]) == {"control", "mask"} and prog["status"] == "completed"
-    refs = [p for p in (server.data_dir / "uploads").glob("*/*.jpg")]
-    assert len(refs) == 2
+    spec = json.loads(server.row(job_id)["spec"])
+    sent = [Path(p).name for p in spec["inputs"]["reference_images"]]
+    assert sent == ["test2.jpg", "test.jpg", "test3.jpg"], sent  # the order the page showed
+    assert Path(spec["inputs"]["video"]).name == "test.mp4" and spec["num_inference_steps"] == 2
 
     # recent jobs survive a reload (localStorage) with their parameters; re-run, then cancel it
     page.reload()
     entry = page.locator(f"#history-list li[data-id='{job_id}']")
-    assert "steps 2" in entry.inner_text() and "seed 7" in entry.inner_text() and "2 reference(s)" in entry.inner_text()
+    assert "steps 2" in entry.inner_text() and "seed 7" in entry.inner_text() and "3 reference(s)" in entry.inner_text()
     entry.get_by_role("button", name=f"Re-run job {job_id}").click()
     assert page.get_by_label("Prompt", exact=True).input_value() == "a kitten boxing in a ring"
     cancel = page.get_by_role("button", name="Cancel")
