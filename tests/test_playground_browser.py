@@ -126,11 +126,17 @@ def test_playground_end_to_end(server, browser):
         return dt; }""", jpg)
     page.dispatch_event("[data-drop=images]", "drop", {"dataTransfer": dropped})
     assert page.locator("#refs .name").all_inner_texts() == ["test.jpg", "test2.jpg", "test3.jpg"]
-    page.get_by_role("button", name="Move down test.jpg (image 1)").click()  # order matters to the model
+    page.get_by_role("button", name="Move down test.jpg (image 1)").focus()  # keyboard: order matters
+    page.keyboard.press("Enter")
     assert page.locator("#refs .name").all_inner_texts() == ["test2.jpg", "test.jpg", "test3.jpg"]
 
     # a validation error from the server, shown with the field it named
-    page.locator("#advanced summary").click()
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        .filter(el => !el.labels.length && !el.getAttribute('aria-label')).map(el => el.id || el.name)""")
+    assert not unlabelled, unlabelled
+    page.locator("#advanced summary").focus()  # the collapsed advanced section opens from the keyboard
+    page.keyboard.press("Enter")
+    assert page.locator("#advanced").get_attribute("open") is not None
     page.get_by_label("Steps").fill("99")
     page.get_by_label("Seed").fill("7")
     page.get_by_role("button", name="Generate").click()
@@ -172,22 +178,28 @@ def test_playground_end_to_end(server, browser):
     assert sent == ["test2.jpg", "test.jpg", "test3.jpg"], sent  # the order the page showed
     assert Path(spec["inputs"]["video"]).name == "test.mp4" and spec["num_inference_steps"] == 2
 
-    # recent jobs survive a reload (localStorage) with their parameters; re-run, then cancel it
+    # recent jobs survive a reload (localStorage) with their parameters; re-run behind a busy worker (so it
+    # shows its queue position), then cancel it while queued
+    blocker = server.submit({"prompt": "keeps the worker busy", "task": "none", "num_inference_steps": 40})
+    server.wait(blocker["id"], lambda r: r["status"] == "running", timeout=30, what="blocker running")
     page.reload()
     entry = page.locator(f"#history-list li[data-id='{job_id}']")
     assert "steps 2" in entry.inner_text() and "seed 7" in entry.inner_text() and "3 reference(s)" in entry.inner_text()
     entry.get_by_role("button", name=f"Re-run job {job_id}").click()
     assert page.get_by_label("Prompt", exact=True).input_value() == "a kitten boxing in a ring"
-    cancel = page.get_by_role("button", name="Cancel")
-    cancel.wait_for(state="attached")
-    page.wait_for_function("() => !document.querySelector('#cancel').disabled", timeout=10_000)
-    cancel.click()
+    page.wait_for_function("() => /^Queued — position 1 /.test(document.querySelector('#status').textContent)",
+                           timeout=10_000)
+    page.screenshot(path=str(ARTIFACTS / "3-queued.png"), full_page=True)
+    page.get_by_role("button", name="Cancel").click()
     page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
                            timeout=30_000)
-    assert "cancel" in page.locator("#status").inner_text().lower()
+    assert page.locator("#status").inner_text() == "Failed: cancelled by request"
+    assert "cancelled by request while queued" in page.locator("#logs").inner_text()
+    httpx.post(f"{server.base}/api/v3/predictions/{blocker['id']}/cancel", headers={"Authorization": f"Bearer {KEY}"},
+               timeout=10)
     assert page.locator("#key-dialog[open]").count() == 0  # the key was kept: not asked again
     assert page.locator("#history-list li").count() == 2
-    page.screenshot(path=str(ARTIFACTS / "3-cancelled.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "4-cancelled.png"), full_page=True)
 
     assert not page_errors, page_errors
     foreign = [u for u in requested if not u.startswith((server.base, "blob:", "data:"))]

@@ -272,7 +272,8 @@ function describe(p) {
   const step = p.total ? ` — step ${p.step}/${p.total}` : "";
   if (p.status === "created") {
     return p.queue_position === null || p.queue_position === undefined ? "Queued"
-      : `Queued — position ${p.queue_position + 1} (${p.queue_position} job(s) ahead)`;
+      : `Queued — position ${p.queue_position + 1} (${p.queue_position ? `${p.queue_position} job(s) ahead`
+        : "next to run"})`;
   }
   if (p.status === "processing") return `Running — stage ${p.stage || "starting"}${step}`;
   if (p.status === "completed") return `Completed — stage ${p.stage}${step}`;
@@ -292,7 +293,8 @@ function appendLogs(lines) {
 
 async function playInto(video, url) {
   // Fetched with the key (a <video src> cannot send an Authorization header), then played from a blob.
-  const res = await api(url);
+  const u = new URL(url, location.href); // same-origin path: VACE_PUBLIC_BASE_URL may name another host
+  const res = await api(u.origin === location.origin ? u.href : u.pathname + u.search);
   if (!res.ok) throw await problemOf(res);
   const blobUrl = URL.createObjectURL(await res.blob());
   blobUrls.push(blobUrl);
