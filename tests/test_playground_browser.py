@@ -151,6 +151,14 @@ def test_playground_end_to_end(server, browser):
     assert page.get_by_label("Steps").get_attribute("aria-invalid") == "true"
     page.screenshot(path=str(ARTIFACTS / "1-validation-error.png"), full_page=True)
 
+    # an upload refused by the server names the form's field, not the upload endpoint's `file`
+    page.set_input_files("#mask_image-input", {"name": "empty.png", "mimeType": "image/png", "buffer": b""})
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => document.querySelector('#form-error .field-name')?.textContent === 'mask_image'")
+    assert "empty" in err.inner_text()
+    assert page.locator("[data-field=mask_image]").get_attribute("aria-invalid") == "true"
+    page.get_by_role("button", name="Remove mask image").click()
+
     page.get_by_label("Steps").fill("2")
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
@@ -158,7 +166,8 @@ def test_playground_end_to_end(server, browser):
     status = page.locator("#status").inner_text()
     assert status.startswith("Completed"), f"{status}\n{page.locator('#logs').inner_text()}"
     statuses = page.evaluate("window.__statuses")
-    assert any(re.search(r"step \d+/2", s) for s in statuses), statuses
+    assert any(s.startswith("Running — stage ") for s in statuses), statuses  # seen live, not only the end
+    assert status == "Completed — stage done — step 2/2", status
     logs = page.locator("#logs").inner_text()
     assert "stage generate" in logs and "queued via wavespeed" in logs
     out = _ready_video(page, "#result")

@@ -245,7 +245,7 @@ async function buildBody(setStatus) {
 
 function retag(err, field) {
   if (err instanceof Problem && err.status !== 401 && (!err.field || err.field === "file")) {
-    err.message = `${field} (${err.message.replace(FIELD_PREFIX, "")})`; err.field = field;
+    err.message = `${err.message.replace(FIELD_PREFIX, "")} (upload of this file)`; err.field = field;
   }
   return err;
 }
