@@ -16,7 +16,7 @@ const form = $("#gen");
 
 // Each media item: {name, file?, url?, thumb?}; `url` is set once uploaded (or loaded from history).
 const media = { images: [], video: null, mask_video: null, mask_image: null, first_image: null, last_image: null };
-let current = null; // {id, next, cancelled}
+let current = null; // {id} of the job being watched (what Cancel cancels)
 const blobUrls = [];
 
 class Problem extends Error {
@@ -164,8 +164,9 @@ function moveRef(from, to) {
   const [item] = media.images.splice(from, 1);
   media.images.splice(to, 0, item);
   renderRefs();
-  const buttons = $("#refs").children[to]?.querySelectorAll("button");
-  if (buttons) (buttons[from > to ? 0 : 1].disabled ? buttons[2] : buttons[from > to ? 0 : 1]).focus();
+  const [up, down] = $("#refs").children[to].querySelectorAll("button"); // keep the keyboard where it was
+  const same = from > to ? up : down;
+  (same.disabled ? (from > to ? down : up) : same).focus();
 }
 
 function addRefs(files) {
@@ -302,39 +303,53 @@ async function playInto(video, url) {
   video.play().catch(() => { /* autoplay may be refused; the controls still work */ });
 }
 
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+let runSeq = 0; // each watch() gets a number; an older one stops touching the page once a newer starts
+
 async function watch(id) {
+  const seq = ++runSeq;
+  const live = () => seq === runSeq;
   resetRun();
-  const job = { id, next: 0 };
-  current = job;
+  current = { id };
   $("#cancel").disabled = false;
   $("#run-title").textContent = `Run ${id}`;
-  let p = null;
+  let p = null; let next = 0; let failures = 0;
   try {
-    while (current === job) {
-      p = await json(await api(`/api/v3/predictions/${encodeURIComponent(id)}/progress?since=${job.next}`));
-      job.next = p.next;
+    while (live()) {
+      try {
+        p = await json(await api(`/api/v3/predictions/${encodeURIComponent(id)}/progress?since=${next}`));
+        failures = 0;
+      } catch (err) {
+        // a restarting server (jobs survive restarts) or a 5xx is waited out; a 4xx is final
+        if (!(err instanceof TypeError || err.status >= 500) || ++failures > 30) throw err;
+        if (live()) setStatus(`Server unreachable (${err.message}); retrying…`);
+        await sleep(1000);
+        continue;
+      }
+      if (!live()) return;
+      next = p.next;
       appendLogs(p.logs);
       setStatus(describe(p));
       $("#progress").value = p.progress;
       if (p.status === "completed" || p.status === "failed") break;
-      await new Promise((r) => setTimeout(r, POLL_MS));
+      await sleep(POLL_MS);
     }
   } finally {
-    if (current === job) { current = null; $("#cancel").disabled = true; }
+    if (live()) { current = null; $("#cancel").disabled = true; }
   }
-  if (!p || p.id !== id) return;
+  if (!live() || !p) return;
   remember({ id, status: p.status, error: p.error });
   if (p.status !== "completed") return;
   const links = $("#result-links");
-  links.textContent = "";
   const out = p.outputs[0];
   if (out) {
     await playInto($("#result"), out);
     const a = document.createElement("a"); a.href = out; a.textContent = "output URL"; links.append(a);
   }
-  if (p.previews.control) await playInto($("#preview-control"), p.previews.control);
-  if (p.previews.mask) await playInto($("#preview-mask"), p.previews.mask);
-  if (!p.previews.control) links.append(" · no previews for this job (tick “Show the control video and mask”)");
+  for (const kind of ["control", "mask"]) {
+    if (live() && p.previews[kind]) await playInto($(`#preview-${kind}`), p.previews[kind]);
+  }
+  if (live() && !p.previews.control) links.append(" · no previews for this job (tick “Show the control video and mask”)");
 }
 
 async function cancel() {
@@ -353,7 +368,7 @@ function history() {
 function remember(entry) {
   const list = history();
   const i = list.findIndex((x) => x.id === entry.id);
-  if (i >= 0) list[i] = { ...list[i], ...entry }; else list.unshift(entry);
+  if (i >= 0) list[i] = { ...list[i], ...entry }; else if (entry.body) list.unshift(entry);
   localStorage.setItem(HISTORY_STORE, JSON.stringify(list.slice(0, HISTORY_MAX)));
   renderHistory();
 }
