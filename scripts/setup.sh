@@ -12,4 +12,16 @@ PY=${PYTHON:-python3}
 export SAM2_BUILD_CUDA=0
 .venv/bin/python -c "import sam2" 2>/dev/null || .venv/bin/pip install --quiet --no-build-isolation "sam2==1.1.0"
 .venv/bin/pip install --quiet -e ".[all,dev]"
+# The playground's browser test drives the system Chromium through Playwright (Playwright's own browser
+# download is not used). Install Debian's package when it is missing and we can (root + apt-get); otherwise
+# say so and carry on: that test then skips with the reason.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+            || echo "setup: could not install chromium; the playground browser test will skip" >&2
+    else
+        echo "setup: chromium not found and not installable here (needs root and apt-get); the playground" \
+             "browser test will skip" >&2
+    fi
+fi
 echo "vace-local installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

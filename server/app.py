@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vace_local
 from server import inputs as safety
+from server import playground
 from server.core import ApiError, Core, validation_error
 from server.dialects import Dialect, default_render_error, load_dialects
 from server.metrics import make_registry
@@ -203,6 +204,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
 
     for d in dialects:
         app.include_router(d.router)
+    playground.mount(app)  # `/` → `/playground`; the page is public, its API calls carry the key
     app.add_middleware(BodyLimit, limit=max_request_bytes(settings))
     return app
 

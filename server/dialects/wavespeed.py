@@ -34,7 +34,7 @@ from server.core import (
     validation_error,
 )
 from server.dialects import PROMPT_MAX_CHARS, Dialect
-from vace_local.spec import JobInputs, JobSpec
+from vace_local.spec import JobInputs, JobSpec, OutputOptions
 
 log = logging.getLogger("vace.server.wavespeed")
 
@@ -82,6 +82,8 @@ class WanVaceInput(BaseModel):
     enable_safety_checker: bool = True
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
+    save_previews: bool = Field(False, description="vace-local extension: also write the control video and mask "
+                                "the model saw (listed under `previews` by `GET /api/v3/predictions/{id}/progress`)")
 
     @field_validator("prompt")
     @classmethod
@@ -139,7 +141,7 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
             task=task, prompt=inp.prompt, negative_prompt=inp.negative_prompt or None, width=w, height=h,
             num_frames=inp.duration * FPS + 1, fps=FPS, num_inference_steps=inp.num_inference_steps,
             guidance_scale=inp.guidance_scale, flow_shift=flow_shift, context_scale=inp.context_scale,
-            seed=inp.seed,
+            seed=inp.seed, output=OutputOptions(save_control=inp.save_previews),
             inputs=JobInputs(video=inp.video, mask_video=inp.mask_video, mask_image=inp.mask_image,
                              reference_images=refs, first_image=inp.first_image, last_image=inp.last_image),
         )

@@ -1,0 +1,83 @@
+"""The web playground: its static page (public) and the one progress endpoint the page polls (authorised).
+
+The page (`server/static/playground/`) submits through the WaveSpeed dialect and its upload endpoint. The
+WaveSpeed result has no fields for live progress or for the control video / mask the model saw, so this
+module adds one vace-local extension route in the WaveSpeed envelope:
+
+`GET /api/v3/predictions/{id}/progress[?since=N]` → `data`: `status` (WaveSpeed's vocabulary),
+`queue_position` (jobs ahead, while queued), `stage`, `step`, `total`, `progress` (0..1), `logs` (the job's
+log lines from index `since` on, with `next` to pass back), `error`, `previews` (`{"control": url,
+"mask": url}` once a job submitted with `save_previews` has finished) and `outputs` (the result video URLs).
+
+Auth: the page and its assets (`PUBLIC_PREFIXES`) carry no secret and must stay reachable without a key;
+every API call the page makes sends the key the user entered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from server.core import Core, get_core, iso_time, require_auth
+from server.dialects import wavespeed
+
+STATIC_DIR = Path(__file__).resolve().parent / "static" / "playground"
+#: Paths served without an API key: the page and its assets hold no data (the redirect `/` too).
+PUBLIC_PREFIXES = ("/playground",)
+PUBLIC_PATHS = ("/",)
+PREVIEW_KINDS = ("control", "mask")
+
+page_router = APIRouter(include_in_schema=False)
+api_router = APIRouter(prefix="/api/v3", tags=[wavespeed.NAME])
+
+
+@page_router.get("/")
+async def root() -> RedirectResponse:
+    return RedirectResponse("/playground", status_code=307)
+
+
+@page_router.get("/playground")
+async def page() -> FileResponse:
+    # no-cache: a server upgrade must not leave a browser running an old script against a new API
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+@api_router.get("/predictions/{request_id}/progress", dependencies=[Depends(require_auth)],
+                summary="vace-local extension: live progress, log lines and previews of a prediction")
+async def progress(request_id: str, request: Request, since: int = Query(0, ge=0),
+                   core: Core = Depends(get_core)) -> dict[str, Any]:
+    job = await asyncio.to_thread(wavespeed._job_or_404, core, request_id)
+    full = await asyncio.to_thread(core.get_job, job.id, with_logs=True)
+    job = full or job
+    position = await asyncio.to_thread(core.queue_position, job.id)
+    base = core.base_url(request)
+    data = wavespeed.render_data(job, core, base, base64_output=False)
+    outs = core.output_urls(job, base)
+    lines = [{"time": iso_time(x.get("ts")), "level": x.get("level", "info"), "source": x.get("source", "server"),
+              "message": x.get("message", "")} for x in job.logs[since:]]
+    return wavespeed.envelope({
+        "id": job.id,
+        "status": data["status"],
+        "queue_position": position,
+        "stage": job.stage,
+        "step": job.step,
+        "total": job.total,
+        "progress": round(job.progress, 4),
+        "error": data["error"],
+        "outputs": data["outputs"][:1],
+        "previews": {o["kind"]: o["url"] for o in outs if o.get("kind") in PREVIEW_KINDS},
+        "logs": lines,
+        "next": since + len(lines),
+    })
+
+
+def mount(app: FastAPI) -> None:
+    """Add the page, its assets and the progress route (all GET: no clash with the dialects' POST catch-alls)."""
+    app.include_router(page_router)
+    app.include_router(api_router)
+    app.mount("/playground/assets", StaticFiles(directory=STATIC_DIR), name="playground-assets")

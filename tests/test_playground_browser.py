@@ -1,0 +1,217 @@
+"""The web playground in a real headless Chromium against a live tiny server (real uploads, real jobs).
+
+Needs Debian's `chromium` (installed by scripts/setup.sh when it can) and the `playwright` Python package
+(the `dev` extra); Playwright's own browser download is not used, it drives the system executable.
+Screenshots go to `test-artifacts/playground/` (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server_live import KEY, LiveServer
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "vace"
+ARTIFACTS = ROOT / "test-artifacts" / "playground"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LiveServer(tmp_path_factory.mktemp("play"), tmp_path_factory.mktemp("play-cache")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the `dev` extra)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium executable on PATH (scripts/setup.sh installs Debian's `chromium` as root)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_page_public_api_keyed(server):
+    """With keys configured the page and its assets load without one; the progress API still needs it."""
+    r = httpx.get(f"{server.base}/", follow_redirects=False, timeout=10)
+    assert r.status_code in (302, 307) and r.headers["location"] == "/playground"
+    page = httpx.get(f"{server.base}/playground", timeout=10)
+    assert page.status_code == 200 and "<form id=\"gen\"" in page.text
+    for asset in ("playground.js", "playground.css"):
+        assert httpx.get(f"{server.base}/playground/assets/{asset}", timeout=10).status_code == 200
+    # no external CDN or font: every src/href is a local path
+    assert not re.search(r"""(src|href)=["']https?://""", page.text)
+    r = httpx.get(f"{server.base}/api/v3/predictions/nope/progress", timeout=10)
+    assert r.status_code == 401 and r.json()["code"] == 401
+
+
+def test_progress_route_logs_and_previews(server):
+    """The extension route the page polls: live fields, log lines from `since`, and the previews a job
+    submitted with `save_previews` wrote (no browser needed)."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    data = server.submit({"prompt": "a lighthouse", "num_inference_steps": 1, "seed": 1, "save_previews": True})
+    url = f"{server.base}/api/v3/predictions/{data['id']}/progress"
+    seen, lines, since = set(), [], 0
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        p = httpx.get(url, params={"since": since}, headers=auth, timeout=10).json()["data"]
+        assert p["next"] == since + len(p["logs"])
+        lines += p["logs"]
+        since = p["next"]
+        seen.add(p["status"])
+        if p["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.2)
+    assert p["status"] == "completed", p
+    assert p["stage"] == "done" and p["step"] == p["total"] == 1 and p["progress"] == 1.0
+    msgs = [x["message"] for x in lines]
+    assert msgs[0].startswith("queued via wavespeed") and any(m.startswith("completed in") for m in msgs)
+    assert not any("ignored unknown fields" in m for m in msgs)  # save_previews is a field, not an extra
+    assert len(msgs) == len(set(msgs)), "a log line was sent twice across `since` pages"
+    assert set(p["previews"]) == {"control", "mask"}
+    for u in [*p["outputs"], *p["previews"].values()]:
+        r = httpx.get(u, headers=auth, timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4" and len(r.content) > 1000
+
+
+def _ready_video(page, selector: str, timeout_ms: int = 20_000) -> dict:
+    page.wait_for_function("s => { const v = document.querySelector(s); return v && v.readyState >= 2 && "
+                           "v.duration > 0; }", arg=selector, timeout=timeout_ms)
+    return page.eval_on_selector(selector, "v => ({ready: v.readyState, duration: v.duration, w: v.videoWidth, "
+                                           "h: v.videoHeight})")
+
+
+def test_playground_end_to_end(server, browser):
+    if not FIXTURES.is_dir():
+        pytest.skip("../shared/fixtures absent")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    requested: list[str] = []
+    page_errors: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+
+    page.goto(f"{server.base}/")
+    assert page.url == f"{server.base}/playground"
+    page.wait_for_selector("#tiny-banner:not([hidden])")
+    # record every status line the page shows (the job is fast: polling alone could miss the steps)
+    page.evaluate("""() => { window.__statuses = [];
+        new MutationObserver(() => window.__statuses.push(document.querySelector('#status').textContent))
+          .observe(document.querySelector('#status'), {childList: true, characterData: true, subtree: true}); }""")
+
+    page.get_by_label("Prompt", exact=True).fill("a kitten boxing in a ring")
+    page.get_by_label("Task").select_option("depth")
+    page.set_input_files("#video-input", str(FIXTURES / "test.mp4"))
+    page.set_input_files("#images-input", [str(FIXTURES / "test.jpg"), str(FIXTURES / "test2.jpg")])
+    # a third reference by drag and drop (a real `drop` event carrying a File)
+    jpg = base64.b64encode((FIXTURES / "test3.jpg").read_bytes()).decode()
+    dropped = page.evaluate_handle("""b64 => { const dt = new DataTransfer();
+        dt.items.add(new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], 'test3.jpg', {type: 'image/jpeg'}));
+        return dt; }""", jpg)
+    page.dispatch_event("[data-drop=images]", "drop", {"dataTransfer": dropped})
+    assert page.locator("#refs .name").all_inner_texts() == ["test.jpg", "test2.jpg", "test3.jpg"]
+    page.get_by_role("button", name="Move down test.jpg (image 1)").focus()  # keyboard: order matters
+    page.keyboard.press("Enter")
+    assert page.locator("#refs .name").all_inner_texts() == ["test2.jpg", "test.jpg", "test3.jpg"]
+
+    # a validation error from the server, shown with the field it named
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        .filter(el => !el.labels.length && !el.getAttribute('aria-label')).map(el => el.id || el.name)""")
+    assert not unlabelled, unlabelled
+    page.locator("#advanced summary").focus()  # the collapsed advanced section opens from the keyboard
+    page.keyboard.press("Enter")
+    assert page.locator("#advanced").get_attribute("open") is not None
+    page.get_by_label("Steps").fill("99")
+    page.get_by_label("Seed").fill("7")
+    page.get_by_role("button", name="Generate").click()
+    # the server has a key: the page asks for it once and keeps it
+    page.wait_for_selector("#key-dialog[open]")
+    page.locator("#key-input").fill(KEY)
+    page.locator("#key-save").click()
+    err = page.locator("#form-error")
+    err.wait_for(state="visible")
+    assert err.locator(".field-name").inner_text() == "num_inference_steps"
+    assert "less than or equal to 40" in err.inner_text()
+    assert page.get_by_label("Steps").get_attribute("aria-invalid") == "true"
+    page.screenshot(path=str(ARTIFACTS / "1-validation-error.png"), full_page=True)
+
+    # an upload refused by the server names the form's field, not the upload endpoint's `file`
+    page.set_input_files("#mask_image-input", {"name": "empty.png", "mimeType": "image/png", "buffer": b""})
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => document.querySelector('#form-error .field-name')?.textContent === 'mask_image'")
+    assert "empty" in err.inner_text()
+    assert page.locator("[data-field=mask_image]").get_attribute("aria-invalid") == "true"
+    page.get_by_role("button", name="Remove mask image").click()
+
+    page.get_by_label("Steps").fill("2")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
+                           timeout=60_000)
+    status = page.locator("#status").inner_text()
+    assert status.startswith("Completed"), f"{status}\n{page.locator('#logs').inner_text()}"
+    statuses = page.evaluate("window.__statuses")
+    assert any(s.startswith("Running — stage ") for s in statuses), statuses  # seen live, not only the end
+    assert status == "Completed — stage done — step 2/2", status
+    logs = page.locator("#logs").inner_text()
+    assert "stage generate" in logs and "queued via wavespeed" in logs
+    out = _ready_video(page, "#result")
+    control = _ready_video(page, "#preview-control")
+    mask = _ready_video(page, "#preview-mask")
+    assert out["w"] > 0 and control["w"] == out["w"] and mask["h"] == out["h"], (out, control, mask)
+    page.evaluate("document.querySelectorAll('video').forEach(v => { v.pause(); v.currentTime = v.duration / 2; })")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(ARTIFACTS / "2-completed.png"), full_page=True)
+
+    job_id = page.locator("#run-title").inner_text().removeprefix("Run ").strip()
+    prog = httpx.get(f"{server.base}/api/v3/predictions/{job_id}/progress",
+                     headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
+    assert set(prog["previews"]) == {"control", "mask"} and prog["status"] == "completed"
+    spec = json.loads(server.row(job_id)["spec"])
+    sent = [Path(p).name for p in spec["inputs"]["reference_images"]]
+    assert sent == ["test2.jpg", "test.jpg", "test3.jpg"], sent  # the order the page showed
+    assert Path(spec["inputs"]["video"]).name == "test.mp4" and spec["num_inference_steps"] == 2
+
+    # recent jobs survive a reload (localStorage) with their parameters; re-run behind a busy worker (so it
+    # shows its queue position), then cancel it while queued
+    blocker = server.submit({"prompt": "keeps the worker busy", "task": "none", "num_inference_steps": 40})
+    server.wait(blocker["id"], lambda r: r["status"] == "running", timeout=30, what="blocker running")
+    page.reload()
+    entry = page.locator(f"#history-list li[data-id='{job_id}']")
+    assert "steps 2" in entry.inner_text() and "seed 7" in entry.inner_text() and "3 reference(s)" in entry.inner_text()
+    entry.get_by_role("button", name=f"Re-run job {job_id}").click()
+    assert page.get_by_label("Prompt", exact=True).input_value() == "a kitten boxing in a ring"
+    page.wait_for_function("() => /^Queued — position 1 /.test(document.querySelector('#status').textContent)",
+                           timeout=10_000)
+    page.screenshot(path=str(ARTIFACTS / "3-queued.png"), full_page=True)
+    page.get_by_role("button", name="Cancel").click()
+    page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
+                           timeout=30_000)
+    assert page.locator("#status").inner_text() == "Failed: cancelled by request"
+    assert "cancelled by request while queued" in page.locator("#logs").inner_text()
+    httpx.post(f"{server.base}/api/v3/predictions/{blocker['id']}/cancel", headers={"Authorization": f"Bearer {KEY}"},
+               timeout=10)
+    assert page.locator("#key-dialog[open]").count() == 0  # the key was kept: not asked again
+    assert page.locator("#history-list li").count() == 2
+    page.screenshot(path=str(ARTIFACTS / "4-cancelled.png"), full_page=True)
+
+    assert not page_errors, page_errors
+    foreign = [u for u in requested if not u.startswith((server.base, "blob:", "data:"))]
+    assert not foreign, foreign  # no CDN, no font host: the box may be offline
+    page.close()
+    assert time.monotonic() - t0 < 90
