@@ -327,7 +327,7 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
     bundle = make_bundle(w, h, f)
     reset_peak(device)
     offload = mode.options.get("offload", "none")
-    pipe = engine = None
+    pipe = engine = run_pipe = None
     try:
         t = time.perf_counter()
         pipe = build_pipeline(size_name, device, dtype)  # materialised on the device: no slow CPU init
@@ -386,7 +386,7 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
         rec["traceback"] = traceback.format_exc()[-3000:]
         print(rec["traceback"], file=sys.stderr, flush=True)
     finally:
-        del engine, pipe
+        del engine, pipe, run_pipe  # before empty_cache: the next mode starts from a clean device
         reset_peak(device)
     return rec
 

@@ -99,7 +99,7 @@ elif [ "$PHASE" = rehearse ]; then  # no GPU here: run the CPU half of every ste
   step soak-cpu 300 "$PY" scripts/soak.py --jobs 4 --size 32x32x17 --steps 1 --out "$OUT/soak-cpu.json"
 else
   step bench-14b-compile 500 "${BENCH[@]}" --model 14b \
-    --modes compile,fp8_linear,offload_group_fp8,offload_group,fp8_storage,cfg_batch,fast_mode_distilled \
+    --modes compile,fp8_linear,offload_group_fp8,offload_group,fp8_storage,cfg_batch,fast_mode_distilled,fast \
     --budget-s "$(bench_budget 50)"
   step soak-cuda 45 "$PY" scripts/soak.py --device cuda --jobs 10 --size 832x480x17 --steps 2 --out "$OUT/soak-cuda.json"
   step bench-1.3b 60 "${BENCH[@]}" --model 1.3b --modes stock,bf16 --budget-s "$(bench_budget 5)"
