@@ -85,7 +85,7 @@ BENCH=("$PY" scripts/bench.py --require-cuda --sizes 832x480x81 --steps 3 --appe
 bench_budget() { echo $(( $(left) - $1 )); }  # what bench.py may plan with, keeping $1 s for later steps
 
 if [ "$PHASE" = 1 ]; then
-  step pytest-gpu 150 "$PY" -m pytest -m gpu $(grep -l "pytest.mark.gpu" tests/test_*.py) -q -p no:cacheprovider \
+  step pytest-gpu 120 "$PY" -m pytest -m gpu $(grep -l "pytest.mark.gpu" tests/test_*.py) -q -p no:cacheprovider \
     -o addopts="" -ra --timeout 120
   step bench-14b 400 "${BENCH[@]}" --model 14b \
     --modes stock,bf16,fast_mode_distilled,cfg_batch,fp8_storage,offload_group_fp8,offload_group \
