@@ -16,6 +16,7 @@ set -uo pipefail
 
 PHASE="${1:-1}"
 BUDGET_S="${2:-330}"
+case "$PHASE" in 1|2|rehearse) ;; *) echo "usage: $0 1|2|rehearse [BUDGET_S]" >&2; exit 64 ;; esac
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/device-out}"
@@ -100,8 +101,8 @@ elif [ "$PHASE" = rehearse ]; then  # no GPU here: run the CPU half of every ste
 else
   step bench-14b-compile 500 "${BENCH[@]}" --model 14b \
     --modes compile,fp8_linear,offload_group_fp8,offload_group,fp8_storage,cfg_batch,fast_mode_distilled,fast \
-    --budget-s "$(bench_budget 50)"
-  step soak-cuda 45 "$PY" scripts/soak.py --device cuda --jobs 10 --size 832x480x17 --steps 2 --out "$OUT/soak-cuda.json"
+    --budget-s "$(bench_budget 65)"
+  step soak-cuda 60 "$PY" scripts/soak.py --device cuda --jobs 10 --size 416x240x17 --steps 2 --out "$OUT/soak-cuda.json"
   step bench-1.3b 60 "${BENCH[@]}" --model 1.3b --modes stock,bf16 --budget-s "$(bench_budget 5)"
 fi
 

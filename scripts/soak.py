@@ -145,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         print("soak.py: CUDA not available and VACE_REQUIRE_CUDA=1 is set", file=sys.stderr)
         return 2
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    res = soak(args.jobs, w, h, f, args.steps, device, args.model, on_job=lambda s: print(json.dumps(s), flush=True))
+    partial: list[dict[str, Any]] = []
+
+    def on_job(sample: dict[str, Any]) -> None:
+        print(json.dumps(sample), flush=True)
+        partial.append(sample)
+        if args.out:  # a run stopped at a time limit still leaves the samples it took
+            Path(args.out).write_text(json.dumps({"partial": True, "device": device, "samples": partial}, indent=2))
+
+    res = soak(args.jobs, w, h, f, args.steps, device, args.model, on_job=on_job)
     res["max_growth"] = args.max_growth
     res["ok"] = res["rss"]["growth_frac"] < args.max_growth
     if args.out:
