@@ -340,8 +340,9 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
         run_pipe = engine.pipe if engine is not None else pipe
         rec["build_s"] = round(time.perf_counter() - t, 2)
         if vae is None or mode.own_vae:
+            t = time.perf_counter()
             vae = time_vae(run_pipe, bundle, device)
-            rec["vae_measured_here"] = True
+            rec["vae_measured_here"], rec["vae_s"] = True, round(time.perf_counter() - t, 2)
         reuse_conditioning(run_pipe)
         comps = {"text_encode_s": time_text(run_pipe, device, cfg), **vae}
         if mode.stock:
@@ -352,11 +353,11 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
             rec["attention"] = "native (process default)"
         else:
             spec = JobSpec(model="bench", prompt=PROMPT, width=w, height=h, num_frames=f, seed=0, **job)
+            t = time.perf_counter()
+            # One untimed job first: fills the text cache (and, for compile, pays the compilation).
+            run_steps(engine, spec.model_copy(update={"num_inference_steps": 2 if mode.warmup_run else 1}), bundle)
             if mode.warmup_run:
-                t = time.perf_counter()
-                run_steps(engine, spec.model_copy(update={"num_inference_steps": 2}), bundle)
                 rec["warmup_s"] = round(time.perf_counter() - t, 2)
-            run_steps(engine, spec.model_copy(update={"num_inference_steps": 1}), bundle)  # fills text cache
             reset_peak(device)
             timer = StepTimer(device)
             t = time.perf_counter()
@@ -392,12 +393,15 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
 
 
 def estimate_s(name: str, model: str, size: str, records: list[dict[str, Any]]) -> float | None:
-    """Seconds a mode should take, from the plain modes already measured at this model and size (None: unknown)."""
-    walls = [r["bench_wall_s"] for r in records if r.get("model") == model and r.get("size") == size
-             and r.get("bench_wall_s") and "error" not in r and r["mode"] not in COST_FACTOR]
+    """Seconds a mode should take, from the plain modes already measured at this model and size (None: unknown).
+
+    The median plain mode (build + steps, without the one-off VAE timing) times the mode's `COST_FACTOR`.
+    """
+    walls = [r["bench_wall_s"] - r.get("vae_s", 0.0) for r in records if r.get("model") == model
+             and r.get("size") == size and r.get("bench_wall_s") and "error" not in r and r["mode"] not in COST_FACTOR]
     if not walls:
         return None
-    return round(max(walls) * COST_FACTOR.get(name, 1.0), 1)
+    return round(statistics.median(walls) * COST_FACTOR.get(name, 1.0), 1)
 
 
 def load_previous(path: Path) -> dict[str, Any] | None:
