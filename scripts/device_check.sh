@@ -89,7 +89,7 @@ if [ "$PHASE" = 1 ]; then
   step pytest-gpu 120 "$PY" -m pytest -m gpu $(grep -l "pytest.mark.gpu" tests/test_*.py) -q -p no:cacheprovider \
     -o addopts="" -ra --timeout 120
   step bench-14b 400 "${BENCH[@]}" --model 14b \
-    --modes stock,bf16,fast_mode_distilled,cfg_batch,fp8_storage,offload_group_fp8,offload_group \
+    --modes stock,bf16,fast_mode_distilled,offload_group_fp8,cfg_batch,fp8_storage,offload_group \
     --budget-s "$(bench_budget 45)"
   step bench-1.3b 60 "${BENCH[@]}" --model 1.3b --modes stock,bf16 --budget-s "$(bench_budget 5)"
 elif [ "$PHASE" = rehearse ]; then  # no GPU here: run the CPU half of every step in this environment
