@@ -25,6 +25,7 @@ LOG="$OUT/device_check.log"
 START=$(date +%s)
 PY="${PYTHON:-python3}"
 declare -a SUMMARY=()
+FAILED=0
 
 exec > >(tee -a "$LOG") 2>&1
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -41,6 +42,7 @@ step() {
   timeout --signal=TERM --kill-after=10 "$t" "$@"
   local rc=$?
   SUMMARY+=("$name: rc=$rc in $(( $(date +%s) - s )) s")
+  (( rc == 0 )) || FAILED=1
   echo "=== $name: rc=$rc"
   return 0
 }
@@ -112,3 +114,4 @@ for f in "$OUT/h200-14b.json" "$OUT/bench-tiny.json"; do
   [ -f "$f" ] && "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['table'])" "$f"
 done
 ls -l "$OUT"
+exit "$FAILED"  # 1 when any step failed or timed out: the summary above says which
