@@ -141,10 +141,13 @@ def container_header(path: Path, timeout_s: float) -> tuple[int, int, float | No
     return int(size.group(1)), int(size.group(2)), seconds
 
 
-def _open_image_header(path: Path, field: str):  # noqa: ANN202 - PIL.Image, header parsed only
+def open_image_header(path: Path, field: str):  # noqa: ANN201 - PIL.Image, header parsed only
+    """PIL reads only the header here; the caller checks the size (`check_image_pixels`) before `load()`."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # our own limits decide, with a message naming the field
+    # MediaLimits decide, with a message naming the field: PIL's own bomb check would raise
+    # DecompressionBombError (an internal error to the user) or let 179 Mpx through.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         return Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -153,7 +156,7 @@ def _open_image_header(path: Path, field: str):  # noqa: ANN202 - PIL.Image, hea
 
 def gif_header(path: Path, field: str, limits: MediaLimits) -> tuple[int, int, int]:
     """(width, height, frames) of a GIF's canvas; PIL counts the frames by walking the blocks, undecoded."""
-    with _open_image_header(path, field) as im:
+    with open_image_header(path, field) as im:
         w, h = im.size
         check_dimensions(field, w, h, limits, " (GIF canvas)")
         frames = int(getattr(im, "n_frames", 1))
@@ -197,7 +200,7 @@ def vet_video(path: Path, field: str, limits: MediaLimits, decode: bool) -> Medi
 def vet_image(path: Path, field: str, limits: MediaLimits, decode: bool) -> MediaFacts:
     from vace_local.media import load_image
 
-    with _open_image_header(path, field) as im:
+    with open_image_header(path, field) as im:
         w, h = im.size
     check_image_pixels(field, w, h, limits)
     if decode:
