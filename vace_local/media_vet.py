@@ -54,8 +54,8 @@ class MediaLimits:
     max_seconds: float = 120.0  # VACE_MEDIA_MAX_SECONDS
     max_image_pixels: int = 8192 * 8192  # VACE_MEDIA_MAX_IMAGE_PIXELS: width x height of a still image
     #: VACE_MEDIA_MAX_DECODED_PIXELS: width x height x frames, what decoding every frame costs
-    #: (about 2000 frames of 1080p); bounds GIFs whose canvas and frame count are each just allowed.
-    max_decoded_pixels: int = 1 << 32
+    #: (about 1000 frames of 4K); bounds GIFs whose canvas and frame count are each just allowed.
+    max_decoded_pixels: int = 1 << 33
     memory_mb: int = 4096  # VACE_MEDIA_MEMORY_MB: address-space cap of the decoding child
     timeout_s: float = 120.0  # VACE_MEDIA_TIMEOUT_S: wall-clock cap of the decoding child
 
