@@ -63,7 +63,7 @@ def _rotation(path: str) -> int:
     try:
         err = subprocess.run(
             [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True, text=True, errors="replace", timeout=30,
         ).stderr
     except (OSError, subprocess.SubprocessError):
         return 0

@@ -70,6 +70,7 @@ def run_job(
     from vace_local.inputs import fetch_inputs
     from vace_local.interpolate import get_interpolator, plan_for_spec, write_frames_zip
     from vace_local.media import write_mask_video, write_video
+    from vace_local.sandbox import vet_inputs
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +93,7 @@ def run_job(
         t = time.perf_counter()
         on_progress(Progress("fetch"))
         resolved = fetch_inputs(spec.inputs, work / "inputs")
+        vet_inputs(resolved, should_cancel=should_cancel)  # decoded first in a limited child: see sandbox.py
         timings["fetch"] = time.perf_counter() - t
 
         check_cancel()

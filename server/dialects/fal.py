@@ -19,6 +19,7 @@ import logging
 import re
 import tempfile
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ from server.dialects.fal_schemas import (
     parse_fal_request,
 )
 from vace_local.errors import InputError
+from vace_local.media_vet import MediaLimits
+from vace_local.sandbox import vet_file_async
 
 log = logging.getLogger("vace.server.fal")
 
@@ -122,9 +125,10 @@ async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[S
     A refused reference (scheme, literal private/loopback host, bad data URI) or content that is not a readable
     video raises InputError. A remote video that cannot be fetched now (network error, HTTP error, slow host)
     does not: like fal and the AI/ML API, the request is accepted and the job fails (or succeeds) when the
-    worker fetches it; then this returns (None, value, note) and the size/timing use the defaults."""
-    from vace_local.media import probe_video
+    worker fetches it; then this returns (None, value, note) and the size/timing use the defaults.
 
+    The video is probed in a sandboxed child process (`vace_local.sandbox`), never here: a crafted header can
+    make a decoder abort or allocate tens of GB, which must cost one 4xx, not the API process."""
     ref = await core.run_slow(core.resolve_input_reference, value, field, base, "video")  # may decode a data URI
     if ref.lower().startswith(("http://", "https://")):
         with tempfile.TemporaryDirectory(dir=core.data_dir / "cache") as tmp:
@@ -142,8 +146,11 @@ async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[S
         local = str(info.path)
     else:
         local = ref
-    n, fps, w, h = await core.run_slow(probe_video, local, field)
-    return SourceInfo(num_frames=n, fps=fps, width=w, height=h), _local_path_url(core, base, local), None
+    limits = MediaLimits.from_env()
+    limits = replace(limits, timeout_s=min(limits.timeout_s, SUBMIT_PROBE_TIMEOUT_S))
+    facts = await vet_file_async(local, field, "video", decode=False, limits=limits)
+    return (SourceInfo(num_frames=facts.num_frames, fps=facts.fps, width=facts.width, height=facts.height),
+            _local_path_url(core, base, local), None)
 
 
 def needs_source(body: Any) -> bool:
