@@ -14,7 +14,7 @@ import numpy as np
 
 from preprocessors import images
 from preprocessors.geometry import binarize, cover_crop, cover_crop_mask, to_unit
-from preprocessors.video import VideoInfo, legal_num_frames, open_video, read_frames, sample_indices
+from preprocessors.video import VideoInfo, iter_frames, legal_num_frames, open_video, read_frames, sample_indices
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
 from vace_local.spec import MAX_FRAMES, MIN_FRAMES, JobSpec
@@ -105,7 +105,8 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> Cont
         else:
             from preprocessors.annotators import annotate
 
-            control = annotate(task, rgb, info)  # float32 [0, 1]
+            # float32 [0, 1]; depth runs on the uncropped source frames, then is cropped (official order)
+            control = annotate(task, rgb, info, source=lambda: iter_frames(vinfo, vr, idx))
             if masks is None:
                 frames = control
             else:  # repaint + control composition: orig where kept, control where generated
@@ -135,9 +136,11 @@ def _user_masks(
         return _mask_video(Path(resolved.mask_video), vinfo, idx, spec.fps, H, W)
     if resolved.mask_image:
         first = images.mask_image(Path(resolved.mask_image), vinfo.width, vinfo.height, H, W)
-        tracker = spec.control.mask_tracker if spec.task != "none" else "static"
-        info["mask_source"] = "mask_image"
-        info["mask_tracker"] = tracker
+        from preprocessors.tracking import choose_tracker
+
+        tracker, reason = (choose_tracker(spec.control.mask_tracker) if spec.task != "none"
+                           else ("static", "task 'none': the mask image holds on every frame"))
+        info.update(mask_source="mask_image", mask_tracker=tracker, mask_tracker_reason=reason)
         if tracker == "static" or len(rgb) == 1:
             return np.repeat(first[None], len(rgb), axis=0)
         from preprocessors.tracking import track_mask
