@@ -140,17 +140,24 @@ def official_depth_anything_vitl_shapes() -> dict[str, tuple[int, ...]]:
 
 
 @pytest.mark.slow
-def test_official_depth_anything_v2_pth_converts_to_transformers(tmp_path):
+def test_official_depth_anything_v2_pth_converts_to_transformers(tmp_path, monkeypatch):
     import torch
 
+    from preprocessors.annotators.depth import load_depth
     from preprocessors.annotators.depth_anything_pth import load_official
 
     shapes = official_depth_anything_vitl_shapes()
     assert len(shapes) == 407
     g = torch.Generator().manual_seed(0)
     source = {k: torch.randn(v, generator=g) for k, v in shapes.items()}
-    path = tmp_path / "depth_anything_v2_vitl.pth"
+    path = tmp_path / weights.FILES["depthv2"]
+    path.parent.mkdir(parents=True)
     torch.save(source, path)
+    # the depthv2 loader takes the official file when no transformers folder is there (it used to refuse it)
+    monkeypatch.setenv("VACE_ANNOTATORS_DIR", str(tmp_path))
+    load_depth.cache_clear()
+    assert load_depth("depthv2", str(tmp_path))[0] == "official-pth:depth-anything-v2-vitl"
+    load_depth.cache_clear()
     model = load_official(path)
     got = model.state_dict()
     assert len(got) == 407 + 24 * 4  # each fused qkv weight / bias becomes three tensors

@@ -107,5 +107,5 @@ def depth_frames(task: str, source: Iterable[np.ndarray], height: int, width: in
             shrink = d.shape[0] * d.shape[1] > h * w
             d = cv2.resize(d, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         out.append(np.clip(cover_crop(d, height, width), 0.0, 1.0))
-        info["depth_on"] = f"source frame {w}x{h}, normalised, then cropped"
+    info["depth_on"] = f"source frame {w}x{h}, normalised, then cropped"
     return np.repeat(np.stack(out)[..., None], 3, axis=-1)
