@@ -143,9 +143,13 @@ def _user_masks(
         info.update(mask_source="mask_image", mask_tracker=tracker, mask_tracker_reason=reason)
         if tracker == "static" or len(rgb) == 1:
             return np.repeat(first[None], len(rgb), axis=0)
-        from preprocessors.tracking import track_mask
+        from preprocessors.tracking import track_mask, track_sam2_on_source
 
-        masks = track_mask(rgb, first, backend=tracker)
+        if tracker == "sam2":  # official: on the uncropped source frames, then cropped like the video
+            masks = track_sam2_on_source(vinfo, idx, Path(resolved.mask_image), H, W)
+            masks[0] = first
+        else:
+            masks = track_mask(rgb, first, backend=tracker)
         area = masks.reshape(len(masks), -1).mean(axis=1)
         info["mask_area_first_last"] = [float(area[0]), float(area[-1])]
         return masks

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from preprocessors import weights
 from vace_local.errors import InputError
+
+if TYPE_CHECKING:
+    from preprocessors.video import VideoInfo
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +125,20 @@ def _choose(requested: str) -> tuple[str, str]:
 
     kind = "a non-default SAM2 config from its sidecar" if sidecar(ckpt).is_file() else "official SAM2.1 Hiera-L"
     return "sam2", f"auto: sam2 package and {ckpt.name} found in {ckpt.parent} ({kind})"
+
+
+def track_sam2_on_source(video: VideoInfo, idx: list[int], mask_path: Path, height: int, width: int) -> np.ndarray:
+    """Official order: SAM2 on the uncropped source frames, seeded with the mask at the source size; each mask is
+    then cover-cropped like the video. (F, height, width) float32 0/1."""
+    from preprocessors.geometry import cover_crop_mask
+    from preprocessors.images import mask_image
+    from preprocessors.sam2_track import track_sam2
+    from preprocessors.video import open_video, read_frames
+
+    vinfo, reader = open_video(video.path, video.field)
+    first = mask_image(mask_path, vinfo.width, vinfo.height, vinfo.height, vinfo.width)
+    masks = track_sam2(read_frames(vinfo, reader, idx), first)
+    return np.stack([cover_crop_mask(m, height, width) for m in masks])
 
 
 def track_mask(frames: np.ndarray, first_mask: np.ndarray, backend: str = "auto") -> np.ndarray:

@@ -25,10 +25,10 @@ HAS_SAM2 = importlib.util.find_spec("sam2") is not None
 needs_sam2 = pytest.mark.skipif(not HAS_SAM2, reason="the optional sam2 package is not installed")
 
 
-def _square_clip(tmp_path: Path, n: int = 5) -> LocalInputs:
+def _square_clip(tmp_path: Path, n: int = 5, width: int = 64) -> LocalInputs:
     from PIL import Image
 
-    frames, truth = moving_square(n, 64, 64, size=20)
+    frames, truth = moving_square(n, width, 64, size=20)
     video = write_video(frames, tmp_path / "v.mp4", fps=16, quality="maximum")
     Image.fromarray((truth[0] * 255).astype(np.uint8)).save(tmp_path / "m.png")
     return LocalInputs(video=video, mask_image=tmp_path / "m.png")
@@ -62,10 +62,14 @@ def test_auto_tracker_picks_sam2_when_package_and_weights_exist(tmp_path, monkey
     d = tmp_path / "annotators"
     tiny.save_tiny_sam2(d / weights.FILES["sam2"])
     monkeypatch.setenv("VACE_ANNOTATORS_DIR", str(d))
-    b = build_bundle(_inpaint_spec(), _square_clip(tmp_path))
+    # a 96x64 source into a 64x64 job: SAM2 tracks the uncropped source frames, its masks are cropped after
+    b = build_bundle(_inpaint_spec(), _square_clip(tmp_path, width=96))
     assert b.info["mask_tracker"] == "sam2"
     assert b.info["mask_tracker_reason"].startswith(f"auto: sam2 package and sam2.1_hiera_large.pt found in {d}")
     b.check(17, 64, 64)
+    assert set(np.unique(b.masks)) <= {0.0, 1.0}
+    _, truth = moving_square(5, 96, 64, size=20)
+    assert np.array_equal(b.masks[0], truth[0][:, 16:80])  # frame 0: the user's mask, cropped like the video
     # an explicit choice is kept and recorded as such
     b = build_bundle(_inpaint_spec(mask_tracker="flow"), _square_clip(tmp_path))
     assert (b.info["mask_tracker"], b.info["mask_tracker_reason"]) == ("flow", "mask_tracker 'flow' requested")
