@@ -25,7 +25,7 @@ MAX_SEED = 2**31 - 1
 Task = Literal["none", "depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe"]
 Sampler = Literal["unipc", "dpm++", "euler"]
 TransparencyMode = Literal["content_aware", "white", "black"]
-MaskTracker = Literal["flow", "sam2", "static"]
+MaskTracker = Literal["auto", "flow", "sam2", "static"]
 VideoQuality = Literal["low", "medium", "high", "maximum"]
 VideoWriteMode = Literal["fast", "balanced", "small"]
 #: Step-cache presets (fal's `acceleration`; WaveSpeed's enable_fast_mode → "regular"). See step_cache.py.
@@ -65,7 +65,8 @@ class ControlOptions(BaseModel):
 
     #: False: the input video already is the control signal (fal's `preprocess=false`).
     preprocess: bool = True
-    mask_tracker: MaskTracker = "flow"
+    #: auto = SAM2.1 (the official tracker) when the sam2 package and its weights are present, else flow.
+    mask_tracker: MaskTracker = "auto"
     expand_left: bool = False
     expand_right: bool = False
     expand_top: bool = False
