@@ -21,6 +21,7 @@ import numpy as np
 
 from preprocessors import weights
 from vace_local.errors import ModelNotFoundError
+from vace_local.events import checkpoint
 
 CONFIG = "configs/sam2.1/sam2.1_hiera_l.yaml"  # the package config that matches sam2.1_hiera_large.pt
 
@@ -88,6 +89,7 @@ def track_sam2(frames: np.ndarray, first_mask: np.ndarray) -> np.ndarray:
             state = predictor.init_state(video_path=d)
             predictor.add_new_mask(state, frame_idx=0, obj_id=1, mask=torch.from_numpy(first))
             for idx, _ids, logits in predictor.propagate_in_video(state):
+                checkpoint()
                 out[idx] = (logits[0, 0] > 0).float().cpu().numpy()
             predictor.reset_state(state)
     out[0] = first  # the user's mask is the truth on frame 0 (SAM2 re-renders it from a low-res copy)

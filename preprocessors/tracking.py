@@ -24,6 +24,7 @@ import numpy as np
 
 from preprocessors import weights
 from vace_local.errors import InputError
+from vace_local.events import checkpoint
 
 if TYPE_CHECKING:
     from preprocessors.video import VideoInfo
@@ -99,6 +100,7 @@ def track_flow(frames: np.ndarray, first_mask: np.ndarray) -> np.ndarray:
     out[0] = (first_mask >= 0.5).astype(np.float32)
     tracker = FlowTracker(frames[0], first_mask)
     for i in range(1, len(frames)):
+        checkpoint()
         out[i] = tracker.step(frames[i])
     return out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vace_local.errors import JobCancelled
-from vace_local.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
+from vace_local.events import CancelFn, Progress, ProgressFn, cancel_scope, never_cancel, no_progress
 from vace_local.spec import MAX_SEED, JobSpec
 
 if TYPE_CHECKING:
@@ -109,7 +109,8 @@ def run_job(
         if tplan.active:
             get_interpolator(spec.temporal.interpolator)  # a missing RIFE model fails before generating
         gen_spec = tplan.generation_spec(spec)
-        bundle = tplan.subsample(build_bundle(tplan.bundle_spec(spec), resolved))
+        with cancel_scope(should_cancel):  # decode / annotate / track loops call events.checkpoint() per frame
+            bundle = tplan.subsample(build_bundle(tplan.bundle_spec(spec), resolved))
         bundle.check(gen_spec.num_frames, spec.height, spec.width)
         # --- end temporal plan ---
         timings["preprocess"] = time.perf_counter() - t
