@@ -163,7 +163,7 @@ def check_output(frames: np.ndarray, input_images: list[tuple[str, Path]], optio
     if options.check_inputs and input_images:
         from vace_local.media import load_image
 
-        images = [np.asarray(load_image(p, name)) for name, p in input_images]
+        images = [np.array(load_image(p, name)) for name, p in input_images]
         for (name, _p), s in zip(input_images, checker.scores(images), strict=True):
             report.inputs.append({"field": name, "score": round(s, 4), "flagged": s >= options.threshold})
             worst = max(worst, s)
