@@ -8,15 +8,18 @@ with `tokenizers` and a chat template. Both are saved with `save_pretrained` and
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from vace_local.media import probe_video, read_video
+from vace_local.errors import VaceError
+from vace_local.media import probe_video, read_video, write_video
 from vace_local.memory import GIB, Footprint, choose_policy
 from vace_local.prompt_expand import ExpanderOptions, expand_prompt
 from vace_local.run import run_job
@@ -85,11 +88,12 @@ def aux_models(tmp_path_factory) -> dict[str, Path]:
 
 def test_flagged_label_comes_from_id2label_or_configuration():
     assert flagged_label_ids({0: "normal", 1: "nsfw"}, ()) == [1]
-    assert flagged_label_ids({"0": "drawings", "1": "hentai", "2": "neutral", "3": "porn", "4": "sexy"}, ()) == [1, 3, 4]
+    five = {"0": "drawings", "1": "hentai", "2": "neutral", "3": "porn", "4": "sexy"}  # string keys, as in JSON
+    assert flagged_label_ids(five, ()) == [1, 3, 4]
     assert flagged_label_ids({0: "ok", 1: "bad"}, ("bad",)) == [1]
-    with pytest.raises(Exception, match="VACE_SAFETY_FLAGGED_LABELS"):
+    with pytest.raises(VaceError, match="VACE_SAFETY_FLAGGED_LABELS"):
         flagged_label_ids({0: "ok", 1: "bad"}, ())
-    with pytest.raises(Exception, match="not in the model's labels"):
+    with pytest.raises(VaceError, match="not in the model's labels"):
         flagged_label_ids({0: "ok", 1: "bad"}, ("nsfw",))
     assert sample_indices(17, 8)[0] == 0 and sample_indices(17, 8)[-1] == 16 and len(sample_indices(3, 8)) == 3
 
@@ -217,11 +221,7 @@ def test_not_installed_is_honest_in_every_dialect(live, aux_models, monkeypatch)
     assert any(NOT_INSTALLED in m for m in res["_logs"]) and any("prompt expanded" in m for m in res["_logs"])
 
     # AI/ML: its polling flow with plain HTTP
-    from vace_local.media import write_video
-
     vid = write_video(np.full((17, 48, 64, 3), 90, np.uint8), live["tmp"] / "in.mp4", fps=16)
-    import base64
-
     uri = "data:video/mp4;base64," + base64.b64encode(vid.read_bytes()).decode()
     h = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=live["base"], verify=_ctx(live["cert"]), headers=h, timeout=30) as c:
@@ -234,8 +234,6 @@ def test_not_installed_is_honest_in_every_dialect(live, aux_models, monkeypatch)
             body = c.get("/v2/video/generations", params={"generation_id": gid}).json()
             if body["status"] in ("completed", "error"):
                 break
-            import time
-
             time.sleep(0.3)
     assert body["status"] == "completed", body
     assert body["meta"]["has_nsfw_concepts"] == [None] and NOT_INSTALLED in body["meta"]["safety_checker"]
