@@ -173,6 +173,33 @@ def test_expansion_changes_what_the_text_encoder_sees(tmp_path: Path, aux_models
     assert "prompt expander not installed" in missing.notes[0]
 
 
+def test_cli_flags_use_the_configured_models(tmp_path: Path, aux_models, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vace_local.cli import app
+
+    monkeypatch.setenv("VACE_SAFETY_MODEL", str(aux_models["flag_all"]))
+    monkeypatch.setenv("VACE_PROMPT_EXPANDER_MODEL", ABSENT)
+    args = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--num-frames", "17", "--steps",
+            "1", "--seed", "2", "--out", str(tmp_path), "--name", "c", "--safety-check", "--expand-prompt", "-q"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "output flagged" in r.output and "prompt expander not installed" in r.output
+    meta = json.loads((tmp_path / "c.json").read_text())
+    assert meta["safety_checker"]["flagged"] is True and meta["prompt_expansion"]["status"] == "not_installed"
+
+
+@pytest.mark.gpu
+def test_expander_leaves_the_gpu_after_use_unless_kept(aux_models):
+    from vace_local.prompt_expand import get_expander
+
+    for keep in (False, True):
+        opts = ExpanderOptions(model=str(aux_models["lm"]), max_new_tokens=8, device="cuda", keep_on_gpu=keep)
+        assert expand_prompt("a fox", opts).status == "expanded"
+        device = next(get_expander(opts).model.parameters()).device.type
+        assert device == ("cuda" if keep else "cpu")
+
+
 # ---- live: the "not installed" path through WaveSpeed, fal and AI/ML ---------------------------------------
 
 @pytest.fixture(scope="module")
