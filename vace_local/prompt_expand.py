@@ -50,7 +50,7 @@ class ExpanderOptions:
 
 @dataclass
 class ExpansionReport:
-    status: Literal["expanded", "not_installed", "empty"]
+    status: Literal["expanded", "not_installed", "empty", "skipped"]
     model: str
     original_prompt: str
     prompt: str  # the prompt the text encoder sees
@@ -60,6 +60,8 @@ class ExpansionReport:
         if self.status == "not_installed":
             return (f"{NOT_INSTALLED} ({self.model}): the prompt was used as given; install it with: "
                     f"vace-local download {DOWNLOAD_NAME}")
+        if self.status == "skipped":
+            return "prompt expansion skipped: the prompt is empty"
         if self.status == "empty":
             return f"prompt expander {self.model} returned nothing: the prompt was used as given"
         return f"prompt expanded by {self.model} ({len(self.original_prompt)} → {len(self.prompt)} characters)"
@@ -99,7 +101,8 @@ class PromptExpander:
                     input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                     do_sample=False, temperature=None, top_p=None, top_k=None,
                     max_new_tokens=self.options.max_new_tokens, repetition_penalty=1.05,
-                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                    pad_token_id=self.tokenizer.eos_token_id if self.tokenizer.pad_token_id is None
+                    else self.tokenizer.pad_token_id,
                 )
         finally:
             if not self.options.keep_on_gpu and device != "cpu":
@@ -127,6 +130,8 @@ def get_expander(options: ExpanderOptions) -> PromptExpander | None:
 
 def expand_prompt(prompt: str, options: ExpanderOptions) -> ExpansionReport:
     """Expand `prompt`, or report honestly why the prompt is used as given."""
+    if not prompt.strip():  # nothing to keep faithful to: the LM would invent a scene
+        return ExpansionReport("skipped", options.model, prompt, prompt)
     expander = get_expander(options)
     if expander is None:
         return ExpansionReport("not_installed", options.model, prompt, prompt)
