@@ -26,7 +26,7 @@ from vace_local.run import run_job
 from vace_local.safety_check import NOT_INSTALLED, SafetyOptions, flagged_label_ids, sample_indices
 from vace_local.spec import JobSpec
 
-SMALL = dict(model="tiny", width=64, height=48, num_frames=17, num_inference_steps=2, seed=3)
+SMALL = dict(model="tiny", width=64, height=48, num_frames=17, num_inference_steps=1, seed=3)
 ABSENT = "vace-test/absent-model"
 _WORDS = ("a the fox cat walks runs slowly camera pans tracks close wide shot light warm cold forest street "
           "night day sky river moves turns smiles red blue green golden soft dramatic").split()
@@ -116,8 +116,6 @@ def test_report_only_flags_but_keeps_the_video(tmp_path: Path, aux_models):
     assert read_video(res.video_path).frames.max() > 40  # the generated noise, untouched
     meta = json.loads(res.metadata_path.read_text())
     assert meta["safety_checker"]["flagged"] is True
-    clean = run_job(spec, tmp_path / "none", safety=SafetyOptions(model=str(aux_models["flag_none"])))
-    assert clean.safety["status"] == "checked" and clean.safety["flagged"] is False
 
 
 def test_replace_policy_writes_a_black_video_of_the_same_shape(tmp_path: Path, aux_models):
@@ -130,9 +128,10 @@ def test_replace_policy_writes_a_black_video_of_the_same_shape(tmp_path: Path, a
     assert frames.shape == (17, 48, 64, 3) and frames.max() <= 2
     meta = json.loads(res.metadata_path.read_text())
     assert meta["safety_checker"]["action"] == "replaced_with_black"
-    # a clean output is left alone under the same policy
+    # the checker that flags nothing: a clean output is left alone under the same policy
     ok = run_job(spec, tmp_path / "ok", safety=SafetyOptions(model=str(aux_models["flag_none"]), policy="replace"))
-    assert ok.safety["action"] == "none" and read_video(ok.video_path).frames.max() > 40
+    assert ok.safety["status"] == "checked" and ok.safety["flagged"] is False and ok.safety["action"] == "none"
+    assert read_video(ok.video_path).frames.max() > 40
 
 
 def test_input_images_are_checked_when_configured(tmp_path: Path, aux_models, fixtures_dir: Path):

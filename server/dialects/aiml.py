@@ -87,7 +87,7 @@ def render_generation(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
         video = next((o for o in outs if o.get("kind") == "video"), outs[0] if outs else None)
         body["video"] = {"url": video["url"]} if video else None
         body["meta"] = {"usage": {"credits_used": 0}, **check_fields(job)}
-        if (job.result or {}).get("prompt_expansion", {}).get("status") == "expanded":
+        if ((job.result or {}).get("prompt_expansion") or {}).get("status") == "expanded":
             body["meta"]["prompt"] = prompt_used(job)  # AI/ML has no prompt field of its own
     elif status == "error":
         name = "CancelledError" if job.status == CANCELLED else (job.error_type or "GenerationError")
