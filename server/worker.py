@@ -209,8 +209,12 @@ class Worker:
             t = time.perf_counter()
             spec = self.resolve_inputs(spec, work / "inputs", fields)
             resolve_s = time.perf_counter() - t
+            device = self.engine.device
             result = run_job(spec, out_dir, engine=self.engine, on_progress=self._progress_fn(job),
-                             should_cancel=self.should_cancel)
+                             should_cancel=self.should_cancel, safety=self.settings.safety_options(device),
+                             expander=self.settings.expander_options(device))
+            for note in result.notes:
+                self.store.add_log(job.id, note, source="worker")
             outputs = [{"kind": "video", "file": result.video_path.name, "content_type": "video/mp4",
                         "size": result.video_path.stat().st_size}]
             for key, p in result.extras.items():
@@ -222,7 +226,8 @@ class Worker:
             timings["fetch"] = timings.get("fetch", 0.0) + resolve_s
             info = {"seed": result.seed, "width": result.width, "height": result.height,
                     "num_frames": result.num_frames, "fps": result.fps, "model": result.model,
-                    "tiny": result.tiny}
+                    "tiny": result.tiny, "prompt": result.prompt, "safety": result.safety,
+                    "prompt_expansion": result.prompt_expansion}
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
             if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
                                      timings=timings):

@@ -58,6 +58,8 @@ class EngineOptions:
     fp8_linear: bool = False
     #: LoRAs fused at load; distillation LoRAs carry step / guidance / shift overrides.
     loras: tuple[LoraOption, ...] = field(default_factory=tuple)
+    #: Bytes of helper models (prompt expander, safety checker) that `auto` must leave room for on the GPU.
+    aux_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.offload not in POLICIES:
@@ -193,7 +195,7 @@ class Engine:
         experts = 2 if getattr(p, "transformer_2", None) is not None and p.transformer is not None else 1
         main = p.transformer if p.transformer is not None else p.transformer_2
         vae = sum(x.numel() for x in p.vae.parameters()) * 4
-        return Footprint(size(main), size(p.text_encoder), vae, experts)
+        return Footprint(size(main), size(p.text_encoder), vae, experts, self.options.aux_bytes)
 
     # -- introspection -------------------------------------------------------------------------------
     @property

@@ -134,6 +134,10 @@ class JobSpec(BaseModel):
     control: ControlOptions = Field(default_factory=ControlOptions)
     temporal: TemporalOptions = Field(default_factory=TemporalOptions)
     output: OutputOptions = Field(default_factory=OutputOptions)
+    #: Classify sampled output frames with the safety checker (vace_local/safety_check.py).
+    enable_safety_checker: bool = False
+    #: Rewrite the prompt with the prompt-expander LM before text encoding (vace_local/prompt_expand.py).
+    enable_prompt_expansion: bool = False
 
     @field_validator("width", "height")
     @classmethod

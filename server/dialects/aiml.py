@@ -35,7 +35,9 @@ from server.core import (
 )
 from server.dialects import Dialect
 from server.dialects.aiml_schemas import AIML_MODELS, aiml_to_jobspec, parse_aiml_request
+from server.dialects.checks import prompt_used
 from server.dialects.fal import (
+    check_fields,
     check_served_model,
     needs_source,
     probe_source,
@@ -86,7 +88,9 @@ def render_generation(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
         outs = core.output_urls(job, base)
         video = next((o for o in outs if o.get("kind") == "video"), outs[0] if outs else None)
         body["video"] = {"url": video["url"]} if video else None
-        body["meta"] = {"usage": {"credits_used": 0}}
+        body["meta"] = {"usage": {"credits_used": 0}, **check_fields(job)}
+        if ((job.result or {}).get("prompt_expansion") or {}).get("status") == "expanded":
+            body["meta"]["prompt"] = prompt_used(job)  # AI/ML has no prompt field of its own
     elif status == "error":
         name = "CancelledError" if job.status == CANCELLED else (job.error_type or "GenerationError")
         body["error"] = {"name": name, "message": job.error or "generation failed"}

@@ -45,6 +45,7 @@ from server.core import (
     user_field,
 )
 from server.dialects import Dialect
+from server.dialects.checks import expansion_note, nsfw_flag, prompt_used, safety_note, safety_requested
 from server.dialects.fal_schemas import (
     FAL_APP_ID,
     FAL_ENDPOINTS,
@@ -236,7 +237,8 @@ def render_output(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
     sync = bool(job.extra.get("sync_mode"))
     video = next((o for o in outs if o.get("kind") == "video"), outs[0] if outs else None)
     res = job.result or {}
-    body: dict[str, Any] = {"prompt": job.spec.get("prompt", ""), "seed": res.get("seed", job.spec.get("seed"))}
+    # `prompt` is the prompt used for generation: the expanded one when enable_prompt_expansion ran.
+    body: dict[str, Any] = {"prompt": prompt_used(job), "seed": res.get("seed", job.spec.get("seed"))}
     if video is not None:
         v = _file(job, core, video, sync)
         w = video.get("width", res.get("width"))
@@ -251,7 +253,21 @@ def render_output(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
         body["frames_zip"] = _file(job, core, zips[0], sync)
     if job.spec.get("model") == "tiny":
         body["note"] = TINY_NOTE
+    body.update(check_fields(job))
     return body
+
+
+def check_fields(job: JobRecord) -> dict[str, Any]:
+    """Extra output fields for the safety check / prompt expansion (fal's name `has_nsfw_concepts`, null where
+    nothing was checked), present only when the request asked; shared with the AI/ML dialect's `meta`."""
+    fields: dict[str, Any] = {}
+    if safety_requested(job):
+        fields["has_nsfw_concepts"] = [nsfw_flag(job)]
+    if note := safety_note(job):
+        fields["safety_checker"] = note
+    if note := expansion_note(job):
+        fields["prompt_expansion"] = note
+    return fields
 
 
 _INPUT_ERR = re.compile(r"^input '([^']+)': (.*)$", re.S)

@@ -366,12 +366,10 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         temporal=temporal_options(req, notes),
         output=OutputOptions(video_quality=req.video_quality, video_write_mode=req.video_write_mode,
                              frames_zip=req.return_frames_zip),
+        enable_safety_checker=req.enable_safety_checker,
+        enable_prompt_expansion=req.enable_prompt_expansion,
     )
-    ignored = {
-        "enable_safety_checker": req.enable_safety_checker,
-        "enable_prompt_expansion": req.enable_prompt_expansion,
-    }
-    return Translation(spec=spec, sync_mode=req.sync_mode, notes=notes, ignored=ignored)
+    return Translation(spec=spec, sync_mode=req.sync_mode, notes=notes)
 
 
 def parse_fal_request(endpoint: str, body: Any) -> _Common:

@@ -34,6 +34,7 @@ from server.core import (
     validation_error,
 )
 from server.dialects import PROMPT_MAX_CHARS, Dialect
+from server.dialects.checks import expansion_note, nsfw_flag, safety_note
 from vace_local.spec import JobInputs, JobSpec, OutputOptions
 
 log = logging.getLogger("vace.server.wavespeed")
@@ -142,6 +143,7 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
             num_frames=inp.duration * FPS + 1, fps=FPS, num_inference_steps=inp.num_inference_steps,
             guidance_scale=inp.guidance_scale, flow_shift=flow_shift, context_scale=inp.context_scale,
             seed=inp.seed, output=OutputOptions(save_control=inp.save_previews),
+            enable_safety_checker=inp.enable_safety_checker,
             inputs=JobInputs(video=inp.video, mask_video=inp.mask_video, mask_image=inp.mask_image,
                              reference_images=refs, first_image=inp.first_image, last_image=inp.last_image),
         )
@@ -182,7 +184,8 @@ def render_data(job: JobRecord, core: Core, base: str, *, base64_output: bool | 
         "model": job.model,
         "outputs": outputs,
         "urls": {"get": f"{base}/api/v3/predictions/{job.id}/result"},
-        "has_nsfw_contents": [False] * len(outputs),
+        # Per output: the checker's verdict on the video; null where nothing was checked (see README).
+        "has_nsfw_contents": [nsfw_flag(job) if o.get("kind") == "video" else None for o in videos],
         "status": STATUS[job.status],
         "created_at": iso_time(job.created_at),
         "error": error,
@@ -191,6 +194,10 @@ def render_data(job: JobRecord, core: Core, base: str, *, base64_output: bool | 
     }
     if job.spec.get("model") == "tiny":
         data["note"] = TINY_NOTE
+    if note := safety_note(job):
+        data["safety_checker"] = note
+    if note := expansion_note(job):
+        data["prompt_expansion"] = note
     return data
 
 
