@@ -227,6 +227,7 @@ def test_probed_match_input_is_applied_once():
     s = tr("reframe", source=src, video_url=VID).spec
     assert (s.num_frames, s.fps) == (33, 25)
     assert not s.control.match_input_num_frames and not s.control.match_input_frames_per_second
+    assert s.control.output_num_frames == 30  # generated at 33 (4k+1), returned as the input's 30
     s = tr("reframe", source=None, video_url=VID, resolution="240p", aspect_ratio="16:9").spec
     assert s.control.match_input_num_frames and s.control.match_input_frames_per_second
 

@@ -156,6 +156,7 @@ def run_job(
         out_fps = tplan.output_fps
         # match_input_num_frames padded the job up to 4k+1: give back exactly the input's frame count.
         keep = bundle.info.get("frames_from_video") if spec.control.match_input_num_frames else None
+        keep = spec.control.output_num_frames or keep  # a dialect that matched at submit says how many
         if keep and not spec.temporal.num_interpolated_frames and keep < len(frames):
             frames = frames[:keep]
         # --- end temporal plan ---

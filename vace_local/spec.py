@@ -77,6 +77,9 @@ class ControlOptions(BaseModel):
     transparency_mode: TransparencyMode = "content_aware"
     match_input_num_frames: bool = False
     match_input_frames_per_second: bool = False
+    #: Exact frame count to return when it is not 4k+1: the job is generated at `num_frames` (the next 4k+1)
+    #: and trimmed to this. Set by a dialect that applied `match_input_num_frames` itself at submit.
+    output_num_frames: int | None = Field(None, ge=1)
 
 
 class TemporalOptions(BaseModel):
