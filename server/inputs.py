@@ -16,8 +16,6 @@ Nothing here imports torch; the API process uses it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import re
 import socket
@@ -27,6 +25,7 @@ from typing import Literal
 from urllib.parse import unquote, urljoin, urlsplit
 
 from vace_local.errors import InputError
+from vace_local.inputs import data_uri_bytes
 
 Kind = Literal["image", "video"]
 
@@ -201,28 +200,10 @@ def check_host(host: str, port: int, field: str, allowed: list[str]) -> None:
 
 # ---- data URIs and our own file URLs -----------------------------------------------------------------
 
-_DATA_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
-                      re.IGNORECASE)
-
-
 def decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
-    """Decode a `data:[mime][;base64],payload` URI; InputError names the field on any problem."""
-    m = _DATA_RE.match(uri[:512])
-    if not m:
-        raise InputError(field, "malformed data URI (expected data:<mime>;base64,<payload>)")
-    payload = uri[m.end():]
-    if len(payload) * 3 // 4 > max_bytes:
-        raise InputError(field, f"data URI is larger than the {max_bytes} byte limit")
-    if m.group("b64"):
-        try:
-            data = base64.b64decode(payload.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise InputError(field, "data URI payload is not valid base64") from None
-    else:
-        data = unquote(payload).encode("latin-1", errors="replace")
-    if not data:
-        raise InputError(field, "data URI is empty")
-    return data
+    """Decode a `data:[mime][;base64],payload` URI (the CLI's decoder, one set of rules); InputError names
+    the field on any problem, and `max_bytes` bounds the decoded bytes."""
+    return data_uri_bytes(uri, field, max_bytes)[1]
 
 
 def parse_file_url_path(path: str, field: str) -> tuple[str, str, str] | None:
