@@ -215,9 +215,10 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
             raise ApiError(404, "file not found", error_type="not_found") from None
         token = request.query_params.get("token")
         if not core.may_read_file(kind, ident, owner=None, token=token):
-            require_auth(request)  # neither a valid token nor a key: 401
+            if token is None or "authorization" in request.headers:
+                require_auth(request)  # no token: the key decides (401 without a valid one)
             if not core.may_read_file(kind, ident, owner=request_owner(request), token=None):
-                raise ApiError(404, "file not found", error_type="not_found")  # another key's file
+                raise ApiError(404, "file not found", error_type="not_found")  # a bad token, another key's file
         if not path.is_file():
             raise ApiError(404, "file not found", error_type="not_found")
         with open(path, "rb") as f:
