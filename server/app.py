@@ -206,14 +206,18 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
 
     @app.head("/files/{kind}/{ident}/{name}", include_in_schema=False)
-    @app.get("/files/{kind}/{ident}/{name}", tags=["files"],
-             summary="Outputs and uploads (with keys: the URL's token, or the owner's key)")
+    @app.get("/files/{kind}/{ident}/{name}", tags=["files"], summary="Outputs and uploads (with keys: the owner's key)")
     async def files(kind: str, ident: str, name: str, request: Request) -> Response:
+        return await tokened_file(kind, ident, None, name, request)
+
+    @app.head("/files/{kind}/{ident}/{token}/{name}", include_in_schema=False)
+    @app.get("/files/{kind}/{ident}/{token}/{name}", tags=["files"],
+             summary="Outputs and uploads by capability URL (the token stands in for the key)")
+    async def tokened_file(kind: str, ident: str, token: str | None, name: str, request: Request) -> Response:
         try:
             path = safety.safe_data_path(core.data_dir, kind, ident, name)
         except ValueError:
             raise ApiError(404, "file not found", error_type="not_found") from None
-        token = request.query_params.get("token")
         if not core.may_read_file(kind, ident, owner=None, token=token):
             if token is None or "authorization" in request.headers:
                 require_auth(request)  # no token: the key decides (401 without a valid one)

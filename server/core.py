@@ -24,7 +24,7 @@ Core API (stable; the fal and AI/ML dialects build on it):
   when the timeout hits (check `.terminal`).
 * `Core.output_urls(job, base_url) -> list[dict]` — `{kind, url, file, content_type, size, …}` per output,
   video first. `Core.output_path(job, output) -> Path`, `Core.file_url(base, kind, ident, name, owner)`:
-  with keys configured, file URLs are capability URLs (`?token=`, see `Core.file_token`).
+  with keys configured, file URLs are capability URLs (`…/<id>/<token>/<name>`, see `Core.file_token`).
 * `Core.resolve_input_reference(value, field, base_url, expected)` — the submit-time rule for one media
   reference (used by create_job); `server.inputs` holds the download/sniff helpers the worker uses.
 * `Core.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -268,10 +268,12 @@ class Core:
         return f"{scheme}://{self.settings.host}:{self.settings.port}"
 
     def file_url(self, base: str, kind: str, ident: str, name: str, owner: str | None = None) -> str:
-        """A served file's URL; with keys configured a capability URL (`?token=`) that a plain GET may fetch,
-        because the hosted APIs' clients download results without an Authorization header."""
-        url = f"{base}/files/{kind}/{ident}/{name}"
-        return f"{url}?token={self.file_token(kind, ident, owner)}" if self.settings.auth_enabled else url
+        """A served file's URL; with keys configured a capability URL (`/files/<kind>/<id>/<token>/<name>`) that a
+        plain GET may fetch, because the hosted APIs' clients download results without an Authorization header.
+        The token is a path segment, so the URL still ends with the file name (clients take the extension)."""
+        if self.settings.auth_enabled:
+            return f"{base}/files/{kind}/{ident}/{self.file_token(kind, ident, owner)}/{name}"
+        return f"{base}/files/{kind}/{ident}/{name}"
 
     def file_token(self, kind: str, ident: str, owner: str | None) -> str:
         """Unguessable token for one job's outputs or one upload, bound to its owner (HMAC with a secret kept
@@ -351,9 +353,8 @@ class Core:
         if parts.netloc.lower() in self.own_netlocs(base):  # other hosts' /files/… (e.g. CDNs) are just URLs
             ref = safety.parse_file_url_path(parts.path, field_name)
             if ref is not None:
-                kind, ident, name = ref
+                kind, ident, name, token = ref
                 path = safety.safe_data_path(self.data_dir, kind, ident, name)
-                token = (parse_qs(parts.query).get("token") or [None])[0]
                 readable = self.may_read_file(kind, ident, owner=owner, token=token)
                 if kind == "uploads":
                     up = self.store.get_upload(ident)

@@ -42,6 +42,8 @@ FIELD_KINDS: dict[str, Kind] = {
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FILE_KINDS = ("uploads", "outputs")
+#: The capability token a file URL carries when keys are configured (`Core.file_token`).
+FILE_TOKEN_RE = re.compile(r"^[0-9a-f]{40}$")
 
 _EXT = {
     "png": ("image", "image/png"), "jpeg": ("image", "image/jpeg"), "gif": ("image", "image/gif"),
@@ -206,17 +208,19 @@ def decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
     return data_uri_bytes(uri, field, max_bytes)[1]
 
 
-def parse_file_url_path(path: str, field: str) -> tuple[str, str, str] | None:
-    """`/files/<kind>/<id>/<name>` → (kind, id, name); None if not a files path; InputError if unsafe."""
+def parse_file_url_path(path: str, field: str) -> tuple[str, str, str, str | None] | None:
+    """`/files/<kind>/<id>[/<token>]/<name>` → (kind, id, name, token or None); None if not a files path;
+    InputError if unsafe."""
     raw = path
     if not raw.startswith("/files/"):
         return None
     decoded = unquote(raw)
     parts = decoded.split("/")[2:]
+    token = parts.pop(2) if len(parts) == 4 and FILE_TOKEN_RE.match(parts[2]) else None
     if (".." in parts or "\\" in decoded or "\x00" in decoded or len(parts) != 3
             or parts[0] not in FILE_KINDS or not _ID_RE.match(parts[1]) or not _NAME_RE.match(parts[2])):
         raise InputError(field, "file URL path is not a valid file of this server (path traversal refused)")
-    return parts[0], parts[1], parts[2]
+    return parts[0], parts[1], parts[2], token
 
 
 def safe_data_path(data_dir: Path, kind: str, ident: str, name: str) -> Path:

@@ -91,6 +91,13 @@ def _cancel_all(server: LiveServer, *job_ids: str) -> None:
         httpx.post(f"{server.base}/api/v3/predictions/{jid}/cancel", headers=AUTH, timeout=10)
 
 
+def _without_token(url: str) -> str:
+    """`…/files/<kind>/<id>/<token>/<name>` → `…/files/<kind>/<id>/<name>` (the URL that needs a key)."""
+    head, token, name = url.rsplit("/", 2)
+    assert len(token) == 40, url
+    return f"{head}/{name}"
+
+
 def _ws_error(r: httpx.Response, status: int) -> str:
     body = r.json()
     assert r.status_code == status and body["code"] == status and body["data"] is None, r.text
@@ -241,19 +248,21 @@ def test_jobs_and_files_belong_to_the_key_that_created_them(server, small_video_
     _cancel_all(server, aiml["id"].split(":")[0])
 
     # files: the capability URL works with a plain GET; without its token only the owner's key reads it
-    upload_url, plain_upload = up["download_url"], up["download_url"].split("?")[0]
-    assert "?token=" in upload_url and httpx.get(upload_url).status_code == 200
+    upload_url, plain_upload = up["download_url"], _without_token(up["download_url"])
+    assert upload_url.endswith("/a.png") and httpx.get(upload_url).status_code == 200
     assert httpx.get(plain_upload, headers=AUTH).status_code == 200
     assert httpx.get(plain_upload, headers=AUTH_B).status_code == 404
     assert httpx.get(plain_upload).status_code == 401
-    assert httpx.get(plain_upload + "?token=" + "0" * 40).status_code == 404
+    forged = plain_upload.rsplit("/", 1)[0] + "/" + "0" * 40 + "/a.png"
+    assert httpx.get(forged).status_code == 404 and httpx.get(forged, headers=AUTH_B).status_code == 404
     msg = _ws_error(httpx.post(f"{b}{WS}", json={"prompt": "x", "images": [plain_upload]}, headers=AUTH_B), 400)
     assert msg.startswith("images[0]: uploaded file not found")
 
     server.wait(ws["id"], lambda row: row["status"] in ("succeeded", "failed", "cancelled"), 120, "job")
     out = server.get(ws["id"])
     assert out["status"] == "completed", out
-    video, plain_video = out["outputs"][0], out["outputs"][0].split("?")[0]
+    video, plain_video = out["outputs"][0], _without_token(out["outputs"][0])
+    assert video.endswith("/output.mp4")
     r = httpx.get(video)  # the way the hosted APIs' clients download results: no Authorization header
     assert r.status_code == 200 and r.content[4:8] == b"ftyp"
     assert httpx.get(plain_video, headers=AUTH).status_code == 200
