@@ -248,7 +248,7 @@ class Core:
         self.data_dir = settings.data_dir.resolve()
         self._keys = [k.encode() for k in settings.api_keys]
         self._depth: tuple[float, int] = (-1e9, 0)
-        self._file_secret: bytes | None = None
+        self._file_secret: bytes | None = self._load_file_secret() if settings.auth_enabled else None
 
     # -- auth & URLs --
 
@@ -284,15 +284,21 @@ class Core:
         return hmac.new(self._file_secret, msg, hashlib.sha256).hexdigest()[:40]
 
     def _load_file_secret(self) -> bytes:
+        """Read the data dir's secret, creating it atomically (written aside, then hard-linked into place) so
+        concurrent API processes never read a half-written one."""
         path = self.data_dir / "file-url.secret"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_bytes()
-        with os.fdopen(fd, "wb") as f:
-            secret = secrets.token_bytes(32)
-            f.write(secret)
-        return secret
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won; use its secret
+            finally:
+                tmp.unlink()
+        return path.read_bytes()
 
     def _file_owner(self, kind: str, ident: str) -> tuple[bool, str | None]:
         """(exists, owner) of the job (outputs) or upload a served file belongs to."""

@@ -202,7 +202,7 @@ def test_official_sdk_upload_and_run(server):
     video = httpx.get(out["outputs"][0], timeout=30)
     assert video.status_code == 200 and video.content[4:8] == b"ftyp" and len(out["outputs"]) == 1
     # huggingface_hub's provider: poll the path of urls.get, accept only the four statuses, download outputs[0]
-    jid = out["outputs"][0].split("/")[-2]
+    jid = out["outputs"][0].split("/files/outputs/")[1].split("/")[0]  # …/<id>/<token>/output.mp4 with keys
     full = client.get_result(jid)
     data = full["data"]
     assert data["status"] == "completed" and data["has_nsfw_contents"] == [False]
