@@ -292,3 +292,19 @@ def test_databases_without_the_owner_column_are_migrated(tmp_path):
     assert new.insert_job(dialect="fal", model="m", spec={}, owner="ab" * 32).owner == "ab" * 32
     new.create_all()  # idempotent
     new.dispose()
+
+
+def test_both_data_uri_decoders_read_percent_encoding_as_bytes(tmp_path):
+    """The CLI's decoder (vace_local.inputs) and the server's (server.inputs) share one set of rules."""
+    from server.inputs import decode_data_uri as server_decode
+    from vace_local.errors import InputError
+    from vace_local.inputs import decode_data_uri as cli_decode
+
+    raw = bytes(range(256))
+    uri = "data:application/octet-stream," + quote_from_bytes(raw)
+    assert server_decode(uri, "video", 256) == raw
+    assert cli_decode(uri, tmp_path / "x", "video", 256).read_bytes() == raw
+    plain = "data:text/plain," + "A" * 300  # 300 decoded bytes; 300 * 3/4 = 225 passed the old check
+    for decode in (lambda: server_decode(plain, "video", 256), lambda: cli_decode(plain, tmp_path / "y", "video", 256)):
+        with pytest.raises(InputError, match="larger than the 256 byte limit"):
+            decode()
