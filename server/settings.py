@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     #: Accepted API keys (comma-separated in env). Empty: no auth and the server binds to localhost only.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: With keys configured, every route but /health needs one; these open /metrics and the docs
+    #: (/docs, /redoc, /openapi.json) to callers without a key.
+    public_metrics: bool = False
+    public_docs: bool = False
     #: Base of every URL we hand out (outputs, uploads, urls.get); default: derived from each request.
     public_base_url: str | None = None
     #: Hosts / IPs / CIDRs that input URLs and webhooks may reach even when they are private or loopback.

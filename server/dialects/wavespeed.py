@@ -30,6 +30,7 @@ from server.core import (
     JobRecord,
     get_core,
     iso_time,
+    request_owner,
     require_auth,
     validation_error,
 )
@@ -111,6 +112,11 @@ class WanVaceInput(BaseModel):
         return [x for x in v if not (isinstance(x, str) and not x.strip())] if isinstance(v, list) else v
 
 
+def field_names_for(inp: WanVaceInput) -> dict[str, str]:
+    """FIELD_NAMES plus the slot `image` takes in reference_images, so its errors say `image`, not `images[N]`."""
+    return {**FIELD_NAMES, f"reference_images[{len(inp.images)}]": "image"} if inp.image else FIELD_NAMES
+
+
 def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     """Map WaveSpeed's fields onto the JobSpec; returns the spec and log lines about adjustments."""
     notes: list[str] = []
@@ -148,7 +154,7 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
                              reference_images=refs, first_image=inp.first_image, last_image=inp.last_image),
         )
     except ValidationError as e:
-        raise validation_error(e, FIELD_NAMES) from None
+        raise validation_error(e, field_names_for(inp)) from None
     return spec, notes
 
 
@@ -223,8 +229,8 @@ router = APIRouter(prefix="/api/v3", tags=[NAME])
 authed = [Depends(require_auth)]
 
 
-def _job_or_404(core: Core, request_id: str) -> JobRecord:
-    job = core.get_job(request_id)
+def _job_or_404(core: Core, request_id: str, request: Request) -> JobRecord:
+    job = core.get_job(request_id, owner=request_owner(request))
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"prediction '{request_id}' not found", error_type="not_found")
     return job
@@ -232,7 +238,7 @@ def _job_or_404(core: Core, request_id: str) -> JobRecord:
 
 @router.get("/predictions/{request_id}/result", dependencies=authed, summary="Get a prediction's result")
 def get_result(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
-    job = _job_or_404(core, request_id)
+    job = _job_or_404(core, request_id, request)
     return envelope(render_data(job, core, core.base_url(request)))
 
 
@@ -243,8 +249,8 @@ def get_prediction(request_id: str, request: Request, core: Core = Depends(get_c
 
 @router.post("/predictions/{request_id}/cancel", dependencies=authed, summary="Cancel a prediction")
 def cancel_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
-    _job_or_404(core, request_id)
-    job = core.cancel_job(request_id)
+    _job_or_404(core, request_id, request)
+    job = core.cancel_job(request_id, request_owner(request))
     assert job is not None
     return envelope(render_data(job, core, core.base_url(request)))
 
@@ -253,7 +259,7 @@ def _upload_data(core: Core, request: Request, info: Any) -> dict[str, Any]:
     base = core.base_url(request)
     return {
         "type": info.media_kind or "file",
-        "download_url": core.file_url(base, "uploads", info.id, info.filename),
+        "download_url": core.file_url(base, "uploads", info.id, info.filename, request_owner(request)),
         "filename": info.filename,
         "size": info.size,
     }
@@ -272,7 +278,8 @@ async def upload_binary(request: Request, file: UploadFile | str | None = File(N
         while chunk := await file.read(1 << 20):
             yield chunk
 
-    info = await core.save_upload(chunks(), file.filename or "upload", file.content_type)
+    info = await core.save_upload(chunks(), file.filename or "upload", file.content_type,
+                                  owner=request_owner(request))
     return envelope(_upload_data(core, request, info))
 
 
@@ -285,7 +292,7 @@ class UploadTicketRequest(BaseModel):
 @router.post("/media/uploads", dependencies=authed, summary="Create an upload URL (then PUT the bytes)")
 def create_upload(body: UploadTicketRequest, request: Request,
                   core: Core = Depends(get_core)) -> dict[str, Any]:
-    info = core.create_upload_ticket(body.filename, body.size, body.content_type)
+    info = core.create_upload_ticket(body.filename, body.size, body.content_type, request_owner(request))
     base = core.base_url(request)
     headers = {"Content-Type": body.content_type} if body.content_type else {}
     data = _upload_data(core, request, info)
@@ -319,8 +326,8 @@ async def submit(body: WanVaceInput, request: Request, webhook: str | None = Que
             raw[k] = [x[:64] + "…" if x.startswith("data:") else x for x in v]
     base = core.base_url(request)
     job = await core.create_job_async(
-        spec, dialect=NAME, model_id=MODEL_ID, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
-        logs=notes,
+        spec, dialect=NAME, model_id=MODEL_ID, base_url=base, webhook_url=webhook, field_names=field_names_for(body),
+        logs=notes, owner=request_owner(request),
         extra={"input": raw, "enable_base64_output": body.enable_base64_output},
     )
     if body.enable_sync_mode:
