@@ -1,0 +1,186 @@
+"""One job over several ranks (gloo on loopback, tiny model, fp32): CFG-parallel, Ulysses and both give the
+frames of one process; cancel stops every rank at the same step; a killed rank fails the job with a reason."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from vace_local.bundle import ControlBundle
+from vace_local.engine import Engine, EngineOptions
+from vace_local.errors import JobCancelled
+from vace_local.events import Progress
+from vace_local.parallel import Group, Layout
+from vace_local.spec import JobSpec
+
+# Smallest job the spec allows: 17 frames → 5 latent frames + 1 reference frame, 2×2 patches each = 24 tokens.
+F, H, W = 17, 32, 32
+STEPS = 3
+TOL = 1e-4
+
+
+def job(**kw: object) -> JobSpec:
+    base = dict(model="tiny", prompt="a cat in a boxing ring", width=W, height=H, num_frames=F,
+                num_inference_steps=STEPS, guidance_scale=5.0, seed=5)
+    base.update(kw)
+    return JobSpec(**base)
+
+
+def control_bundle() -> ControlBundle:
+    """A control video with a mask (left half kept) and one reference image."""
+    rng = np.random.default_rng(1)
+    masks = np.ones((F, H, W), dtype=np.float32)
+    masks[:, :, : W // 2] = 0.0
+    b = ControlBundle(frames=rng.random((F, H, W, 3), dtype=np.float32), masks=masks)
+    b.reference_images = [rng.random((H, W, 3), dtype=np.float32)]
+    return b
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    """The frames one process makes (float32 in [0, 1])."""
+    return Engine("tiny", EngineOptions(device="cpu")).generate_float(job(), control_bundle(), seed=5)
+
+
+def _group(layout: Layout) -> Iterator[Group]:
+    g = Group("tiny", EngineOptions(device="cpu"), layout, timeout_s=60.0)
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def _tokens_seen(group: Group) -> list[int]:
+    """Token counts the main and VACE blocks after the first see on rank 0 (shards when Ulysses is on)."""
+    seen: list[int] = []
+    t = group.engine.engine.pipe.transformer
+    t.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    t.vace_blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[2].shape[1]))
+    return seen
+
+
+def _check_equal(group: Group, reference: np.ndarray, tokens_per_rank: int, forwards: int) -> None:
+    seen = _tokens_seen(group)
+    out = group.engine.generate_float(job(), control_bundle(), seed=5)
+    diff = float(np.abs(out - reference).max())
+    print(f"{group.layout.as_dict()}: max abs diff {diff:.3g}")
+    assert out.shape == reference.shape and diff <= TOL
+    assert set(seen) == {tokens_per_rank}  # the work really was split
+    assert group.engine.last_run["forwards"] == forwards  # CFG parallel: one (paired) forward per step
+
+
+def _cancel_at_step_1(group: Group) -> None:
+    """Rank 0 cancels after step 1; if any rank kept denoising, the next job's collectives would not line up."""
+    steps: list[int] = []
+
+    def on_progress(p: Progress) -> None:
+        steps.append(p.step)
+
+    with pytest.raises(JobCancelled):
+        group.engine.generate_float(job(), control_bundle(), seed=5, on_progress=on_progress,
+                                    should_cancel=lambda: bool(steps))
+    assert steps == [1]
+    assert group.dead_rank() is None and group.engine.broken is None
+
+
+class TestCfgTwoRanks:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def group(cls) -> Iterator[Group]:
+        yield from _group(Layout(cfg=2, ulysses=1))
+
+    def test_same_frames_as_one_process(self, group: Group, reference: np.ndarray) -> None:
+        _check_equal(group, reference, tokens_per_rank=24, forwards=STEPS)
+
+
+class TestUlyssesTwoRanks:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def group(cls) -> Iterator[Group]:
+        yield from _group(Layout(cfg=1, ulysses=2))
+
+    def test_same_frames_as_one_process(self, group: Group, reference: np.ndarray) -> None:
+        _check_equal(group, reference, tokens_per_rank=12, forwards=2 * STEPS)
+
+    def test_cancel_stops_every_rank_and_the_next_job_runs(self, group: Group, reference: np.ndarray) -> None:
+        _cancel_at_step_1(group)
+        out = group.engine.generate_float(job(), control_bundle(), seed=5)
+        assert float(np.abs(out - reference).max()) <= TOL
+
+    def test_size_that_does_not_shard_is_refused_by_name(self, group: Group) -> None:
+        from vace_local.errors import InputError
+
+        # 16x16 has one patch per latent frame: 5 tokens cannot be split over 2 ranks.
+        spec = job(width=16, height=16)
+        bundle = ControlBundle.blank(F, 16, 16)
+        with pytest.raises(InputError, match="sequence-parallel") as err:
+            group.engine.generate_float(spec, bundle, seed=5)
+        assert err.value.field == "width"
+        assert group.engine.broken is None  # refused before any rank started
+
+    def test_killed_rank_fails_the_job_with_a_reason(self, group: Group) -> None:
+        victim = group.procs[0]
+
+        def kill_rank_1(p: Progress) -> None:
+            if p.step == 1:
+                os.kill(victim.pid, signal.SIGKILL)
+
+        t = time.monotonic()
+        with pytest.raises(Exception) as err:  # noqa: PT011 - gloo's error type varies by torch version
+            group.engine.generate_float(job(), control_bundle(), seed=5, on_progress=kill_rank_1)
+        took = time.monotonic() - t
+        assert not isinstance(err.value, JobCancelled)
+        print(f"killed rank: job failed after {took:.1f} s with {type(err.value).__name__}: {err.value}"[:300])
+        assert took < 45, f"a dead rank took {took:.0f} s to fail the job"
+        victim.join(timeout=5)
+        assert group.dead_rank() == "rank 1 exited (exit code -9)"
+        assert group.engine.broken and "rank 0 failed mid-job" in group.engine.broken
+        with pytest.raises(RuntimeError, match="broken"):  # no further job on a broken group
+            group.engine.generate_float(job(), control_bundle(), seed=5)
+
+
+class TestCfgTimesUlyssesFourRanks:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def group(cls) -> Iterator[Group]:
+        yield from _group(Layout(cfg=2, ulysses=2))
+
+    def test_same_frames_as_one_process(self, group: Group, reference: np.ndarray) -> None:
+        _check_equal(group, reference, tokens_per_rank=12, forwards=STEPS)
+
+    def test_cancel_stops_every_rank(self, group: Group) -> None:
+        _cancel_at_step_1(group)
+
+
+def test_default_layouts() -> None:
+    assert Layout.for_ranks(1) == Layout(1, 1)
+    assert Layout.for_ranks(2) == Layout(2, 1)
+    assert Layout.for_ranks(8) == Layout(2, 4)
+    assert Layout.for_ranks(3) == Layout(1, 3)
+    assert Layout.for_ranks(4, cfg=False) == Layout(1, 4)
+    with pytest.raises(ValueError, match="cfg parallel degree"):
+        Layout(cfg=4)
+
+
+@pytest.mark.gpu
+def test_two_gpus_match_one_gpu() -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    opts = EngineOptions(device="cuda:0", dtype="fp32")
+    ref = Engine("tiny", opts).generate_float(job(), control_bundle(), seed=5)
+    for layout in (Layout(cfg=2), Layout(ulysses=2)):
+        g = Group("tiny", opts, layout, devices=["cuda:0", "cuda:1"])
+        try:
+            out = g.engine.generate_float(job(), control_bundle(), seed=5)
+        finally:
+            g.close()
+        diff = float(np.abs(out - ref).max())
+        print(f"{layout.as_dict()} on 2 GPUs: max abs diff {diff:.3g}")
+        assert diff <= 1e-3  # TF32 / kernel choice may differ per shard shape on GPU
