@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +185,40 @@ def test_two_gpus_match_one_gpu() -> None:
         diff = float(np.abs(out - ref).max())
         print(f"{layout.as_dict()} on 2 GPUs: max abs diff {diff:.3g}")
         assert diff <= 1e-3  # TF32 / kernel choice may differ per shard shape on GPU
+
+
+def _follower_pids(worker_pid: int) -> list[int]:
+    """The worker's child processes that are ranks (not multiprocessing's resource tracker)."""
+    kids = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+    return [int(k) for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_server_runs_jobs_on_a_two_rank_group_and_restarts_it_when_a_rank_dies(tmp_path: Path) -> None:
+    from tests.test_server_live import LiveServer, _generating, _terminal
+
+    srv = LiveServer(tmp_path / "data", Path(os.environ["VACE_CACHE_DIR"]),
+                     extra_env={"VACE_GPUS_PER_JOB": "2"}).start(ready_timeout=240)
+    try:
+        first = srv.submit({"prompt": "a group job", "num_inference_steps": 2, "seed": 1})
+        row = srv.wait(first["id"], _terminal, timeout=180, what="first job")
+        assert row["status"] == "succeeded", row
+        [worker] = srv.worker_pids()
+        [follower] = _follower_pids(worker)
+
+        long = srv.submit({"prompt": "a long job", "num_inference_steps": 40})
+        srv.wait(long["id"], _generating, timeout=120, what="long job generating")
+        t = time.monotonic()
+        os.kill(follower, signal.SIGKILL)
+        row = srv.wait(long["id"], _terminal, timeout=60, what="long job failing")
+        took = time.monotonic() - t
+        print(f"server: a killed rank failed the job in {took:.1f} s: {row['error']}")
+        assert row["status"] == "failed" and "rank 1 exited (exit code -9)" in row["error"], row
+        assert took < 20
+
+        after = srv.submit({"prompt": "after the restart", "num_inference_steps": 2, "seed": 2})
+        row = srv.wait(after["id"], _terminal, timeout=240, what="job on the restarted group")
+        assert row["status"] == "succeeded", row
+        assert srv.worker_pids() != [worker]  # the group was restarted
+    finally:
+        srv.stop()

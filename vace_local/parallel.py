@@ -349,7 +349,6 @@ class RankArgs:
     devices: tuple[str, ...]  # one per rank
     leader_pid: int
     timeout_s: float = 120.0
-    env: tuple[tuple[str, str], ...] = ()
 
 
 def _load(args: RankArgs) -> GroupEngine:
@@ -365,8 +364,6 @@ def _load(args: RankArgs) -> GroupEngine:
 
 def follower_main(args: RankArgs) -> None:
     """Entry point of ranks 1..n-1 (multiprocessing 'spawn')."""
-    for k, v in args.env:
-        os.environ[k] = v
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank} %(levelname)s %(message)s")
     if not args.devices[args.rank].startswith("cuda"):
         import torch
@@ -393,8 +390,7 @@ class Group:
         if len(devices) != layout.world:
             raise ValueError(f"{layout.world} ranks need {layout.world} devices, got {len(devices)}")
         port = free_port()
-        env = tuple((k, os.environ[k]) for k in ("HF_HUB_OFFLINE", "HF_HOME", "VACE_CACHE_DIR") if k in os.environ)
-        base = RankArgs(0, layout, port, model, options, tuple(devices), os.getpid(), timeout_s, env)
+        base = RankArgs(0, layout, port, model, options, tuple(devices), os.getpid(), timeout_s)
         ctx = mp.get_context("spawn")
         self.procs = []
         for r in range(1, layout.world):
@@ -403,6 +399,19 @@ class Group:
             p.start()
             self.procs.append(p)
         self.engine = _load(base)
+
+    @classmethod
+    def for_worker(cls, model: str, options: Any, ranks: int, *, cfg: bool = True) -> Group:
+        """The server worker's group: `ranks` CUDA devices (all visible to this process) or gloo CPU ranks."""
+        devices = [f"cuda:{i}" for i in range(ranks)] if options.device.startswith("cuda") else ["cpu"] * ranks
+        return cls(model, options, Layout.for_ranks(ranks, cfg=cfg), devices)
+
+    def wait_dead_rank(self, timeout: float) -> str | None:
+        """`dead_rank()`, waiting up to `timeout` s for it (a peer's socket error can come before its exit)."""
+        deadline = time.monotonic() + timeout
+        while (reason := self.dead_rank()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return reason
 
     def dead_rank(self) -> str | None:
         """'rank k exited (...)' for the first follower that is gone, else None."""
