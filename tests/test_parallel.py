@@ -222,3 +222,18 @@ def test_server_runs_jobs_on_a_two_rank_group_and_restarts_it_when_a_rank_dies(t
         assert srv.worker_pids() != [worker]  # the group was restarted
     finally:
         srv.stop()
+
+
+def test_supervisor_plans_gpu_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.supervisor import plan_workers
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert plan_workers("auto") == [str(i) for i in range(8)]
+    assert plan_workers("auto", 2) == ["0,1", "2,3", "4,5", "6,7"]
+    assert plan_workers("auto", 8) == ["0,1,2,3,4,5,6,7"]
+    assert plan_workers("auto", 3) == ["0,1,2", "3,4,5"]  # two GPUs left idle (logged)
+    assert plan_workers("1", 4) == ["0,1,2,3"]
+    with pytest.raises(ValueError, match="only 8 GPU"):
+        plan_workers("auto", 16)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert plan_workers("auto", 2) == [None]  # CPU: one worker, which runs gloo ranks

@@ -349,6 +349,9 @@ class RankArgs:
     devices: tuple[str, ...]  # one per rank
     leader_pid: int
     timeout_s: float = 120.0
+    #: Build this `vace_local.synthetic` architecture (random weights, same seed on every rank) instead of
+    #: loading `model` (the benchmark).
+    synthetic: str | None = None
 
 
 def _load(args: RankArgs) -> GroupEngine:
@@ -358,7 +361,16 @@ def _load(args: RankArgs) -> GroupEngine:
 
     device = args.devices[args.rank]
     ctx = init_rank(args.rank, args.layout, args.port, device=device, timeout_s=args.timeout_s)
-    engine = Engine(args.model, replace(args.options, device=device))
+    options = replace(args.options, device=device)
+    if args.synthetic:
+        import torch
+
+        from vace_local.synthetic import build_pipeline
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(options.dtype)
+        engine = Engine.from_pipeline(build_pipeline(args.synthetic, device, dtype), args.model, options)
+    else:
+        engine = Engine(args.model, options)
     return GroupEngine(engine, ctx)
 
 
@@ -382,7 +394,7 @@ class Group:
     """Rank 0 in this process, ranks 1..n-1 as child processes; `engine` runs jobs on all of them."""
 
     def __init__(self, model: str, options: Any, layout: Layout, devices: list[str] | None = None, *,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, synthetic: str | None = None) -> None:
         import multiprocessing as mp
 
         self.layout = layout
@@ -390,7 +402,7 @@ class Group:
         if len(devices) != layout.world:
             raise ValueError(f"{layout.world} ranks need {layout.world} devices, got {len(devices)}")
         port = free_port()
-        base = RankArgs(0, layout, port, model, options, tuple(devices), os.getpid(), timeout_s)
+        base = RankArgs(0, layout, port, model, options, tuple(devices), os.getpid(), timeout_s, synthetic)
         ctx = mp.get_context("spawn")
         self.procs = []
         for r in range(1, layout.world):
