@@ -287,6 +287,7 @@ class GroupEngine:
                        on_progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
                        decode: bool = True) -> np.ndarray | None:
         """Rank 0: check the job, hand it to every rank, run it together; returns rank 0's frames."""
+        import torch
         import torch.distributed as dist
 
         if not self.ctx.is_leader:
@@ -299,7 +300,7 @@ class GroupEngine:
         self.ctx.store.set(_JOB_KEY.format(self.jobs), b"job")
         self.jobs += 1
         payload = [pickle.dumps((spec.model_dump_json(), bundle, seed))]
-        dist.broadcast_object_list(payload, src=0)
+        dist.broadcast_object_list(payload, src=0, device=torch.device("cpu"))  # gloo, also beside NCCL
         return self._run(spec, bundle, seed, on_progress, should_cancel)
 
     def generate(self, spec: JobSpec, bundle: ControlBundle, *, seed: int, on_progress: ProgressFn = no_progress,
@@ -314,6 +315,7 @@ class GroupEngine:
     def serve(self, parent_alive: Any = None) -> None:
         """Follower loop: wait for rank 0's next job (polling the store, so idling never hits a collective
         timeout), run it, repeat until told to stop. A failure mid-job exits the process (see module doc)."""
+        import torch
         import torch.distributed as dist
 
         while True:
@@ -327,7 +329,7 @@ class GroupEngine:
             if self.ctx.store.get(key) == b"stop":
                 return
             payload: list[Any] = [None]
-            dist.broadcast_object_list(payload, src=0)
+            dist.broadcast_object_list(payload, src=0, device=torch.device("cpu"))
             spec_json, bundle, seed = pickle.loads(payload[0])
             try:
                 self._run(JobSpec.model_validate_json(spec_json), bundle, seed, no_progress, never_cancel)
