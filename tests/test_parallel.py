@@ -60,11 +60,15 @@ def _record_latents(engine: Engine) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[np.ndarray, object]:
+def single() -> Engine:
+    return Engine("tiny", EngineOptions(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def reference(single: Engine) -> tuple[np.ndarray, object]:
     """The frames (float32 in [0, 1]) and final latents one process makes."""
-    engine = Engine("tiny", EngineOptions(device="cpu"))
-    latents = _record_latents(engine)
-    frames = engine.generate_float(job(), control_bundle(), seed=5)
+    latents = _record_latents(single)
+    frames = single.generate_float(job(), control_bundle(), seed=5)
     return frames, latents[-1]
 
 
@@ -180,6 +184,16 @@ class TestCfgTimesUlyssesFourRanks:
 
     def test_cancel_stops_every_rank(self, group: Group) -> None:
         _cancel_at_step_1(group)
+
+    def test_step_cache_skips_the_same_steps_on_every_rank(self, group: Group, single: Engine) -> None:
+        # Every rank decides skips from the same gathered predictions; one rank skipping alone would deadlock.
+        spec = job(num_inference_steps=8, step_cache_threshold=0.5)
+        want = single.generate_float(spec, control_bundle(), seed=5)
+        skipped = single.last_run["skipped_step_indices"]
+        assert skipped  # the threshold is high enough to skip on this job
+        got = group.engine.generate_float(spec, control_bundle(), seed=5)
+        assert group.engine.last_run["skipped_step_indices"] == skipped
+        assert float(np.abs(got - want).max()) <= TOL
 
 
 def test_default_layouts() -> None:
