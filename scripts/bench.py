@@ -10,6 +10,8 @@ text encoder on every call, no compile) as a ratio.
     .venv/bin/python scripts/bench.py --model 14b --out bench-14b.json
     # CI / CPU smoke run of the same harness on the tiny model:
     .venv/bin/python scripts/bench.py --tiny --out bench-tiny.json
+    # one job over N GPUs (CFG × Ulysses layouts, vace_local.parallel) against one GPU, on a multi-GPU box:
+    .venv/bin/python scripts/bench.py --model 14b --gpus 8 --modes bf16 --out bench-8gpu.json
 
 Per-step time is the median interval between step callbacks after the first (warm-up) step; the 30-step
 end-to-end figure is text + VAE encode + 30 × step + VAE decode from those measurements (`e2e_est_s`).
@@ -415,6 +417,47 @@ def load_previous(path: Path) -> dict[str, Any] | None:
     return prev
 
 
+def group_layouts(n: int) -> list[Any]:
+    """Layouts worth timing on n ranks: CFG × Ulysses (the default) and Ulysses only."""
+    from vace_local.parallel import Layout
+
+    layouts = [Layout.for_ranks(n), Layout.for_ranks(n, cfg=False)]
+    return list(dict.fromkeys(layouts))
+
+
+def bench_group(layout: Any, size_name: str, wh_f: tuple[int, int, int], args: argparse.Namespace,
+                device: str) -> dict[str, Any]:
+    """Seconds per step of one job split over `layout.world` ranks (GPUs 0..n-1; gloo ranks on CPU)."""
+    from vace_local.engine import EngineOptions
+    from vace_local.parallel import Group
+    from vace_local.spec import JobSpec
+
+    w, h, f = wh_f
+    name = f"parallel_cfg{layout.cfg}_u{layout.ulysses}"
+    rec: dict[str, Any] = {"mode": name, "model": size_name, "size": f"{w}x{h}x{f}", "layout": layout.as_dict()}
+    cuda = device.startswith("cuda")
+    devices = [f"cuda:{i}" for i in range(layout.world)] if cuda else ["cpu"] * layout.world
+    group = Group(f"synthetic-{size_name}", EngineOptions(device=devices[0], dtype=args.dtype, offload="none",
+                                                          vae_tiling=False),
+                  layout, devices, synthetic=size_name, timeout_s=600.0)
+    try:
+        spec = JobSpec(model="bench", prompt=PROMPT, width=w, height=h, num_frames=f, seed=0,
+                       num_inference_steps=args.steps, guidance_scale=5.0)
+        bundle = make_bundle(w, h, f)
+        group.engine.generate(spec.model_copy(update={"num_inference_steps": 1}), bundle, seed=0)  # warm-up
+        timer = StepTimer(device)
+        t = time.perf_counter()
+        group.engine.generate(spec, bundle, seed=0, on_progress=lambda p: timer.mark())
+        rec["generate_wall_s"] = round(time.perf_counter() - t, 3)
+        s = timer.s_per_step
+        rec["s_per_step"] = round(s, 4) if s else None
+        rec["attention"] = group.engine.attention.name
+        rec["peak_vram_gib"] = peak_gib(device)  # rank 0's
+    finally:
+        group.close()
+    return rec
+
+
 def table(records: list[dict[str, Any]]) -> str:
     cols = [("model", "model"), ("size", "size"), ("mode", "mode"), ("s_per_step", "s/step"),
             ("ratio_vs_stock", "×stock"), ("tflops", "TFLOP/s"), ("frac_peak", "%peak"),
@@ -456,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall-clock budget: skip a mode whose estimate would not finish inside it")
     p.add_argument("--require-cuda", action="store_true",
                    help="exit 2 at once without CUDA (also with VACE_REQUIRE_CUDA=1)")
+    p.add_argument("--gpus", type=int, default=1, help="also time one job split over N GPUs (CFG × Ulysses and "
+                                                       "Ulysses-only layouts; gloo ranks on CPU)")
     args = p.parse_args(argv)
     started = time.monotonic()
 
@@ -549,6 +594,16 @@ def main(argv: list[str] | None = None) -> int:
                 rec["slowdown_vs_resident"] = round(rec["s_per_step"] / resident["s_per_step"], 3)
             put(rec)
             print(json.dumps({k: v for k, v in rec.items() if k != "traceback"}), flush=True)
+            save()
+        resident = done("bf16", size)
+        for layout in group_layouts(args.gpus) if args.gpus > 1 else []:
+            t = time.perf_counter()
+            rec = {"run": len(result["runs"]) - 1, **bench_group(layout, args.model, (w, h, f), args, device)}
+            rec["bench_wall_s"] = round(time.perf_counter() - t, 1)
+            if resident and resident.get("s_per_step") and rec.get("s_per_step"):
+                rec["speedup_vs_1_gpu"] = round(resident["s_per_step"] / rec["s_per_step"], 3)
+            put(rec)
+            print(json.dumps(rec), flush=True)
             save()
     save()
     print(result["table"])

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     cfg_batch: bool = False
     compile: bool = False
     fp8: Literal["none", "storage", "linear"] = "none"
+    #: Ranks per job (vace_local.parallel): each worker is a group of this many GPUs (CPU: gloo ranks) that runs
+    #: one job at a time, split CFG-parallel (when even and `cfg_parallel`) × Ulysses sequence-parallel.
+    gpus_per_job: int = Field(1, ge=1, le=64)
+    cfg_parallel: bool = True
     #: LoRAs fused at load, `PATH[:scale[:steps[:guidance[:shift]]]]` (comma-separated in env).
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: TEST/LAPTOP ONLY, effective only with `model=tiny`: cap width/height (keeping aspect) and frame count

@@ -31,6 +31,7 @@ log = logging.getLogger("vace.worker")
 
 EXIT_LOAD_FAILED = 3
 EXIT_RESTART = 4
+EXIT_GROUP_FAILED = 6
 #: Fraction of overall progress at the start of each stage; `generate` spans the steps.
 _STAGE_START = {"load": 0.0, "fetch": 0.02, "preprocess": 0.05, "generate": 0.1, "encode": 0.95, "done": 1.0}
 
@@ -54,6 +55,8 @@ class Worker:
         self.current: JobRecord | None = None
         self.shutdown = threading.Event()
         self.engine: Any = None
+        self.group: Any = None  # vace_local.parallel.Group when gpus_per_job > 1 (this process is rank 0)
+        self._group_lock = threading.Lock()
         self._last_cancel_check = 0.0
         self._cancel_cached = False
 
@@ -101,11 +104,38 @@ class Worker:
         self.store.upsert_worker(self.id, pid=os.getpid(), status="loading",
                                  message=f"loading {self.settings.model}")
         device = "cuda" if self.args.gpu is not None else "cpu"
-        self.engine = get_engine(self.settings.model, self.settings.engine_options(device))
+        if self.settings.gpus_per_job > 1:
+            from vace_local.parallel import Group
+
+            self.group = Group.for_worker(self.settings.model, self.settings.engine_options(device),
+                                          self.settings.gpus_per_job, cfg=self.settings.cfg_parallel)
+            self.engine = self.group.engine
+            threading.Thread(target=self._watch_group, daemon=True, name="group-watch").start()
+        else:
+            self.engine = get_engine(self.settings.model, self.settings.engine_options(device))
         desc = self.engine.describe()
         msg = "tiny random-weight model loaded (outputs are noise)" if self.engine.is_tiny else "model loaded"
         self.store.upsert_worker(self.id, status="ready", message=msg, info={"engine": desc, **self._gpu_info()})
         log.info("worker %s ready: %s", self.id, desc)
+
+    def _watch_group(self) -> None:
+        while not self.shutdown.is_set():
+            reason = self.group.dead_rank()
+            if reason:
+                self._group_failed(reason)
+            time.sleep(0.25)
+
+    def _group_failed(self, reason: str) -> None:
+        """A rank is gone or out of step: fail the running job with the reason, exit so the group restarts."""
+        with self._group_lock:  # the watcher and the job thread may both get here; the first one exits
+            msg = f"the parallel group failed: {reason}"
+            job = self.current
+            if job is not None:
+                self.store.finish_job(job.id, self.id, status=FAILED, error=msg, error_type="internal_error")
+                self.store.add_log(job.id, f"{FAILED}: {msg}", level="error", source="worker")
+            self.store.upsert_worker(self.id, status="dead", message=msg)
+            log.error("%s; restarting the group", msg)
+            os._exit(EXIT_GROUP_FAILED)
 
     def run_forever(self) -> None:
         idle = 0.05
@@ -240,6 +270,8 @@ class Worker:
                 return
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
+            if self.group is not None and self.group.engine.broken:  # peers are out of step: restart the group
+                self._group_failed(self.group.wait_dead_rank(2.0) or self.group.engine.broken)
             failure = map_exception(exc, fields)
             if failure.error_type == "internal_error":
                 log.exception("job %s failed", job.id)
