@@ -119,10 +119,15 @@ def test_reference_images_change_output_and_order_matters(engine: Engine) -> Non
     two.reference_images[1][:] = 0.0
     swapped = control_bundle(refs=2)
     swapped.reference_images = list(reversed(two.reference_images))
-    a, b = gen(engine, spec(), two), gen(engine, spec(), swapped)
+    a = gen(engine, spec(), two)
     assert a.shape == none.shape == (F, H, W, 3)  # reference frames are stripped from the output
     assert not np.array_equal(none, a)
-    assert not np.array_equal(a, b)
+    # Order reaches the output: compared before uint8 quantisation, because the tiny random model's response
+    # to a swap is far below 1/255 (about 1e-6 with transformers 5.24); the order the model is *given* is
+    # checked exactly in the latents by test_reference_latents_are_prepended_in_user_order.
+    fa = engine.generate_float(spec(), two, seed=spec().seed)
+    fb = engine.generate_float(spec(), swapped, seed=spec().seed)
+    assert not np.array_equal(fa, fb)
 
 
 def _capture_control(engine: Engine, bundle: ControlBundle) -> torch.Tensor:

@@ -221,7 +221,7 @@ def test_health_and_ready_answer_while_slow_url_submits_pend(api):
         with HealthProbe(api.base) as probe:
             for _ in range(5):
                 t = time.perf_counter()
-                code = httpx.get(api.base + "/ready", timeout=60).status_code
+                code = httpx.get(api.base + "/ready", timeout=60, headers={"Authorization": f"Key {KEY}"}).status_code
                 ready.append(time.perf_counter() - t)
                 assert code == 200
                 time.sleep(0.3)

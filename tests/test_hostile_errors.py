@@ -146,9 +146,11 @@ def test_control_characters_in_ids_never_reach_a_header(server):
 
 def test_unknown_paths_are_404_and_real_routes_keep_their_answers(server):
     b = server.base
-    for method, path in (("GET", "/"), ("GET", "/nope"), ("DELETE", "/nope"), ("PUT", "/files")):
+    for method, path in (("GET", "/nope"), ("DELETE", "/nope"), ("PUT", "/files")):
         r = httpx.request(method, f"{b}{path}", headers=AUTH)
         assert r.status_code == 404 and r.json()["error_type"] == "not_found", (method, path, r.text)
+    r = httpx.get(f"{b}/", headers=AUTH)  # the playground's public entry point
+    assert r.status_code == 307 and r.headers["location"].endswith("/playground")
     assert "not found" in _ws_error(httpx.get(f"{b}/api/v3/nope", headers=AUTH), 404)
     assert "not found" in str(_fal_error(httpx.post(f"{b}/nope", json={}, headers=AUTH), 404))
     assert "not found" in str(_fal_error(httpx.get(f"{b}{FAL}", headers=AUTH), 404))  # fal's own 404
@@ -205,7 +207,7 @@ def test_every_route_but_health_needs_a_key(server):
     jid = "0" * 32
     probes = [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/ready"), ("GET", "/metrics"),
               ("GET", f"/files/outputs/{jid}/output.mp4"), ("HEAD", f"/files/uploads/{jid}/a.png"),
-              ("GET", "/"), ("GET", "/nope"),
+              ("GET", "/nope"),
               ("POST", WS), ("GET", f"/api/v3/predictions/{jid}"), ("GET", f"/api/v3/predictions/{jid}/result"),
               ("POST", f"/api/v3/predictions/{jid}/cancel"), ("POST", "/api/v3/media/upload/binary"),
               ("POST", "/api/v3/media/uploads"),
@@ -217,6 +219,8 @@ def test_every_route_but_health_needs_a_key(server):
             r = httpx.request(method, f"{b}{path}", headers=headers, json={} if method in ("POST", "PUT") else None)
             assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
     assert httpx.get(f"{b}/health").status_code == 200
+    # the playground page is public by design (server.playground.PUBLIC_*): its API calls carry the key
+    assert httpx.get(f"{b}/playground").status_code == 200
     assert httpx.get(f"{b}/openapi.json", headers=AUTH_B).json()["info"]["title"] == "vace-local"
 
 

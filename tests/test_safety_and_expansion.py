@@ -229,7 +229,7 @@ def test_not_installed_is_honest_in_every_dialect(live, aux_models, monkeypatch)
     client = wavespeed.Client(api_key=KEY, base_url=live["base"])
     out = client.run("wavespeed-ai/wan-2.1-14b-vace", {"prompt": "a fox runs", "num_inference_steps": 2, "seed": 1},
                      timeout=240, poll_interval=0.2)
-    data = client.get_result(out["outputs"][0].split("/")[-2])["data"]
+    data = client.get_result(_job_id_of(out["outputs"][0]))["data"]
     assert data["status"] == "completed" and data["has_nsfw_contents"] == [None]
     assert NOT_INSTALLED in data["safety_checker"]
 
@@ -265,3 +265,9 @@ def test_not_installed_is_honest_in_every_dialect(live, aux_models, monkeypatch)
     assert body["meta"]["has_nsfw_concepts"] == [None] and NOT_INSTALLED in body["meta"]["safety_checker"]
     assert body["meta"]["prompt"] == expected
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # nothing was fetched to make this pass
+
+
+def _job_id_of(file_url: str) -> str:
+    """The job id in an output URL: `/files/outputs/<id>[/<token>]/<name>` (a token when keys are set)."""
+    parts = file_url.split("/")
+    return parts[parts.index("outputs") + 1]
