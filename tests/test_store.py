@@ -1,4 +1,5 @@
-"""Job store on a real SQLite file: atomic claims, queue positions, cancel, recovery, webhooks, retention."""
+"""Job store on a real SQLite file and a real PostgreSQL server: atomic claims, queue positions, cancel,
+recovery, webhooks, retention. Every test runs on both backends (`db_url` is parametrized)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ import pytest
 from server.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Store
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty database: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("pg_cluster").create_database()
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(db_url):
+    s = Store(db_url)
     s.create_all()
     yield s
     s.dispose()
@@ -23,8 +32,9 @@ def _job(store: Store, **kw) -> str:
 
 
 def test_wal_mode_and_roundtrip(store):
-    with store.engine.connect() as c:
-        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    if store.engine.dialect.name == "sqlite":
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     jid = _job(store, extra={"k": [1, 2]}, logs=["hello"])
     job = store.get_job(jid, with_logs=True)
     assert job.status == QUEUED and job.extra == {"k": [1, 2]} and job.spec == {"prompt": "x"}
@@ -41,8 +51,8 @@ def test_queue_positions_follow_priority_then_age(store):
     assert [store.queue_position(j) for j in (urgent, b, c)] == [0, 1, 2]
 
 
-def test_concurrent_claims_never_double_claim(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_concurrent_claims_never_double_claim(db_url):
+    url = db_url
     setup = Store(url)
     setup.create_all()
     ids = {_job(setup) for _ in range(30)}
