@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -85,7 +84,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
     store = Store(settings.db_url)
     store.create_all()
     core = Core(settings, store)
-    instance = uuid.uuid4().hex
+    instance = settings.instance
     dialects = load_dialects()
     renderers = {d.name: d.render_webhook for d in dialects if d.render_webhook is not None}
 

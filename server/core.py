@@ -538,9 +538,14 @@ class Core:
     # -- retention --
 
     def cleanup_expired(self) -> int:
-        """Delete finished jobs (and their outputs) and uploads older than the retention period."""
+        """Delete finished jobs (and their outputs) and uploads older than the retention period; with several
+        instances on one store, one of them at a time (the others skip this round)."""
         if not self.settings.retention_hours:
             return 0
+        with self.store.singleton("retention") as mine:
+            return self._cleanup_expired() if mine else 0
+
+    def _cleanup_expired(self) -> int:
         cutoff = time.time() - self.settings.retention_hours * 3600
         n = 0
         ids = self.store.expired_jobs(cutoff)

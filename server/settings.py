@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,8 +53,12 @@ class Settings(BaseSettings):
     cleanup_interval_s: float = Field(600.0, gt=0)
     #: How long `enable_sync_mode` / sync endpoints wait before answering with the timeout shape.
     sync_timeout_s: float = Field(600.0, gt=0)
-    #: A running job whose worker has not heart-beaten for this long is treated as orphaned.
+    #: A running job's lease: its worker's heartbeat renews it (every third of this, at most every 2 s); when
+    #: it runs out the job is orphaned and whichever server instance sees it first re-queues it.
     heartbeat_timeout_s: float = Field(60.0, gt=0)
+    #: This server's name in a store shared by several (its workers' rows, its jobs after a restart). Must be
+    #: unique per server and the same across its restarts; default: host name + a hash of data dir and port.
+    instance_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
     #: Threads for slow blocking work on the API process (submit-time downloads/probes, data-URI decodes,
     #: retention cleanup); /health and /ready never wait for them.
     slow_work_threads: int = Field(4, ge=1, le=64)
@@ -139,6 +145,15 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def instance(self) -> str:
+        """Stable across restarts (so a restarted server recovers its own jobs at once), distinct between
+        servers on one host (each has its own port or data dir)."""
+        if self.instance_id:
+            return self.instance_id
+        digest = hashlib.sha1(f"{self.data_dir.resolve()}:{self.port}".encode()).hexdigest()[:10]
+        return f"{socket.gethostname()[:48]}-{digest}"
 
     @property
     def auth_enabled(self) -> bool:

@@ -70,10 +70,11 @@ class Worker:
         while not self.shutdown.is_set():
             try:
                 job = self.current
-                self.store.worker_heartbeat(self.id, job.id if job else None, self._gpu_info())
+                self.store.worker_heartbeat(self.id, job.id if job else None, self._gpu_info(),
+                                            lease_s=self.settings.heartbeat_timeout_s)
             except Exception:  # noqa: BLE001 - a missed heartbeat is not fatal
                 log.exception("heartbeat failed")
-            self.shutdown.wait(2.0)
+            self.shutdown.wait(min(2.0, self.settings.heartbeat_timeout_s / 3))
 
     def _gpu_info(self) -> dict[str, Any]:
         if self.args.gpu is None or "torch" not in sys.modules:
@@ -110,7 +111,7 @@ class Worker:
     def run_forever(self) -> None:
         idle = 0.05
         while not self.shutdown.is_set():
-            job = self.store.claim_next(self.id)
+            job = self.store.claim_next(self.id, lease_s=self.settings.heartbeat_timeout_s)
             if job is None:
                 self.shutdown.wait(idle)
                 idle = min(idle * 1.5, 0.5)
