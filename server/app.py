@@ -10,7 +10,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -196,10 +203,24 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         except ValueError:
             raise ApiError(404, "file not found", error_type="not_found") from None
         if not path.is_file():
-            raise ApiError(404, "file not found", error_type="not_found")
+            return await _from_storage(f"{kind}/{ident}/{name}")
         with open(path, "rb") as f:
             media_type = safety.mime_of(safety.sniff(f.read(512)))
         return FileResponse(path, media_type=media_type)
+
+    async def _from_storage(key: str) -> Response:
+        """A file this box has no copy of (another box wrote it): streamed from the object store, or a redirect
+        to a presigned URL (`file_delivery`)."""
+        storage = core.storage
+        meta = await asyncio.to_thread(storage.stat, key) if storage.remote else None
+        if meta is None:
+            raise ApiError(404, "file not found", error_type="not_found")
+        if settings.file_delivery == "redirect":
+            url = await asyncio.to_thread(storage.presigned_url, key, settings.presign_ttl_s)
+            return RedirectResponse(url or "", status_code=307)
+        size, ctype = meta
+        return StreamingResponse(storage.stream(key), media_type=ctype or "application/octet-stream",
+                                 headers={"Content-Length": str(size)})
 
     for d in dialects:
         app.include_router(d.router)

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
@@ -79,6 +79,19 @@ class Settings(BaseSettings):
     max_attempts: int = Field(2, ge=1)
     webhook_max_attempts: int = Field(6, ge=1)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    # -- where uploads and outputs live (server/storage.py) --
+    #: `local`: the data dir (one box, or one directory every box mounts); `s3`: an S3-compatible bucket
+    #: (credentials from the usual AWS_* variables / config files), with every box on the same data dir path.
+    storage: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    #: e.g. `http://minio:9000` for MinIO; default: AWS S3.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    #: How `/files/…` serves a file this box has no copy of: `stream` it through the API, or `redirect` (307)
+    #: to a presigned URL of the object (valid `presign_ttl_s` seconds).
+    file_delivery: Literal["stream", "redirect"] = "stream"
+    presign_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     #: Also write control/mask preview videos beside each output.
     save_previews: bool = False
     ssl_certfile: Path | None = None
@@ -118,6 +131,12 @@ class Settings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("public_base_url must start with http:// or https://")
         return v
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> Settings:
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("storage=s3 needs s3_bucket (VACE_S3_BUCKET)")
+        return self
 
     @field_validator("workers")
     @classmethod

@@ -22,6 +22,7 @@ from typing import Any
 from server import inputs as safety
 from server.core import map_exception, user_field
 from server.settings import Settings
+from server.storage import key_of_path, make_storage
 from server.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, Store
 from vace_local.errors import InputError, JobCancelled
 from vace_local.events import Progress
@@ -51,6 +52,7 @@ class Worker:
         self.id = args.worker_id
         self.store = Store(settings.db_url)
         self.data_dir = settings.data_dir.resolve()
+        self.storage = make_storage(settings)
         self.current: JobRecord | None = None
         self.shutdown = threading.Event()
         self.engine: Any = None
@@ -177,7 +179,12 @@ class Worker:
                 return str(final)
             p = Path(value).resolve()
             if not p.is_relative_to(self.data_dir) or not p.is_file():
-                raise InputError(label, "file is not available on this server any more")
+                # stored by another box (object storage): fetched into this box's data dir, else gone
+                key = key_of_path(p) if self.storage.remote or p.is_relative_to(self.data_dir) else None
+                fetched = self.storage.fetch(key) if key else None
+                if fetched is None:
+                    raise InputError(label, "file is not available on this server any more")
+                p = fetched
             safety.check_file(p, label, kind)
             return str(p)
 
@@ -224,6 +231,8 @@ class Worker:
             info = {"seed": result.seed, "width": result.width, "height": result.height,
                     "num_frames": result.num_frames, "fps": result.fps, "model": result.model,
                     "tiny": result.tiny}
+            for o in outputs:  # written once, then any box can serve them
+                self.storage.publish(f"outputs/{job.id}/{o['file']}", o["content_type"])
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
             if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
                                      timings=timings):
