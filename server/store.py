@@ -196,6 +196,8 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 15}
             kwargs["pool_size"] = 16
             kwargs["max_overflow"] = 32
+        else:  # a server on the network restarts or fails over: test pooled connections before use
+            kwargs["pool_pre_ping"] = True
         self.engine: Engine = sa.create_engine(url, **kwargs)
         if is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -598,10 +600,12 @@ class Store:
             row = c.execute(workers.select().where(workers.c.id == worker_id)).first()
         return dict(row._mapping) if row else None
 
-    def delete_workers_of(self, instance: str) -> None:
-        """Forget the worker rows a previous run of this instance left; other instances' rows are theirs."""
+    def delete_workers_of(self, instance: str | None) -> None:
+        """Forget the worker rows a previous run of this instance left (None: every row, for a store with one
+        server); other instances' rows are theirs."""
+        q = workers.delete() if instance is None else workers.delete().where(workers.c.instance == instance)
         with self.engine.begin() as c:
-            c.execute(workers.delete().where(workers.c.instance == instance))
+            c.execute(q)
 
     # ---- stage statistics (Prometheus histograms, monotonic across restarts) --------------------------
 

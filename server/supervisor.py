@@ -6,7 +6,7 @@
   the store checks for expired leases and recovers those jobs (re-queued once, then failed), its own or
   another's; the conditional update makes exactly one recovery win. At start, an instance recovers at once
   only the jobs its own previous run left running (its id is stable across restarts); other instances'
-  running jobs and worker rows are never touched.
+  running jobs and worker rows are never touched. (On SQLite, one server per store, all of them.)
 * A worker that exits or stops heart-beating has its job re-queued once (then failed with the reason) and is
   restarted with exponential backoff. A worker that cannot load its model keeps /ready at 503.
 """
@@ -88,12 +88,15 @@ class Supervisor:
     def recover_own_previous_run(self) -> None:
         """Jobs this instance's previous run left running are orphans (that run is gone): re-queue once, else
         fail, without waiting for their leases; then forget that run's worker rows. Other instances' jobs
-        and rows are theirs."""
-        for job in self.store.running_jobs_of_instance(self.instance):
+        and rows are theirs. A SQLite store has one server by design, so there every running job and worker
+        row is from a previous run (whatever its instance id: e.g. restarted on another port)."""
+        shared = self.store.is_postgres
+        orphans = self.store.running_jobs_of_instance(self.instance) if shared else self.store.running_jobs()
+        for job in orphans:
             new = self.store.recover_job(job, "the server restarted while the job was running",
                                          max_attempts=self.settings.max_attempts)
             log.warning("job %s orphaned by this server's previous run → %s", job.id, new)
-        self.store.delete_workers_of(self.instance)
+        self.store.delete_workers_of(self.instance if shared else None)
 
     def start(self) -> None:
         self.recover_own_previous_run()

@@ -301,8 +301,7 @@ def test_concurrent_submissions_none_lost(tmp_path, tiny_cache):
 
 def test_sigkill_server_mid_job_then_restart(tmp_path, tiny_cache):
     # A job long enough (larger cap, 40 steps) that the kill lands while it is still denoising.
-    # The restarted server listens on another port: pin its instance id so it knows the jobs as its own.
-    slow = {"VACE_TINY_MAX_SIDE": "256", "VACE_TINY_MAX_FRAMES": "33", "VACE_INSTANCE_ID": "restart-box"}
+    slow = {"VACE_TINY_MAX_SIDE": "256", "VACE_TINY_MAX_FRAMES": "33"}
     srv = LiveServer(tmp_path / "restart", tiny_cache, extra_env=slow).start()
     try:
         running = srv.submit({"prompt": "interrupted", "num_inference_steps": 40})
