@@ -78,6 +78,25 @@ def _answers(srv: LiveServer, jid: str, dialect: str) -> bool:
     return r.status_code in (200, 202) and r.json()["request_id"] == jid
 
 
+def _queue_position(srv: LiveServer, jid: str) -> int | None:
+    return httpx.get(f"{srv.base}{FAL}/requests/{jid}/status", headers=FAL_AUTH, timeout=10).json().get(
+        "queue_position")
+
+
+def _queue_depth(srv: LiveServer) -> float:
+    metrics = httpx.get(f"{srv.base}/metrics", timeout=10).text
+    return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vace_queue_depth "))
+
+
+def _same_view(a: LiveServer, b: LiveServer, view) -> bool:
+    """Both instances report the same `view` of the shared queue (read a, b, a: retried if the queue moved)."""
+    for _ in range(5):
+        first, other, again = view(a), view(b), view(a)
+        if first == again:
+            return first == other
+    raise AssertionError("the queue kept moving")
+
+
 def _health(srv: LiveServer) -> bool:
     assert srv.proc is not None and srv.proc.poll() is None, srv.log.read_text()[-3000:]
     try:
@@ -128,6 +147,9 @@ def test_two_instances_share_one_queue(pg_cluster, tmp_path, hook_url):
             jobs[submit(srv, f"job {i}", 2, hook_url)] = dialect
         for jid, dialect in jobs.items():
             assert _answers(a, jid, dialect) and _answers(b, jid, dialect), f"{dialect} {jid} not answered by both"
+        last_fal = [j for j, d in jobs.items() if d == "fal"][-1]
+        assert _same_view(a, b, lambda srv: (_queue_position(srv, last_fal), _queue_depth(srv))), \
+            "the instances disagree on queue position / depth"
 
         phases["b_ready_and_submitted"] = time.time() - t0
         mid = store.get_job(long_id)
