@@ -16,7 +16,15 @@ import numpy as np
 
 from preprocessors import images
 from preprocessors.geometry import cover_crop, to_unit
-from preprocessors.video import VideoInfo, frames_at_fps, legal_num_frames, open_video, read_frames, sample_indices
+from preprocessors.video import (
+    VideoInfo,
+    frames_at_fps,
+    iter_frames,
+    legal_num_frames,
+    open_video,
+    read_frames,
+    sample_indices,
+)
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
 from vace_local.spec import MAX_FRAMES, MIN_FRAMES, JobSpec
@@ -112,9 +120,8 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> Cont
             frames[masks > 0.5] = GRAY
         else:
             from preprocessors.annotators import SOURCE_FRAME_TASKS, annotate
-            from preprocessors.video import iter_frames
 
-            # pose / face: detected and drawn on the source frame, then cropped like the video (official order)
+            # pose / face / depth: run on the source frame, then cropped like the video (official order)
             source = iter_frames(vinfo, vr, idx) if task in SOURCE_FRAME_TASKS else rgb
             control = annotate(task, source, info, (H, W))  # float32 [0, 1]
             if masks is None:
@@ -153,14 +160,20 @@ def _user_masks(
         return _mask_video(Path(resolved.mask_video), idx, H, W)
     if resolved.mask_image:
         first = images.mask_image(Path(resolved.mask_image), vinfo.width, vinfo.height, H, W)
-        tracker = spec.control.mask_tracker if spec.task != "none" else "static"
-        info["mask_source"] = "mask_image"
-        info["mask_tracker"] = tracker
+        from preprocessors.tracking import choose_tracker
+
+        tracker, reason = (choose_tracker(spec.control.mask_tracker) if spec.task != "none"
+                           else ("static", "task 'none': the mask image holds on every frame"))
+        info.update(mask_source="mask_image", mask_tracker=tracker, mask_tracker_reason=reason)
         if tracker == "static" or len(rgb) == 1:
             return np.repeat(first[None], len(rgb), axis=0)
-        from preprocessors.tracking import track_mask
+        from preprocessors.tracking import track_mask, track_sam2_on_source
 
-        masks = track_mask(rgb, first, backend=tracker)
+        if tracker == "sam2":  # official: on the uncropped source frames, then cropped like the video
+            masks = track_sam2_on_source(vinfo, idx, Path(resolved.mask_image), H, W)
+            masks[0] = first
+        else:
+            masks = track_mask(rgb, first, backend=tracker)
         area = masks.reshape(len(masks), -1).mean(axis=1)
         info["mask_area_first_last"] = [float(area[0]), float(area[-1])]
         return masks

@@ -4,7 +4,8 @@ Needs the `sam2` package and `sam2/sam2.1_hiera_large.pt` (SAM2.1 Hiera-L with t
 `configs/sam2.1/sam2.1_hiera_l.yaml`); without either, one clear error (the `flow` tracker needs no weights).
 A checkpoint may carry a sidecar `sam2.1_hiera_large.json` ({"config": ..., "overrides": [...]}) naming the
 package config and hydra overrides it was built with: the tiny random-weight model uses it, so tests load it
-through the same code as the real checkpoint.
+through the same code as the real checkpoint. As in official VACE: seeded with the user's first-frame mask,
+no dilation, `fill_hole_area = 0`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from preprocessors import weights
 from vace_local.errors import ModelNotFoundError
+from vace_local.events import checkpoint
 
 CONFIG = "configs/sam2.1/sam2.1_hiera_l.yaml"  # the package config that matches sam2.1_hiera_large.pt
 
@@ -44,11 +46,13 @@ def _predictor(ckpt: str, mtime: float, device: str) -> Any:
 
     config, overrides = _config_for(Path(ckpt))
     try:
-        return build_sam2_video_predictor(config, ckpt, device=device, hydra_overrides_extra=overrides)
+        predictor = build_sam2_video_predictor(config, ckpt, device=device, hydra_overrides_extra=overrides)
     except RuntimeError as exc:  # sam2 raises a bare RuntimeError when the state dict does not fit the config
         raise ModelNotFoundError(
             f"SAM2 checkpoint {ckpt} does not match {config} (expected SAM2.1 Hiera-L); {weights.DOWNLOAD_HINT}"
         ) from exc
+    predictor.fill_hole_area = 0  # official VACE turns off sam2's default hole filling (8 px) after building
+    return predictor
 
 
 def load_predictor(device: str) -> Any:
@@ -85,6 +89,7 @@ def track_sam2(frames: np.ndarray, first_mask: np.ndarray) -> np.ndarray:
             state = predictor.init_state(video_path=d)
             predictor.add_new_mask(state, frame_idx=0, obj_id=1, mask=torch.from_numpy(first))
             for idx, _ids, logits in predictor.propagate_in_video(state):
+                checkpoint()
                 out[idx] = (logits[0, 0] > 0).float().cpu().numpy()
             predictor.reset_state(state)
     out[0] = first  # the user's mask is the truth on frame 0 (SAM2 re-renders it from a low-res copy)

@@ -13,11 +13,16 @@ NUM_KPTS = 133  # COCO-WholeBody
 SIMCC_SPLIT = 2.0
 
 
-def _image_processor(dest: Path, size: int, keep_aspect: bool) -> None:
+def _midas_image_processor(dest: Path) -> None:
+    """The settings of Intel/dpt-hybrid-midas' preprocessor_config.json: 384×384 squash, bilinear, mean/std 0.5.
+
+    (Depth resizes the frame itself to the official MiDaS size and skips this resize; the rest applies.)
+    """
     from transformers import DPTImageProcessor
 
-    DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=keep_aspect, ensure_multiple_of=14,
-                      do_pad=False).save_pretrained(dest)
+    DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=False, ensure_multiple_of=1, resample=2,
+                      do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],
+                      image_std=[0.5, 0.5, 0.5]).save_pretrained(dest)
 
 
 def save_tiny_dpt(dest: Path) -> Path:
@@ -32,7 +37,7 @@ def save_tiny_dpt(dest: Path) -> Path:
                     patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
                     fusion_hidden_size=16, head_in_index=-1, is_hybrid=False)
     DPTForDepthEstimation(cfg).save_pretrained(dest)
-    _image_processor(dest, 32, keep_aspect=False)
+    _midas_image_processor(dest)
     return dest
 
 
@@ -40,6 +45,8 @@ def save_tiny_depth_anything(dest: Path) -> Path:
     """DepthAnythingForDepthEstimation with a tiny DINOv2 backbone (same class as the *-hf repos)."""
     import torch
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    from preprocessors.annotators import depth_anything_pth
 
     if (dest / "config.json").is_file():
         return dest
@@ -49,7 +56,7 @@ def save_tiny_depth_anything(dest: Path) -> Path:
     cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
                               neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
     DepthAnythingForDepthEstimation(cfg).save_pretrained(dest)
-    _image_processor(dest, 28, keep_aspect=True)
+    depth_anything_pth.image_processor().save_pretrained(dest)  # Depth-Anything-V2-Large-hf's settings
     return dest
 
 

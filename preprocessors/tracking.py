@@ -1,4 +1,8 @@
-"""Propagate a first-frame mask through a clip: `flow` (OpenCV DIS optical flow, no weights) or `sam2`.
+"""Propagate a first-frame mask through a clip: `sam2` (official), `flow` (OpenCV DIS optical flow) or `static`.
+
+`auto` (the default) follows official VACE: SAM2.1 Hiera-L seeded with the user's mask when the sam2 package
+and `sam2/sam2.1_hiera_large.pt` are present; otherwise the flow tracker, which needs no weights. The choice and
+its reason are returned so the job's metadata can say which tracker ran and why.
 
 Flow tracker: per frame, dense flow prev → cur is computed at a reduced working size. Flow at an object's
 edge is unreliable (patch-based flow smears the background's motion into it, which makes a naive warp leave a
@@ -10,10 +14,22 @@ accumulates over a long clip.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 
+from preprocessors import weights
 from vace_local.errors import InputError
+from vace_local.events import checkpoint
+
+if TYPE_CHECKING:
+    from preprocessors.video import VideoInfo
+
+log = logging.getLogger(__name__)
 
 FLOW_SIZE = 416  # working long side: masks need region accuracy, and this keeps the tracker real-time on CPU
 ERODE = 12  # interior depth (working px): beyond the flow's patch footprint at the edge
@@ -84,12 +100,53 @@ def track_flow(frames: np.ndarray, first_mask: np.ndarray) -> np.ndarray:
     out[0] = (first_mask >= 0.5).astype(np.float32)
     tracker = FlowTracker(frames[0], first_mask)
     for i in range(1, len(frames)):
+        checkpoint()
         out[i] = tracker.step(frames[i])
     return out
 
 
-def track_mask(frames: np.ndarray, first_mask: np.ndarray, backend: str = "flow") -> np.ndarray:
+def choose_tracker(requested: str) -> tuple[str, str]:
+    """(tracker that runs, why): `auto` is SAM2 when the package and the local SAM2.1 checkpoint exist, else flow.
+
+    `auto` never downloads: a missing checkpoint falls back to flow (and says so) instead of fetching 900 MB.
+    """
+    tracker, reason = _choose(requested)
+    log.info("mask tracker %s (%s)", tracker, reason)
+    return tracker, reason
+
+
+def _choose(requested: str) -> tuple[str, str]:
+    if requested != "auto":
+        return requested, f"mask_tracker '{requested}' requested"
+    if importlib.util.find_spec("sam2") is None:
+        return "flow", "auto: the sam2 package is not installed (pip install 'vace-local[sam2]')"
+    ckpt = weights.annotators_dir() / weights.FILES["sam2"]
+    if not ckpt.is_file():
+        return "flow", f"auto: {ckpt.name} not found in {ckpt.parent}"
+    from preprocessors.sam2_track import sidecar
+
+    kind = "a non-default SAM2 config from its sidecar" if sidecar(ckpt).is_file() else "official SAM2.1 Hiera-L"
+    return "sam2", f"auto: sam2 package and {ckpt.name} found in {ckpt.parent} ({kind})"
+
+
+def track_sam2_on_source(video: VideoInfo, idx: list[int], mask_path: Path, height: int, width: int) -> np.ndarray:
+    """Official order: SAM2 on the uncropped source frames, seeded with the mask at the source size; each mask is
+    then cover-cropped like the video. (F, height, width) float32 0/1."""
+    from preprocessors.geometry import cover_crop_mask
+    from preprocessors.images import mask_image
+    from preprocessors.sam2_track import track_sam2
+    from preprocessors.video import open_video, read_frames
+
+    vinfo, reader = open_video(video.path, video.field)
+    first = mask_image(mask_path, vinfo.width, vinfo.height, vinfo.height, vinfo.width)
+    masks = track_sam2(read_frames(vinfo, reader, idx), first)
+    return np.stack([cover_crop_mask(m, height, width) for m in masks])
+
+
+def track_mask(frames: np.ndarray, first_mask: np.ndarray, backend: str = "auto") -> np.ndarray:
     """One binary mask (F, H, W) per frame from the first-frame mask."""
+    if backend == "auto":
+        backend = choose_tracker(backend)[0]
     if backend == "flow":
         return track_flow(frames, first_mask)
     if backend == "sam2":
@@ -98,4 +155,4 @@ def track_mask(frames: np.ndarray, first_mask: np.ndarray, backend: str = "flow"
         return track_sam2(frames, first_mask)
     if backend == "static":
         return np.repeat((first_mask >= 0.5).astype(np.float32)[None], len(frames), axis=0)
-    raise InputError("control.mask_tracker", f"unknown mask tracker '{backend}' (flow, sam2 or static)")
+    raise InputError("control.mask_tracker", f"unknown mask tracker '{backend}' (auto, flow, sam2 or static)")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vace_local.errors import InputError
+from vace_local.events import checkpoint
 
 CHUNK = 16
 
@@ -63,7 +64,7 @@ def _rotation(path: str) -> int:
     try:
         err = subprocess.run(
             [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True, text=True, errors="replace", timeout=30,
         ).stderr
     except (OSError, subprocess.SubprocessError):
         return 0
@@ -182,11 +183,13 @@ def iter_frames(
     """Yield decoded (and transformed) frames in chunks so full-HD input never sits in memory at once."""
     for start in range(0, len(indices), CHUNK):
         idx = indices[start : start + CHUNK]
+        checkpoint()  # a cancel lands between chunks and (below) between frames of slow annotators
         try:
             batch = vr.get_batch(idx).asnumpy()[..., :3]  # type: ignore[attr-defined]
         except Exception:  # decord fails on some tiny widths: let ffmpeg decode (it applies rotation too)
             batch = _ffmpeg_frames(info, idx)
         for frame in batch:
+            checkpoint()
             yield transform(frame) if transform else frame
 
 

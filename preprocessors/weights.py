@@ -23,6 +23,8 @@ FILES = {
 }
 #: transformers-format alternatives (folder with config.json), looked up before the official file
 HF_DIRS = {"depth": "depth/dpt-hybrid-midas-hf", "depthv2": "depth/depth-anything-v2-hf"}
+#: bumped when the tiny annotator recipe changes (v2: the real DPT / Depth-Anything image processor settings)
+TINY_ANNOTATORS_VERSION = 2
 DOWNLOAD_HINT = "run `vace-local download annotators` (or set VACE_ANNOTATORS_DIR to a folder that has it)"
 
 
@@ -73,16 +75,19 @@ def ensure_tiny_annotators(dest: Path) -> Path:
     sidecar.
     """
     import importlib.util
+    import shutil
 
     from preprocessors import tiny
 
     dest = Path(dest)
-    marker = dest / ".tiny-complete"
+    marker = dest / f".tiny-complete-v{TINY_ANNOTATORS_VERSION}"
     if importlib.util.find_spec("sam2") is not None and not (dest / FILES["sam2"]).is_file():
         tiny.save_tiny_sam2(dest / FILES["sam2"])
     if marker.is_file():
         return dest
     dest.mkdir(parents=True, exist_ok=True)
+    for rel in HF_DIRS.values():  # an older recipe's folders are rebuilt
+        shutil.rmtree(dest / rel, ignore_errors=True)
     tiny.save_tiny_dpt(dest / HF_DIRS["depth"])
     tiny.save_tiny_depth_anything(dest / HF_DIRS["depthv2"])
     tiny.save_tiny_dwpose(dest / FILES["pose_det"], dest / FILES["pose_est"])

@@ -10,9 +10,17 @@ text encoder on every call, no compile) as a ratio.
     .venv/bin/python scripts/bench.py --model 14b --out bench-14b.json
     # CI / CPU smoke run of the same harness on the tiny model:
     .venv/bin/python scripts/bench.py --tiny --out bench-tiny.json
+    # one job over N GPUs (CFG × Ulysses layouts, vace_local.parallel) against one GPU, on a multi-GPU box:
+    .venv/bin/python scripts/bench.py --model 14b --gpus 8 --modes bf16 --out bench-8gpu.json
 
 Per-step time is the median interval between step callbacks after the first (warm-up) step; the 30-step
 end-to-end figure is text + VAE encode + 30 × step + VAE decode from those measurements (`e2e_est_s`).
+The VAE (encode of the control video, decode of the latents) is timed once per size, not per mode: the
+denoising jobs reuse that encoded conditioning and stop after their last step, so a mode costs its build
+and its steps only. For a device with a time limit: `--budget-s` skips modes whose estimate (from the modes
+already measured) would not finish, `--append` adds to an earlier run's JSON (reusing its stock / bf16
+baselines, skipping modes already measured) and `--require-cuda` (or VACE_REQUIRE_CUDA=1) exits 2 at once
+when CUDA is missing instead of benchmarking the CPU.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ import contextlib
 import datetime as dt
 import gc
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +58,7 @@ class Mode:
     stock: bool = False
     cuda_only: bool = False
     warmup_run: bool = False  # compile: one untimed job first
+    own_vae: bool = False  # the mode changes the VAE itself (tiling): time its VAE instead of reusing the size's
     note: str = ""
 
 
@@ -63,7 +75,7 @@ MODES: dict[str, Mode] = {m.name: m for m in [
     Mode("offload_group", {"offload": "group"}, cuda_only=True, note="leaf groups, CUDA stream prefetch"),
     Mode("offload_group_fp8", {"offload": "group", "fp8_storage": True}, cuda_only=True),
     Mode("offload_sequential", {"offload": "sequential"}, cuda_only=True),
-    Mode("vae_tiling", {"vae_tiling": True}),
+    Mode("vae_tiling", {"vae_tiling": True}, own_vae=True),
     Mode("fast_mode_distilled", {"cfg_batch": True}, {"num_inference_steps": 4, "guidance_scale": 1.0},
          note="4 steps, no CFG (as with a CausVid/lightx2v LoRA): e2e of a 5 s video"),
     Mode("step_cache", {}, {"acceleration": "regular"},
@@ -72,6 +84,10 @@ MODES: dict[str, Mode] = {m.name: m for m in [
 DEFAULT_MODES = ("stock", "bf16", "cfg_batch", "compile", "fast", "fp8_storage", "fp8_linear", "offload_group",
                  "offload_group_fp8", "offload_sequential", "vae_tiling", "fast_mode_distilled")
 TINY_MODES = ("stock", "bf16", "cfg_batch", "fp8_storage", "vae_tiling", "fast_mode_distilled", "step_cache")
+#: Rough cost of a mode relative to a plain resident one, for the --budget-s estimate (compile warms up).
+COST_FACTOR = {"compile": 4.0, "fast": 4.0, "fp8_linear": 4.0, "offload_model": 2.0, "offload_group": 2.5,
+               "offload_group_fp8": 2.5, "offload_sequential": 6.0}
+EXIT_NO_CUDA = 2
 MEMORY_MODES_480P_ONLY = {"offload_model", "offload_group", "offload_group_fp8", "offload_sequential",
                           "vae_tiling", "fast_mode_distilled"}
 
@@ -129,11 +145,30 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__, "diffusers": diffusers.__version__, "device": device,
         "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
     }
+    env["git_commit"] = _command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         env.update(gpu=props.name, gpu_mem_gib=round(props.total_memory / 1024**3, 1), cuda=torch.version.cuda,
-                   capability=".".join(map(str, torch.cuda.get_device_capability())))
+                   capability=".".join(map(str, torch.cuda.get_device_capability())),
+                   driver=_command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     return env
+
+
+def _command_output(cmd: list[str]) -> str | None:
+    """First line a small tool prints (driver version, git commit), or None where it is missing."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def require_cuda(torch: Any) -> None:
+    """Fail fast (exit 2) where the caller demanded CUDA: a CPU fallback would burn a GPU lease on nothing."""
+    if not torch.cuda.is_available():
+        print(f"bench.py: CUDA not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+              "refusing to benchmark the CPU because --require-cuda / VACE_REQUIRE_CUDA=1 is set", file=sys.stderr)
+        sys.exit(EXIT_NO_CUDA)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -171,22 +206,50 @@ class StepTimer:
         return statistics.median(gaps) if gaps else None
 
 
-def time_components(pipe: Any, bundle: Any, device: str, cfg: bool) -> dict[str, float]:
-    """Text encoding (prompt + negative), VAE encode of the control video (as the pipeline does it), decode."""
+class StopBeforeDecode(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised from the last timed step's callback: the steps are measured; the decode is timed once per size."""
+
+
+#: size → conditioning latents from the one timed VAE encode; the modes' jobs reuse them (same bundle).
+_CONDITIONING: dict[tuple[int, ...], Any] = {}
+
+
+def reuse_conditioning(pipe: Any) -> None:
+    """Make `pipe` take its VACE conditioning latents from the size's one measured encode (no VAE per mode)."""
+    real = pipe.prepare_video_latents
+
+    def prepare_video_latents(video: Any, mask: Any, reference_images: Any = None, generator: Any = None,
+                              device: Any = None) -> Any:
+        key = (*video.shape, bool(reference_images and any(r is not None for refs in reference_images for r in refs)))
+        if key not in _CONDITIONING:
+            _CONDITIONING[key] = real(video, mask, reference_images, generator, device)
+        return _CONDITIONING[key].to(device or pipe._execution_device).clone()
+
+    pipe.prepare_video_latents = prepare_video_latents
+
+
+def time_text(pipe: Any, device: str, cfg: bool) -> float:
+    """Text encoding (prompt + negative) as a job with a new prompt pays it (offload moves the encoder too)."""
     import torch
 
     from vace_local.spec import OFFICIAL_NEGATIVE_PROMPT
 
-    exec_dev = pipe._execution_device
-    out: dict[str, float] = {}
     with torch.inference_mode():
         sync(device)
         t = time.perf_counter()
         pipe.encode_prompt(prompt=PROMPT, negative_prompt=OFFICIAL_NEGATIVE_PROMPT, do_classifier_free_guidance=cfg,
-                           max_sequence_length=512, device=exec_dev)
+                           max_sequence_length=512, device=pipe._execution_device)
         sync(device)
-        out["text_encode_s"] = time.perf_counter() - t
+    return round(time.perf_counter() - t, 4)
 
+
+def time_vae(pipe: Any, bundle: Any, device: str) -> dict[str, float]:
+    """VAE encode of the control video (as the pipeline does it: inactive + reactive) and decode of the latents."""
+    import torch
+
+    exec_dev = pipe._execution_device
+    out: dict[str, float] = {}
+    with torch.inference_mode():
         f, h, w = bundle.masks.shape
         video = torch.from_numpy(bundle.frames).permute(0, 3, 1, 2).unsqueeze(0)
         mask = torch.from_numpy(bundle.masks).unsqueeze(1).expand(-1, 3, -1, -1).unsqueeze(0)
@@ -195,6 +258,7 @@ def time_components(pipe: Any, bundle: Any, device: str, cfg: bool) -> dict[str,
         latents = pipe.prepare_video_latents(v, m, refs, torch.Generator("cpu").manual_seed(0), exec_dev)
         sync(device)
         out["vae_encode_s"] = time.perf_counter() - t
+        _CONDITIONING[(*v.shape, False)] = latents
 
         z = torch.randn(1, pipe.vae.config.z_dim, latents.shape[2], h // 8, w // 8, device=exec_dev,
                         dtype=pipe.vae.dtype)
@@ -207,6 +271,7 @@ def time_components(pipe: Any, bundle: Any, device: str, cfg: bool) -> dict[str,
 
 
 def run_stock(pipe: Any, bundle: Any, w: int, h: int, f: int, steps: int, guidance: float, device: str) -> StepTimer:
+    """A plain pipeline call with diffusers' defaults, stopped after its last step (the decode is timed once)."""
     import torch
 
     from vace_local.spec import OFFICIAL_NEGATIVE_PROMPT
@@ -215,19 +280,39 @@ def run_stock(pipe: Any, bundle: Any, w: int, h: int, f: int, steps: int, guidan
     video = torch.from_numpy(bundle.frames).permute(0, 3, 1, 2).unsqueeze(0)
     mask = torch.from_numpy(bundle.masks).unsqueeze(1).expand(-1, 3, -1, -1).unsqueeze(0)
 
-    def cb(_pipe: Any, _i: int, _t: Any, _kw: dict[str, Any]) -> dict[str, Any]:
+    def cb(_pipe: Any, i: int, _t: Any, _kw: dict[str, Any]) -> dict[str, Any]:
         timer.mark()
+        if i + 1 >= steps:
+            raise StopBeforeDecode
         return {}
 
     pipe.set_progress_bar_config(disable=True)
-    pipe(prompt=PROMPT, negative_prompt=OFFICIAL_NEGATIVE_PROMPT, video=video, mask=mask, height=h, width=w,
-         num_frames=f, num_inference_steps=steps, guidance_scale=guidance,
-         generator=torch.Generator("cpu").manual_seed(0), output_type="np", callback_on_step_end=cb)
+    with contextlib.suppress(StopBeforeDecode):
+        pipe(prompt=PROMPT, negative_prompt=OFFICIAL_NEGATIVE_PROMPT, video=video, mask=mask, height=h, width=w,
+             num_frames=f, num_inference_steps=steps, guidance_scale=guidance,
+             generator=torch.Generator("cpu").manual_seed(0), output_type="np", callback_on_step_end=cb)
     return timer
 
 
+def run_steps(engine: Any, spec: Any, bundle: Any, on_step: Any = None) -> None:
+    """`engine.generate` through the real path, stopped after the spec's last step (no decode)."""
+    steps = spec.num_inference_steps
+
+    def on_progress(p: Any) -> None:
+        if p.stage != "generate" or not p.step:
+            return
+        if on_step is not None:
+            on_step()
+        if p.step >= steps:
+            raise StopBeforeDecode
+
+    with contextlib.suppress(StopBeforeDecode):
+        engine.generate(spec, bundle, seed=0, on_progress=on_progress)
+
+
 def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: argparse.Namespace, device: str,
-               dtype: Any, flops_cfg: dict[str, Any]) -> dict[str, Any]:
+               dtype: Any, flops_cfg: dict[str, Any], vae: dict[str, float] | None) -> dict[str, Any]:
+    """One mode on a freshly built model; `vae` holds the size's VAE times (None: measure them here)."""
     import torch
 
     from vace_local.engine import Engine, EngineOptions
@@ -244,40 +329,48 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
     bundle = make_bundle(w, h, f)
     reset_peak(device)
     offload = mode.options.get("offload", "none")
-    pipe = build_pipeline(size_name, device, dtype)  # materialised on the device: no slow CPU init
-    if offload != "none":
-        pipe.to("cpu")  # offloaded modes start from weights in CPU RAM, exactly as a real load does
-    engine = None
+    pipe = engine = run_pipe = None
     try:
+        t = time.perf_counter()
+        pipe = build_pipeline(size_name, device, dtype)  # materialised on the device: no slow CPU init
+        if offload != "none":
+            pipe.to("cpu")  # offloaded modes start from weights in CPU RAM, exactly as a real load does
+        if not mode.stock:
+            opts = {"device": device, "dtype": args.dtype, "offload": offload, **mode.options}
+            opts.setdefault("vae_tiling", False)
+            engine = Engine.from_pipeline(pipe, f"synthetic-{size_name}", EngineOptions(**opts))
+        run_pipe = engine.pipe if engine is not None else pipe
+        rec["build_s"] = round(time.perf_counter() - t, 2)
+        if vae is None or mode.own_vae:
+            t = time.perf_counter()
+            vae = time_vae(run_pipe, bundle, device)
+            rec["vae_measured_here"], rec["vae_s"] = True, round(time.perf_counter() - t, 2)
+        reuse_conditioning(run_pipe)
+        comps = {"text_encode_s": time_text(run_pipe, device, cfg), **vae}
         if mode.stock:
-            comps = time_components(pipe, bundle, device, cfg)
             reset_peak(device)
             t = time.perf_counter()
             timer = run_stock(pipe, bundle, w, h, f, steps, job["guidance_scale"], device)
             wall = time.perf_counter() - t
             rec["attention"] = "native (process default)"
         else:
-            opts = {"device": device, "dtype": args.dtype, "offload": offload, **mode.options}
-            opts.setdefault("vae_tiling", False)
-            engine = Engine.from_pipeline(pipe, f"synthetic-{size_name}", EngineOptions(**opts))
-            comps = time_components(engine.pipe, bundle, device, cfg)
             spec = JobSpec(model="bench", prompt=PROMPT, width=w, height=h, num_frames=f, seed=0, **job)
+            t = time.perf_counter()
+            # One untimed job first: fills the text cache (and, for compile, pays the compilation).
+            run_steps(engine, spec.model_copy(update={"num_inference_steps": 2 if mode.warmup_run else 1}), bundle)
             if mode.warmup_run:
-                t = time.perf_counter()
-                engine.generate(spec.model_copy(update={"num_inference_steps": 2}), bundle, seed=0)
                 rec["warmup_s"] = round(time.perf_counter() - t, 2)
-            engine.generate(spec.model_copy(update={"num_inference_steps": 1}), bundle, seed=0)  # fills text cache
             reset_peak(device)
             timer = StepTimer(device)
             t = time.perf_counter()
-            engine.generate(spec, bundle, seed=0, on_progress=lambda p: timer.mark())
+            run_steps(engine, spec, bundle, on_step=timer.mark)
             wall = time.perf_counter() - t
             rec["attention"] = engine.attention.name
             rec["engine"] = engine.describe()["fast_path"]
             rec["last_run"] = engine.last_run
         rec.update(comps)
         rec["peak_vram_gib"] = peak_gib(device)
-        rec["generate_wall_s"] = round(wall, 3)
+        rec["generate_wall_s"] = round(wall, 3)  # the timed steps, without VAE encode / decode
         s = timer.s_per_step
         rec["s_per_step"] = round(s, 4) if s else None
         if s:
@@ -291,9 +384,77 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
             rec["tflops"] = float(f"{fl / s / 1e12:.4g}")
     except torch.OutOfMemoryError as exc:
         rec["error"] = f"out of memory: {str(exc)[:200]}"
+    except Exception as exc:  # noqa: BLE001 - one broken mode must not cost the others' figures
+        rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rec["traceback"] = traceback.format_exc()[-3000:]
+        print(rec["traceback"], file=sys.stderr, flush=True)
     finally:
-        del engine, pipe
+        del engine, pipe, run_pipe  # before empty_cache: the next mode starts from a clean device
         reset_peak(device)
+    return rec
+
+
+def estimate_s(name: str, model: str, size: str, records: list[dict[str, Any]]) -> float | None:
+    """Seconds a mode should take, from the plain modes already measured at this model and size (None: unknown).
+
+    The median plain mode (build + steps, without the one-off VAE timing) times the mode's `COST_FACTOR`.
+    """
+    walls = [r["bench_wall_s"] - r.get("vae_s", 0.0) for r in records if r.get("model") == model
+             and r.get("size") == size and r.get("bench_wall_s") and "error" not in r and r["mode"] not in COST_FACTOR]
+    if not walls:
+        return None
+    return round(statistics.median(walls) * COST_FACTOR.get(name, 1.0), 1)
+
+
+def load_previous(path: Path) -> dict[str, Any] | None:
+    """An earlier run's JSON for --append (a missing file starts a new one)."""
+    if not path.exists():
+        return None
+    prev = json.loads(path.read_text())
+    prev.setdefault("runs", [{"environment": prev.get("environment"), "matmul_peak": prev.get("matmul_peak"),
+                              "args": prev.get("args")}])
+    prev.setdefault("vae", {})
+    return prev
+
+
+def group_layouts(n: int) -> list[Any]:
+    """Layouts worth timing on n ranks: CFG × Ulysses (the default) and Ulysses only."""
+    from vace_local.parallel import Layout
+
+    layouts = [Layout.for_ranks(n), Layout.for_ranks(n, cfg=False)]
+    return list(dict.fromkeys(layouts))
+
+
+def bench_group(layout: Any, size_name: str, wh_f: tuple[int, int, int], args: argparse.Namespace,
+                device: str) -> dict[str, Any]:
+    """Seconds per step of one job split over `layout.world` ranks (GPUs 0..n-1; gloo ranks on CPU)."""
+    from vace_local.engine import EngineOptions
+    from vace_local.parallel import Group
+    from vace_local.spec import JobSpec
+
+    w, h, f = wh_f
+    name = f"parallel_cfg{layout.cfg}_u{layout.ulysses}"
+    rec: dict[str, Any] = {"mode": name, "model": size_name, "size": f"{w}x{h}x{f}", "layout": layout.as_dict()}
+    cuda = device.startswith("cuda")
+    devices = [f"cuda:{i}" for i in range(layout.world)] if cuda else ["cpu"] * layout.world
+    group = Group(f"synthetic-{size_name}", EngineOptions(device=devices[0], dtype=args.dtype, offload="none",
+                                                          vae_tiling=False),
+                  layout, devices, synthetic=size_name, timeout_s=600.0)
+    try:
+        spec = JobSpec(model="bench", prompt=PROMPT, width=w, height=h, num_frames=f, seed=0,
+                       num_inference_steps=args.steps, guidance_scale=5.0)
+        bundle = make_bundle(w, h, f)
+        group.engine.generate(spec.model_copy(update={"num_inference_steps": 1}), bundle, seed=0)  # warm-up
+        timer = StepTimer(device)
+        t = time.perf_counter()
+        group.engine.generate(spec, bundle, seed=0, on_progress=lambda p: timer.mark())
+        rec["generate_wall_s"] = round(time.perf_counter() - t, 3)
+        s = timer.s_per_step
+        rec["s_per_step"] = round(s, 4) if s else None
+        rec["attention"] = group.engine.attention.name
+        rec["peak_vram_gib"] = peak_gib(device)  # rank 0's
+    finally:
+        group.close()
     return rec
 
 
@@ -331,11 +492,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-steps", type=int, default=30, help="steps for the end-to-end estimate")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--out", default="bench.json", help="JSON results file")
+    p.add_argument("--out", default="bench.json", help="JSON results file (rewritten after every mode)")
+    p.add_argument("--append", action="store_true",
+                   help="add to --out if it exists: reuse its stock / bf16 baselines and VAE times, skip its modes")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget: skip a mode whose estimate would not finish inside it")
+    p.add_argument("--require-cuda", action="store_true",
+                   help="exit 2 at once without CUDA (also with VACE_REQUIRE_CUDA=1)")
+    p.add_argument("--gpus", type=int, default=1, help="also time one job split over N GPUs (CFG × Ulysses and "
+                                                       "Ulysses-only layouts; gloo ranks on CPU)")
     args = p.parse_args(argv)
+    started = time.monotonic()
 
     import torch
 
+    if args.require_cuda or os.environ.get("VACE_REQUIRE_CUDA") == "1" or args.device.startswith("cuda"):
+        require_cuda(torch)
     if args.tiny:
         args.model = "tiny"
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,47 +528,86 @@ def main(argv: list[str] | None = None) -> int:
     from vace_local.synthetic import TRANSFORMER_CONFIGS
 
     flops_cfg = TRANSFORMER_CONFIGS[args.model]
-    result: dict[str, Any] = {"environment": environment(device), "matmul_peak": matmul_peak_tflops(device),
-                              "args": vars(args), "records": []}
-    peak = result["matmul_peak"]["tflops"]
-    print(f"# device {device}: measured matmul peak {peak} TFLOP/s ({result['matmul_peak']['dtype']})", flush=True)
+    out = Path(args.out)
+    run = {"environment": environment(device), "matmul_peak": matmul_peak_tflops(device), "args": vars(args)}
+    result = (load_previous(out) if args.append else None) or {**run, "runs": [], "vae": {}, "records": []}
+    result["runs"].append(run)
+    peak = run["matmul_peak"]["tflops"]
+    print(f"# device {device}: measured matmul peak {peak} TFLOP/s ({run['matmul_peak']['dtype']})", flush=True)
     records: list[dict[str, Any]] = result["records"]
+
+    def save() -> None:
+        result["table"] = table(records)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)  # a run killed at its time limit leaves the last complete JSON, never half a file
+
+    def put(rec: dict[str, Any]) -> None:
+        """Add a record, replacing an earlier one of the same mode (a retry of a skipped or failed mode)."""
+        records[:] = [r for r in records if (r["mode"], r.get("model"), r.get("size"))
+                      != (rec["mode"], rec.get("model"), rec.get("size"))]
+        records.append(rec)
+
+    def done(name: str, size: str) -> dict[str, Any] | None:
+        return next((r for r in records if r["mode"] == name and r.get("model") == args.model
+                     and r.get("size") == size and r.get("s_per_step")), None)
+
     for w, h, f in sizes:
+        size = f"{w}x{h}x{f}"
         is_480 = (w, h) == (832, 480) or args.model == "tiny"
-        base: dict[str, Any] | None = None
-        resident: dict[str, Any] | None = None
         for name in mode_names:
             mode = MODES[name]
-            where = {"mode": name, "model": args.model, "size": f"{w}x{h}x{f}"}
+            where = {"mode": name, "model": args.model, "size": size, "run": len(result["runs"]) - 1}
+            if done(name, size):
+                print(f"# {args.model} {size} {name}: already in {out}, kept", flush=True)
+                continue
             if mode.cuda_only and not device.startswith("cuda"):
-                records.append({**where, "skipped": "needs CUDA"})
+                put({**where, "skipped": "needs CUDA"})
                 continue
             if name in MEMORY_MODES_480P_ONLY and not is_480 and args.modes is None:
                 continue
+            est = estimate_s(name, args.model, size, records)
+            left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
+            if left is not None and (left <= 0 or (est is not None and est > left)):
+                put({**where, "skipped": f"time budget: est {est} s, {max(left, 0):.0f} s left"})
+                print(f"# {args.model} {size} {name}: skipped, est {est} s > {left:.0f} s left", flush=True)
+                save()
+                continue
             t = time.perf_counter()
-            rec = bench_mode(replace(mode), args.model, (w, h, f), args, device, dtype, flops_cfg)
+            rec = {**where, **bench_mode(replace(mode), args.model, (w, h, f), args, device, dtype, flops_cfg,
+                                         result["vae"].get(size))}
             rec["bench_wall_s"] = round(time.perf_counter() - t, 1)
+            rec["est_s"] = est
+            if rec.get("vae_measured_here") and not mode.own_vae:
+                result["vae"][size] = {k: rec[k] for k in ("vae_encode_s", "vae_decode_s")}
             if rec.get("tflops") is not None:
                 rec["frac_peak"] = float(f"{rec['tflops'] / peak:.4g}")
-            if name == "stock":
-                base = rec
-            if name == "bf16":
-                resident = rec
+            base, resident = done("stock", size), done("bf16", size)
             # Same job → compare seconds per step; a different schedule (fewer steps, no CFG) → end to end.
             basis = "e2e_est_s" if mode.job else "s_per_step"
-            if base and base.get(basis) and rec.get(basis):
+            if name == "stock" and rec.get(basis):
+                rec["ratio_vs_stock"], rec["ratio_basis"] = 1.0, basis
+            elif base and base.get(basis) and rec.get(basis):
                 rec["ratio_vs_stock"] = round(base[basis] / rec[basis], 3)
                 rec["ratio_basis"] = basis
-            if resident and resident.get("s_per_step") and rec.get("s_per_step") and name != "bf16":
+            if resident and rec.get("s_per_step") and name not in ("bf16", "stock"):
                 rec["slowdown_vs_resident"] = round(rec["s_per_step"] / resident["s_per_step"], 3)
-            records.append(rec)
+            put(rec)
+            print(json.dumps({k: v for k, v in rec.items() if k != "traceback"}), flush=True)
+            save()
+        resident = done("bf16", size)
+        for layout in group_layouts(args.gpus) if args.gpus > 1 else []:
+            t = time.perf_counter()
+            rec = {"run": len(result["runs"]) - 1, **bench_group(layout, args.model, (w, h, f), args, device)}
+            rec["bench_wall_s"] = round(time.perf_counter() - t, 1)
+            if resident and resident.get("s_per_step") and rec.get("s_per_step"):
+                rec["speedup_vs_1_gpu"] = round(resident["s_per_step"] / rec["s_per_step"], 3)
+            put(rec)
             print(json.dumps(rec), flush=True)
-            Path(args.out).write_text(json.dumps(result, indent=2))  # keep partial results
-    text = table(records)
-    result["table"] = text
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(text)
-    print(f"# results: {args.out}")
+            save()
+    save()
+    print(result["table"])
+    print(f"# results: {out}")
     return 0
 
 

@@ -8,8 +8,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import (
     FileResponse,
     JSONResponse,
@@ -20,11 +21,12 @@ from fastapi.responses import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 import vace_local
 from server import inputs as safety
 from server import playground
-from server.core import ApiError, Core, validation_error
+from server.core import ApiError, Core, request_owner, require_auth, validation_error
 from server.dialects import Dialect, default_render_error, load_dialects
 from server.metrics import make_registry
 from server.settings import Settings
@@ -127,6 +129,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         description="Local Wan VACE video generation behind hosted-API-compatible endpoints"
         + (" — TINY random-weight model: outputs are noise" if settings.is_tiny else ""),
         lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url=None,  # served below, behind the key unless opened
     )
     app.state.core = core
     app.state.settings = settings
@@ -169,14 +172,30 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         return render(request, ApiError(500, f"internal server error ({type(exc).__name__}); the server "
                                              "logged the details", error_type="internal_error"))
 
-    # ---- operational endpoints ----
+    # ---- operational endpoints (with keys configured, all but /health need one) ----
+
+    authed = [Depends(require_auth)]
+    docs_deps = [] if settings.public_docs else authed
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=docs_deps)
+    async def openapi() -> Response:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=docs_deps)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=docs_deps)
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     @app.get("/health", tags=["ops"], summary="Process is up")
     async def health() -> dict[str, Any]:
         """Answered on the event loop from memory only: no store, no thread pool, so it never queues."""
         return {"status": "ok", "model": settings.model, "tiny": settings.is_tiny}
 
-    @app.get("/ready", tags=["ops"], summary="Every worker has its model loaded (503 until then)")
+    @app.get("/ready", tags=["ops"], summary="Every worker has its model loaded (503 until then)",
+             dependencies=authed)
     async def ready(request: Request) -> Response:
         sup = request.app.state.supervisor
         workers = await asyncio.to_thread(store.list_workers, instance)
@@ -189,19 +208,30 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics",
+             dependencies=[] if settings.public_metrics else authed)
     async def metrics() -> Response:
         data = await asyncio.to_thread(generate_latest, registry)
         return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
 
     @app.head("/files/{kind}/{ident}/{name}", include_in_schema=False)
-    @app.get("/files/{kind}/{ident}/{name}", tags=["files"],
-             summary="Outputs and uploads (only files inside the data dir)")
-    async def files(kind: str, ident: str, name: str) -> Response:
+    @app.get("/files/{kind}/{ident}/{name}", tags=["files"], summary="Outputs and uploads (with keys: the owner's key)")
+    async def files(kind: str, ident: str, name: str, request: Request) -> Response:
+        return await tokened_file(kind, ident, None, name, request)
+
+    @app.head("/files/{kind}/{ident}/{token}/{name}", include_in_schema=False)
+    @app.get("/files/{kind}/{ident}/{token}/{name}", tags=["files"],
+             summary="Outputs and uploads by capability URL (the token stands in for the key)")
+    async def tokened_file(kind: str, ident: str, token: str | None, name: str, request: Request) -> Response:
         try:
             path = safety.safe_data_path(core.data_dir, kind, ident, name)
         except ValueError:
             raise ApiError(404, "file not found", error_type="not_found") from None
+        if not core.may_read_file(kind, ident, owner=None, token=token):
+            if token is None or "authorization" in request.headers:
+                require_auth(request)  # no token: the key decides (401 without a valid one)
+            if not core.may_read_file(kind, ident, owner=request_owner(request), token=None):
+                raise ApiError(404, "file not found", error_type="not_found")  # a bad token, another key's file
         if not path.is_file():
             return await _from_storage(f"{kind}/{ident}/{name}")
         with open(path, "rb") as f:
@@ -225,6 +255,20 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
     for d in dialects:
         app.include_router(d.router)
     playground.mount(app)  # `/` → `/playground`; the page is public, its API calls carry the key
+
+    @app.api_route("/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"],
+                   include_in_schema=False, dependencies=authed)
+    async def unknown_path(rest: str, request: Request) -> Response:
+        """Registered last: a path no route serves is a 404, one served for other methods a 405 (path
+        catch-alls such as fal's `POST /{app_id:path}` do not count: they would make every path a 405)."""
+        routes = [*request.app.router.routes, *(r for d in dialects for r in d.router.routes)]
+        for route in routes:
+            if not isinstance(route, Route) or ":path}" in route.path:
+                continue
+            if route.matches(request.scope)[0] == Match.PARTIAL:
+                raise ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                               error_type="method_not_allowed")
+        raise ApiError(404, f"{request.method} {request.url.path} not found", error_type="not_found")
     app.add_middleware(BodyLimit, limit=max_request_bytes(settings))
     return app
 

@@ -42,6 +42,8 @@ def serve(
     fp8: Annotated[str | None, typer.Option(help="none | storage | linear (VACE_FP8).")] = None,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="PATH[:scale[:steps[:guidance[:shift]]]] "
                                                                   "(repeatable; VACE_LORAS).")] = None,
+    gpus_per_job: Annotated[int | None, typer.Option(help="GPUs per job: workers become groups of N GPUs "
+                                                          "(CFG x Ulysses parallel; VACE_GPUS_PER_JOB).")] = None,
 ) -> None:
     """Serve the hosted-API-compatible HTTP API (WaveSpeed, fal, AI/ML) with GPU workers."""
     import uvicorn
@@ -54,7 +56,7 @@ def serve(
         "host": host, "port": port, "model": model, "workers": workers, "data_dir": data_dir,
         "api_keys": api_key or None, "public_base_url": public_base_url, "ssl_certfile": ssl_certfile,
         "ssl_keyfile": ssl_keyfile, "log_level": log_level, "offload": offload, "attention": attention,
-        "fp8": fp8, "loras": lora or None,
+        "fp8": fp8, "loras": lora or None, "gpus_per_job": gpus_per_job,
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)

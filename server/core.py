@@ -7,10 +7,12 @@ Core API (stable; the fal and AI/ML dialects build on it):
 
 * `require_auth` — FastAPI dependency; accepts `Authorization: Bearer <key>` and `Authorization: Key <key>`
   (constant-time compare against `Settings.api_keys`; no keys configured → open). Raises `ApiError(401)`.
+  `request_owner(request)` is then the caller's owner id (a hash of the key, None without keys): pass it as
+  `owner=` to `create_job`, `get_job` and `cancel_job`, so a job is seen only by the key that created it.
 * `Core.base_url(request)` — public base URL (setting, else derived from the request), no trailing slash.
 * `Core.create_job(spec, dialect=, model_id=, base_url=, webhook_url=None, extra=None, field_names=None,
-  logs=None) -> JobRecord` — validates/rewrites inputs (data URIs stored as uploads, our own file URLs mapped
-  to local files, URL hosts checked), applies tiny-mode caps, stores the job queued. `field_names` maps
+  logs=None, owner=None) -> JobRecord` — validates/rewrites inputs (data URIs stored as uploads, our own file
+  URLs mapped to local files, URL hosts checked), applies tiny-mode caps, stores the job queued. `field_names` maps
   JobInputs/JobSpec names to the dialect's (e.g. `{"reference_images": "ref_image_urls"}`) so every error
   names the user's field. `extra` is free dialect JSON kept on the record (e.g. sub-endpoint, raw input).
   Raises `ApiError` (4xx) for bad input, 429 when the queue is full.
@@ -18,14 +20,15 @@ Core API (stable; the fal and AI/ML dialects build on it):
 * `await Core.run_slow(fn, *args)` — blocking slow work (downloads, probes, data-URI decodes, cleanup) on the
   core's own bounded pool (`Settings.slow_work_threads`), so `/ready` and quick store calls never queue
   behind it.
-* `Core.get_job(job_id, with_logs=False) -> JobRecord | None`.
-* `Core.cancel_job(job_id) -> JobRecord | None` — queued: cancelled at once; running: flagged, the worker stops
-  at the next denoising step (poll `get_job`).
+* `Core.get_job(job_id, with_logs=False, owner=None) -> JobRecord | None` (None too for another key's job).
+* `Core.cancel_job(job_id, owner=None) -> JobRecord | None` — queued: cancelled at once; running: flagged, the
+  worker stops at the next denoising step (poll `get_job`).
 * `Core.queue_position(job_id) -> int | None` — jobs ahead (0 = next), None when not queued.
 * `await Core.wait_for_job(job_id, timeout_s) -> JobRecord` — for sync modes; returns the record as it is
   when the timeout hits (check `.terminal`).
 * `Core.output_urls(job, base_url) -> list[dict]` — `{kind, url, file, content_type, size, …}` per output,
-  video first. `Core.output_path(job, output) -> Path`, `Core.file_url(base, kind, ident, name)`.
+  video first. `Core.output_path(job, output) -> Path`, `Core.file_url(base, kind, ident, name, owner)`:
+  with keys configured, file URLs are capability URLs (`…/<id>/<token>/<name>`, see `Core.file_token`).
 * `Core.resolve_input_reference(value, field, base_url, expected)` — the submit-time rule for one media
   reference (used by create_job); `server.inputs` holds the download/sniff helpers the worker uses.
 * `Core.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
@@ -39,8 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import logging
+import os
+import re
 import secrets
 import shutil
 import time
@@ -79,8 +85,12 @@ TINY_NOTE = "served by the tiny random-weight smoke model: the output is noise, 
 
 __all__ = [
     "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "ApiError", "Core", "Failure", "JobRecord",
-    "get_core", "iso_time", "map_exception", "read_body", "require_auth", "user_field", "validation_error",
+    "get_core", "iso_time", "map_exception", "owner_of_key", "read_body", "request_owner", "require_auth",
+    "user_field", "validation_error",
 ]
+
+#: Job and upload ids as we issue them (`store.new_id`); anything else is unknown without a lookup.
+_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 # ---- errors -------------------------------------------------------------------------------------------
@@ -118,6 +128,8 @@ def user_field(name: str, field_names: dict[str, str] | None) -> str:
     if not field_names:
         return name
     n = name.removeprefix("inputs.")
+    if n in field_names:  # an exact entry wins (WaveSpeed's `image` is appended to reference_images)
+        return field_names[n]
     head, sep, rest = n.partition("[")
     head_dot, dot, tail = head.partition(".")
     mapped = field_names.get(head_dot, head_dot)
@@ -209,6 +221,17 @@ def require_auth(request: Request) -> None:
                        error_type="unauthorized")
     if not core.key_ok(key.strip()):
         raise ApiError(401, "invalid API key", error_type="unauthorized")
+    request.state.owner = owner_of_key(key.strip())
+
+
+def owner_of_key(key: str) -> str:
+    """What a job records as its owner: a hash of the API key, never the key itself."""
+    return hashlib.sha256(b"vace-local job owner\0" + key.encode()).hexdigest()
+
+
+def request_owner(request: Request) -> str | None:
+    """The owner id `require_auth` found for this request (None when no keys are configured)."""
+    return getattr(request.state, "owner", None)
 
 
 async def read_body(request: Request) -> bytearray:
@@ -244,6 +267,7 @@ class Core:
         self.storage = make_storage(settings)
         self._keys = [k.encode() for k in settings.api_keys]
         self._depth: tuple[float, int] = (-1e9, 0)
+        self._file_secret: bytes | None = self._load_file_secret() if settings.auth_enabled else None
         #: Slow blocking work gets its own few threads (see `run_slow`); shut down with the app.
         self.slow_pool = ThreadPoolExecutor(max_workers=settings.slow_work_threads, thread_name_prefix="vace-slow")
 
@@ -270,9 +294,58 @@ class Core:
         scheme = "https" if self.settings.ssl_certfile else "http"
         return f"{scheme}://{self.settings.host}:{self.settings.port}"
 
-    @staticmethod
-    def file_url(base: str, kind: str, ident: str, name: str) -> str:
+    def file_url(self, base: str, kind: str, ident: str, name: str, owner: str | None = None) -> str:
+        """A served file's URL; with keys configured a capability URL (`/files/<kind>/<id>/<token>/<name>`) that a
+        plain GET may fetch, because the hosted APIs' clients download results without an Authorization header.
+        The token is a path segment, so the URL still ends with the file name (clients take the extension)."""
+        if self.settings.auth_enabled:
+            return f"{base}/files/{kind}/{ident}/{self.file_token(kind, ident, owner)}/{name}"
         return f"{base}/files/{kind}/{ident}/{name}"
+
+    def file_token(self, kind: str, ident: str, owner: str | None) -> str:
+        """Unguessable token for one job's outputs or one upload, bound to its owner (HMAC with a secret kept
+        in the data dir, so URLs survive restarts; delete `file-url.secret` to revoke every file URL)."""
+        if self._file_secret is None:
+            self._file_secret = self._load_file_secret()
+        msg = f"{kind}/{ident}/{owner or '-'}".encode()
+        return hmac.new(self._file_secret, msg, hashlib.sha256).hexdigest()[:40]
+
+    def _load_file_secret(self) -> bytes:
+        """Read the data dir's secret, creating it atomically (written aside, then hard-linked into place) so
+        concurrent API processes never read a half-written one."""
+        path = self.data_dir / "file-url.secret"
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won; use its secret
+            finally:
+                tmp.unlink()
+        return path.read_bytes()
+
+    def _file_owner(self, kind: str, ident: str) -> tuple[bool, str | None]:
+        """(exists, owner) of the job (outputs) or upload a served file belongs to."""
+        if kind == "uploads":
+            up = self.store.get_upload(ident)
+            return up is not None, (up or {}).get("owner")
+        job = self.store.get_job(ident)
+        return job is not None, job.owner if job else None
+
+    def may_read_file(self, kind: str, ident: str, *, owner: str | None, token: str | None) -> bool:
+        """Whether a request may read a served file: always without keys; else with the file's capability
+        token, or as the key that owns it (files made without keys: any key)."""
+        if not self.settings.auth_enabled:
+            return True
+        exists, file_owner = self._file_owner(kind, ident)
+        if not exists:
+            return False
+        if token and hmac.compare_digest(token.encode(), self.file_token(kind, ident, file_owner).encode()):
+            return True
+        return owner is not None and file_owner in (None, owner)
 
     def output_path(self, job: JobRecord, output: dict[str, Any]) -> Path:
         return safety.safe_data_path(self.data_dir, "outputs", job.id, output["file"])
@@ -280,7 +353,7 @@ class Core:
     def output_urls(self, job: JobRecord, base: str) -> list[dict[str, Any]]:
         if job.status != SUCCEEDED:
             return []
-        return [dict(o, url=self.file_url(base, "outputs", job.id, o["file"])) for o in job.outputs]
+        return [dict(o, url=self.file_url(base, "outputs", job.id, o["file"], job.owner)) for o in job.outputs]
 
     def own_netlocs(self, base: str) -> set[str]:
         locs = {urlsplit(base).netloc.lower()}
@@ -292,30 +365,33 @@ class Core:
 
     # -- inputs --
 
-    def resolve_input_reference(self, value: str, field_name: str, base: str, expected: safety.Kind) -> str:
+    def resolve_input_reference(self, value: str, field_name: str, base: str, expected: safety.Kind,
+                                owner: str | None = None) -> str:
         """Submit-time rule for one media reference; returns what the worker will resolve.
 
         data URI → decoded, content-checked and stored as an upload (local path); our own `/files/…` URL →
         local path (must exist, no traversal); other http(s) URL → kept after a literal-host check (the
-        worker re-checks DNS and downloads with limits); anything else → InputError.
+        worker re-checks DNS and downloads with limits); anything else → InputError. With keys configured, our
+        own file URLs must carry their token or belong to `owner` (another key's file is "not found").
         """
         v = value.strip()
         if v.lower().startswith("data:"):
-            return str(self._store_data_uri(v, field_name, expected))
+            return str(self._store_data_uri(v, field_name, expected, owner))
         parts = urlsplit(v)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise InputError(field_name, "must be an http(s) URL, a data URI or a file uploaded to this server")
         if parts.netloc.lower() in self.own_netlocs(base):  # other hosts' /files/… (e.g. CDNs) are just URLs
             ref = safety.parse_file_url_path(parts.path, field_name)
             if ref is not None:
-                kind, ident, name = ref
+                kind, ident, name, token = ref
                 path = safety.safe_data_path(self.data_dir, kind, ident, name)
                 present = self.storage.fetch(f"{kind}/{ident}/{name}") is not None  # another box's file too
+                readable = self.may_read_file(kind, ident, owner=owner, token=token)
                 if kind == "uploads":
                     up = self.store.get_upload(ident)
-                    if up is None or up["completed_at"] is None or not present:
+                    if up is None or up["completed_at"] is None or not present or not readable:
                         raise InputError(field_name, "uploaded file not found (expired or never completed)")
-                elif not present:
+                elif not present or not readable:
                     raise InputError(field_name, "file not found on this server")
                 safety.check_file(path, field_name, expected)
                 return str(path)
@@ -325,17 +401,18 @@ class Core:
                              "(allow-list it with VACE_ALLOWED_HOSTS)")
         return v
 
-    def _prepare_inputs(self, spec_inputs: JobInputs, base: str, field_names: dict[str, str] | None) -> JobInputs:
+    def _prepare_inputs(self, spec_inputs: JobInputs, base: str, field_names: dict[str, str] | None,
+                        owner: str | None = None) -> JobInputs:
         out: dict[str, Any] = {}
         for name, expected in safety.FIELD_KINDS.items():
             val = getattr(spec_inputs, name)
             if name == "reference_images":
                 out[name] = [
-                    self.resolve_input_reference(v, user_field(f"{name}[{i}]", field_names), base, expected)
+                    self.resolve_input_reference(v, user_field(f"{name}[{i}]", field_names), base, expected, owner)
                     for i, v in enumerate(val)
                 ]
             elif val:
-                out[name] = self.resolve_input_reference(val, user_field(name, field_names), base, expected)
+                out[name] = self.resolve_input_reference(val, user_field(name, field_names), base, expected, owner)
             else:
                 out[name] = val
         return JobInputs.model_construct(**out)
@@ -379,6 +456,7 @@ class Core:
         field_names: dict[str, str] | None = None,
         logs: Iterable[str] = (),
         priority: int = 0,
+        owner: str | None = None,
     ) -> JobRecord:
         """Validate inputs, store the job as queued and return its record (see module docstring)."""
         if self._queue_depth() >= self.settings.max_queue:
@@ -386,7 +464,7 @@ class Core:
                            error_type="queue_full")
         lines = list(logs)
         try:
-            resolved = self._prepare_inputs(spec.inputs, base_url, field_names)
+            resolved = self._prepare_inputs(spec.inputs, base_url, field_names, owner)
         except InputError as e:
             raise ApiError(400, f"{e.field}: {e.message}", field=e.field, error_type="invalid_input") from None
         spec = spec.model_copy(update={"inputs": resolved})
@@ -398,7 +476,7 @@ class Core:
         ex["base_url"] = base_url
         lines.insert(0, f"queued via {dialect} as '{model_id}' (served by {self.settings.model})")
         job = self.store.insert_job(dialect=dialect, model=model_id, spec=spec.model_dump(mode="json"),
-                                    extra=ex, webhook_url=webhook_url, priority=priority, logs=lines)
+                                    extra=ex, webhook_url=webhook_url, priority=priority, logs=lines, owner=owner)
         self._depth = (self._depth[0], self._depth[1] + 1)
         return job
 
@@ -427,13 +505,17 @@ class Core:
             raise ApiError(400, f"{field_name}: URL host '{parts.hostname}' {problem}; refused "
                            "(allow-list it with VACE_ALLOWED_HOSTS)", field=field_name)
 
-    def get_job(self, job_id: str, *, with_logs: bool = False) -> JobRecord | None:
-        if not job_id or len(job_id) > 64:
+    def get_job(self, job_id: str, *, with_logs: bool = False, owner: str | None = None) -> JobRecord | None:
+        """The job, or None when the id is malformed, unknown, or (given `owner`) another key's job."""
+        if not _ID_RE.fullmatch(job_id or ""):
             return None
-        return self.store.get_job(job_id, with_logs=with_logs)
+        job = self.store.get_job(job_id, with_logs=with_logs)
+        if job is None or (owner is not None and job.owner not in (None, owner)):
+            return None
+        return job
 
-    def cancel_job(self, job_id: str) -> JobRecord | None:
-        if self.store.request_cancel(job_id) is None:
+    def cancel_job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        if self.get_job(job_id, owner=owner) is None or self.store.request_cancel(job_id) is None:
             return None
         return self.store.get_job(job_id)
 
@@ -460,7 +542,7 @@ class Core:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _store_data_uri(self, uri: str, field_name: str, expected: safety.Kind) -> Path:
+    def _store_data_uri(self, uri: str, field_name: str, expected: safety.Kind, owner: str | None = None) -> Path:
         """Decode a data URI straight into a new upload (streamed: never the whole payload decoded in memory);
         its content is checked against the field's kind before it is recorded."""
         uid = new_id()
@@ -476,23 +558,26 @@ class Core:
             raise
         self.storage.publish(f"uploads/{uid}/{name}", safety.mime_of(ext))
         self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=safety.mime_of(ext),
-                                 size=size, path=f"uploads/{uid}/{name}", completed=True)
+                                 size=size, path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return path
 
-    async def save_upload(self, chunks: AsyncIterator[bytes], filename: str,
-                          content_type: str | None) -> UploadInfo:
-        """Stream an upload to disk under the size limit (413 beyond it); returns where it lives."""
+    async def save_upload(self, chunks: AsyncIterator[bytes], filename: str, content_type: str | None, *,
+                          owner: str | None = None, field_name: str = "file",
+                          max_bytes: int | None = None) -> UploadInfo:
+        """Stream an upload to disk under the size limit (413 naming `field_name` beyond it; default: the upload
+        limit); returns where it lives."""
         uid = new_id()
         name = safety.sanitize_filename(filename or "upload")
         path = self._upload_dir(uid) / name
-        size = await self._write_stream(chunks, path)
+        size = await self._write_stream(chunks, path, field_name, max_bytes)
         await asyncio.to_thread(self.storage.publish, f"uploads/{uid}/{name}", content_type)
         self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=content_type, size=size,
-                                 path=f"uploads/{uid}/{name}", completed=True)
+                                 path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return UploadInfo(uid, name, size, content_type, path, self._media_kind(path))
 
-    async def _write_stream(self, chunks: AsyncIterator[bytes], path: Path) -> int:
-        limit = self.settings.max_upload_bytes
+    async def _write_stream(self, chunks: AsyncIterator[bytes], path: Path, field_name: str = "file",
+                            max_bytes: int | None = None) -> int:
+        limit = max_bytes or self.settings.max_upload_bytes
         size = 0
         tmp = path.with_name(path.name + ".part")
         try:
@@ -500,7 +585,7 @@ class Core:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > limit:
-                        raise ApiError(413, f"file: upload exceeds the {limit} byte limit", field="file",
+                        raise ApiError(413, f"{field_name}: upload exceeds the {limit} byte limit", field=field_name,
                                        error_type="too_large")
                     f.write(chunk)
             if size == 0:
@@ -517,7 +602,8 @@ class Core:
         with open(path, "rb") as f:
             return safety.kind_of(safety.sniff(f.read(512)))
 
-    def create_upload_ticket(self, filename: str, size: int | None, content_type: str | None) -> UploadInfo:
+    def create_upload_ticket(self, filename: str, size: int | None, content_type: str | None,
+                             owner: str | None = None) -> UploadInfo:
         """Reserve an upload id + secret token for a later `receive_upload` (the SDK's PUT flow)."""
         if size is not None and size > self.settings.max_upload_bytes:
             raise ApiError(413, f"size: {size} bytes exceeds the {self.settings.max_upload_bytes} byte limit",
@@ -526,7 +612,7 @@ class Core:
         token = secrets.token_urlsafe(24)
         name = safety.sanitize_filename(filename or "upload")
         self.store.insert_upload(upload_id=uid, token=token, filename=name, content_type=content_type,
-                                 size=size, path=f"uploads/{uid}/{name}", completed=False)
+                                 size=size, path=f"uploads/{uid}/{name}", completed=False, owner=owner)
         return UploadInfo(uid, name, size or 0, content_type, self.data_dir / "uploads" / uid / name, token=token)
 
     async def receive_upload(self, upload_id: str, token: str, chunks: AsyncIterator[bytes]) -> UploadInfo:

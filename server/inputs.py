@@ -29,6 +29,8 @@ from typing import Literal
 from urllib.parse import unquote
 
 from vace_local.errors import InputError
+from vace_local.inputs import DATA_URI_RE as _DATA_RE
+from vace_local.inputs import data_uri_bytes
 
 Kind = Literal["image", "video"]
 
@@ -45,6 +47,8 @@ FIELD_KINDS: dict[str, Kind] = {
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FILE_KINDS = ("uploads", "outputs")
+#: The capability token a file URL carries when keys are configured (`Core.file_token`).
+FILE_TOKEN_RE = re.compile(r"^[0-9a-f]{40}$")
 
 _EXT = {
     "png": ("image", "image/png"), "jpeg": ("image", "image/jpeg"), "gif": ("image", "image/gif"),
@@ -217,28 +221,10 @@ def check_host(host: str, port: int, field: str, allowed: list[str]) -> None:
 
 # ---- data URIs and our own file URLs -----------------------------------------------------------------
 
-_DATA_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
-                      re.IGNORECASE)
-
-
 def decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
-    """Decode a `data:[mime][;base64],payload` URI; InputError names the field on any problem."""
-    m = _DATA_RE.match(uri[:512])
-    if not m:
-        raise InputError(field, "malformed data URI (expected data:<mime>;base64,<payload>)")
-    payload = uri[m.end():]
-    if len(payload) * 3 // 4 > max_bytes:
-        raise InputError(field, f"data URI is larger than the {max_bytes} byte limit")
-    if m.group("b64"):
-        try:
-            data = base64.b64decode(payload.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise InputError(field, "data URI payload is not valid base64") from None
-    else:
-        data = unquote(payload).encode("latin-1", errors="replace")
-    if not data:
-        raise InputError(field, "data URI is empty")
-    return data
+    """Decode a `data:[mime][;base64],payload` URI (the CLI's decoder, one set of rules); InputError names
+    the field on any problem, and `max_bytes` bounds the decoded bytes."""
+    return data_uri_bytes(uri, field, max_bytes)[1]
 
 
 #: Base64 characters decoded per step when a data URI is streamed to disk (a multiple of 4).
@@ -277,17 +263,19 @@ def write_data_uri(uri: str, field: str, max_bytes: int, dest: Path) -> int:
     return size
 
 
-def parse_file_url_path(path: str, field: str) -> tuple[str, str, str] | None:
-    """`/files/<kind>/<id>/<name>` → (kind, id, name); None if not a files path; InputError if unsafe."""
+def parse_file_url_path(path: str, field: str) -> tuple[str, str, str, str | None] | None:
+    """`/files/<kind>/<id>[/<token>]/<name>` → (kind, id, name, token or None); None if not a files path;
+    InputError if unsafe."""
     raw = path
     if not raw.startswith("/files/"):
         return None
     decoded = unquote(raw)
     parts = decoded.split("/")[2:]
+    token = parts.pop(2) if len(parts) == 4 and FILE_TOKEN_RE.match(parts[2]) else None
     if (".." in parts or "\\" in decoded or "\x00" in decoded or len(parts) != 3
             or parts[0] not in FILE_KINDS or not _ID_RE.match(parts[1]) or not _NAME_RE.match(parts[2])):
         raise InputError(field, "file URL path is not a valid file of this server (path traversal refused)")
-    return parts[0], parts[1], parts[2]
+    return parts[0], parts[1], parts[2], token
 
 
 def safe_data_path(data_dir: Path, kind: str, ident: str, name: str) -> Path:

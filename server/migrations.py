@@ -59,6 +59,9 @@ MIGRATIONS: list[Migration] = [
     Migration(1, "baseline: jobs, job_logs, workers, uploads, stage_stats", _baseline),
     Migration(2, "worker leases: jobs.lease_expires_at",
               lambda c: add_column(c, "jobs", sa.Column("lease_expires_at", sa.Float))),
+    Migration(3, "owners: jobs.owner, uploads.owner (hash of the creating API key; NULL for older rows)",
+              lambda c: (add_column(c, "jobs", sa.Column("owner", sa.String(64))),
+                         add_column(c, "uploads", sa.Column("owner", sa.String(64))))),
 ]
 LATEST = MIGRATIONS[-1].version
 

@@ -51,7 +51,7 @@ async def page() -> FileResponse:
                 summary="vace-local extension: live progress, log lines and previews of a prediction")
 async def progress(request_id: str, request: Request, since: int = Query(0, ge=0),
                    core: Core = Depends(get_core)) -> dict[str, Any]:
-    job = await asyncio.to_thread(wavespeed._job_or_404, core, request_id)
+    job = await asyncio.to_thread(wavespeed._job_or_404, core, request_id, request)
     full = await asyncio.to_thread(core.get_job, job.id, with_logs=True)
     job = full or job
     position = await asyncio.to_thread(core.queue_position, job.id)

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     #: Accepted API keys (comma-separated in env). Empty: no auth and the server binds to localhost only.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: With keys configured, every route but /health needs one; these open /metrics and the docs
+    #: (/docs, /redoc, /openapi.json) to callers without a key.
+    public_metrics: bool = False
+    public_docs: bool = False
     #: Base of every URL we hand out (outputs, uploads, urls.get); default: derived from each request.
     public_base_url: str | None = None
     #: Hosts / IPs / CIDRs that input URLs and webhooks may reach even when they are private or loopback.
@@ -106,6 +110,10 @@ class Settings(BaseSettings):
     cfg_batch: bool = False
     compile: bool = False
     fp8: Literal["none", "storage", "linear"] = "none"
+    #: Ranks per job (vace_local.parallel): each worker is a group of this many GPUs (CPU: gloo ranks) that runs
+    #: one job at a time, split CFG-parallel (when even and `cfg_parallel`) × Ulysses sequence-parallel.
+    gpus_per_job: int = Field(1, ge=1, le=64)
+    cfg_parallel: bool = True
     #: LoRAs fused at load, `PATH[:scale[:steps[:guidance[:shift]]]]` (comma-separated in env).
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: TEST/LAPTOP ONLY, effective only with `model=tiny`: cap width/height (keeping aspect) and frame count
@@ -116,8 +124,25 @@ class Settings(BaseSettings):
     #: API model id or family → served model, e.g. `{"wan2.2-vace-fun-a14b": "wan2.1-vace-14b"}` to answer the
     #: AI/ML Wan 2.2 ids with Wan 2.1 VACE (env `VACE_MODEL_MAP` as JSON). Unmapped ids of another model → 4xx.
     model_map: dict[str, str] = Field(default_factory=dict)
+    # -- safety checker and prompt expander (run in the worker when a request asks; see README) --
+    #: Image classifier for `enable_safety_checker`: Hub repo id (`vace-local download safety`) or local dir.
+    safety_model: str = "Falconsai/nsfw_image_detection"
+    #: report: only flag (has_nsfw_contents); replace: a flagged output becomes a black video of the same shape.
+    safety_policy: Literal["report", "replace"] = "report"
+    #: Also classify input images (reference / first / last); a flagged input flags the output.
+    safety_check_inputs: bool = False
+    #: Labels of the classifier that mean flagged (comma-separated); empty: derived from the model's id2label.
+    safety_flagged_labels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    safety_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    #: Output frames sampled (evenly) per job.
+    safety_frames: int = Field(8, ge=1, le=256)
+    #: Instruction LM for `enable_prompt_expansion`: Hub repo id (`vace-local download prompt-expander`) or dir.
+    prompt_expander_model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    prompt_expander_max_new_tokens: int = Field(200, ge=16, le=1024)
+    #: Keep the expander on the GPU between jobs (default: moved to the CPU after each use).
+    prompt_expander_keep_on_gpu: bool = False
 
-    @field_validator("api_keys", "allowed_hosts", "loras", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "loras", "safety_flagged_labels", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
@@ -155,7 +180,34 @@ class Settings(BaseSettings):
             device=device, dtype=self.dtype, offload=self.offload, attention=self.attention,
             cfg_batch=self.cfg_batch, compile=self.compile, fp8_storage=self.fp8 == "storage",
             fp8_linear=self.fp8 == "linear", loras=tuple(LoraOption.parse(x) for x in self.loras),
+            aux_bytes=self.aux_gpu_bytes() if device != "cpu" else 0,
         )
+
+    def safety_options(self, device: str):  # noqa: ANN201 - vace_local.safety_check.SafetyOptions (worker only)
+        from vace_local.safety_check import SafetyOptions
+
+        return SafetyOptions(model=self.safety_model, policy=self.safety_policy, check_inputs=self.safety_check_inputs,
+                             flagged_labels=tuple(self.safety_flagged_labels), threshold=self.safety_threshold,
+                             frames=self.safety_frames, device=device)
+
+    def expander_options(self, device: str):  # noqa: ANN201 - vace_local.prompt_expand.ExpanderOptions
+        from vace_local.prompt_expand import ExpanderOptions
+
+        return ExpanderOptions(model=self.prompt_expander_model, max_new_tokens=self.prompt_expander_max_new_tokens,
+                               keep_on_gpu=self.prompt_expander_keep_on_gpu, device=device)
+
+    def aux_gpu_bytes(self) -> int:
+        """Weight bytes of the installed helper models, for the `auto` memory policy (0 when not installed)."""
+        from vace_local.errors import ModelNotFoundError
+        from vace_local.models import resolve_aux_model, weights_bytes
+
+        total = 0
+        for model_id, name in ((self.safety_model, "safety"), (self.prompt_expander_model, "prompt-expander")):
+            try:
+                total += weights_bytes(resolve_aux_model(model_id, name))
+            except ModelNotFoundError:
+                pass
+        return total
 
     @property
     def is_tiny(self) -> bool:

@@ -67,6 +67,9 @@ jobs = sa.Table(
     sa.Column("webhook_next_at", sa.Float),
     #: Until when the claiming worker owns the running job (renewed by its heartbeat); schema version 2.
     sa.Column("lease_expires_at", sa.Float),
+    #: Hash of the API key that created the job (`server.core.owner_of_key`); NULL = created without keys.
+    #: Schema version 3.
+    sa.Column("owner", sa.String(64)),
     sa.Index("ix_jobs_queue", "status", "priority", "created_at"),
     sa.Index("ix_jobs_webhook", "webhook_status", "webhook_next_at"),
     sa.Index("ix_jobs_finished", "finished_at"),
@@ -111,6 +114,7 @@ uploads = sa.Table(
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("completed_at", sa.Float),
+    sa.Column("owner", sa.String(64)),
 )
 
 stage_stats = sa.Table(
@@ -157,6 +161,7 @@ class JobRecord:
     webhook_attempts: int
     webhook_next_at: float | None
     lease_expires_at: float | None = None
+    owner: str | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -228,6 +233,7 @@ class Store:
         priority: int = 0,
         job_id: str | None = None,
         logs: list[str] | None = None,
+        owner: str | None = None,
     ) -> JobRecord:
         """Insert a queued job (and its first log lines) in one transaction; returns the new record."""
         now = time.time()
@@ -237,7 +243,7 @@ class Store:
             "outputs": [], "result": None, "error": None, "error_type": None, "timings": {}, "created_at": now,
             "started_at": None, "finished_at": None, "updated_at": now, "attempts": 0, "worker_id": None,
             "heartbeat_at": None, "cancel_requested": False, "webhook_url": webhook_url, "webhook_status": None,
-            "webhook_attempts": 0, "webhook_next_at": None,
+            "webhook_attempts": 0, "webhook_next_at": None, "owner": owner,
         }
         with self.engine.begin() as c:
             c.execute(jobs.insert(), row)
@@ -531,12 +537,12 @@ class Store:
     # ---- uploads -------------------------------------------------------------------------------------
 
     def insert_upload(self, *, upload_id: str, token: str, filename: str, content_type: str | None,
-                      size: int | None, path: str, completed: bool) -> None:
+                      size: int | None, path: str, completed: bool, owner: str | None = None) -> None:
         now = time.time()
         with self.engine.begin() as c:
             c.execute(uploads.insert().values(id=upload_id, token=token, filename=filename,
                                               content_type=content_type, size=size, path=path, created_at=now,
-                                              completed_at=now if completed else None))
+                                              completed_at=now if completed else None, owner=owner))
 
     def get_upload(self, upload_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as c:

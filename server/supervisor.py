@@ -1,7 +1,9 @@
 """Spawns and supervises the worker processes (multiprocessing 'spawn'), from a thread of the API process.
 
 * `workers=auto`: one worker per visible GPU (counted without torch: `CUDA_VISIBLE_DEVICES`, else
-  `nvidia-smi -L`), one CPU worker when there is none.
+  `nvidia-smi -L`), one CPU worker when there is none. With `gpus_per_job=N` a worker is a group of N GPUs
+  (8 GPUs, N=2 → four groups "0,1" … "6,7"); its process is rank 0 and starts the other ranks itself
+  (vace_local.parallel), so a group is supervised, restarted and re-queued like one worker.
 * Leases: a running job belongs to the worker whose heartbeat keeps renewing its lease. Every instance sharing
   the store checks for expired leases and recovers those jobs (re-queued once, then failed), its own or
   another's; the conditional update makes exactly one recovery win. At start, an instance recovers at once
@@ -46,9 +48,17 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def plan_workers(setting: str) -> list[str | None]:
-    """One entry per worker: a GPU index, or None for a CPU worker."""
+def plan_workers(setting: str, gpus_per_job: int = 1) -> list[str | None]:
+    """One entry per worker: its GPU indices ("0" or, for a group, "0,1"), or None for a CPU worker."""
     gpus = visible_gpus()
+    if gpus_per_job > 1 and gpus:
+        if len(gpus) < gpus_per_job:
+            raise ValueError(f"gpus_per_job={gpus_per_job} but only {len(gpus)} GPU(s) are visible")
+        if len(gpus) % gpus_per_job:
+            log.warning("%d GPUs do not split into groups of %d: %d left idle", len(gpus), gpus_per_job,
+                        len(gpus) % gpus_per_job)
+        n = len(gpus) // gpus_per_job
+        gpus = [",".join(gpus[i * gpus_per_job:(i + 1) * gpus_per_job]) for i in range(n)]
     if setting == "auto":
         return list(gpus) if gpus else [None]
     n = int(setting)
@@ -74,7 +84,7 @@ class Supervisor:
         self.settings = settings
         self.store = store
         self.instance = instance
-        self.slots = [Slot(i, g) for i, g in enumerate(plan_workers(settings.workers))]
+        self.slots = [Slot(i, g) for i, g in enumerate(plan_workers(settings.workers, settings.gpus_per_job))]
         #: Distinguishes this run's worker ids from a previous run's (the instance id is the same).
         self.run_id = uuid.uuid4().hex[:8]
         self._stop = threading.Event()
@@ -193,4 +203,5 @@ def _describe_exit(code: int | None) -> str:
             return f"killed by signal {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    return {3: "model failed to load", 4: "restart after GPU out-of-memory"}.get(code, f"exit code {code}")
+    return {3: "model failed to load", 4: "restart after GPU out-of-memory",
+            6: "a rank of its parallel group failed; restarting the group"}.get(code, f"exit code {code}")

@@ -32,6 +32,7 @@ log = logging.getLogger("vace.worker")
 
 EXIT_LOAD_FAILED = 3
 EXIT_RESTART = 4
+EXIT_GROUP_FAILED = 6
 #: Fraction of overall progress at the start of each stage; `generate` spans the steps.
 _STAGE_START = {"load": 0.0, "fetch": 0.02, "preprocess": 0.05, "generate": 0.1, "encode": 0.95, "done": 1.0}
 
@@ -56,6 +57,8 @@ class Worker:
         self.current: JobRecord | None = None
         self.shutdown = threading.Event()
         self.engine: Any = None
+        self.group: Any = None  # vace_local.parallel.Group when gpus_per_job > 1 (this process is rank 0)
+        self._group_lock = threading.Lock()
         self._last_cancel_check = 0.0
         self._cancel_cached = False
 
@@ -104,11 +107,38 @@ class Worker:
         self.store.upsert_worker(self.id, pid=os.getpid(), status="loading",
                                  message=f"loading {self.settings.model}")
         device = "cuda" if self.args.gpu is not None else "cpu"
-        self.engine = get_engine(self.settings.model, self.settings.engine_options(device))
+        if self.settings.gpus_per_job > 1:
+            from vace_local.parallel import Group
+
+            self.group = Group.for_worker(self.settings.model, self.settings.engine_options(device),
+                                          self.settings.gpus_per_job, cfg=self.settings.cfg_parallel)
+            self.engine = self.group.engine
+            threading.Thread(target=self._watch_group, daemon=True, name="group-watch").start()
+        else:
+            self.engine = get_engine(self.settings.model, self.settings.engine_options(device))
         desc = self.engine.describe()
         msg = "tiny random-weight model loaded (outputs are noise)" if self.engine.is_tiny else "model loaded"
         self.store.upsert_worker(self.id, status="ready", message=msg, info={"engine": desc, **self._gpu_info()})
         log.info("worker %s ready: %s", self.id, desc)
+
+    def _watch_group(self) -> None:
+        while not self.shutdown.is_set():
+            reason = self.group.dead_rank()
+            if reason:
+                self._group_failed(reason)
+            time.sleep(0.25)
+
+    def _group_failed(self, reason: str) -> None:
+        """A rank is gone or out of step: fail the running job with the reason, exit so the group restarts."""
+        with self._group_lock:  # the watcher and the job thread may both get here; the first one exits
+            msg = f"the parallel group failed: {reason}"
+            job = self.current
+            if job is not None:
+                self.store.finish_job(job.id, self.id, status=FAILED, error=msg, error_type="internal_error")
+                self.store.add_log(job.id, f"{FAILED}: {msg}", level="error", source="worker")
+            self.store.upsert_worker(self.id, status="dead", message=msg)
+            log.error("%s; restarting the group", msg)
+            os._exit(EXIT_GROUP_FAILED)
 
     def run_forever(self) -> None:
         idle = 0.05
@@ -217,8 +247,12 @@ class Worker:
             t = time.perf_counter()
             spec = self.resolve_inputs(spec, work / "inputs", fields)
             resolve_s = time.perf_counter() - t
+            device = self.engine.device
             result = run_job(spec, out_dir, engine=self.engine, on_progress=self._progress_fn(job),
-                             should_cancel=self.should_cancel)
+                             should_cancel=self.should_cancel, safety=self.settings.safety_options(device),
+                             expander=self.settings.expander_options(device))
+            for note in result.notes:
+                self.store.add_log(job.id, note, source="worker")
             outputs = [{"kind": "video", "file": result.video_path.name, "content_type": "video/mp4",
                         "size": result.video_path.stat().st_size}]
             for key, p in result.extras.items():
@@ -230,7 +264,8 @@ class Worker:
             timings["fetch"] = timings.get("fetch", 0.0) + resolve_s
             info = {"seed": result.seed, "width": result.width, "height": result.height,
                     "num_frames": result.num_frames, "fps": result.fps, "model": result.model,
-                    "tiny": result.tiny}
+                    "tiny": result.tiny, "prompt": result.prompt, "safety": result.safety,
+                    "prompt_expansion": result.prompt_expansion}
             for o in outputs:  # written once, then any box can serve them
                 self.storage.publish(f"outputs/{job.id}/{o['file']}", o["content_type"])
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
@@ -245,6 +280,8 @@ class Worker:
                 return
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
+            if self.group is not None and self.group.engine.broken:  # peers are out of step: restart the group
+                self._group_failed(self.group.wait_dead_rank(2.0) or self.group.engine.broken)
             failure = map_exception(exc, fields)
             if failure.error_type == "internal_error":
                 log.exception("job %s failed", job.id)

@@ -28,6 +28,9 @@ def _has_cuda() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _has_cuda():
         return
+    if os.environ.get("VACE_REQUIRE_CUDA") == "1":  # set by scripts/device_check.sh: a skip would hide a broken GPU
+        pytest.exit("VACE_REQUIRE_CUDA=1 but CUDA is not available (torch.cuda.is_available() is False)",
+                    returncode=2)
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:

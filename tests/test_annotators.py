@@ -46,8 +46,9 @@ def test_control_tasks_on_tiny_weights(tiny_dir, video, monkeypatch, task):
     real = b.frames[:9]
     if task.startswith("depth"):
         assert b.info["annotator"].startswith("transformers:")
-        # per-frame min-max: each frame spans exactly 0..1, gray (3 equal channels)
-        assert np.allclose(real.min(axis=(1, 2, 3)), 0) and np.allclose(real.max(axis=(1, 2, 3)), 1)
+        # min-max normalised on the model's map of the whole source frame, then resized to the frame: within
+        # 0..1 and not flat (the exact values are checked with a ramp model in test_tracking_depth_rules.py)
+        assert real.min() >= 0 and real.max() <= 1 and np.all(real.max(axis=(1, 2, 3)) > real.min(axis=(1, 2, 3)))
         assert np.array_equal(real[..., 0], real[..., 2])
     else:
         assert b.info["annotator"] == "dwpose-onnx"

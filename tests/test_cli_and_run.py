@@ -162,3 +162,31 @@ def test_tiny_model_runs_annotator_tasks_on_tiny_annotators(tmp_path: Path, fixt
     import os
 
     assert Path(os.environ["VACE_ANNOTATORS_DIR"]).is_dir()
+
+
+def test_cancel_lands_inside_preprocessing_frame_loop(tmp_path: Path, fixtures_dir: Path) -> None:
+    """A cancel sent while frames are being decoded / annotated stops the run there, not after preprocessing."""
+    import time
+    import traceback
+
+    from vace_local.events import Progress
+
+    state: dict[str, float] = {}
+
+    def on_progress(p: Progress) -> None:
+        if p.stage == "preprocess":
+            state.setdefault("preprocess_at", time.monotonic())
+
+    def should_cancel() -> bool:
+        if "preprocess_at" in state and "cancel_at" not in state:
+            state["cancel_at"] = time.monotonic()  # the user presses cancel as preprocessing starts
+        return "cancel_at" in state
+
+    spec = JobSpec(**{**SMALL, "num_frames": 81}, seed=1, task="depth",
+                   inputs={"video": str(fixtures_dir / "wan22" / "talking_person.mp4")})
+    with pytest.raises(JobCancelled) as err:
+        run_job(spec, tmp_path, on_progress=on_progress, should_cancel=should_cancel)
+    frames = [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+    assert "iter_frames" in frames, frames  # raised from the frame loop, not from the check after build_bundle
+    assert time.monotonic() - state["cancel_at"] < 2.0
+    assert list(tmp_path.iterdir()) == []

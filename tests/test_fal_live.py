@@ -59,7 +59,8 @@ def _wait_ready(base: str, cert: Path, proc: subprocess.Popen, timeout: float = 
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"{base}/ready", verify=_ctx(cert), timeout=2).status_code == 200:
+            r = httpx.get(f"{base}/ready", headers={"Authorization": f"Key {KEY}"}, verify=_ctx(cert), timeout=2)
+            if r.status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -170,11 +170,14 @@ def test_rife_is_used_when_its_weights_exist_else_served_by_flow(tmp_path, monke
     assert tr("pose", video_url=VID, interpolator_model="rife").spec.temporal.interpolator == "rife"
 
 
-def test_sync_mode_and_ignored_fields():
-    t = tr("pose", video_url=VID, sync_mode=True, acceleration="none", enable_safety_checker=True)
+def test_sync_mode_safety_and_expansion_fields():
+    t = tr("pose", video_url=VID, sync_mode=True, acceleration="none", enable_safety_checker=True,
+           enable_prompt_expansion=True)
     assert t.sync_mode is True
-    assert t.ignored["enable_safety_checker"] is True
-    assert t.spec.acceleration == "none" and "acceleration" not in t.ignored
+    assert t.spec.enable_safety_checker is True and t.spec.enable_prompt_expansion is True
+    assert t.spec.acceleration == "none" and not t.ignored
+    plain = tr("pose", video_url=VID).spec
+    assert plain.enable_safety_checker is False and plain.enable_prompt_expansion is False
 
 
 def test_acceleration_reaches_the_step_cache():
@@ -224,6 +227,7 @@ def test_probed_match_input_is_applied_once():
     s = tr("reframe", source=src, video_url=VID).spec
     assert (s.num_frames, s.fps) == (33, 25)
     assert not s.control.match_input_num_frames and not s.control.match_input_frames_per_second
+    assert s.control.output_num_frames == 30  # generated at 33 (4k+1), returned as the input's 30
     s = tr("reframe", source=None, video_url=VID, resolution="240p", aspect_ratio="16:9").spec
     assert s.control.match_input_num_frames and s.control.match_input_frames_per_second
 

@@ -62,3 +62,20 @@ def test_match_input_num_frames_returns_the_input_length(tmp_path):
                    inputs={"video": str(video)}, control={"match_input_num_frames": True})
     res = run_job(spec, tmp_path / "out")
     assert res.num_frames == 30 and probe_video(res.video_path)[0] == 30
+
+
+def test_submit_matched_frame_count_is_trimmed_back(tmp_path):
+    """fal probes at submit and applies match_input_num_frames itself: the job carries the count to return."""
+    from preprocessors.testing import index_video
+    from server.dialects.fal_schemas import SourceInfo, timing
+    from vace_local.media import probe_video
+    from vace_local.run import run_job
+    from vace_local.spec import JobSpec
+
+    video = index_video(tmp_path / "in.mp4", 30, 25.0, width=64, height=48)
+    n, fps, trim = timing(17, 16, True, True, SourceInfo(num_frames=30, fps=25.0, width=64, height=48), [])
+    assert (n, fps, trim) == (33, 25, 30)
+    spec = JobSpec(model="tiny", width=64, height=48, num_frames=n, fps=fps, num_inference_steps=1, seed=1,
+                   inputs={"video": str(video)}, control={"output_num_frames": trim})
+    res = run_job(spec, tmp_path / "out")
+    assert res.num_frames == 30 and probe_video(res.video_path)[0] == 30

@@ -61,7 +61,7 @@ class LiveServer:
         while wait_ready and time.time() < deadline:
             assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()[-3000:]}"
             try:
-                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}/ready", headers=AUTH, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -121,7 +121,8 @@ class LiveServer:
         raise AssertionError(f"timeout waiting for {what or 'condition'}: {self.row(jid)}\n{self.logs(jid)}")
 
     def worker_pids(self) -> list[int]:
-        return [w["pid"] for w in httpx.get(f"{self.base}/ready", timeout=5).json()["workers"] if w["pid"]]
+        workers = httpx.get(f"{self.base}/ready", headers=AUTH, timeout=5).json()["workers"]
+        return [w["pid"] for w in workers if w["pid"]]
 
 
 def _terminal(row: dict) -> bool:
@@ -201,10 +202,12 @@ def test_official_sdk_upload_and_run(server):
     video = httpx.get(out["outputs"][0], timeout=30)
     assert video.status_code == 200 and video.content[4:8] == b"ftyp" and len(out["outputs"]) == 1
     # huggingface_hub's provider: poll the path of urls.get, accept only the four statuses, download outputs[0]
-    jid = out["outputs"][0].split("/")[-2]
+    jid = out["outputs"][0].split("/files/outputs/")[1].split("/")[0]  # …/<id>/<token>/output.mp4 with keys
     full = client.get_result(jid)
     data = full["data"]
-    assert data["status"] == "completed" and data["has_nsfw_contents"] == [False]
+    # no safety checker is installed here: nothing was checked, so null, never a guessed false
+    assert data["status"] == "completed" and data["has_nsfw_contents"] == [None]
+    assert "safety checker not installed" in data["safety_checker"]
     assert data["timings"]["inference"] > 0 and "tiny" in data["note"]
     path = httpx.URL(data["urls"]["get"]).path
     again = httpx.get(server.base + path, headers=AUTH).json()["data"]
@@ -212,7 +215,7 @@ def test_official_sdk_upload_and_run(server):
     row = server.row(jid)
     assert json.loads(row["spec"])["inputs"]["reference_images"][0].startswith(str(server.data_dir))
     assert any("tiny" in m for m in server.logs(jid))
-    metrics = httpx.get(f"{server.base}/metrics").text
+    metrics = httpx.get(f"{server.base}/metrics", headers=AUTH).text
     assert 'vace_stage_duration_seconds_count{stage="generate"}' in metrics
     assert 'vace_workers{state="ready"} 1.0' in metrics or 'vace_workers{state="busy"} 1.0' in metrics
 
@@ -275,7 +278,7 @@ def test_worker_crash_requeues_once_and_worker_restarts(server):
     assert row["status"] == "succeeded" and row["attempts"] == 2, row
     assert any("worker process died (killed by signal SIGKILL)" in m for m in server.logs(job["id"]))
     deadline = time.time() + 60
-    while time.time() < deadline and httpx.get(f"{server.base}/ready").status_code != 200:
+    while time.time() < deadline and httpx.get(f"{server.base}/ready", headers=AUTH).status_code != 200:
         time.sleep(0.3)
     assert server.worker_pids() and server.worker_pids() != [pid]
 
@@ -331,7 +334,7 @@ def test_ready_is_503_while_the_model_cannot_load(tmp_path, tiny_cache):
         seen = None
         while time.time() < deadline:
             try:
-                r = httpx.get(f"{srv.base}/ready", timeout=2)
+                r = httpx.get(f"{srv.base}/ready", headers=AUTH, timeout=2)
             except httpx.HTTPError:
                 time.sleep(0.3)
                 continue
@@ -343,6 +346,7 @@ def test_ready_is_503_while_the_model_cannot_load(tmp_path, tiny_cache):
             time.sleep(0.3)
         assert seen is not None, "the load failure never showed on /ready"
         assert httpx.get(f"{srv.base}/health").status_code == 200
-        assert len(httpx.get(f"{srv.base}/ready").json()["workers"]) == 1  # one row per slot, not per restart
+        workers = httpx.get(f"{srv.base}/ready", headers=AUTH).json()["workers"]
+        assert len(workers) == 1  # one row per slot, not per restart
     finally:
         srv.stop()

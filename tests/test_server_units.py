@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from server import inputs as safety
@@ -21,9 +22,22 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 MP4 = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64
 
 
-def test_api_process_never_imports_torch(tmp_path):
+def test_api_process_never_imports_torch_nor_decodes_media(tmp_path):
+    """The API process imports no torch and decodes no media: fal's `auto` sizing probes the video in the
+    sandbox child (`vace_local.sandbox`), so neither decord, cv2 nor PIL's decoders load here and no ffmpeg
+    runs from this process."""
+    from vace_local.media import write_video
+
+    frames = np.zeros((9, 48, 80, 3), np.uint8)
+    clip = base64.b64encode(write_video(frames, tmp_path / "clip.mp4", fps=8).read_bytes()).decode()
     code = (
-        "import sys\n"
+        "import subprocess, sys\n"
+        "started = []\n"
+        "_init = subprocess.Popen.__init__\n"
+        "def spy(self, args, *a, **k):\n"
+        "    started.append([str(x) for x in args])\n"
+        "    _init(self, args, *a, **k)\n"
+        "subprocess.Popen.__init__ = spy\n"
         "from server.settings import Settings\n"
         "from server.app import create_app\n"
         "from fastapi.testclient import TestClient\n"
@@ -31,8 +45,15 @@ def test_api_process_never_imports_torch(tmp_path):
         "with TestClient(app) as c:\n"
         "    r = c.post('/api/v3/wavespeed-ai/wan-2.1-14b-vace', json={'prompt': 'x'})\n"
         "    assert r.status_code == 200, r.text\n"
+        f"    r = c.post('/fal-ai/wan-vace-14b', json={{'prompt': 'x', 'video_url': 'data:video/mp4;base64,{clip}'}})\n"
+        "    assert r.status_code == 200, r.text\n"
+        "    job = app.state.core.get_job(r.json()['request_id'])\n"
+        "    assert job.spec['width'] > job.spec['height'], job.spec  # the probe saw the 80x48 clip\n"
         "    c.get('/metrics'); c.get('/ready')\n"
-        "assert 'torch' not in sys.modules, 'torch was imported by the API process'\n"
+        "for mod in ('torch', 'decord', 'cv2', 'PIL.Image', 'imageio_ffmpeg'):\n"
+        "    assert mod not in sys.modules, f'{mod} was imported by the API process'\n"
+        "assert any('vace_local.media_vet' in a for a in started), started  # the probe ran, in the sandbox\n"
+        "assert not [a for a in started if 'ffmpeg' in a[0]], started\n"
         "print('OK')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

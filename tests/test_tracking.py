@@ -42,7 +42,8 @@ def test_static_and_unknown_tracker():
 @pytest.mark.skipif(not (FIX / "vace" / "test.mp4").is_file(), reason="shared fixtures folder absent")
 def test_flow_tracking_keeps_the_boxing_cat():
     # mask_test.png marks the left-hand cat on frame 0 (~20 % of the frame); the right cat fills the right side.
-    s = JobSpec(task="inpainting", width=416, height=240, num_frames=81, inputs={"video": "v", "mask_image": "m"})
+    s = JobSpec(task="inpainting", width=416, height=240, num_frames=81, inputs={"video": "v", "mask_image": "m"},
+                control={"mask_tracker": "flow"})
     b = build_bundle(s, LocalInputs(video=FIX / "vace" / "test.mp4", mask_image=FIX / "vace" / "mask_test.png"))
     area = b.masks.mean(axis=(1, 2))
     assert 0.15 < area[0] < 0.25

@@ -201,7 +201,7 @@ def test_file_route_refuses_traversal(client, tmp_path):
     for path in ["/files/outputs/../jobs.db", "/files/uploads/%2e%2e/secret.txt", "/files/work/abc/x",
                  "/files/outputs/0123456789abcdef0123456789abcdef/..%2f..%2fsecret.txt",
                  "/files/outputs/0123456789abcdef0123456789abcdef/missing.mp4"]:
-        r = client.get(path)
+        r = client.get(path, headers=AUTH)
         assert r.status_code in (404, 405) and b"no" != r.content, path
 
 
@@ -227,11 +227,11 @@ def test_sync_mode_timeout_shape(client):
 
 def test_metrics_and_ready(client):
     _submit(client, {"prompt": "x"})
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=AUTH).text
     assert "vace_queue_depth 1.0" in text and 'vace_jobs{status="queued"} 1.0' in text
-    assert client.get("/ready").status_code == 200  # no workers configured
-    assert client.get("/docs").status_code == 200
-    schema = client.get("/openapi.json").json()
+    assert client.get("/ready", headers=AUTH).status_code == 200  # no workers configured
+    assert client.get("/docs", headers=AUTH).status_code == 200
+    schema = client.get("/openapi.json", headers=AUTH).json()
     assert SUBMIT in schema["paths"]
 
 
@@ -260,7 +260,8 @@ def test_retention_removes_old_jobs_outputs_and_uploads(client):
     core.store.finish_job(job.id, "w", status="succeeded", outputs=[
         {"kind": "video", "file": "output.mp4", "content_type": "video/mp4", "size": len(MP4)}])
     got = client.get(f"/api/v3/predictions/{jid}/result", headers=AUTH).json()["data"]
-    assert got["status"] == "completed" and got["outputs"][0].endswith(f"/files/outputs/{jid}/output.mp4")
+    assert got["status"] == "completed" and got["outputs"][0].endswith("/output.mp4")
+    assert got["outputs"][0].startswith(f"http://testserver/files/outputs/{jid}/")  # …/<token>/output.mp4 with keys
     assert client.get(got["outputs"][0].removeprefix("http://testserver")).content == MP4
     assert core.cleanup_expired() == 0  # nothing old yet
     old = _time.time() - 2 * 3600

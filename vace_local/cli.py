@@ -99,6 +99,10 @@ def generate(
                                           "float8).")] = "none",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="PATH[:scale[:steps[:guidance[:shift]]]] "
                                                                   "(repeatable).")] = None,
+    safety_check: Annotated[bool, typer.Option(help="Classify the output with the safety checker "
+                                                    "(`vace-local download safety`).")] = False,
+    expand_prompt: Annotated[bool, typer.Option(help="Rewrite the prompt with the prompt expander first "
+                                                     "(`vace-local download prompt-expander`).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate one video and write <out>/<name>.mp4 plus <name>.json metadata."""
@@ -132,6 +136,10 @@ def generate(
     base["inputs"] = inputs
     if save_control:
         base.setdefault("output", {})["save_control"] = True
+    if safety_check:
+        base["enable_safety_checker"] = True
+    if expand_prompt:
+        base["enable_prompt_expansion"] = True
     try:
         spec = JobSpec.model_validate(base)
     except ValidationError as exc:
@@ -201,15 +209,30 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) 
     for key, path in result.extras.items():
         typer.echo(f"{key + ':':9} {path}")
     typer.echo(f"seed:     {result.seed}")
+    for note in result.notes:
+        typer.echo(f"note:     {note}")
     if result.tiny:
         typer.echo("(tiny smoke model: the video is noise)")
 
 
 @app.command("download")
 def download(
-    what: Annotated[str, typer.Argument(help="A model name or Hugging Face repo id, or 'annotators'.")],
+    what: Annotated[str, typer.Argument(help="A model name or Hugging Face repo id, 'annotators', 'safety' "
+                                             "(VACE_SAFETY_MODEL) or 'prompt-expander' "
+                                             "(VACE_PROMPT_EXPANDER_MODEL).")],
 ) -> None:
     """Fetch weights ahead of time into the Hugging Face cache (resumable)."""
+    if what in ("safety", "prompt-expander"):
+        from vace_local.models import resolve_aux_model
+        from vace_local.prompt_expand import ExpanderOptions
+        from vace_local.safety_check import SafetyOptions
+
+        model_id = SafetyOptions.from_env().model if what == "safety" else ExpanderOptions.from_env().model
+        try:
+            typer.echo(f"{what} ({model_id}): {resolve_aux_model(model_id, what, allow_download=True)}")
+        except VaceError as exc:
+            _fail(str(exc), code=1)
+        return
     if what == "annotators":
         from preprocessors.weights import download_annotators
 

@@ -58,6 +58,8 @@ class EngineOptions:
     fp8_linear: bool = False
     #: LoRAs fused at load; distillation LoRAs carry step / guidance / shift overrides.
     loras: tuple[LoraOption, ...] = field(default_factory=tuple)
+    #: Bytes of helper models (prompt expander, safety checker) that `auto` must leave room for on the GPU.
+    aux_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.offload not in POLICIES:
@@ -94,6 +96,8 @@ class Engine:
         self.pipe.set_progress_bar_config(disable=True)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()
         self.last_run: dict[str, Any] = {}
+        #: Set by `vace_local.parallel` in a CFG-parallel group: computes (cond, uncond) for one step.
+        self.pair_forward: Any = None
         # LoRAs are fused into the weights before any fp8 cast or compile, which then see plain weights.
         self.lora_overrides: dict[str, float | int] = {}
         if self.options.loras:
@@ -193,7 +197,7 @@ class Engine:
         experts = 2 if getattr(p, "transformer_2", None) is not None and p.transformer is not None else 1
         main = p.transformer if p.transformer is not None else p.transformer_2
         vae = sum(x.numel() for x in p.vae.parameters()) * 4
-        return Footprint(size(main), size(p.text_encoder), vae, experts)
+        return Footprint(size(main), size(p.text_encoder), vae, experts, self.options.aux_bytes)
 
     # -- introspection -------------------------------------------------------------------------------
     @property
@@ -276,6 +280,13 @@ class Engine:
             )
         return scale
 
+    def check_job(self, spec: JobSpec, bundle: ControlBundle) -> float | list[float]:
+        """Refuse a job this model cannot run (before any work); returns the VACE conditioning scale."""
+        bundle.check(spec.num_frames, spec.height, spec.width)
+        if spec.guidance_scale_2 is not None and not self.two_experts:
+            raise InputError("guidance_scale_2", f"model '{self.model_name}' has a single expert")
+        return self._conditioning_scale(spec)
+
     def generate(
         self,
         spec: JobSpec,
@@ -286,13 +297,25 @@ class Engine:
         should_cancel: CancelFn = never_cancel,
     ) -> np.ndarray:
         """Run the denoising loop and decode; returns (F, H, W, 3) uint8 frames."""
+        frames = self.generate_float(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel)
+        return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+    def generate_float(
+        self,
+        spec: JobSpec,
+        bundle: ControlBundle,
+        *,
+        seed: int,
+        on_progress: ProgressFn = no_progress,
+        should_cancel: CancelFn = never_cancel,
+        decode: bool = True,
+    ) -> np.ndarray | None:
+        """`generate` before quantisation: (F, H, W, 3) float32 in [0, 1]. `decode=False` skips the VAE decode
+        and returns None (the non-zero ranks of a parallel group, whose frames rank 0 already has)."""
         import torch
         from PIL import Image
 
-        bundle.check(spec.num_frames, spec.height, spec.width)
-        if spec.guidance_scale_2 is not None and not self.two_experts:
-            raise InputError("guidance_scale_2", f"model '{self.model_name}' has a single expert")
-        scale = self._conditioning_scale(spec)
+        scale = self.check_job(spec, bundle)
         spec = self.effective_spec(spec)
         self.pipe.scheduler = make_scheduler(spec.sampler, spec.flow_shift, self._base_scheduler_config)
         cfg = spec.guidance_scale > 1.0  # exactly the pipeline's rule (guidance_scale_2 does not count)
@@ -318,7 +341,8 @@ class Engine:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         threshold = self.step_cache_threshold(spec)
         self.fast.begin_job(total_steps=total, cache=StepCacheConfig(threshold=threshold),
-                            negative=negative_embeds if cfg else None, cfg_batch=self.options.cfg_batch)
+                            negative=negative_embeds if cfg else None, cfg_batch=self.options.cfg_batch,
+                            pair_forward=self.pair_forward)
         with _GLOBAL_RNG_LOCK:
             torch.manual_seed(seed)  # stochastic schedulers draw from the global RNG (pitfall 4)
             try:
@@ -336,7 +360,7 @@ class Engine:
                     guidance_scale=spec.guidance_scale,
                     guidance_scale_2=spec.guidance_scale_2 if self.two_experts else None,
                     generator=generator,
-                    output_type="np",
+                    output_type="np" if decode else "latent",
                     callback_on_step_end=on_step,
                 )
             except torch.OutOfMemoryError as exc:
@@ -354,8 +378,7 @@ class Engine:
                 self.pipe.maybe_free_model_hooks()  # also after a cancel: offload hooks back to the CPU
                 if self.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-        frames = np.asarray(out.frames[0])
-        return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+        return np.asarray(out.frames[0], dtype=np.float32) if decode else None
 
 
 _GLOBAL_RNG_LOCK = threading.Lock()

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 from vace_local.errors import InputError
 from vace_local.spec import JobInputs
@@ -22,7 +22,8 @@ from vace_local.spec import JobInputs
 MAX_INPUT_BYTES = 512 * 1024 * 1024
 FETCH_TIMEOUT_S = 60.0  # longest wait for any one read
 FETCH_DEADLINE_S = 900.0  # a whole download, slow senders included
-_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+DATA_URI_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
+                       re.I)
 
 UrlFetcher = Callable[[str, Path, str], Path]
 
@@ -39,20 +40,35 @@ class ResolvedInputs:
     last_image: Path | None = None
 
 
-def decode_data_uri(uri: str, dest_stem: Path, field_name: str, max_bytes: int = MAX_INPUT_BYTES) -> Path:
-    m = _DATA_URI.match(uri)
+def data_uri_bytes(uri: str, field_name: str, max_bytes: int = MAX_INPUT_BYTES) -> tuple[str | None, bytes]:
+    """The media type and decoded bytes of a `data:[mime][;base64],payload` URI (RFC 2397).
+
+    Without `;base64` the payload is percent-decoded as bytes (never as UTF-8 text, which would mangle binary
+    content); `max_bytes` applies to the decoded bytes either way. InputError names the field."""
+    m = DATA_URI_RE.match(uri[:512])
     if not m:
-        raise InputError(field_name, "malformed data URI (expected data:<mime>;base64,<data>)")
+        raise InputError(field_name, "malformed data URI (expected data:<mime>;base64,<payload>)")
     payload = uri[m.end():]
-    try:
-        data = base64.b64decode(payload, validate=True) if m.group("b64") else unquote(payload).encode()
-    except (binascii.Error, ValueError) as exc:
-        raise InputError(field_name, "data URI is not valid base64") from exc
+    # cheap pre-checks on the encoded length (base64: 4 chars per 3 bytes; percent-encoding: at most 3 per byte)
+    if (len(payload) * 3 // 4 - 2 if m.group("b64") else len(payload) // 3) > max_bytes:
+        raise InputError(field_name, f"data URI is larger than the {max_bytes} byte limit")
+    if m.group("b64"):
+        try:
+            data = base64.b64decode(payload.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(field_name, "data URI payload is not valid base64") from None
+    else:
+        data = unquote_to_bytes(payload)
     if not data:
         raise InputError(field_name, "data URI is empty")
     if len(data) > max_bytes:
-        raise InputError(field_name, f"data URI is larger than {max_bytes} bytes")
-    ext = mimetypes.guess_extension(m.group("mime") or "") or ".bin"
+        raise InputError(field_name, f"data URI is larger than the {max_bytes} byte limit ({len(data)} bytes)")
+    return m.group("mime"), data
+
+
+def decode_data_uri(uri: str, dest_stem: Path, field_name: str, max_bytes: int = MAX_INPUT_BYTES) -> Path:
+    mime, data = data_uri_bytes(uri, field_name, max_bytes)
+    ext = mimetypes.guess_extension(mime or "") or ".bin"
     out = dest_stem.with_suffix(ext)
     out.write_bytes(data)
     return out

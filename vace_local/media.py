@@ -45,18 +45,24 @@ def read_video(path: str | Path, field: str = "video", indices: list[int] | None
 
 
 def load_image(path: str | Path, field: str = "image", mode: str | None = "RGB"):  # noqa: ANN201 - PIL.Image
-    """Open an image honouring EXIF orientation; `mode=None` keeps its own mode (e.g. RGBA)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Open an image honouring EXIF orientation; `mode=None` keeps its own mode (e.g. RGBA).
+
+    The declared size is checked against `MediaLimits` from the header, before any pixel is decoded, so a
+    74-byte PNG declaring 50000x50000 is an input error naming the field, not a 10 GB allocation."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    from vace_local.media_vet import MediaLimits, check_image_pixels, open_image_header
 
     p = Path(path)
     if not p.is_file():
         raise InputError(field, f"file not found: {p}")
-    try:
-        with Image.open(p) as im:
+    with open_image_header(p, field) as im:
+        check_image_pixels(field, im.width, im.height, MediaLimits.from_env())
+        try:
             im.load()
             im = ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(field, "not a readable image") from exc
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(field, "not a readable image") from exc
     return im.convert(mode) if mode and im.mode != mode else im
 
 

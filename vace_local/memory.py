@@ -25,10 +25,12 @@ class Footprint:
     text_encoder: int
     vae: int
     experts: int = 1
+    #: Helper models sharing the GPU with the pipeline (prompt expander, safety checker).
+    aux: int = 0
 
     @property
     def total(self) -> int:
-        return self.transformer * self.experts + self.text_encoder + self.vae
+        return self.transformer * self.experts + self.text_encoder + self.vae + self.aux
 
 
 def activation_reserve(width: int = 832, height: int = 480, num_frames: int = 81) -> int:
@@ -46,10 +48,10 @@ def choose_policy(free_vram: int | None, fp: Footprint, reserve: int | None = No
     if fp.total + reserve <= free_vram:
         return "none"
     # Model offload needs the largest single component resident (an expert, or the text encoder).
-    if max(fp.transformer, fp.text_encoder) + fp.vae + reserve <= free_vram:
+    if max(fp.transformer, fp.text_encoder) + fp.vae + fp.aux + reserve <= free_vram:
         return "model"
     # Group offload keeps only a few leaf groups plus the VAE resident; streams need ~2 groups in flight.
-    if fp.vae + reserve + fp.transformer // 10 <= free_vram:
+    if fp.vae + fp.aux + reserve + fp.transformer // 10 <= free_vram:
         return "group"
     return "sequential"
 

@@ -89,3 +89,22 @@ def resolve_model(name: str, *, allow_download: bool = False, cache_dir: Path | 
 def download_model(name: str) -> Path:
     """Fetch a model's weights ahead of time (resumable); return the local directory."""
     return resolve_model(name, allow_download=True).path
+
+
+def resolve_aux_model(model_id: str, download_name: str, *, allow_download: bool = False) -> Path:
+    """A transformers model (safety checker, prompt expander) as a local directory: a directory holding a
+    `config.json`, or a Hub repo id from the cache (downloaded only with `allow_download`). A missing model
+    raises ModelNotFoundError naming `vace-local download <download_name>`."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{download_name} model directory {path} has no config.json")
+        return path
+    if _REPO_ID.match(model_id) and not model_id.startswith((".", "/", "~")):
+        return _hub_snapshot(model_id, download_name, allow_download)
+    raise ModelNotFoundError(f"{download_name} model '{model_id}' is neither a local directory nor a Hub repo id")
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of the weight files in a model directory (what the memory policy budgets for it)."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))

@@ -25,7 +25,7 @@ MAX_SEED = 2**31 - 1
 Task = Literal["none", "depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe"]
 Sampler = Literal["unipc", "dpm++", "euler"]
 TransparencyMode = Literal["content_aware", "white", "black"]
-MaskTracker = Literal["flow", "sam2", "static"]
+MaskTracker = Literal["auto", "flow", "sam2", "static"]
 VideoQuality = Literal["low", "medium", "high", "maximum"]
 VideoWriteMode = Literal["fast", "balanced", "small"]
 #: Step-cache presets (fal's `acceleration`; WaveSpeed's enable_fast_mode → "regular"). See step_cache.py.
@@ -65,7 +65,8 @@ class ControlOptions(BaseModel):
 
     #: False: the input video already is the control signal (fal's `preprocess=false`).
     preprocess: bool = True
-    mask_tracker: MaskTracker = "flow"
+    #: auto = SAM2.1 (the official tracker) when the sam2 package and its weights are present, else flow.
+    mask_tracker: MaskTracker = "auto"
     expand_left: bool = False
     expand_right: bool = False
     expand_top: bool = False
@@ -76,6 +77,9 @@ class ControlOptions(BaseModel):
     transparency_mode: TransparencyMode = "content_aware"
     match_input_num_frames: bool = False
     match_input_frames_per_second: bool = False
+    #: Exact frame count to return when it is not 4k+1: the job is generated at `num_frames` (the next 4k+1)
+    #: and trimmed to this. Set by a dialect that applied `match_input_num_frames` itself at submit.
+    output_num_frames: int | None = Field(None, ge=1)
 
 
 class TemporalOptions(BaseModel):
@@ -133,6 +137,10 @@ class JobSpec(BaseModel):
     control: ControlOptions = Field(default_factory=ControlOptions)
     temporal: TemporalOptions = Field(default_factory=TemporalOptions)
     output: OutputOptions = Field(default_factory=OutputOptions)
+    #: Classify sampled output frames with the safety checker (vace_local/safety_check.py).
+    enable_safety_checker: bool = False
+    #: Rewrite the prompt with the prompt-expander LM before text encoding (vace_local/prompt_expand.py).
+    enable_prompt_expansion: bool = False
 
     @field_validator("width", "height")
     @classmethod

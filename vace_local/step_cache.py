@@ -16,7 +16,9 @@ result is then bit-identical to an uncached run. For flow-matching models the ve
 along the trajectory, which is what makes replaying it a good approximation.
 
 Batched CFG: when enabled, the cond call runs cond and uncond as one batch-2 forward and the following
-uncond call (same latents, same timestep, the negative embeddings) is answered from it.
+uncond call (same latents, same timestep, the negative embeddings) is answered from it. A `pair_forward`
+(CFG-parallel ranks, `vace_local.parallel`) takes the batch-2 forward's place: it returns (cond, uncond)
+computed on two ranks, and the uncond call is answered the same way.
 """
 
 from __future__ import annotations
@@ -80,11 +82,13 @@ def _wrap(kwargs: dict[str, Any], sample: Any) -> Any:
 
 
 class _JobState:
-    def __init__(self, cache: StepCacheConfig, total_steps: int, negative: Any | None, cfg_batch: bool) -> None:
+    def __init__(self, cache: StepCacheConfig, total_steps: int, negative: Any | None, cfg_batch: bool,
+                 pair_forward: Any = None) -> None:
         self.cache = cache
         self.total = total_steps
         self.negative = negative
-        self.cfg_batch = cfg_batch and negative is not None
+        self.pair_forward = pair_forward
+        self.cfg_batch = (cfg_batch or pair_forward is not None) and negative is not None
         self.stats = StepStats()
         self.step = -1
         self.key: tuple[int, float] | None = None
@@ -158,9 +162,10 @@ class FastForward:
         self._models = []
 
     def begin_job(self, *, total_steps: int, cache: StepCacheConfig | None = None, negative: Any | None = None,
-                  cfg_batch: bool = False) -> None:
-        """Arm the hooks for one job. `negative`: the negative embeddings the pipeline will pass (for CFG)."""
-        self._job = _JobState(cache or StepCacheConfig(), total_steps, negative, cfg_batch)
+                  cfg_batch: bool = False, pair_forward: Any = None) -> None:
+        """Arm the hooks for one job. `negative`: the negative embeddings the pipeline will pass (for CFG);
+        `pair_forward(fwd, kwargs, negative) -> (cond, uncond)` replaces the batch-2 CFG forward."""
+        self._job = _JobState(cache or StepCacheConfig(), total_steps, negative, cfg_batch, pair_forward)
 
     def end_job(self) -> StepStats | None:
         job, self._job = self._job, None
@@ -194,7 +199,7 @@ class FastForward:
             return _wrap(kwargs, job.hist[branch][1])
 
         if job.cfg_batch and branch == 0:
-            cond, uncond = self._batched(fwd, kwargs, job.negative)
+            cond, uncond = (job.pair_forward or self._batched)(fwd, kwargs, job.negative)
             job.stats.forwards += 1
             job.record(0, x, cond)
             job.record(1, x, uncond)

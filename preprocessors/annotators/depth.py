@@ -1,13 +1,20 @@
-"""Depth maps: per-frame min-max normalised to 0..1 (near = bright), 3-channel gray.
+"""Depth control frames the way official VACE builds them: on the source frame, normalised, then cropped.
 
-`depth`: MiDaS DPT-Hybrid — the official `dpt_hybrid-midas-501f0c75.pt` through controlnet-aux, or the same
-model in transformers format (Intel/dpt-hybrid-midas layout). `depthv2`: Depth-Anything-V2 through the
-transformers depth-estimation pipeline (the `*-hf` repos).
+Per frame: the depth model sees the whole uncropped source frame; its map is min-max normalised over that
+frame (near = bright), resized back to the source size and only then cover-resized + centre-cropped to the job
+size like the video, as 3 equal channels. Cropping first would renormalise the crop and change the values.
+
+`depth` (MiDaS DPT-Hybrid): the official `dpt_hybrid-midas-501f0c75.pt` runs through controlnet-aux on the
+frame with its short side capped at 1024 and both sides rounded to a multiple of 64 (official `resize_image`);
+a transformers folder (Intel/dpt-hybrid-midas layout) uses its processor's 384×384 resize, because
+transformers' DPT neck only accepts square token grids. `depthv2` (Depth-Anything-V2 vitl): its own
+preprocessing (short side up to 518, multiples of 14, bicubic), from a transformers folder (`*-hf` layout) or the
+official `depth_anything_v2_vitl.pth`, converted at load (`depth_anything_pth`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -15,38 +22,52 @@ import cv2
 import numpy as np
 
 from preprocessors import weights
-from vace_local.errors import ModelNotFoundError
+from preprocessors.geometry import cover_crop
 
+#: (h, w, 3) uint8 RGB source frame → (h', w') float depth map, larger = nearer
 DepthFn = Callable[[np.ndarray], np.ndarray]
+MIDAS_MAX_SHORT_SIDE = 1024
 
 
-def _pipeline_fn(path: str) -> DepthFn:
+def _device() -> str:
     import torch
-    from PIL import Image
-    from transformers import pipeline
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = pipeline("depth-estimation", model=path, device=device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_depth_fn(model: Any, processor: Any) -> DepthFn:
+    """Per-frame depth from a transformers-style depth model (`pixel_values` → `.predicted_depth`)."""
+    import torch
+
+    device = _device()
+    model = model.to(device).eval()
 
     def run(frame: np.ndarray) -> np.ndarray:
-        out = pipe(Image.fromarray(frame))
-        return out["predicted_depth"].float().cpu().numpy().squeeze()
+        inputs = processor(images=frame, return_tensors="pt")  # the model's own resize / normalisation
+        with torch.inference_mode():
+            out = model(pixel_values=inputs["pixel_values"].to(device))
+        return out.predicted_depth[0].float().cpu().numpy()
 
     return run
+
+
+def _transformers_fn(path: str) -> DepthFn:
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    return model_depth_fn(AutoModelForDepthEstimation.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
 
 
 def _midas_fn(path: str) -> DepthFn:
     import os
 
-    import torch
     from controlnet_aux import MidasDetector
 
     det = MidasDetector.from_pretrained(os.path.dirname(path), filename=os.path.basename(path))
-    if torch.cuda.is_available():
+    if _device() == "cuda":
         det = det.to("cuda")
 
     def run(frame: np.ndarray) -> np.ndarray:
-        res = min(frame.shape[0], frame.shape[1], 1024) // 64 * 64 or 64
+        res = min(frame.shape[0], frame.shape[1], MIDAS_MAX_SHORT_SIDE)  # controlnet-aux rounds sides to 64 itself
         return det(frame, detect_resolution=res, image_resolution=res, output_type="np")[..., 0].astype(np.float32)
 
     return run
@@ -57,26 +78,34 @@ def load_depth(task: str, annotators_dir: str) -> tuple[str, DepthFn]:
     """(backend name, per-frame depth function); cached per process and weights folder."""
     hf = weights.hf_dir(task)
     if hf is not None:
-        return f"transformers:{hf.name}", _pipeline_fn(str(hf))
+        return f"transformers:{hf.name}", _transformers_fn(str(hf))
     if task == "depth":
         return "controlnet-aux:midas-dpt-hybrid", _midas_fn(str(weights.resolve("depth")))
+    from preprocessors.annotators import depth_anything_pth
+
     path = weights.resolve("depthv2")  # raises the clear "missing" error when absent
-    raise ModelNotFoundError(
-        f"{path} is the original Depth-Anything-V2 checkpoint; depthv2 runs the transformers format: put "
-        f"depth-anything/Depth-Anything-V2-Large-hf in {weights.annotators_dir() / weights.HF_DIRS['depthv2']}"
-    )
+    model = depth_anything_pth.load_official(path)
+    return "official-pth:depth-anything-v2-vitl", model_depth_fn(model, depth_anything_pth.image_processor())
 
 
-def depth_frames(task: str, frames: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+def normalise(depth: np.ndarray) -> np.ndarray:
+    """Per-frame min-max to 0..1 (a flat map becomes 0)."""
+    d = depth.astype(np.float32)
+    lo, hi = float(d.min()), float(d.max())
+    return (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
+
+
+def depth_frames(task: str, source: Iterable[np.ndarray], height: int, width: int, info: dict[str, Any]) -> np.ndarray:
+    """Uncropped source frames → (n, height, width, 3) float32 depth control frames in [0, 1]."""
     backend, fn = load_depth(task, str(weights.annotators_dir()))
     info["annotator"] = backend
-    out = np.empty(frames.shape, np.float32)
-    h, w = frames.shape[1:3]
-    for i, frame in enumerate(frames):
-        d = fn(frame)
-        if d.shape != (h, w):
-            d = cv2.resize(d, (w, h), interpolation=cv2.INTER_CUBIC)
-        lo, hi = float(d.min()), float(d.max())
-        d = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
-        out[i] = np.clip(d, 0.0, 1.0)[..., None]
-    return out
+    out = []
+    for frame in source:
+        h, w = frame.shape[:2]
+        d = normalise(fn(frame))
+        if d.shape != (h, w):  # back onto the source frame (official), then cropped like the video
+            shrink = d.shape[0] * d.shape[1] > h * w
+            d = cv2.resize(d, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        out.append(np.clip(cover_crop(d, height, width), 0.0, 1.0))
+    info["depth_on"] = f"source frame {w}x{h}, normalised, then cropped"
+    return np.repeat(np.stack(out)[..., None], 3, axis=-1)

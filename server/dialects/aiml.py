@@ -31,11 +31,14 @@ from server.core import (
     JobRecord,
     get_core,
     read_body,
+    request_owner,
     require_auth,
 )
 from server.dialects import Dialect
 from server.dialects.aiml_schemas import AIML_MODELS, aiml_to_jobspec, parse_aiml_request
+from server.dialects.checks import prompt_used
 from server.dialects.fal import (
+    check_fields,
     check_served_model,
     needs_source,
     probe_source,
@@ -86,7 +89,9 @@ def render_generation(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
         outs = core.output_urls(job, base)
         video = next((o for o in outs if o.get("kind") == "video"), outs[0] if outs else None)
         body["video"] = {"url": video["url"]} if video else None
-        body["meta"] = {"usage": {"credits_used": 0}}
+        body["meta"] = {"usage": {"credits_used": 0}, **check_fields(job)}
+        if ((job.result or {}).get("prompt_expansion") or {}).get("status") == "expanded":
+            body["meta"]["prompt"] = prompt_used(job)  # AI/ML has no prompt field of its own
     elif status == "error":
         name = "CancelledError" if job.status == CANCELLED else (job.error_type or "GenerationError")
         body["error"] = {"name": name, "message": job.error or "generation failed"}
@@ -107,6 +112,9 @@ authed = [Depends(require_auth)]
 async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     try:
         body = await asyncio.to_thread(json.loads, await read_body(request) or b"{}")  # up to ~400 MB of base64
+    except RecursionError:
+        raise ApiError(400, "body: request body is nested too deeply to parse", field="body",
+                       error_type="validation_error") from None
     except ValueError as e:
         raise ApiError(400, f"request body is not valid JSON ({e})", error_type="validation_error") from None
     if not isinstance(body, dict):
@@ -125,7 +133,8 @@ async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     source, probe_note = None, None
     if needs_source(req):
         try:
-            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url")
+            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url",
+                                                               request_owner(request))
         except InputError as e:
             raise ApiError(400, f"{e.field}: {e.message}", field=e.field, error_type="invalid_input") from None
         req = req.model_copy(update={"video_url": local_ref})
@@ -139,7 +148,8 @@ async def create(request: Request, core: Core = Depends(get_core)) -> Response:
     # Only the normalised spec is stored (not the raw body): unknown fields and their values never reach the DB.
     logs = [served_note(core, req.model, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
     job = await core.create_job_async(tr.spec, dialect=NAME, model_id=req.model, base_url=base,
-                                      field_names=FIELD_NAMES, logs=logs, extra={"ignored": tr.ignored})
+                                      field_names=FIELD_NAMES, logs=logs, extra={"ignored": tr.ignored},
+                                      owner=request_owner(request))
     log.info("aiml job %s for %s (%s)", job.id, req.model, "; ".join(logs))
     return JSONResponse(render_generation(job, core, base), status_code=201)
 
@@ -151,13 +161,14 @@ def fetch(request: Request, core: Core = Depends(get_core)) -> Response:
         raise ApiError(400, "generation_id: query parameter is required", field="generation_id",
                        error_type="validation_error")
     job_id, sep, model = gid.partition(":")
-    job = core.get_job(job_id)
+    job = core.get_job(job_id, owner=request_owner(request))
     if job is None or job.dialect != NAME or (sep and model != job.model):
         raise ApiError(404, f"generation '{gid}' not found", error_type="not_found")
     return JSONResponse(render_generation(job, core, core.base_url(request)))
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False,
+                  dependencies=authed)
 async def not_found(rest: str, request: Request) -> Response:
     """Anything else under /v2: the AI/ML error shape (not the fal catch-all's)."""
     if rest.strip("/") == "video/generations":

@@ -19,6 +19,7 @@ import logging
 import re
 import tempfile
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,12 @@ from server.core import (
     get_core,
     iso_time,
     read_body,
+    request_owner,
     require_auth,
     user_field,
 )
 from server.dialects import Dialect
+from server.dialects.checks import expansion_note, nsfw_flag, prompt_used, safety_note, safety_requested
 from server.dialects.fal_schemas import (
     FAL_APP_ID,
     FAL_ENDPOINTS,
@@ -54,6 +57,8 @@ from server.dialects.fal_schemas import (
     parse_fal_request,
 )
 from vace_local.errors import InputError
+from vace_local.media_vet import MediaLimits
+from vace_local.sandbox import vet_file_async
 
 log = logging.getLogger("vace.server.fal")
 
@@ -115,17 +120,20 @@ async def _file_chunks(path: Path):  # noqa: ANN202 - async generator
 SUBMIT_PROBE_TIMEOUT_S = 30.0
 
 
-async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[SourceInfo | None, str, str | None]:
+async def probe_source(core: Core, base: str, value: str, field: str,
+                       owner: str | None = None) -> tuple[SourceInfo | None, str, str | None]:
     """Make the input video local (stored as an upload), probe it; returns its facts, the reference to submit
     instead (our own file URL, so the worker does not download it again) and None.
 
     A refused reference (scheme, literal private/loopback host, bad data URI) or content that is not a readable
     video raises InputError. A remote video that cannot be fetched now (network error, HTTP error, slow host)
     does not: like fal and the AI/ML API, the request is accepted and the job fails (or succeeds) when the
-    worker fetches it; then this returns (None, value, note) and the size/timing use the defaults."""
-    from vace_local.media import probe_video
+    worker fetches it; then this returns (None, value, note) and the size/timing use the defaults.
 
-    ref = await core.run_slow(core.resolve_input_reference, value, field, base, "video")  # may decode a data URI
+    The video is probed in a sandboxed child process (`vace_local.sandbox`), never here: a crafted header can
+    make a decoder abort or allocate tens of GB, which must cost one 4xx, not the API process."""
+    # may decode a data URI: on the slow pool
+    ref = await core.run_slow(core.resolve_input_reference, value, field, base, "video", owner)
     if ref.lower().startswith(("http://", "https://")):
         with tempfile.TemporaryDirectory(dir=core.data_dir / "cache") as tmp:
             dest = Path(tmp) / "video"
@@ -138,12 +146,17 @@ async def probe_source(core: Core, base: str, value: str, field: str) -> tuple[S
                 return None, value, (f"{field} could not be fetched at submit ({e.message}); the worker fetches "
                                      "it, and resolution/aspect_ratio 'auto' use the defaults")
             ext = safety.check_file(dest, field, "video")
-            info = await core.save_upload(_file_chunks(dest), f"{field}.{ext}", safety.mime_of(ext))
+            # already bounded by the download limit: a video the client sent as a URL is not an upload
+            info = await core.save_upload(_file_chunks(dest), f"{field}.{ext}", safety.mime_of(ext), owner=owner,
+                                          field_name=field, max_bytes=s.max_download_bytes)
         local = str(info.path)
     else:
         local = ref
-    n, fps, w, h = await core.run_slow(probe_video, local, field)
-    return SourceInfo(num_frames=n, fps=fps, width=w, height=h), _local_path_url(core, base, local), None
+    limits = MediaLimits.from_env()
+    limits = replace(limits, timeout_s=min(limits.timeout_s, SUBMIT_PROBE_TIMEOUT_S))
+    facts = await vet_file_async(local, field, "video", decode=False, limits=limits)
+    return (SourceInfo(num_frames=facts.num_frames, fps=facts.fps, width=facts.width, height=facts.height),
+            _local_path_url(core, base, local), None)
 
 
 def needs_source(body: Any) -> bool:
@@ -189,9 +202,16 @@ def field_api_error(field: str, message: str, status_code: int = 422, etype: str
                     errors=[{"loc": _loc(field, where), "msg": message, "type": etype}])
 
 
+#: What may be echoed in `x-fal-request-id`: the ids we issue; never a client's control characters.
+_HEADER_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def _header_id(rid: Any) -> str:
+    return str(rid) if rid and _HEADER_ID.fullmatch(str(rid)) else uuid.uuid4().hex
+
+
 def _request_id(request: Request) -> str:
-    rid = request.path_params.get("request_id") or getattr(request.state, "fal_request_id", None)
-    return str(rid) if rid else uuid.uuid4().hex
+    return _header_id(request.path_params.get("request_id") or getattr(request.state, "fal_request_id", None))
 
 
 def render_error(request: Request, err: ApiError) -> Response:
@@ -229,7 +249,8 @@ def render_output(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
     sync = bool(job.extra.get("sync_mode"))
     video = next((o for o in outs if o.get("kind") == "video"), outs[0] if outs else None)
     res = job.result or {}
-    body: dict[str, Any] = {"prompt": job.spec.get("prompt", ""), "seed": res.get("seed", job.spec.get("seed"))}
+    # `prompt` is the prompt used for generation: the expanded one when enable_prompt_expansion ran.
+    body: dict[str, Any] = {"prompt": prompt_used(job), "seed": res.get("seed", job.spec.get("seed"))}
     if video is not None:
         v = _file(job, core, video, sync)
         w = video.get("width", res.get("width"))
@@ -244,7 +265,21 @@ def render_output(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
         body["frames_zip"] = _file(job, core, zips[0], sync)
     if job.spec.get("model") == "tiny":
         body["note"] = TINY_NOTE
+    body.update(check_fields(job))
     return body
+
+
+def check_fields(job: JobRecord) -> dict[str, Any]:
+    """Extra output fields for the safety check / prompt expansion (fal's name `has_nsfw_concepts`, null where
+    nothing was checked), present only when the request asked; shared with the AI/ML dialect's `meta`."""
+    fields: dict[str, Any] = {}
+    if safety_requested(job):
+        fields["has_nsfw_concepts"] = [nsfw_flag(job)]
+    if note := safety_note(job):
+        fields["safety_checker"] = note
+    if note := expansion_note(job):
+        fields["prompt_expansion"] = note
+    return fields
 
 
 _INPUT_ERR = re.compile(r"^input '([^']+)': (.*)$", re.S)
@@ -329,6 +364,8 @@ async def _read_json(request: Request) -> Any:
         import json
 
         return await asyncio.to_thread(json.loads, raw or b"{}")  # a body may be ~400 MB of base64
+    except RecursionError:
+        raise field_api_error("body", "request body is nested too deeply to parse", etype="json_invalid") from None
     except ValueError as e:
         raise ApiError(422, f"body: request body is not valid JSON ({e})", error_type="validation_error",
                        errors=[{"loc": ["body"], "msg": f"invalid JSON: {e}", "type": "json_invalid"}]) from None
@@ -351,7 +388,8 @@ async def create_fal_job(request: Request, core: Core, app_path: str) -> JobReco
     source, probe_note = None, None
     if needs_source(req):
         try:
-            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url")
+            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url",
+                                                               request_owner(request))
         except InputError as e:
             raise field_api_error(e.field, e.message) from None
         req = req.model_copy(update={"video_url": local_ref})
@@ -373,6 +411,7 @@ async def create_fal_job(request: Request, core: Core, app_path: str) -> JobReco
         job = await core.create_job_async(
             tr.spec, dialect=NAME, model_id=app_id, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
             logs=logs, extra={"endpoint": endpoint, "sync_mode": tr.sync_mode, "ignored": tr.ignored},
+            owner=request_owner(request),
         )
     except ApiError as e:
         if e.status_code == 400 and e.field:
@@ -387,8 +426,8 @@ authed = [Depends(require_auth)]
 REQ = f"/{OWNER}/{ALIAS}/requests/{{request_id}}"
 
 
-def _job_or_404(core: Core, request_id: str) -> JobRecord:
-    job = core.get_job(request_id, with_logs=True)
+def _job_or_404(core: Core, request_id: str, request: Request) -> JobRecord:
+    job = core.get_job(request_id, with_logs=True, owner=request_owner(request))
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"Request '{request_id}' not found", error_type="not_found")
     return job
@@ -417,14 +456,14 @@ def result_sub(endpoint: str, request_id: str, request: Request, core: Core = De
 
 
 @router.put(SUB_REQ + "/cancel", dependencies=authed, include_in_schema=False)
-def cancel_sub(endpoint: str, request_id: str, core: Core = Depends(get_core)) -> Response:
+def cancel_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
     _check_endpoint(endpoint)
-    return cancel(request_id, core)
+    return cancel(request_id, request, core)
 
 
 @router.get(REQ + "/status", dependencies=authed, summary="fal queue status")
 def status(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
-    job = _job_or_404(core, request_id)
+    job = _job_or_404(core, request_id, request)
     with_logs = request.query_params.get("logs", "0").lower() in ("1", "true", "yes")
     code, body = render_status(job, core, core.base_url(request), with_logs)
     return _json(body, job.id, code)
@@ -432,7 +471,7 @@ def status(request_id: str, request: Request, core: Core = Depends(get_core)) ->
 
 @router.get(REQ, dependencies=authed, summary="fal queue result")
 def result(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
-    job = _job_or_404(core, request_id)
+    job = _job_or_404(core, request_id, request)
     if job.status == SUCCEEDED:
         return _json(render_output(job, core, core.base_url(request)), job.id)
     if job.terminal:
@@ -441,18 +480,20 @@ def result(request_id: str, request: Request, core: Core = Depends(get_core)) ->
 
 
 @router.put(REQ + "/cancel", dependencies=authed, summary="fal queue cancel")
-def cancel(request_id: str, core: Core = Depends(get_core)) -> Response:
-    job = core.get_job(request_id)
+def cancel(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    job = core.get_job(request_id, owner=request_owner(request))
     if job is None or job.dialect != NAME:
-        return _json({"status": "NOT_FOUND"}, request_id, 404)
+        return _json({"status": "NOT_FOUND"}, _header_id(request_id), 404)
     if job.terminal:
         return _json({"status": "ALREADY_COMPLETED"}, request_id, 400)
-    core.cancel_job(request_id)
+    core.cancel_job(request_id, request_owner(request))
     return _json({"status": "CANCELLATION_REQUESTED"}, request_id, 202)
 
 
-@router.api_route(f"/{OWNER}/{{rest:path}}", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False)
-@router.api_route("/run/{rest:path}", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+@router.api_route(f"/{OWNER}/{{rest:path}}", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False,
+                  dependencies=authed)
+@router.api_route("/run/{rest:path}", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False,
+                  dependencies=authed)
 async def not_found(rest: str, request: Request) -> Response:
     """Anything else under fal's prefixes: a 404 in fal's shape (not the catch-all's 405)."""
     raise ApiError(404, f"{request.method} {request.url.path} not found: fal routes are POST "

@@ -221,8 +221,9 @@ def frames_4k1(n: int) -> int:
 
 def timing(
     num_frames: int, fps: int, match_frames: bool, match_fps: bool, source: SourceInfo | None, notes: list[str]
-) -> tuple[int, int]:
-    """(num_frames, fps) after the match_input_* switches; frame counts are rounded up to 4k+1."""
+) -> tuple[int, int, int | None]:
+    """(num_frames, fps, output_num_frames) after the match_input_* switches; frame counts are rounded up to
+    4k+1, and output_num_frames is the matched count to trim the output back to (None when nothing to trim)."""
     out_fps = fps
     if match_fps and source is not None and source.fps > 0:
         out_fps = max(1, min(60, int(round(source.fps))))
@@ -237,7 +238,10 @@ def timing(
     n4 = frames_4k1(n)
     if n4 != n:
         notes.append(f"num_frames {n} rounded to {n4} (the model needs 4k+1 frames)")
-    return n4, out_fps
+    trim = n if match_frames and source is not None and n < n4 else None
+    if trim:
+        notes.append(f"output trimmed back to the input's {n} frames")
+    return n4, out_fps, trim
 
 
 def temporal_options(req: Any, notes: list[str]) -> TemporalOptions:
@@ -298,8 +302,8 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
     """
     notes: list[str] = []
     task = fal_task(endpoint, req)
-    num_frames, fps = timing(req.num_frames, req.frames_per_second, req.match_input_num_frames,
-                             req.match_input_frames_per_second, source, notes)
+    num_frames, fps, trim = timing(req.num_frames, req.frames_per_second, req.match_input_num_frames,
+                                   req.match_input_frames_per_second, source, notes)
 
     canvas_aspect = None
     # With a probed source the switches are applied here (the counts above, logged at submit); the run path
@@ -308,6 +312,7 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         "transparency_mode": req.transparency_mode,
         "match_input_num_frames": req.match_input_num_frames and source is None,
         "match_input_frames_per_second": req.match_input_frames_per_second and source is None,
+        "output_num_frames": trim,
     }
     if task in ("depth", "pose") and hasattr(req, "preprocess"):
         control["preprocess"] = req.preprocess
@@ -366,12 +371,10 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         temporal=temporal_options(req, notes),
         output=OutputOptions(video_quality=req.video_quality, video_write_mode=req.video_write_mode,
                              frames_zip=req.return_frames_zip),
+        enable_safety_checker=req.enable_safety_checker,
+        enable_prompt_expansion=req.enable_prompt_expansion,
     )
-    ignored = {
-        "enable_safety_checker": req.enable_safety_checker,
-        "enable_prompt_expansion": req.enable_prompt_expansion,
-    }
-    return Translation(spec=spec, sync_mode=req.sync_mode, notes=notes, ignored=ignored)
+    return Translation(spec=spec, sync_mode=req.sync_mode, notes=notes)
 
 
 def parse_fal_request(endpoint: str, body: Any) -> _Common:

@@ -38,6 +38,7 @@ from server.core import (
     Core,
     JobRecord,
     get_core,
+    request_owner,
     require_auth,
 )
 from server.dialects import Dialect
@@ -220,20 +221,25 @@ def _discard_upload(core: Core, upload_id: str) -> None:
 # ---- job lookup, list and delete (store calls: run in worker threads, never on the event loop) -------------
 
 
-def _job_or_404(core: Core, video_id: str) -> JobRecord:
-    job = core.get_job(video_id)
+def _job_or_404(core: Core, video_id: str, owner: str | None) -> JobRecord:
+    job = core.get_job(video_id, owner=owner)
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"video '{video_id}' not found", field="video_id", error_type="not_found")
     return job
 
 
-def list_jobs(core: Core, *, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
-    """One page of this dialect's jobs by (created_at, id), after the job `after`; returns (page, has_more)."""
+def list_jobs(core: Core, *, after: str | None, limit: int, order: str,
+              owner: str | None = None) -> tuple[list[JobRecord], bool]:
+    """One page of this dialect's jobs visible to `owner` (its own and those made without keys) by
+    (created_at, id), after the job `after`; returns (page, has_more)."""
     t = jobs
-    q = t.select().where(t.c.dialect == NAME)
+    mine = t.c.dialect == NAME
+    if owner is not None:
+        mine = sa.and_(mine, sa.or_(t.c.owner == owner, t.c.owner.is_(None)))
+    q = t.select().where(mine)
     with core.store.engine.connect() as c:
         if after:
-            row = c.execute(sa.select(t.c.created_at, t.c.id).where(t.c.id == after, t.c.dialect == NAME)).first()
+            row = c.execute(sa.select(t.c.created_at, t.c.id).where(t.c.id == after, mine)).first()
             if row is None:
                 raise _bad("after", f"no video with id '{after}'")
             ts, jid = row
@@ -294,17 +300,18 @@ async def _create(request: Request, core: Core, body: dict[str, Any], upload: Up
     upload_id = None
     if upload is not None and ref is not None:
         info = await core.save_upload(_chunks(upload), upload.filename or f"input_reference.{ref.kind}",
-                                      upload.content_type)
+                                      upload.content_type, owner=request_owner(request),
+                                      field_name="input_reference")
         upload_id = info.id
         target = "first_image" if ref.kind == "image" else "video"
-        url = core.file_url(base, "uploads", info.id, info.filename)
+        url = core.file_url(base, "uploads", info.id, info.filename, request_owner(request))
         spec = spec.model_copy(update={"inputs": spec.inputs.model_copy(update={target: url})})
     served = core.settings.model
     logs = [f"model: '{req.model}' answered by the served model '{served}'", *notes]
     try:
         job = await core.create_job_async(
             spec, dialect=NAME, model_id=req.model, base_url=base, field_names=field_names(ref), logs=logs,
-            extra={"upload_id": upload_id})
+            extra={"upload_id": upload_id}, owner=request_owner(request))
     except BaseException:
         if upload_id:
             await asyncio.to_thread(_discard_upload, core, upload_id)
@@ -320,28 +327,30 @@ def list_videos(request: Request, after: str | None = Query(None), limit: str = 
         raise _bad("limit", f"must be an integer within 1..{LIST_LIMIT_MAX} (got {limit!r})")
     if order not in ("asc", "desc"):
         raise _bad("order", f"must be 'asc' or 'desc' (got {order!r})")
-    page, has_more = list_jobs(core, after=after or None, limit=int(limit), order=order)
+    page, has_more = list_jobs(core, after=after or None, limit=int(limit), order=order,
+                               owner=request_owner(request))
     data = [render_video(j, core) for j in page]
     return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                          "last_id": data[-1]["id"] if data else None, "has_more": has_more})
 
 
 @router.get("/videos/{video_id}", dependencies=authed, summary="Retrieve a video")
-def retrieve_video(video_id: str, core: Core = Depends(get_core)) -> Response:
-    job = _job_or_404(core, video_id)
+def retrieve_video(video_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    job = _job_or_404(core, video_id, request_owner(request))
     headers = {} if job.terminal else {"openai-poll-after-ms": str(POLL_AFTER_MS)}
     return JSONResponse(render_video(job, core), headers=headers)
 
 
 @router.delete("/videos/{video_id}", dependencies=authed, summary="Delete a video and its files")
-def delete_video(video_id: str, core: Core = Depends(get_core)) -> Response:
-    job = _job_or_404(core, video_id)
+def delete_video(video_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    owner = request_owner(request)
+    job = _job_or_404(core, video_id, owner)
     if not job.terminal:
-        core.cancel_job(video_id)
+        core.cancel_job(video_id, owner)
         deadline = time.monotonic() + DELETE_WAIT_S
         while not job.terminal and time.monotonic() < deadline:
             time.sleep(0.1)
-            job = _job_or_404(core, video_id)
+            job = _job_or_404(core, video_id, owner)
         if not job.terminal:
             raise ApiError(409, f"video '{video_id}' is still stopping after cancellation; retry the delete",
                            error_type="video_in_progress")
@@ -350,10 +359,11 @@ def delete_video(video_id: str, core: Core = Depends(get_core)) -> Response:
 
 
 @router.get("/videos/{video_id}/content", dependencies=authed, summary="Download the video (mp4)")
-def download_content(video_id: str, variant: str = Query("video"), core: Core = Depends(get_core)) -> Response:
+def download_content(video_id: str, request: Request, variant: str = Query("video"),
+                     core: Core = Depends(get_core)) -> Response:
     if variant not in VARIANTS:
         raise _bad("variant", f"must be one of {', '.join(VARIANTS)} (got {variant!r})")
-    job = _job_or_404(core, video_id)
+    job = _job_or_404(core, video_id, request_owner(request))
     if variant != "video":
         raise _bad("variant", f"'{variant}' is not produced by this server; only 'video' (the mp4) is",
                    status=404, code="variant_not_available")
@@ -368,7 +378,8 @@ def download_content(video_id: str, variant: str = Query("video"), core: Core = 
     return FileResponse(path, media_type="video/mp4")
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False,
+                  dependencies=authed)
 async def not_found(rest: str, request: Request) -> Response:
     """Anything else under /v1 (remix, edits, extensions, characters, other APIs): OpenAI's error shape."""
     parts = rest.strip("/").split("/")

@@ -30,10 +30,12 @@ from server.core import (
     JobRecord,
     get_core,
     iso_time,
+    request_owner,
     require_auth,
     validation_error,
 )
 from server.dialects import PROMPT_MAX_CHARS, Dialect
+from server.dialects.checks import expansion_note, nsfw_flag, safety_note
 from vace_local.spec import JobInputs, JobSpec, OutputOptions
 
 log = logging.getLogger("vace.server.wavespeed")
@@ -110,6 +112,11 @@ class WanVaceInput(BaseModel):
         return [x for x in v if not (isinstance(x, str) and not x.strip())] if isinstance(v, list) else v
 
 
+def field_names_for(inp: WanVaceInput) -> dict[str, str]:
+    """FIELD_NAMES plus the slot `image` takes in reference_images, so its errors say `image`, not `images[N]`."""
+    return {**FIELD_NAMES, f"reference_images[{len(inp.images)}]": "image"} if inp.image else FIELD_NAMES
+
+
 def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     """Map WaveSpeed's fields onto the JobSpec; returns the spec and log lines about adjustments."""
     notes: list[str] = []
@@ -142,11 +149,12 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
             num_frames=inp.duration * FPS + 1, fps=FPS, num_inference_steps=inp.num_inference_steps,
             guidance_scale=inp.guidance_scale, flow_shift=flow_shift, context_scale=inp.context_scale,
             seed=inp.seed, output=OutputOptions(save_control=inp.save_previews),
+            enable_safety_checker=inp.enable_safety_checker,
             inputs=JobInputs(video=inp.video, mask_video=inp.mask_video, mask_image=inp.mask_image,
                              reference_images=refs, first_image=inp.first_image, last_image=inp.last_image),
         )
     except ValidationError as e:
-        raise validation_error(e, FIELD_NAMES) from None
+        raise validation_error(e, field_names_for(inp)) from None
     return spec, notes
 
 
@@ -182,7 +190,8 @@ def render_data(job: JobRecord, core: Core, base: str, *, base64_output: bool | 
         "model": job.model,
         "outputs": outputs,
         "urls": {"get": f"{base}/api/v3/predictions/{job.id}/result"},
-        "has_nsfw_contents": [False] * len(outputs),
+        # Per output: the checker's verdict on the video; null where nothing was checked (see README).
+        "has_nsfw_contents": [nsfw_flag(job) if o.get("kind") == "video" else None for o in videos],
         "status": STATUS[job.status],
         "created_at": iso_time(job.created_at),
         "error": error,
@@ -191,6 +200,10 @@ def render_data(job: JobRecord, core: Core, base: str, *, base64_output: bool | 
     }
     if job.spec.get("model") == "tiny":
         data["note"] = TINY_NOTE
+    if note := safety_note(job):
+        data["safety_checker"] = note
+    if note := expansion_note(job):
+        data["prompt_expansion"] = note
     return data
 
 
@@ -216,8 +229,8 @@ router = APIRouter(prefix="/api/v3", tags=[NAME])
 authed = [Depends(require_auth)]
 
 
-def _job_or_404(core: Core, request_id: str) -> JobRecord:
-    job = core.get_job(request_id)
+def _job_or_404(core: Core, request_id: str, request: Request) -> JobRecord:
+    job = core.get_job(request_id, owner=request_owner(request))
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"prediction '{request_id}' not found", error_type="not_found")
     return job
@@ -225,7 +238,7 @@ def _job_or_404(core: Core, request_id: str) -> JobRecord:
 
 @router.get("/predictions/{request_id}/result", dependencies=authed, summary="Get a prediction's result")
 def get_result(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
-    job = _job_or_404(core, request_id)
+    job = _job_or_404(core, request_id, request)
     return envelope(render_data(job, core, core.base_url(request)))
 
 
@@ -236,8 +249,8 @@ def get_prediction(request_id: str, request: Request, core: Core = Depends(get_c
 
 @router.post("/predictions/{request_id}/cancel", dependencies=authed, summary="Cancel a prediction")
 def cancel_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
-    _job_or_404(core, request_id)
-    job = core.cancel_job(request_id)
+    _job_or_404(core, request_id, request)
+    job = core.cancel_job(request_id, request_owner(request))
     assert job is not None
     return envelope(render_data(job, core, core.base_url(request)))
 
@@ -246,7 +259,7 @@ def _upload_data(core: Core, request: Request, info: Any) -> dict[str, Any]:
     base = core.base_url(request)
     return {
         "type": info.media_kind or "file",
-        "download_url": core.file_url(base, "uploads", info.id, info.filename),
+        "download_url": core.file_url(base, "uploads", info.id, info.filename, request_owner(request)),
         "filename": info.filename,
         "size": info.size,
     }
@@ -265,7 +278,8 @@ async def upload_binary(request: Request, file: UploadFile | str | None = File(N
         while chunk := await file.read(1 << 20):
             yield chunk
 
-    info = await core.save_upload(chunks(), file.filename or "upload", file.content_type)
+    info = await core.save_upload(chunks(), file.filename or "upload", file.content_type,
+                                  owner=request_owner(request))
     return envelope(_upload_data(core, request, info))
 
 
@@ -278,7 +292,7 @@ class UploadTicketRequest(BaseModel):
 @router.post("/media/uploads", dependencies=authed, summary="Create an upload URL (then PUT the bytes)")
 def create_upload(body: UploadTicketRequest, request: Request,
                   core: Core = Depends(get_core)) -> dict[str, Any]:
-    info = core.create_upload_ticket(body.filename, body.size, body.content_type)
+    info = core.create_upload_ticket(body.filename, body.size, body.content_type, request_owner(request))
     base = core.base_url(request)
     headers = {"Content-Type": body.content_type} if body.content_type else {}
     data = _upload_data(core, request, info)
@@ -312,8 +326,8 @@ async def submit(body: WanVaceInput, request: Request, webhook: str | None = Que
             raw[k] = [x[:64] + "…" if x.startswith("data:") else x for x in v]
     base = core.base_url(request)
     job = await core.create_job_async(
-        spec, dialect=NAME, model_id=MODEL_ID, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
-        logs=notes,
+        spec, dialect=NAME, model_id=MODEL_ID, base_url=base, webhook_url=webhook, field_names=field_names_for(body),
+        logs=notes, owner=request_owner(request),
         extra={"input": raw, "enable_base64_output": body.enable_base64_output},
     )
     if body.enable_sync_mode:
