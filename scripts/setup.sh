@@ -24,4 +24,16 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
              "browser test will skip" >&2
     fi
 fi
+# The store tests also run against a real PostgreSQL server that the suite starts itself (tests/pg_server.py:
+# initdb + pg_ctl in a temp dir). Install Debian's package when it is missing and we can; otherwise say so and
+# carry on: those tests then skip with the reason.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } \
+            || echo "setup: could not install postgresql; the PostgreSQL tests will skip" >&2
+    else
+        echo "setup: PostgreSQL (initdb) not found and not installable here (needs root and apt-get); the" \
+             "PostgreSQL tests will skip" >&2
+    fi
+fi
 echo "vace-local installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
@@ -87,7 +93,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
     store = Store(settings.db_url)
     store.create_all()
     core = Core(settings, store)
-    instance = uuid.uuid4().hex
+    instance = settings.instance
     dialects = load_dialects()
     renderers = {d.name: d.render_webhook for d in dialects if d.render_webhook is not None}
 
@@ -227,10 +233,24 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
             if not core.may_read_file(kind, ident, owner=request_owner(request), token=None):
                 raise ApiError(404, "file not found", error_type="not_found")  # a bad token, another key's file
         if not path.is_file():
-            raise ApiError(404, "file not found", error_type="not_found")
+            return await _from_storage(f"{kind}/{ident}/{name}")
         with open(path, "rb") as f:
             media_type = safety.mime_of(safety.sniff(f.read(512)))
         return FileResponse(path, media_type=media_type)
+
+    async def _from_storage(key: str) -> Response:
+        """A file this box has no copy of (another box wrote it): streamed from the object store, or a redirect
+        to a presigned URL (`file_delivery`)."""
+        storage = core.storage
+        meta = await asyncio.to_thread(storage.stat, key) if storage.remote else None
+        if meta is None:
+            raise ApiError(404, "file not found", error_type="not_found")
+        if settings.file_delivery == "redirect":
+            url = await asyncio.to_thread(storage.presigned_url, key, settings.presign_ttl_s)
+            return RedirectResponse(url or "", status_code=307)
+        size, ctype = meta
+        return StreamingResponse(storage.stream(key), media_type=ctype or "application/octet-stream",
+                                 headers={"Content-Length": str(size)})
 
     for d in dialects:
         app.include_router(d.router)

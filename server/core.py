@@ -63,6 +63,7 @@ from pydantic import ValidationError
 
 from server import inputs as safety
 from server.settings import Settings
+from server.storage import make_storage
 from server.store import (
     CANCELLED,
     FAILED,
@@ -263,6 +264,7 @@ class Core:
         self.settings = settings
         self.store = store
         self.data_dir = settings.data_dir.resolve()
+        self.storage = make_storage(settings)
         self._keys = [k.encode() for k in settings.api_keys]
         self._depth: tuple[float, int] = (-1e9, 0)
         self._file_secret: bytes | None = self._load_file_secret() if settings.auth_enabled else None
@@ -383,12 +385,13 @@ class Core:
             if ref is not None:
                 kind, ident, name, token = ref
                 path = safety.safe_data_path(self.data_dir, kind, ident, name)
+                present = self.storage.fetch(f"{kind}/{ident}/{name}") is not None  # another box's file too
                 readable = self.may_read_file(kind, ident, owner=owner, token=token)
                 if kind == "uploads":
                     up = self.store.get_upload(ident)
-                    if up is None or up["completed_at"] is None or not path.is_file() or not readable:
+                    if up is None or up["completed_at"] is None or not present or not readable:
                         raise InputError(field_name, "uploaded file not found (expired or never completed)")
-                elif not path.is_file() or not readable:
+                elif not present or not readable:
                     raise InputError(field_name, "file not found on this server")
                 safety.check_file(path, field_name, expected)
                 return str(path)
@@ -553,6 +556,7 @@ class Core:
         except BaseException:
             shutil.rmtree(part.parent, ignore_errors=True)
             raise
+        self.storage.publish(f"uploads/{uid}/{name}", safety.mime_of(ext))
         self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=safety.mime_of(ext),
                                  size=size, path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return path
@@ -566,6 +570,7 @@ class Core:
         name = safety.sanitize_filename(filename or "upload")
         path = self._upload_dir(uid) / name
         size = await self._write_stream(chunks, path, field_name, max_bytes)
+        await asyncio.to_thread(self.storage.publish, f"uploads/{uid}/{name}", content_type)
         self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=content_type, size=size,
                                  path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return UploadInfo(uid, name, size, content_type, path, self._media_kind(path))
@@ -618,24 +623,32 @@ class Core:
             raise ApiError(409, "this upload URL was already used", error_type="conflict")
         path = self._upload_dir(upload_id) / up["filename"]
         size = await self._write_stream(chunks, path)
+        await asyncio.to_thread(self.storage.publish, f"uploads/{upload_id}/{up['filename']}", up["content_type"])
         self.store.complete_upload(upload_id, size)
         return UploadInfo(upload_id, up["filename"], size, up["content_type"], path, self._media_kind(path))
 
     # -- retention --
 
     def cleanup_expired(self) -> int:
-        """Delete finished jobs (and their outputs) and uploads older than the retention period."""
+        """Delete finished jobs (and their outputs) and uploads older than the retention period; with several
+        instances on one store, one of them at a time (the others skip this round)."""
         if not self.settings.retention_hours:
             return 0
+        cutoff = time.time() - self.settings.retention_hours * 3600
+        swept = self.storage.sweep_local(cutoff)  # this box's cached copies of remote files: every box, its own
+        with self.store.singleton("retention") as mine:
+            return swept + (self._cleanup_expired() if mine else 0)
+
+    def _cleanup_expired(self) -> int:
         cutoff = time.time() - self.settings.retention_hours * 3600
         n = 0
         ids = self.store.expired_jobs(cutoff)
         for jid in ids:
-            shutil.rmtree(self.data_dir / "outputs" / jid, ignore_errors=True)
+            self.storage.delete_prefix(f"outputs/{jid}")
         self.store.delete_jobs(ids)
         n += len(ids)
         ups = self.store.expired_uploads(cutoff)
         for u in ups:
-            shutil.rmtree(self.data_dir / "uploads" / u["id"], ignore_errors=True)
+            self.storage.delete_prefix(f"uploads/{u['id']}")
         self.store.delete_uploads([u["id"] for u in ups])
         return n + len(ups)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
@@ -55,8 +57,12 @@ class Settings(BaseSettings):
     cleanup_interval_s: float = Field(600.0, gt=0)
     #: How long `enable_sync_mode` / sync endpoints wait before answering with the timeout shape.
     sync_timeout_s: float = Field(600.0, gt=0)
-    #: A running job whose worker has not heart-beaten for this long is treated as orphaned.
+    #: A running job's lease: its worker's heartbeat renews it (every third of this, at most every 2 s); when
+    #: it runs out the job is orphaned and whichever server instance sees it first re-queues it.
     heartbeat_timeout_s: float = Field(60.0, gt=0)
+    #: This server's name in a store shared by several (its workers' rows, its jobs after a restart). Must be
+    #: unique per server and the same across its restarts; default: host name + a hash of data dir and port.
+    instance_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
     #: Threads for slow blocking work on the API process (submit-time downloads/probes, data-URI decodes,
     #: retention cleanup); /health and /ready never wait for them.
     slow_work_threads: int = Field(4, ge=1, le=64)
@@ -77,6 +83,19 @@ class Settings(BaseSettings):
     max_attempts: int = Field(2, ge=1)
     webhook_max_attempts: int = Field(6, ge=1)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    # -- where uploads and outputs live (server/storage.py) --
+    #: `local`: the data dir (one box, or one directory every box mounts); `s3`: an S3-compatible bucket
+    #: (credentials from the usual AWS_* variables / config files), with every box on the same data dir path.
+    storage: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    #: e.g. `http://minio:9000` for MinIO; default: AWS S3.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    #: How `/files/…` serves a file this box has no copy of: `stream` it through the API, or `redirect` (307)
+    #: to a presigned URL of the object (valid `presign_ttl_s` seconds).
+    file_delivery: Literal["stream", "redirect"] = "stream"
+    presign_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     #: Also write control/mask preview videos beside each output.
     save_previews: bool = False
     ssl_certfile: Path | None = None
@@ -138,6 +157,12 @@ class Settings(BaseSettings):
             raise ValueError("public_base_url must start with http:// or https://")
         return v
 
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> Settings:
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("storage=s3 needs s3_bucket (VACE_S3_BUCKET)")
+        return self
+
     @field_validator("workers")
     @classmethod
     def _workers(cls, v: Any) -> str:
@@ -191,6 +216,15 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def instance(self) -> str:
+        """Stable across restarts (so a restarted server recovers its own jobs at once), distinct between
+        servers on one host (each has its own port or data dir)."""
+        if self.instance_id:
+            return self.instance_id
+        digest = hashlib.sha1(f"{self.data_dir.resolve()}:{self.port}".encode()).hexdigest()[:10]
+        return f"{socket.gethostname()[:48]}-{digest}"
 
     @property
     def auth_enabled(self) -> bool:

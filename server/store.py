@@ -1,15 +1,23 @@
 """Durable job store on SQLAlchemy Core: one job record for every dialect, plus logs, workers and uploads.
 
 SQLite (WAL) is the embedded default; any SQLAlchemy URL (e.g. `postgresql+psycopg://…`) works unchanged
-because every statement here is portable Core. Each write is its own short transaction of a single
+because every statement here is portable Core (the one PostgreSQL-specific statement is the claim's
+`FOR UPDATE SKIP LOCKED`). Each write is its own short transaction of a single
 statement (no read-then-write upgrades), so concurrent API/worker writers never deadlock on SQLite, and
 state transitions are conditional updates (`WHERE status = …`) so they stay atomic on any backend.
+
+Several server instances may share one PostgreSQL store: a running job carries a lease (`lease_expires_at`)
+that its worker's heartbeat renews; whichever instance sees a lease expire recovers the job (see
+`server.supervisor`). The schema is versioned by `server.migrations`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +65,10 @@ jobs = sa.Table(
     sa.Column("webhook_status", sa.String(16)),
     sa.Column("webhook_attempts", sa.Integer, nullable=False, default=0),
     sa.Column("webhook_next_at", sa.Float),
+    #: Until when the claiming worker owns the running job (renewed by its heartbeat); schema version 2.
+    sa.Column("lease_expires_at", sa.Float),
     #: Hash of the API key that created the job (`server.core.owner_of_key`); NULL = created without keys.
+    #: Schema version 3.
     sa.Column("owner", sa.String(64)),
     sa.Index("ix_jobs_queue", "status", "priority", "created_at"),
     sa.Index("ix_jobs_webhook", "webhook_status", "webhook_next_at"),
@@ -149,6 +160,7 @@ class JobRecord:
     webhook_status: str | None
     webhook_attempts: int
     webhook_next_at: float | None
+    lease_expires_at: float | None = None
     owner: str | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -189,24 +201,21 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 15}
             kwargs["pool_size"] = 16
             kwargs["max_overflow"] = 32
+        else:  # a server on the network restarts or fails over: test pooled connections before use
+            kwargs["pool_pre_ping"] = True
         self.engine: Engine = sa.create_engine(url, **kwargs)
         if is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
     def create_all(self) -> None:
-        metadata.create_all(self.engine)
-        self._add_missing_columns()
+        """Create the tables, or upgrade an existing store's schema in place (`server.migrations`)."""
+        from server.migrations import upgrade
 
-    def _add_missing_columns(self) -> None:
-        """Databases made before a column existed get it (NULL for the old rows): `create_all` only adds tables."""
-        inspector = sa.inspect(self.engine)
-        for table in (jobs, uploads):
-            have = {c["name"] for c in inspector.get_columns(table.name)}
-            for col in table.columns:
-                if col.name not in have and col.nullable:
-                    kind = col.type.compile(dialect=self.engine.dialect)
-                    with self.engine.begin() as c:
-                        c.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}'))
+        upgrade(self.engine, metadata)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -314,12 +323,17 @@ class Store:
 
     # ---- jobs: worker side ---------------------------------------------------------------------------
 
-    def claim_next(self, worker_id: str) -> JobRecord | None:
-        """Atomically move the oldest queued job to `running` for this worker; None when the queue is empty.
+    def claim_next(self, worker_id: str, lease_s: float = 60.0) -> JobRecord | None:
+        """Atomically move the oldest queued job to `running` for this worker, leased for `lease_s` seconds;
+        None when the queue is empty.
 
-        A single conditional UPDATE (`… WHERE id = (oldest queued) AND status = 'queued'`): two workers
-        racing for the same row cannot both win, on SQLite or PostgreSQL.
+        SQLite: a single conditional UPDATE (`… WHERE id = (oldest queued) AND status = 'queued'`), so two
+        workers racing for the same row cannot both win. PostgreSQL: `SELECT … FOR UPDATE SKIP LOCKED` then
+        the UPDATE in one transaction, so concurrent workers on several boxes take different rows instead of
+        queueing on the same one.
         """
+        if self.is_postgres:
+            return self._claim_skip_locked(worker_id, lease_s)
         for _ in range(5):
             now = time.time()
             oldest = (
@@ -330,8 +344,7 @@ class Store:
                 jid = c.execute(
                     jobs.update()
                     .where(jobs.c.id == oldest, jobs.c.status == QUEUED)
-                    .values(status=RUNNING, worker_id=worker_id, started_at=now, heartbeat_at=now,
-                            updated_at=now, attempts=jobs.c.attempts + 1, stage="load", step=0, total=0)
+                    .values(**self._claim_values(worker_id, now, lease_s))
                     .returning(jobs.c.id)
                 ).scalar_one_or_none()
             if jid is not None:
@@ -339,6 +352,26 @@ class Store:
             if self.queue_depth() == 0:
                 return None
         return None
+
+    @staticmethod
+    def _claim_values(worker_id: str, now: float, lease_s: float) -> dict[str, Any]:
+        return {"status": RUNNING, "worker_id": worker_id, "started_at": now, "heartbeat_at": now,
+                "lease_expires_at": now + lease_s, "updated_at": now, "attempts": jobs.c.attempts + 1,
+                "stage": "load", "step": 0, "total": 0}
+
+    def _claim_skip_locked(self, worker_id: str, lease_s: float) -> JobRecord | None:
+        now = time.time()
+        with self.engine.begin() as c:
+            jid = c.execute(
+                sa.select(jobs.c.id).where(jobs.c.status == QUEUED)
+                .order_by(jobs.c.priority, jobs.c.created_at, jobs.c.id).limit(1)
+                .with_for_update(skip_locked=True)
+            ).scalar_one_or_none()
+            if jid is None:
+                return None
+            c.execute(jobs.update().where(jobs.c.id == jid, jobs.c.status == QUEUED)
+                      .values(**self._claim_values(worker_id, now, lease_s)))
+        return self.get_job(jid)
 
     def set_progress(self, job_id: str, worker_id: str, *, stage: str, step: int, total: int,
                      progress: float) -> None:
@@ -426,12 +459,6 @@ class Store:
         with self.engine.connect() as c:
             return [JobRecord.from_row(r) for r in c.execute(q)]
 
-    def stale_running(self, older_than: float) -> list[JobRecord]:
-        with self.engine.connect() as c:
-            return [JobRecord.from_row(r) for r in c.execute(
-                jobs.select().where(jobs.c.status == RUNNING, jobs.c.heartbeat_at < older_than)
-            )]
-
     def recover_job(self, job: JobRecord, reason: str, *, max_attempts: int) -> str | None:
         """A running job lost its worker: re-queue it if attempts remain, else fail it naming the reason."""
         now = time.time()
@@ -447,7 +474,7 @@ class Store:
             elif job.attempts < max_attempts:
                 n = c.execute(jobs.update().where(*cond).values(
                     status=QUEUED, worker_id=None, stage=None, step=0, total=0, progress=0.0,
-                    updated_at=now, heartbeat_at=None)).rowcount
+                    updated_at=now, heartbeat_at=None, lease_expires_at=None)).rowcount
                 new = QUEUED
             else:
                 msg = (f"{reason}; the job was attempted {job.attempts} time(s) and is not retried again")
@@ -470,7 +497,8 @@ class Store:
             n = c.execute(jobs.update().where(jobs.c.id == job.id, jobs.c.status == RUNNING,
                                               jobs.c.attempts == job.attempts)
                           .values(status=QUEUED, worker_id=None, stage=None, step=0, total=0, progress=0.0,
-                                  heartbeat_at=None, updated_at=now, attempts=max(job.attempts - 1, 0))).rowcount
+                                  heartbeat_at=None, lease_expires_at=None, updated_at=now,
+                                  attempts=max(job.attempts - 1, 0))).rowcount
             if n:
                 c.execute(job_logs.insert().values(job_id=job.id, ts=now, level="info", source="server",
                                                    message=f"{reason}; job returned to the queue"))
@@ -548,7 +576,9 @@ class Store:
                 values.setdefault("info", {})
                 c.execute(workers.insert().values(id=worker_id, **values))
 
-    def worker_heartbeat(self, worker_id: str, job_id: str | None, info: dict[str, Any] | None = None) -> None:
+    def worker_heartbeat(self, worker_id: str, job_id: str | None, info: dict[str, Any] | None = None,
+                         lease_s: float = 60.0) -> None:
+        """Record the worker as alive and renew the lease on its running job for another `lease_s` seconds."""
         now = time.time()
         vals: dict[str, Any] = {"heartbeat_at": now, "current_job": job_id}
         if info is not None:
@@ -557,7 +587,8 @@ class Store:
             c.execute(workers.update().where(workers.c.id == worker_id).values(**vals))
             if job_id:
                 c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.worker_id == worker_id,
-                                              jobs.c.status == RUNNING).values(heartbeat_at=now))
+                                              jobs.c.status == RUNNING)
+                          .values(heartbeat_at=now, lease_expires_at=now + lease_s))
 
     def list_workers(self, instance: str | None = None) -> list[dict[str, Any]]:
         """The current worker of each slot (the most recently started), ordered by slot."""
@@ -575,9 +606,12 @@ class Store:
             row = c.execute(workers.select().where(workers.c.id == worker_id)).first()
         return dict(row._mapping) if row else None
 
-    def delete_workers_not_in(self, instance: str) -> None:
+    def delete_workers_of(self, instance: str | None) -> None:
+        """Forget the worker rows a previous run of this instance left (None: every row, for a store with one
+        server); other instances' rows are theirs."""
+        q = workers.delete() if instance is None else workers.delete().where(workers.c.instance == instance)
         with self.engine.begin() as c:
-            c.execute(workers.delete().where(workers.c.instance != instance))
+            c.execute(q)
 
     # ---- stage statistics (Prometheus histograms, monotonic across restarts) --------------------------
 
@@ -610,3 +644,50 @@ class Store:
                 agg["total"] += r.total
                 agg["buckets"] = [a + b for a, b in zip(agg["buckets"], r.buckets, strict=False)]
         return out
+
+    # ---- several instances on one store: leases, webhook claims, singleton work ------------------------
+
+    def expired_leases(self, now: float, legacy_timeout_s: float) -> list[JobRecord]:
+        """Running jobs whose lease ran out (their worker stopped renewing it). A job claimed before leases
+        existed (no `lease_expires_at`) falls back to its last heartbeat plus `legacy_timeout_s`."""
+        with self.engine.connect() as c:
+            return [JobRecord.from_row(r) for r in c.execute(jobs.select().where(
+                jobs.c.status == RUNNING,
+                sa.or_(jobs.c.lease_expires_at < now,
+                       sa.and_(jobs.c.lease_expires_at.is_(None), jobs.c.heartbeat_at < now - legacy_timeout_s)),
+            ))]
+
+    def running_jobs_of_instance(self, instance: str) -> list[JobRecord]:
+        """Running jobs claimed by any worker of `instance` (this run's or a previous run's)."""
+        own = sa.select(workers.c.id).where(workers.c.instance == instance)
+        with self.engine.connect() as c:
+            return [JobRecord.from_row(r) for r in c.execute(
+                jobs.select().where(jobs.c.status == RUNNING, jobs.c.worker_id.in_(own)))]
+
+    def claim_webhook(self, job: JobRecord, until: float) -> bool:
+        """Take the delivery of `job`'s webhook until `until`: a conditional update on the state this instance
+        read, so of several instances that saw the same due webhook exactly one wins."""
+        cond = [jobs.c.id == job.id, jobs.c.webhook_status == "pending",
+                jobs.c.webhook_attempts == job.webhook_attempts]
+        cond.append(jobs.c.webhook_next_at.is_(None) if job.webhook_next_at is None
+                    else jobs.c.webhook_next_at == job.webhook_next_at)
+        with self.engine.begin() as c:
+            return c.execute(jobs.update().where(*cond).values(webhook_next_at=until)).rowcount == 1
+
+    @contextlib.contextmanager
+    def singleton(self, name: str) -> Iterator[bool]:
+        """Yields True in at most one instance at a time (a PostgreSQL advisory lock, not waited for); on
+        SQLite, whose store has a single server, always True."""
+        if not self.is_postgres:
+            yield True
+            return
+        key = zlib.crc32(f"vace:{name}".encode())
+        with self.engine.connect() as c:
+            got = bool(c.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+            c.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    c.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    c.commit()

@@ -4,7 +4,11 @@
   `nvidia-smi -L`), one CPU worker when there is none. With `gpus_per_job=N` a worker is a group of N GPUs
   (8 GPUs, N=2 → four groups "0,1" … "6,7"); its process is rank 0 and starts the other ranks itself
   (vace_local.parallel), so a group is supervised, restarted and re-queued like one worker.
-* At start, jobs left `running` by a previous server instance are re-queued once, then failed.
+* Leases: a running job belongs to the worker whose heartbeat keeps renewing its lease. Every instance sharing
+  the store checks for expired leases and recovers those jobs (re-queued once, then failed), its own or
+  another's; the conditional update makes exactly one recovery win. At start, an instance recovers at once
+  only the jobs its own previous run left running (its id is stable across restarts); other instances'
+  running jobs and worker rows are never touched. (On SQLite, one server per store, all of them.)
 * A worker that exits or stops heart-beating has its job re-queued once (then failed with the reason) and is
   restarted with exponential backoff. A worker that cannot load its model keeps /ready at 503.
 """
@@ -19,6 +23,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +85,8 @@ class Supervisor:
         self.store = store
         self.instance = instance
         self.slots = [Slot(i, g) for i, g in enumerate(plan_workers(settings.workers, settings.gpus_per_job))]
+        #: Distinguishes this run's worker ids from a previous run's (the instance id is the same).
+        self.run_id = uuid.uuid4().hex[:8]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx = mp.get_context("spawn")
@@ -88,16 +95,21 @@ class Supervisor:
     def expected(self) -> int:
         return len(self.slots)
 
-    def recover_previous_instance(self) -> None:
-        """Jobs left running by a previous server process are orphans: re-queue once, else fail."""
-        self.store.delete_workers_not_in(self.instance)
-        for job in self.store.running_jobs():
+    def recover_own_previous_run(self) -> None:
+        """Jobs this instance's previous run left running are orphans (that run is gone): re-queue once, else
+        fail, without waiting for their leases; then forget that run's worker rows. Other instances' jobs
+        and rows are theirs. A SQLite store has one server by design, so there every running job and worker
+        row is from a previous run (whatever its instance id: e.g. restarted on another port)."""
+        shared = self.store.is_postgres
+        orphans = self.store.running_jobs_of_instance(self.instance) if shared else self.store.running_jobs()
+        for job in orphans:
             new = self.store.recover_job(job, "the server restarted while the job was running",
                                          max_attempts=self.settings.max_attempts)
-            log.warning("job %s orphaned by a previous server instance → %s", job.id, new)
+            log.warning("job %s orphaned by this server's previous run → %s", job.id, new)
+        self.store.delete_workers_of(self.instance if shared else None)
 
     def start(self) -> None:
-        self.recover_previous_instance()
+        self.recover_own_previous_run()
         for slot in self.slots:
             self._spawn(slot)
         self._thread = threading.Thread(target=self._loop, name="vace-supervisor", daemon=True)
@@ -106,7 +118,7 @@ class Supervisor:
     def _spawn(self, slot: Slot) -> None:
         from server.worker import WorkerArgs, worker_main
 
-        slot.worker_id = f"w{slot.index}-{self.instance[:8]}-{slot.restarts}"
+        slot.worker_id = f"w{slot.index}-{self.run_id}-{slot.restarts}"
         device = f"cuda:{slot.gpu}" if slot.gpu is not None else "cpu"
         self.store.upsert_worker(slot.worker_id, slot=slot.index, instance=self.instance, pid=None,
                                  device=device, status="starting", model=self.settings.model, message=None)
@@ -149,15 +161,19 @@ class Supervisor:
                 log.warning("worker slot %d exited (%s); restarting in %.0f s", slot.index, reason, delay)
             if slot.proc is None and now >= slot.next_start and not self._stop.is_set():
                 self._spawn(slot)
-        # Hung workers: a running job whose heartbeat stopped → kill its worker (recovered next round).
-        for job in self.store.stale_running(now - self.settings.heartbeat_timeout_s):
+        # Expired leases, any instance's: our own hung worker is killed (its job recovered next round); a job
+        # whose worker is elsewhere (another instance died, or is cut off) is recovered here.
+        for job in self.store.expired_leases(now, self.settings.heartbeat_timeout_s):
             owner = next((s for s in self.slots if s.worker_id == job.worker_id and s.proc is not None), None)
             if owner is not None:
                 log.warning("worker %s stopped heart-beating; killing it", owner.worker_id)
                 owner.proc.kill()
-            else:
-                self.store.recover_job(job, "its worker stopped heart-beating",
-                                       max_attempts=self.settings.max_attempts)
+                continue
+            new = self.store.recover_job(job, f"the lease of worker {job.worker_id} expired (no heartbeat); "
+                                         f"recovered by instance {self.instance}",
+                                         max_attempts=self.settings.max_attempts)
+            if new is not None:
+                log.warning("job %s: lease of worker %s expired → %s", job.id, job.worker_id, new)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()

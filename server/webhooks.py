@@ -99,14 +99,15 @@ class _Dispatcher:
         self.per_dest: dict[str, asyncio.Semaphore] = {}
         self.users: Counter[str] = Counter()
 
-    def lease(self, job: JobRecord) -> None:
+    def lease(self, job: JobRecord) -> bool:
         """Push the job's next attempt past the end of this delivery (its wait behind the destination's queue
         included), so the due query (the oldest few) does not keep returning it while it waits or runs; written
         before the task starts, so it can never overwrite the delivery's own result. If the process dies
-        meanwhile, the webhook is retried once the lease ends."""
+        meanwhile, the webhook is retried once the lease ends. The write is a claim: conditional on the state read,
+        so with several instances on one store exactly one of them delivers; False when another one won."""
         queued = self.users[destination(job.webhook_url or "")] // PER_DESTINATION + 1
         lease = time.time() + self.core.settings.webhook_timeout_s * queued + 5.0
-        self.core.store.webhook_attempted(job.id, delivered=False, attempts=job.webhook_attempts, next_at=lease)
+        return self.core.store.claim_webhook(job, lease)
 
     def start(self, job: JobRecord, render: Renderer) -> None:
         dest = destination(job.webhook_url or "")
@@ -153,8 +154,8 @@ async def webhook_loop(core: Core, renderers: dict[str, Renderer], stop: asyncio
                             await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=False,
                                                     attempts=job.webhook_attempts, next_at=None)
                             continue
-                        await asyncio.to_thread(dispatcher.lease, job)
-                        dispatcher.start(job, render)
+                        if await asyncio.to_thread(dispatcher.lease, job):
+                            dispatcher.start(job, render)
                 except Exception:  # noqa: BLE001 - the loop must survive any one bad delivery
                     log.exception("webhook loop error")
                 try:

@@ -22,6 +22,7 @@ from typing import Any
 from server import inputs as safety
 from server.core import map_exception, user_field
 from server.settings import Settings
+from server.storage import key_of_path, make_storage
 from server.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, Store
 from vace_local.errors import InputError, JobCancelled
 from vace_local.events import Progress
@@ -52,6 +53,7 @@ class Worker:
         self.id = args.worker_id
         self.store = Store(settings.db_url)
         self.data_dir = settings.data_dir.resolve()
+        self.storage = make_storage(settings)
         self.current: JobRecord | None = None
         self.shutdown = threading.Event()
         self.engine: Any = None
@@ -73,10 +75,11 @@ class Worker:
         while not self.shutdown.is_set():
             try:
                 job = self.current
-                self.store.worker_heartbeat(self.id, job.id if job else None, self._gpu_info())
+                self.store.worker_heartbeat(self.id, job.id if job else None, self._gpu_info(),
+                                            lease_s=self.settings.heartbeat_timeout_s)
             except Exception:  # noqa: BLE001 - a missed heartbeat is not fatal
                 log.exception("heartbeat failed")
-            self.shutdown.wait(2.0)
+            self.shutdown.wait(min(2.0, self.settings.heartbeat_timeout_s / 3))
 
     def _gpu_info(self) -> dict[str, Any]:
         if self.args.gpu is None or "torch" not in sys.modules:
@@ -140,7 +143,7 @@ class Worker:
     def run_forever(self) -> None:
         idle = 0.05
         while not self.shutdown.is_set():
-            job = self.store.claim_next(self.id)
+            job = self.store.claim_next(self.id, lease_s=self.settings.heartbeat_timeout_s)
             if job is None:
                 self.shutdown.wait(idle)
                 idle = min(idle * 1.5, 0.5)
@@ -206,7 +209,12 @@ class Worker:
                 return str(final)
             p = Path(value).resolve()
             if not p.is_relative_to(self.data_dir) or not p.is_file():
-                raise InputError(label, "file is not available on this server any more")
+                # stored by another box (object storage): fetched into this box's data dir, else gone
+                key = key_of_path(p) if self.storage.remote or p.is_relative_to(self.data_dir) else None
+                fetched = self.storage.fetch(key) if key else None
+                if fetched is None:
+                    raise InputError(label, "file is not available on this server any more")
+                p = fetched
             safety.check_file(p, label, kind)
             return str(p)
 
@@ -258,6 +266,8 @@ class Worker:
                     "num_frames": result.num_frames, "fps": result.fps, "model": result.model,
                     "tiny": result.tiny, "prompt": result.prompt, "safety": result.safety,
                     "prompt_expansion": result.prompt_expansion}
+            for o in outputs:  # written once, then any box can serve them
+                self.storage.publish(f"outputs/{job.id}/{o['file']}", o["content_type"])
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
             if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
                                      timings=timings):

@@ -286,9 +286,10 @@ def test_databases_without_the_owner_column_are_migrated(tmp_path):
     old = Store(url)
     old.create_all()
     job = old.insert_job(dialect="wavespeed", model=MODEL, spec={"prompt": "old"})
-    with sqlite3.connect(tmp_path / "jobs.db") as c:  # the schema as it was before owners existed
+    with sqlite3.connect(tmp_path / "jobs.db") as c:  # the schema as it was before owners existed (version 2)
         c.execute("ALTER TABLE jobs DROP COLUMN owner")
         c.execute("ALTER TABLE uploads DROP COLUMN owner")
+        c.execute("DELETE FROM schema_version WHERE version >= 3")
     old.dispose()
     new = Store(url)
     new.create_all()

@@ -1,18 +1,29 @@
-"""Job store on a real SQLite file: atomic claims, queue positions, cancel, recovery, webhooks, retention."""
+"""Job store on a real SQLite file and a real PostgreSQL server: atomic claims, queue positions, cancel,
+recovery, webhooks, retention. Every test runs on both backends (`db_url` is parametrized)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from server.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Store
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty database: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("pg_cluster").create_database()
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(db_url):
+    s = Store(db_url)
     s.create_all()
     yield s
     s.dispose()
@@ -23,8 +34,9 @@ def _job(store: Store, **kw) -> str:
 
 
 def test_wal_mode_and_roundtrip(store):
-    with store.engine.connect() as c:
-        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    if store.engine.dialect.name == "sqlite":
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     jid = _job(store, extra={"k": [1, 2]}, logs=["hello"])
     job = store.get_job(jid, with_logs=True)
     assert job.status == QUEUED and job.extra == {"k": [1, 2]} and job.spec == {"prompt": "x"}
@@ -41,8 +53,8 @@ def test_queue_positions_follow_priority_then_age(store):
     assert [store.queue_position(j) for j in (urgent, b, c)] == [0, 1, 2]
 
 
-def test_concurrent_claims_never_double_claim(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_concurrent_claims_never_double_claim(db_url):
+    url = db_url
     setup = Store(url)
     setup.create_all()
     ids = {_job(setup) for _ in range(30)}
@@ -149,3 +161,120 @@ def test_retention_selects_only_old_finished_jobs(store):
     assert expired == [old]
     store.delete_jobs(expired)
     assert store.get_job(old) is None and store.get_job(new) and store.get_job(queued)
+
+
+# ---- schema versions, leases and several instances on one store ------------------------------------------
+
+DATA = Path(__file__).parent / "store_schemas"
+
+
+def _create_old_schema(url: str) -> None:
+    """The tables exactly as the previous release's create_all made them (tests/store_schemas/store_schema_v1.*.sql)."""
+    engine = sa.create_engine(url)
+    sql = (DATA / f"store_schema_v1.{engine.dialect.name}.sql").read_text()
+    body = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
+    with engine.begin() as c:
+        for stmt in filter(str.strip, body.split(";")):
+            c.exec_driver_sql(stmt)
+        c.exec_driver_sql(
+            "INSERT INTO jobs (id, dialect, model, spec, extra, status, priority, step, total, progress, outputs,"
+            " timings, created_at, updated_at, attempts, worker_id, heartbeat_at, cancel_requested,"
+            " webhook_attempts) VALUES ('old-run', 'wavespeed', 'm', '{\"prompt\": \"x\"}', '{}', 'running', 0,"
+            " 3, 10, 0.4, '[]', '{}', 1.0, 1.0, 1, 'w0-old', 1.0, false, 0)")
+    engine.dispose()
+
+
+def test_old_schema_upgrades_in_place(db_url):
+    from server.migrations import LATEST, current_version
+
+    _create_old_schema(db_url)
+    s = Store(db_url)
+    assert current_version(s.engine) is None
+    s.create_all()
+    assert current_version(s.engine) == LATEST
+    old = s.get_job("old-run")
+    assert old.status == RUNNING and old.step == 3 and old.lease_expires_at is None
+    # a job claimed before leases existed is recovered by its heartbeat age
+    assert [j.id for j in s.expired_leases(time.time(), legacy_timeout_s=60)] == ["old-run"]
+    assert s.recover_job(old, "its worker stopped heart-beating", max_attempts=2) == QUEUED
+    job = s.claim_next("w1", lease_s=30)
+    assert job.id == "old-run" and job.attempts == 2 and job.lease_expires_at > time.time() + 25
+    s.create_all()  # idempotent: opening it again applies nothing
+    assert current_version(s.engine) == LATEST
+    s.dispose()
+
+
+def test_fresh_store_is_stamped_latest(store):
+    from server.migrations import LATEST, current_version, upgrade
+    from server.store import metadata
+
+    assert current_version(store.engine) == LATEST
+    assert upgrade(store.engine, metadata) == []
+
+
+def test_lease_is_renewed_by_heartbeat_and_expires_without_it(store):
+    jid = _job(store)
+    job = store.claim_next("w1", lease_s=0.5)
+    assert job.lease_expires_at == pytest.approx(time.time() + 0.5, abs=0.3)
+    store.worker_heartbeat("w1", jid, lease_s=30)
+    assert store.expired_leases(time.time() + 5, legacy_timeout_s=60) == []
+    assert store.get_job(jid).lease_expires_at > time.time() + 25
+    store.worker_heartbeat("w2", jid, lease_s=1000)  # not its worker: renews nothing
+    assert store.get_job(jid).lease_expires_at < time.time() + 31
+    [expired] = store.expired_leases(time.time() + 31, legacy_timeout_s=60)
+    assert expired.id == jid
+    assert store.recover_job(expired, "the lease expired", max_attempts=2) == QUEUED
+    assert store.get_job(jid).lease_expires_at is None
+    again = store.claim_next("w2", lease_s=30)
+    assert again.id == jid
+    store.worker_heartbeat("w1", jid, lease_s=1000)  # the old worker, back from a pause, cannot take it back
+    assert not store.finish_job(jid, "w1", status=SUCCEEDED, outputs=[])
+    assert store.finish_job(jid, "w2", status=SUCCEEDED, outputs=[])
+
+
+def test_instances_see_only_their_own_jobs_and_workers(store):
+    for wid, inst in (("a-w0", "box-a"), ("b-w0", "box-b")):
+        store.upsert_worker(wid, slot=0, instance=inst, pid=1, device="cpu", status="busy")
+    a, b = _job(store), _job(store)
+    assert store.claim_next("a-w0").id == a and store.claim_next("b-w0").id == b
+    assert [j.id for j in store.running_jobs_of_instance("box-a")] == [a]
+    store.delete_workers_of("box-a")
+    assert [w["instance"] for w in store.list_workers()] == ["box-b"]
+
+
+def test_a_webhook_is_claimed_by_exactly_one_instance(db_url, store):
+    ids = [_job(store, webhook_url="https://example.com/hook") for _ in range(20)]
+    for jid in ids:
+        store.claim_next("w")
+        store.finish_job(jid, "w", status=SUCCEEDED, outputs=[])
+    wins: list[str] = []
+    lock = threading.Lock()
+
+    def instance() -> None:
+        s = Store(db_url)
+        for job in s.due_webhooks(time.time() + 1, limit=100):
+            if s.claim_webhook(job, time.time() + 60):
+                with lock:
+                    wins.append(job.id)
+        s.dispose()
+
+    threads = [threading.Thread(target=instance) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(wins) == sorted(ids), "each webhook claimed exactly once"
+    assert store.due_webhooks(time.time() + 1) == []
+
+
+def test_singleton_work_runs_on_one_instance_at_a_time(db_url, store):
+    other = Store(db_url)
+    try:
+        with store.singleton("retention") as first:
+            with other.singleton("retention") as second:
+                assert first
+                assert second is (not store.is_postgres)  # SQLite: one server per store, always its turn
+        with other.singleton("retention") as after:
+            assert after
+    finally:
+        other.dispose()
