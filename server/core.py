@@ -45,7 +45,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -304,28 +303,17 @@ class Core:
 
     def file_token(self, kind: str, ident: str, owner: str | None) -> str:
         """Unguessable token for one job's outputs or one upload, bound to its owner (HMAC with a secret kept
-        in the data dir, so URLs survive restarts; delete `file-url.secret` to revoke every file URL)."""
+        in the job store, so URLs survive restarts and work on every instance; delete its `server_secrets` row
+        `file-url` and restart to revoke every file URL)."""
         if self._file_secret is None:
             self._file_secret = self._load_file_secret()
         msg = f"{kind}/{ident}/{owner or '-'}".encode()
         return hmac.new(self._file_secret, msg, hashlib.sha256).hexdigest()[:40]
 
     def _load_file_secret(self) -> bytes:
-        """Read the data dir's secret, creating it atomically (written aside, then hard-linked into place) so
-        concurrent API processes never read a half-written one."""
-        path = self.data_dir / "file-url.secret"
-        if not path.exists():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process won; use its secret
-            finally:
-                tmp.unlink()
-        return path.read_bytes()
+        """The file-URL key, kept in the job store so every instance sharing it (several boxes behind one load
+        balancer) issues and accepts the same URLs, and restarts keep them valid."""
+        return self.store.shared_secret("file-url")
 
     def _file_owner(self, kind: str, ident: str) -> tuple[bool, str | None]:
         """(exists, owner) of the job (outputs) or upload a served file belongs to."""

@@ -51,6 +51,13 @@ def add_column(conn: Connection, table: str, column: sa.Column) -> None:
     conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {ddl}")
 
 
+def _create_table(conn: Connection, name: str) -> None:
+    """Create one of `server.store`'s tables as it is defined now (a no-op when it exists)."""
+    from server.store import metadata
+
+    metadata.tables[name].create(conn, checkfirst=True)
+
+
 def _baseline(conn: Connection) -> None:
     """Version 1 is the schema before versioning existed; a database that has `jobs` already is at it."""
 
@@ -62,6 +69,8 @@ MIGRATIONS: list[Migration] = [
     Migration(3, "owners: jobs.owner, uploads.owner (hash of the creating API key; NULL for older rows)",
               lambda c: (add_column(c, "jobs", sa.Column("owner", sa.String(64))),
                          add_column(c, "uploads", sa.Column("owner", sa.String(64))))),
+    Migration(4, "server_secrets: store-wide secrets (the file-URL key every instance must share)",
+              lambda c: _create_table(c, "server_secrets")),
 ]
 LATEST = MIGRATIONS[-1].version
 

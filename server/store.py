@@ -14,6 +14,7 @@ that its worker's heartbeat renews; whichever instance sees a lease expire recov
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
 import uuid
 import zlib
@@ -125,6 +126,14 @@ stage_stats = sa.Table(
     sa.Column("count", sa.Integer, nullable=False, default=0),
     sa.Column("total", sa.Float, nullable=False, default=0.0),
     sa.Column("buckets", sa.JSON, nullable=False, default=list),
+)
+
+#: Secrets every instance sharing the store must agree on (the file-URL HMAC key); schema version 4.
+server_secrets = sa.Table(
+    "server_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
 )
 
 
@@ -543,6 +552,19 @@ class Store:
             c.execute(uploads.insert().values(id=upload_id, token=token, filename=filename,
                                               content_type=content_type, size=size, path=path, created_at=now,
                                               completed_at=now if completed else None, owner=owner))
+
+    def shared_secret(self, name: str) -> bytes:
+        """The store-wide random secret `name`, created by whichever instance asks first (the primary key makes
+        a concurrent second insert fail, and both then read the winner's value)."""
+        q = sa.select(server_secrets.c.value).where(server_secrets.c.name == name)
+        with self.engine.connect() as c:
+            value = c.execute(q).scalar()
+        if value is None:
+            with contextlib.suppress(sa.exc.IntegrityError), self.engine.begin() as c:
+                c.execute(server_secrets.insert().values(name=name, value=secrets.token_bytes(32)))
+            with self.engine.connect() as c:
+                value = c.execute(q).scalar_one()
+        return bytes(value)
 
     def get_upload(self, upload_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as c:

@@ -84,7 +84,7 @@ def _queue_position(srv: LiveServer, jid: str) -> int | None:
 
 
 def _queue_depth(srv: LiveServer) -> float:
-    metrics = httpx.get(f"{srv.base}/metrics", timeout=10).text
+    metrics = httpx.get(f"{srv.base}/metrics", headers=AUTH, timeout=10).text
     return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vace_queue_depth "))
 
 
@@ -164,7 +164,7 @@ def test_two_instances_share_one_queue(pg_cluster, tmp_path, hook_url):
         _wait(lambda: len(_Hooks.received) >= len(jobs), 30, "every webhook")
         time.sleep(1.5)  # a duplicate delivery would arrive within a webhook-loop round or two
         workers = {w["id"]: w["instance"] for w in store.list_workers()}
-        downloads = {jid: httpx.get(f"{b.base}/files/outputs/{jid}/{r.outputs[0]['file']}", timeout=30)
+        downloads = {jid: httpx.get(f"{b.base}/files/outputs/{jid}/{r.outputs[0]['file']}", headers=AUTH, timeout=30)
                      for jid, r in final.items() if r.outputs}
     finally:
         a.stop()

@@ -123,15 +123,20 @@ def test_two_boxes_separate_data_dirs_one_bucket(pg_cluster, s3_endpoint, tmp_pa
         assert job.status == "succeeded", (job.status, job.error)
         assert not (tmp_path / "box-a" / "outputs" / jid).exists()  # box a never had the output…
         name = job.outputs[0]["file"]
-        streamed = httpx.get(f"{gpu_box.base}/files/outputs/{jid}/{name}", timeout=30)
-        redirect = httpx.get(f"{api_only.base}/files/outputs/{jid}/{name}", timeout=30)
+        streamed = httpx.get(f"{gpu_box.base}/files/outputs/{jid}/{name}", headers=AUTH, timeout=30)
+        redirect = httpx.get(f"{api_only.base}/files/outputs/{jid}/{name}", headers=AUTH, timeout=30)
         assert redirect.status_code == 307 and redirect.headers["location"].startswith(s3_endpoint)
         via_presigned = httpx.get(redirect.headers["location"], timeout=30)
         assert streamed.status_code == 200 and streamed.content[4:8] == b"ftyp"
         assert via_presigned.status_code == 200 and via_presigned.content == streamed.content  # …yet serves it
         # the input crossed boxes through the bucket: box b's copy is in box b's data dir
         assert any((tmp_path / "box-b" / "uploads").rglob("test.jpg"))
-        assert httpx.get(f"{api_only.base}/files/outputs/{jid}/nope.mp4", timeout=10).status_code == 404
+        assert httpx.get(f"{api_only.base}/files/outputs/{jid}/nope.mp4", headers=AUTH, timeout=10).status_code == 404
+        # the capability URL one box hands out (no key needed) is served by the other box too: one store-wide key
+        url_a = httpx.get(f"{api_only.base}/api/v3/predictions/{jid}/result", headers=AUTH,
+                          timeout=10).json()["data"]["outputs"][0]
+        cross = httpx.get(url_a.replace(api_only.base, gpu_box.base), timeout=30)
+        assert cross.status_code == 200 and cross.content == streamed.content
     finally:
         api_only.stop()
         gpu_box.stop()
