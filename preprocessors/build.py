@@ -9,6 +9,7 @@ length. Every rule, its source and its test: docs/CONDITIONING.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -111,24 +112,33 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> Cont
 
         frames, masks = outpaint_frames(spec, vinfo, vr, idx, info)
     else:
-        rgb = read_frames(vinfo, vr, idx, lambda f: cover_crop(f, H, W))  # (n, H, W, 3) uint8
+        control = None
+        if task in ("none", "inpainting"):
+            rgb = read_frames(vinfo, vr, idx, lambda f: cover_crop(f, H, W))  # (n, H, W, 3) uint8
+        else:  # depth / pose / face run on the source frame, then are cropped like the video (official order)
+            from preprocessors.annotators import annotate
+
+            crops: list[np.ndarray] = []
+
+            def source_frames() -> Iterator[np.ndarray]:
+                """One decode serves both: the annotator's source frames and the job-size crops kept aside."""
+                for frame in iter_frames(vinfo, vr, idx):
+                    crops.append(cover_crop(frame, H, W))
+                    yield frame
+
+            control = annotate(task, source_frames(), info, (H, W))  # float32 [0, 1]
+            rgb = np.stack(crops)
         masks = _user_masks(spec, resolved, vinfo, idx, rgb, info)
         if task == "none":
             frames = to_unit(rgb)
         elif task == "inpainting":
             frames = to_unit(rgb)
             frames[masks > 0.5] = GRAY
-        else:
-            from preprocessors.annotators import SOURCE_FRAME_TASKS, annotate
-
-            # pose / face / depth: run on the source frame, then cropped like the video (official order)
-            source = iter_frames(vinfo, vr, idx) if task in SOURCE_FRAME_TASKS else rgb
-            control = annotate(task, source, info, (H, W))  # float32 [0, 1]
-            if masks is None:
-                frames = control
-            else:  # repaint + control composition: orig where kept, control where generated
-                m = masks[..., None]
-                frames = to_unit(rgb) * (1.0 - m) + control * m
+        elif masks is None:
+            frames = control
+        else:  # repaint + control composition: orig where kept, control where generated
+            m = masks[..., None]
+            frames = to_unit(rgb) * (1.0 - m) + control * m
         if masks is None:
             masks = np.ones(rgb.shape[:3], dtype=np.float32)
     return _pad(frames.astype(np.float32), masks.astype(np.float32), F)

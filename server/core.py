@@ -336,7 +336,12 @@ class Core:
         return owner is not None and file_owner in (None, owner)
 
     def output_path(self, job: JobRecord, output: dict[str, Any]) -> Path:
-        return safety.safe_data_path(self.data_dir, "outputs", job.id, output["file"])
+        """This box's copy of a job output, fetched from the shared storage when another box wrote it (so
+        base64 results and downloads work on every instance); the path may not exist if the file is gone."""
+        path = safety.safe_data_path(self.data_dir, "outputs", job.id, output["file"])
+        if not path.is_file():
+            self.storage.fetch(f"outputs/{job.id}/{output['file']}")
+        return path
 
     def output_urls(self, job: JobRecord, base: str) -> list[dict[str, Any]]:
         if job.status != SUCCEEDED:

@@ -18,8 +18,6 @@ Nothing here imports torch; the API process uses it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import re
 import socket
@@ -29,8 +27,7 @@ from typing import Literal
 from urllib.parse import unquote
 
 from vace_local.errors import InputError
-from vace_local.inputs import DATA_URI_RE as _DATA_RE
-from vace_local.inputs import data_uri_bytes
+from vace_local.inputs import data_uri_bytes, write_data_uri  # noqa: F401 - write_data_uri re-exported
 
 Kind = Literal["image", "video"]
 
@@ -225,42 +222,6 @@ def decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
     """Decode a `data:[mime][;base64],payload` URI (the CLI's decoder, one set of rules); InputError names
     the field on any problem, and `max_bytes` bounds the decoded bytes."""
     return data_uri_bytes(uri, field, max_bytes)[1]
-
-
-#: Base64 characters decoded per step when a data URI is streamed to disk (a multiple of 4).
-_B64_CHUNK = 4 << 20
-
-
-def write_data_uri(uri: str, field: str, max_bytes: int, dest: Path) -> int:
-    """Decode a data URI into `dest` in bounded steps and return its size: a 300 MB base64 payload is never
-    held decoded in memory as well. Same rules and errors as `decode_data_uri` (which handles the rare
-    non-base64 form, decoded whole)."""
-    m = _DATA_RE.match(uri[:512])
-    if not m or not m.group("b64"):
-        data = decode_data_uri(uri, field, max_bytes)
-        dest.write_bytes(data)
-        return len(data)
-    start, end = m.end(), len(uri)
-    while start < end and uri[start].isspace():  # strip() would copy the whole payload
-        start += 1
-    while end > start and uri[end - 1].isspace():
-        end -= 1
-    if (end - start) * 3 // 4 > max_bytes:
-        raise InputError(field, f"data URI is larger than the {max_bytes} byte limit")
-    if (end - start) % 4:
-        raise InputError(field, "data URI payload is not valid base64")
-    size = 0
-    with open(dest, "wb") as f:
-        for i in range(start, end, _B64_CHUNK):
-            try:
-                chunk = base64.b64decode(uri[i:min(i + _B64_CHUNK, end)], validate=True)
-            except (binascii.Error, ValueError):
-                raise InputError(field, "data URI payload is not valid base64") from None
-            f.write(chunk)
-            size += len(chunk)
-    if not size:
-        raise InputError(field, "data URI is empty")
-    return size
 
 
 def parse_file_url_path(path: str, field: str) -> tuple[str, str, str, str | None] | None:

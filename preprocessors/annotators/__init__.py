@@ -10,24 +10,16 @@ from typing import Any
 
 import numpy as np
 
-#: tasks whose annotator reads the source frames (not the job-size crop) and crops its own output, as official
-SOURCE_FRAME_TASKS = {"pose", "face", "depth", "depthv2"}
 
+def annotate(task: str, frames: Iterable[np.ndarray], info: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
+    """Uncropped uint8 RGB source frames → (F, H, W, 3) float32 control frames in [0, 1], `size` = (H, W).
 
-def annotate(
-    task: str, frames: Iterable[np.ndarray], info: dict[str, Any], size: tuple[int, int] | None = None
-) -> np.ndarray:
-    """uint8 RGB frames → (F, H, W, 3) float32 control frames in [0, 1].
-
-    For SOURCE_FRAME_TASKS `frames` are the uncropped source frames and `size` (height, width) the crop to
-    return: pose is detected and drawn, depth estimated and normalised, on the source frame, then cropped like
-    the video (the official order).
+    Every annotator runs on the source frame and its output is then cropped like the video (the official
+    order): pose is detected and drawn, depth estimated and normalised, before the crop.
     """
     if task in ("depth", "depthv2"):
         from preprocessors.annotators.depth import depth_frames
 
-        if size is None:
-            raise ValueError("depth needs the crop size: it runs on the uncropped source frames")
         return depth_frames(task, frames, size[0], size[1], info)
     if task in ("pose", "face"):
         from preprocessors.annotators.pose import pose_frames

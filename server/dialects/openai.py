@@ -16,7 +16,6 @@ import base64
 import binascii
 import json
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -214,7 +213,7 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 
 def _discard_upload(core: Core, upload_id: str) -> None:
-    shutil.rmtree(core.data_dir / "uploads" / upload_id, ignore_errors=True)
+    core.storage.delete_prefix(f"uploads/{upload_id}")
     core.store.delete_uploads([upload_id])
 
 
@@ -254,7 +253,7 @@ def list_jobs(core: Core, *, after: str | None, limit: int, order: str,
 
 def delete_job(core: Core, job: JobRecord) -> None:
     """Remove the job, its outputs and the upload its input_reference became."""
-    shutil.rmtree(core.data_dir / "outputs" / job.id, ignore_errors=True)
+    core.storage.delete_prefix(f"outputs/{job.id}")
     core.store.delete_jobs([job.id])
     upload_id = job.extra.get("upload_id")
     if upload_id:
