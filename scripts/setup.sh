@@ -12,28 +12,23 @@ PY=${PYTHON:-python3}
 export SAM2_BUILD_CUDA=0
 .venv/bin/python -c "import sam2" 2>/dev/null || .venv/bin/pip install --quiet --no-build-isolation "sam2==1.1.0"
 .venv/bin/pip install --quiet -e ".[all,dev]"
-# The playground's browser test drives the system Chromium through Playwright (Playwright's own browser
-# download is not used). Install Debian's package when it is missing and we can (root + apt-get); otherwise
-# say so and carry on: that test then skips with the reason.
-if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+# System packages some tests use, installed when missing and we can (root + apt-get, one apt-get run);
+# otherwise say so and carry on: those tests then skip with the reason.
+# - chromium: the playground's browser test drives it through Playwright (Playwright's own browser download
+#   is not used);
+# - postgresql: the store tests also run against a real server the suite starts itself (tests/pg_server.py:
+#   initdb + pg_ctl in a temp dir).
+missing=()
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
-            || echo "setup: could not install chromium; the playground browser test will skip" >&2
+        { apt-get update -qq \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+            || echo "setup: could not install ${missing[*]}; the tests that need them will skip" >&2
     else
-        echo "setup: chromium not found and not installable here (needs root and apt-get); the playground" \
-             "browser test will skip" >&2
-    fi
-fi
-# The store tests also run against a real PostgreSQL server that the suite starts itself (tests/pg_server.py:
-# initdb + pg_ctl in a temp dir). Install Debian's package when it is missing and we can; otherwise say so and
-# carry on: those tests then skip with the reason.
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } \
-            || echo "setup: could not install postgresql; the PostgreSQL tests will skip" >&2
-    else
-        echo "setup: PostgreSQL (initdb) not found and not installable here (needs root and apt-get); the" \
-             "PostgreSQL tests will skip" >&2
+        echo "setup: ${missing[*]} not found and not installable here (needs root and apt-get); the tests that" \
+             "need them will skip" >&2
     fi
 fi
 echo "vace-local installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
