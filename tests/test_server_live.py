@@ -232,6 +232,10 @@ def test_sync_mode_webhook_and_base64(server, helper_http):
     hook = _Files.hooks[0]
     assert hook["id"] == data["id"] and hook["status"] == "completed" and hook["outputs"] == data["outputs"]
     assert hook["input"]["prompt"] == "sync"
+    # the server records the delivery once our endpoint has answered, a moment after the hook arrived here
+    deadline = time.time() + 10
+    while server.row(data["id"])["webhook_status"] == "pending" and time.time() < deadline:
+        time.sleep(0.1)
     assert server.row(data["id"])["webhook_status"] == "delivered"
 
     b64 = server.submit({"prompt": "b64", "num_inference_steps": 2, "enable_sync_mode": True,
