@@ -111,6 +111,19 @@ class ApiError(Exception):
         self.error_type = error_type
         self.errors = errors or []
 
+    def detail(self) -> list[dict[str, Any]]:
+        """The broken rules as data (what a failed job stores): field path in user names, message, type."""
+        out = []
+        for e in self.errors:
+            loc = [x for x in e.get("loc", ()) if x not in ("body", "query")]
+            path = ""
+            for x in loc:
+                path += f"[{x}]" if isinstance(x, int) or str(x).isdigit() else (f".{x}" if path else str(x))
+            out.append({"field": path or None, "message": str(e.get("msg", "")), "type": e.get("type", "value_error")})
+        if not out:
+            out.append({"field": self.field, "message": self.message, "type": self.error_type})
+        return out
+
 
 @dataclass
 class Failure:
@@ -120,6 +133,9 @@ class Failure:
     error_type: str
     message: str
     restart_worker: bool = False
+    #: The broken rules as data (`JobRecord.error_detail`): `[{"field", "message", "type"}]`; empty when the
+    #: failure is not about a user field.
+    detail: list[dict[str, Any]] = field(default_factory=list)
 
 
 def user_field(name: str, field_names: dict[str, str] | None) -> str:
@@ -143,7 +159,9 @@ def map_exception(exc: BaseException, field_names: dict[str, str] | None = None)
     if isinstance(exc, JobCancelled):
         return Failure(CANCELLED, "cancelled", "cancelled by request")
     if isinstance(exc, InputError):
-        return Failure(FAILED, "input_error", f"input '{user_field(exc.field, field_names)}': {exc.message}")
+        name = user_field(exc.field, field_names)
+        return Failure(FAILED, "input_error", f"input '{name}': {exc.message}",
+                       detail=[{"field": name, "message": exc.message, "type": "value_error"}])
     if isinstance(exc, OutOfMemory) or name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
         return Failure(FAILED, "out_of_memory",
                        "the GPU ran out of memory for this job (try a smaller size or fewer frames); "
@@ -151,7 +169,8 @@ def map_exception(exc: BaseException, field_names: dict[str, str] | None = None)
     if isinstance(exc, ModelNotFoundError):
         return Failure(FAILED, "model_not_found", str(exc))
     if isinstance(exc, ValidationError):
-        return Failure(FAILED, "invalid_input", validation_error(exc, field_names).message)
+        err = validation_error(exc, field_names)
+        return Failure(FAILED, "invalid_input", err.message, detail=err.detail())
     if isinstance(exc, VaceError):
         return Failure(FAILED, "error", str(exc))
     return Failure(FAILED, "internal_error", f"internal error: {name}: {str(exc)[:500]}")

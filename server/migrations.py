@@ -71,6 +71,8 @@ MIGRATIONS: list[Migration] = [
                          add_column(c, "uploads", sa.Column("owner", sa.String(64))))),
     Migration(4, "server_secrets: store-wide secrets (the file-URL key every instance must share)",
               lambda c: _create_table(c, "server_secrets")),
+    Migration(5, "structured errors: jobs.error_detail (the failed field and rule as data)",
+              lambda c: add_column(c, "jobs", sa.Column("error_detail", sa.JSON))),
 ]
 LATEST = MIGRATIONS[-1].version
 

@@ -71,6 +71,9 @@ jobs = sa.Table(
     #: Hash of the API key that created the job (`server.core.owner_of_key`); NULL = created without keys.
     #: Schema version 3.
     sa.Column("owner", sa.String(64)),
+    #: The failure as data, `[{"field": user field or null, "message": the rule broken, "type": short kind}]`,
+    #: so each dialect renders it in its own envelope without parsing `error` back; schema version 5.
+    sa.Column("error_detail", sa.JSON),
     sa.Index("ix_jobs_queue", "status", "priority", "created_at"),
     sa.Index("ix_jobs_webhook", "webhook_status", "webhook_next_at"),
     sa.Index("ix_jobs_finished", "finished_at"),
@@ -171,6 +174,7 @@ class JobRecord:
     webhook_next_at: float | None
     lease_expires_at: float | None = None
     owner: str | None = None
+    error_detail: list[dict[str, Any]] | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -407,6 +411,7 @@ class Store:
         result: dict[str, Any] | None = None,
         error: str | None = None,
         error_type: str | None = None,
+        error_detail: list[dict[str, Any]] | None = None,
         timings: dict[str, float] | None = None,
     ) -> bool:
         """Record the final state; only the worker that owns the running job can (stale workers lose)."""
@@ -414,6 +419,7 @@ class Store:
         now = time.time()
         values: dict[str, Any] = {
             "status": status, "finished_at": now, "updated_at": now, "error": error, "error_type": error_type,
+            "error_detail": error_detail,
             "webhook_status": sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
             "webhook_next_at": now,
         }

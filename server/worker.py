@@ -288,7 +288,7 @@ class Worker:
             status = CANCELLED if failure.status == CANCELLED else FAILED
             shutil.rmtree(out_dir, ignore_errors=True)
             self.store.finish_job(job.id, self.id, status=status, error=failure.message,
-                                  error_type=failure.error_type)
+                                  error_type=failure.error_type, error_detail=failure.detail or None)
             self.store.add_log(job.id, f"{status}: {failure.message}",
                                level="info" if status == CANCELLED else "error", source="worker")
             if failure.restart_worker:

@@ -44,6 +44,15 @@ def test_wal_mode_and_roundtrip(store):
     assert store.get_job("nope") is None
 
 
+def test_failure_keeps_its_field_and_rule_as_data(store):
+    jid = _job(store)
+    store.claim_next("w1", lease_s=30)
+    detail = [{"field": "video_url", "message": "could not be read", "type": "value_error"}]
+    assert store.finish_job(jid, "w1", status=FAILED, error="input 'video_url': could not be read",
+                            error_type="input_error", error_detail=detail)
+    assert store.get_job(jid).error_detail == detail
+
+
 def test_queue_positions_follow_priority_then_age(store):
     a, b, c = _job(store), _job(store), _job(store)
     urgent = _job(store, priority=-1)
@@ -193,7 +202,7 @@ def test_old_schema_upgrades_in_place(db_url):
     s.create_all()
     assert current_version(s.engine) == LATEST
     old = s.get_job("old-run")
-    assert old.status == RUNNING and old.step == 3 and old.lease_expires_at is None
+    assert old.status == RUNNING and old.step == 3 and old.lease_expires_at is None and old.error_detail is None
     # a job claimed before leases existed is recovered by its heartbeat age
     assert [j.id for j in s.expired_leases(time.time(), legacy_timeout_s=60)] == ["old-run"]
     assert s.recover_job(old, "its worker stopped heart-beating", max_attempts=2) == QUEUED
