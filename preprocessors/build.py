@@ -21,14 +21,13 @@ from preprocessors.video import (
     VideoInfo,
     frames_at_fps,
     iter_frames,
-    legal_num_frames,
     open_video,
     read_frames,
     sample_indices,
 )
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
-from vace_local.spec import MAX_FRAMES, MIN_FRAMES, JobSpec
+from vace_local.spec import JobSpec, round_frames_4k1, task_needs_video
 
 CONTROL_TASKS = {"depth", "depthv2", "pose", "face"}
 
@@ -59,7 +58,7 @@ def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
         update["fps"] = fps
     if c.match_input_num_frames:
         n = frames_at_fps(info.num_frames, info.fps, fps)
-        update["num_frames"] = legal_num_frames(n, MIN_FRAMES, MAX_FRAMES)
+        update["num_frames"] = round_frames_4k1(n)
     return spec.model_copy(update=update)
 
 
@@ -72,7 +71,7 @@ def build_bundle(spec: JobSpec, resolved: Resolved) -> ControlBundle:
     if resolved.video is None:
         if resolved.mask_video or resolved.mask_image:
             raise InputError("mask_video" if resolved.mask_video else "mask_image", "a mask needs a video")
-        if spec.task != "none":
+        if task_needs_video(spec.task):
             raise InputError("video", f"task '{spec.task}' needs a video")
         bundle = ControlBundle.blank(F, H, W)
         info["source"] = "none"

@@ -171,12 +171,6 @@ def sample_indices(src_frames: int, src_fps: float, job_fps: float, num_frames: 
     return keep_last_indices(src_frames, count)
 
 
-def legal_num_frames(n: int, lo: int, hi: int) -> int:
-    """Smallest 4k+1 >= n (pad rather than drop input frames), clamped to [lo, hi]."""
-    k = max(0, -(-(n - 1) // 4))
-    return int(min(hi, max(lo, 4 * k + 1)))
-
-
 def iter_frames(
     info: VideoInfo, vr: object, indices: list[int], transform: Callable[[np.ndarray], np.ndarray] | None = None
 ) -> Iterator[np.ndarray]:
