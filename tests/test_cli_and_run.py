@@ -161,7 +161,11 @@ def test_tiny_model_runs_annotator_tasks_on_tiny_annotators(tmp_path: Path, fixt
     assert probe_video(res.video_path)[0] == 17
     import os
 
-    assert Path(os.environ["VACE_ANNOTATORS_DIR"]).is_dir()
+    from vace_local.tiny import default_cache_dir
+
+    assert meta["control"]["annotator"] == "dwpose-onnx"  # the tiny DWPose files, passed to the annotator
+    assert (default_cache_dir() / "tiny" / "annotators" / ".tiny-complete-v2").is_file()
+    assert "VACE_ANNOTATORS_DIR" not in os.environ  # the folder is passed explicitly, the environment untouched
 
 
 def test_cancel_lands_inside_preprocessing_frame_loop(tmp_path: Path, fixtures_dir: Path) -> None:
