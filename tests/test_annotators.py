@@ -7,7 +7,7 @@ import pytest
 
 from preprocessors import build_bundle, tiny, weights
 from preprocessors.annotators.pose import FACE, draw
-from preprocessors.testing import LocalInputs
+from tests.media_helpers import LocalInputs
 from vace_local.errors import ModelNotFoundError
 from vace_local.media import write_video
 from vace_local.spec import JobSpec

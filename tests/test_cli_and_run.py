@@ -13,9 +13,10 @@ from imageio_ffmpeg import get_ffmpeg_exe
 from typer.testing import CliRunner
 
 from tests.conftest import ROOT
+from tests.media_helpers import read_video
 from vace_local.cli import app
 from vace_local.errors import JobCancelled
-from vace_local.media import probe_video, read_video
+from vace_local.media import probe_video
 from vace_local.run import run_job
 from vace_local.spec import JobSpec
 

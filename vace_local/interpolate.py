@@ -282,20 +282,6 @@ def interpolate_clip(frames: np.ndarray, factor: int, interpolator: str | PairIn
     return np.stack(out)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
-
-
-def held_out_psnr(frames: np.ndarray, stride: int, interpolator: str | PairInterpolator) -> float:
-    """Mean PSNR of the frames dropped by keeping every stride-th frame and interpolating them back."""
-    keep = frames[::stride]
-    n = (len(keep) - 1) * stride + 1
-    rebuilt = interpolate_clip(keep, stride, interpolator)
-    scores = [psnr(rebuilt[i], frames[i]) for i in range(n) if i % stride]
-    return float(np.mean(scores))
-
-
 def write_frames_zip(frames: np.ndarray, path: Path) -> Path:
     """Every frame as a PNG (frame_00000.png ...) in one zip (fal's return_frames_zip)."""
     import cv2

@@ -23,16 +23,6 @@ _CRF = {"low": 28, "medium": 23, "high": 18, "maximum": 12}
 _PRESET = {"fast": "veryfast", "balanced": "medium", "small": "slow"}
 
 
-@dataclass
-class VideoClip:
-    frames: np.ndarray  # (F, H, W, 3) uint8
-    fps: float
-
-    @property
-    def duration(self) -> float:
-        return len(self.frames) / self.fps if self.fps else 0.0
-
-
 # ---- video decoding -------------------------------------------------------------------------------------
 
 CHUNK = 16
@@ -206,13 +196,6 @@ def probe_video(path: str | Path, field: str = "video") -> tuple[int, float, int
     """(num_frames, fps, width, height as displayed) without decoding every frame."""
     info = probe(path, field)
     return info.num_frames, info.fps, info.width, info.height
-
-
-def read_video(path: str | Path, field: str = "video", indices: list[int] | None = None) -> VideoClip:
-    """Decode (selected) frames of a video as RGB uint8, rotation applied; audio is ignored."""
-    info, vr = open_video(path, field)
-    idx = list(range(info.num_frames)) if indices is None else [min(max(i, 0), info.num_frames - 1) for i in indices]
-    return VideoClip(frames=read_frames(info, vr, idx), fps=info.fps)
 
 
 def open_image_header(path: Path, field: str):  # noqa: ANN201 - PIL.Image, header parsed only
