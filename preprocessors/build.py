@@ -17,18 +17,11 @@ import numpy as np
 
 from preprocessors import images
 from preprocessors.geometry import cover_crop, to_unit
-from preprocessors.video import (
-    VideoInfo,
-    frames_at_fps,
-    iter_frames,
-    legal_num_frames,
-    open_video,
-    read_frames,
-    sample_indices,
-)
+from preprocessors.video import frames_at_fps, sample_indices
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
-from vace_local.spec import MAX_FRAMES, MIN_FRAMES, JobSpec
+from vace_local.media import VideoInfo, iter_frames, open_video, read_frames
+from vace_local.spec import JobSpec, round_frames_4k1, task_needs_video
 
 CONTROL_TASKS = {"depth", "depthv2", "pose", "face"}
 
@@ -59,12 +52,15 @@ def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
         update["fps"] = fps
     if c.match_input_num_frames:
         n = frames_at_fps(info.num_frames, info.fps, fps)
-        update["num_frames"] = legal_num_frames(n, MIN_FRAMES, MAX_FRAMES)
+        update["num_frames"] = round_frames_4k1(n)
     return spec.model_copy(update=update)
 
 
-def build_bundle(spec: JobSpec, resolved: Resolved) -> ControlBundle:
-    """The bundle for `spec.task`, matching (num_frames, height, width) exactly."""
+def build_bundle(spec: JobSpec, resolved: Resolved, annotators_dir: Path | None = None) -> ControlBundle:
+    """The bundle for `spec.task`, matching (num_frames, height, width) exactly.
+
+    `annotators_dir`: the annotator / tracker weights folder (None: the default, see `preprocessors.weights`).
+    """
     F, H, W = spec.num_frames, spec.height, spec.width
     info: dict[str, Any] = {"task": spec.task}
     refs = images.reference_images([Path(p) for p in (resolved.reference_images or [])], H, W)
@@ -72,12 +68,12 @@ def build_bundle(spec: JobSpec, resolved: Resolved) -> ControlBundle:
     if resolved.video is None:
         if resolved.mask_video or resolved.mask_image:
             raise InputError("mask_video" if resolved.mask_video else "mask_image", "a mask needs a video")
-        if spec.task != "none":
+        if task_needs_video(spec.task):
             raise InputError("video", f"task '{spec.task}' needs a video")
         bundle = ControlBundle.blank(F, H, W)
         info["source"] = "none"
     else:
-        bundle = _from_video(spec, resolved, info)
+        bundle = _from_video(spec, resolved, info, annotators_dir)
 
     _apply_end_frames(spec, resolved, bundle, info)
     bundle.reference_images = refs
@@ -87,7 +83,7 @@ def build_bundle(spec: JobSpec, resolved: Resolved) -> ControlBundle:
     return bundle
 
 
-def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> ControlBundle:
+def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any], annotators_dir: Path | None) -> ControlBundle:
     F, H, W = spec.num_frames, spec.height, spec.width
     vinfo, vr = open_video(resolved.video, "video")
     task = spec.task
@@ -126,9 +122,9 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any]) -> Cont
                     crops.append(cover_crop(frame, H, W))
                     yield frame
 
-            control = annotate(task, source_frames(), info, (H, W))  # float32 [0, 1]
+            control = annotate(task, source_frames(), info, (H, W), annotators_dir)  # float32 [0, 1]
             rgb = np.stack(crops)
-        masks = _user_masks(spec, resolved, vinfo, idx, rgb, info)
+        masks = _user_masks(spec, resolved, vinfo, idx, rgb, info, annotators_dir)
         if task == "none":
             frames = to_unit(rgb)
         elif task == "inpainting":
@@ -161,7 +157,8 @@ def _pad(frames: np.ndarray, masks: np.ndarray, num_frames: int) -> ControlBundl
 
 
 def _user_masks(
-    spec: JobSpec, resolved: Resolved, vinfo: VideoInfo, idx: list[int], rgb: np.ndarray, info: dict[str, Any]
+    spec: JobSpec, resolved: Resolved, vinfo: VideoInfo, idx: list[int], rgb: np.ndarray, info: dict[str, Any],
+    annotators_dir: Path | None = None,
 ) -> np.ndarray | None:
     """Masks for the sampled frames from a mask video, or a tracked / static mask image; None if neither."""
     H, W = spec.height, spec.width
@@ -172,7 +169,7 @@ def _user_masks(
         first = images.mask_image(Path(resolved.mask_image), vinfo.width, vinfo.height, H, W)
         from preprocessors.tracking import choose_tracker
 
-        tracker, reason = (choose_tracker(spec.control.mask_tracker) if spec.task != "none"
+        tracker, reason = (choose_tracker(spec.control.mask_tracker, annotators_dir) if spec.task != "none"
                            else ("static", "task 'none': the mask image holds on every frame"))
         info.update(mask_source="mask_image", mask_tracker=tracker, mask_tracker_reason=reason)
         if tracker == "static" or len(rgb) == 1:
@@ -180,10 +177,10 @@ def _user_masks(
         from preprocessors.tracking import track_mask, track_sam2_on_source
 
         if tracker == "sam2":  # official: on the uncropped source frames, then cropped like the video
-            masks = track_sam2_on_source(vinfo, idx, Path(resolved.mask_image), H, W)
+            masks = track_sam2_on_source(vinfo, idx, Path(resolved.mask_image), H, W, annotators_dir)
             masks[0] = first
         else:
-            masks = track_mask(rgb, first, backend=tracker)
+            masks = track_mask(rgb, first, backend=tracker, annotators_dir=annotators_dir)
         area = masks.reshape(len(masks), -1).mean(axis=1)
         info["mask_area_first_last"] = [float(area[0]), float(area[-1])]
         return masks

@@ -55,7 +55,7 @@ def _predictor(ckpt: str, mtime: float, device: str) -> Any:
     return predictor
 
 
-def load_predictor(device: str) -> Any:
+def load_predictor(device: str, annotators_dir: Path | None = None) -> Any:
     try:
         import sam2.build_sam  # noqa: F401
     except ImportError as exc:
@@ -63,17 +63,17 @@ def load_predictor(device: str) -> Any:
             "mask_tracker 'sam2' needs the sam2 package (pip install 'sam2==1.1.0', SAM2_BUILD_CUDA=0 on CPU); "
             "use mask_tracker 'flow' instead"
         ) from exc
-    ckpt = weights.resolve("sam2")
+    ckpt = weights.resolve("sam2", annotators_dir)
     return _predictor(str(ckpt), ckpt.stat().st_mtime, device)
 
 
-def track_sam2(frames: np.ndarray, first_mask: np.ndarray) -> np.ndarray:
+def track_sam2(frames: np.ndarray, first_mask: np.ndarray, annotators_dir: Path | None = None) -> np.ndarray:
     """Masks (F, H, W) float32 0/1 at the frames' size; frame 0 is the given mask itself."""
     import torch
     from PIL import Image
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    predictor = load_predictor(device)
+    predictor = load_predictor(device, annotators_dir)
     first = first_mask >= 0.5
     out = np.zeros(frames.shape[:3], np.float32)
     with tempfile.TemporaryDirectory(prefix="vace-sam2-") as d:  # sam2 1.1.0 reads a JPEG folder or an mp4

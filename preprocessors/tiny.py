@@ -5,7 +5,10 @@ Saved in the same layout the real loaders read, so tests exercise the real loadi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from preprocessors import weights
 
 DET_SIZE = (640, 640)  # YOLOX-L input (h, w)
 POSE_SIZE = (384, 288)  # DW-LL ucoco 384 input (h, w)
@@ -159,3 +162,39 @@ def save_tiny_sam2(ckpt: Path) -> Path:
     tmp.replace(ckpt)
     sidecar(ckpt).write_text(json.dumps({"config": SAM2_TINY_CONFIG, "overrides": SAM2_TINY_OVERRIDES}, indent=1))
     return ckpt
+
+
+def ensure_tiny_annotators(dest: Path) -> Path:
+    """Build tiny random-weight annotators in the weights layout (idempotent); pass `dest` as `annotators_dir`.
+
+    depth / depthv2: tiny transformers DPT / Depth-Anything models; pose: tiny ONNX models with the DWPose
+    input/output signatures. Outputs are meaningless; the code paths are the real ones.
+    sam2 (only when the optional sam2 package is installed): a shrunk SAM2.1 video predictor with its config
+    sidecar.
+    """
+    import importlib.util
+    import shutil
+
+    dest = Path(dest)
+    marker = dest / f".tiny-complete-v{weights.TINY_ANNOTATORS_VERSION}"
+    if importlib.util.find_spec("sam2") is not None and not (dest / weights.FILES["sam2"]).is_file():
+        save_tiny_sam2(dest / weights.FILES["sam2"])
+    if marker.is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in weights.HF_DIRS.values():  # an older recipe's folders are rebuilt
+        shutil.rmtree(dest / rel, ignore_errors=True)
+    save_tiny_dpt(dest / weights.HF_DIRS["depth"])
+    save_tiny_depth_anything(dest / weights.HF_DIRS["depthv2"])
+    save_tiny_dwpose(dest / weights.FILES["pose_det"], dest / weights.FILES["pose_est"])
+    marker.write_text("tiny random-weight annotators: outputs are noise\n")
+    return dest
+
+
+def tiny_annotators_dir(cache_dir: Path) -> Path:
+    """The annotators folder for a job on the tiny model: the user's `VACE_ANNOTATORS_DIR` when set, else tiny
+    random-weight annotators built once in `cache_dir`/tiny/annotators, so smoke mode preprocesses with no
+    downloaded weights. The caller passes the folder on (`build_bundle(..., annotators_dir=)`)."""
+    if os.environ.get("VACE_ANNOTATORS_DIR"):
+        return weights.annotators_dir()
+    return ensure_tiny_annotators(Path(cache_dir) / "tiny" / "annotators")

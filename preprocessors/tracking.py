@@ -27,7 +27,7 @@ from vace_local.errors import InputError
 from vace_local.events import checkpoint
 
 if TYPE_CHECKING:
-    from preprocessors.video import VideoInfo
+    from vace_local.media import VideoInfo
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +105,22 @@ def track_flow(frames: np.ndarray, first_mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def choose_tracker(requested: str) -> tuple[str, str]:
+def choose_tracker(requested: str, annotators_dir: Path | None = None) -> tuple[str, str]:
     """(tracker that runs, why): `auto` is SAM2 when the package and the local SAM2.1 checkpoint exist, else flow.
 
     `auto` never downloads: a missing checkpoint falls back to flow (and says so) instead of fetching 900 MB.
     """
-    tracker, reason = _choose(requested)
+    tracker, reason = _choose(requested, annotators_dir)
     log.info("mask tracker %s (%s)", tracker, reason)
     return tracker, reason
 
 
-def _choose(requested: str) -> tuple[str, str]:
+def _choose(requested: str, annotators_dir: Path | None) -> tuple[str, str]:
     if requested != "auto":
         return requested, f"mask_tracker '{requested}' requested"
     if importlib.util.find_spec("sam2") is None:
         return "flow", "auto: the sam2 package is not installed (pip install 'vace-local[sam2]')"
-    ckpt = weights.annotators_dir() / weights.FILES["sam2"]
+    ckpt = weights.annotators_dir(annotators_dir) / weights.FILES["sam2"]
     if not ckpt.is_file():
         return "flow", f"auto: {ckpt.name} not found in {ckpt.parent}"
     from preprocessors.sam2_track import sidecar
@@ -129,30 +129,32 @@ def _choose(requested: str) -> tuple[str, str]:
     return "sam2", f"auto: sam2 package and {ckpt.name} found in {ckpt.parent} ({kind})"
 
 
-def track_sam2_on_source(video: VideoInfo, idx: list[int], mask_path: Path, height: int, width: int) -> np.ndarray:
+def track_sam2_on_source(video: VideoInfo, idx: list[int], mask_path: Path, height: int, width: int,
+                         annotators_dir: Path | None = None) -> np.ndarray:
     """Official order: SAM2 on the uncropped source frames, seeded with the mask at the source size; each mask is
     then cover-cropped like the video. (F, height, width) float32 0/1."""
     from preprocessors.geometry import cover_crop_mask
     from preprocessors.images import mask_image
     from preprocessors.sam2_track import track_sam2
-    from preprocessors.video import open_video, read_frames
+    from vace_local.media import open_video, read_frames
 
     vinfo, reader = open_video(video.path, video.field)
     first = mask_image(mask_path, vinfo.width, vinfo.height, vinfo.height, vinfo.width)
-    masks = track_sam2(read_frames(vinfo, reader, idx), first)
+    masks = track_sam2(read_frames(vinfo, reader, idx), first, annotators_dir)
     return np.stack([cover_crop_mask(m, height, width) for m in masks])
 
 
-def track_mask(frames: np.ndarray, first_mask: np.ndarray, backend: str = "auto") -> np.ndarray:
+def track_mask(frames: np.ndarray, first_mask: np.ndarray, backend: str = "auto",
+               annotators_dir: Path | None = None) -> np.ndarray:
     """One binary mask (F, H, W) per frame from the first-frame mask."""
     if backend == "auto":
-        backend = choose_tracker(backend)[0]
+        backend = choose_tracker(backend, annotators_dir)[0]
     if backend == "flow":
         return track_flow(frames, first_mask)
     if backend == "sam2":
         from preprocessors.sam2_track import track_sam2
 
-        return track_sam2(frames, first_mask)
+        return track_sam2(frames, first_mask, annotators_dir)
     if backend == "static":
         return np.repeat((first_mask >= 0.5).astype(np.float32)[None], len(frames), axis=0)
     raise InputError("control.mask_tracker", f"unknown mask tracker '{backend}' (auto, flow, sam2 or static)")

@@ -1,4 +1,7 @@
-"""Where annotator weights live: `VACE_ANNOTATORS_DIR` in the ali-vilab/VACE-Annotators layout.
+"""Where annotator weights live: a folder in the ali-vilab/VACE-Annotators layout.
+
+The folder is passed down explicitly (`annotators_dir=` of `build_bundle` and the annotators); None means the
+default, `VACE_ANNOTATORS_DIR` or ~/.cache/vace-local/annotators.
 
 Resolution order per file: the local folder; then (unless HF_HUB_OFFLINE) huggingface_hub from the official
 repo; else one clear error naming the missing file and the command that fetches it. Transformers-format
@@ -28,28 +31,32 @@ TINY_ANNOTATORS_VERSION = 2
 DOWNLOAD_HINT = "run `vace-local download annotators` (or set VACE_ANNOTATORS_DIR to a folder that has it)"
 
 
-def annotators_dir() -> Path:
+def annotators_dir(root: Path | None = None) -> Path:
+    """`root` when given, else the default folder (`VACE_ANNOTATORS_DIR`, or the user cache)."""
+    if root is not None:
+        return Path(root)
     env = os.environ.get("VACE_ANNOTATORS_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vace-local" / "annotators"
 
 
-def hf_dir(key: str) -> Path | None:
+def hf_dir(key: str, root: Path | None = None) -> Path | None:
     rel = HF_DIRS.get(key)
-    d = annotators_dir() / rel if rel else None
+    d = annotators_dir(root) / rel if rel else None
     return d if d is not None and (d / "config.json").is_file() else None
 
 
-def resolve(key: str) -> Path:
-    """Local path of the official file for `key`; fetched from the Hub when online, else ModelNotFoundError."""
+def resolve(key: str, root: Path | None = None) -> Path:
+    """Local path of the official file for `key` under `root` (None: the default folder); fetched from the Hub
+    when online, else ModelNotFoundError."""
     rel = FILES[key]
-    local = annotators_dir() / rel
+    local = annotators_dir(root) / rel
     if local.is_file():
         return local
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
         try:
             from huggingface_hub import hf_hub_download
 
-            return Path(hf_hub_download(OFFICIAL_REPO, rel, local_dir=annotators_dir()))
+            return Path(hf_hub_download(OFFICIAL_REPO, rel, local_dir=annotators_dir(root)))
         except Exception:  # offline, repo unreachable, file absent: fall through to the clear error
             pass
     raise ModelNotFoundError(f"annotator weights missing: {local} ({OFFICIAL_REPO}/{rel}); {DOWNLOAD_HINT}")
@@ -63,33 +70,4 @@ def download_annotators(dest: Path | None = None, keys: list[str] | None = None)
     dest.mkdir(parents=True, exist_ok=True)
     wanted = [FILES[k] for k in (keys or ["depth", "depthv2", "pose_det", "pose_est", "sam2", "salient"])]
     snapshot_download(OFFICIAL_REPO, allow_patterns=wanted, local_dir=dest)
-    return dest
-
-
-def ensure_tiny_annotators(dest: Path) -> Path:
-    """Build tiny random-weight annotators in the expected layout (idempotent); point VACE_ANNOTATORS_DIR here.
-
-    depth / depthv2: tiny transformers DPT / Depth-Anything models; pose: tiny ONNX models with the DWPose
-    input/output signatures. Outputs are meaningless; the code paths are the real ones.
-    sam2 (only when the optional sam2 package is installed): a shrunk SAM2.1 video predictor with its config
-    sidecar.
-    """
-    import importlib.util
-    import shutil
-
-    from preprocessors import tiny
-
-    dest = Path(dest)
-    marker = dest / f".tiny-complete-v{TINY_ANNOTATORS_VERSION}"
-    if importlib.util.find_spec("sam2") is not None and not (dest / FILES["sam2"]).is_file():
-        tiny.save_tiny_sam2(dest / FILES["sam2"])
-    if marker.is_file():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    for rel in HF_DIRS.values():  # an older recipe's folders are rebuilt
-        shutil.rmtree(dest / rel, ignore_errors=True)
-    tiny.save_tiny_dpt(dest / HF_DIRS["depth"])
-    tiny.save_tiny_depth_anything(dest / HF_DIRS["depthv2"])
-    tiny.save_tiny_dwpose(dest / FILES["pose_det"], dest / FILES["pose_est"])
-    marker.write_text("tiny random-weight annotators: outputs are noise\n")
     return dest

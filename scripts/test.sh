@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-logo  # the import layers in pyproject.toml [tool.importlinter]
 exec .venv/bin/pytest "$@"

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from vace_local.spec import FP8_MODES, OFFLOAD_POLICIES
+
 log = logging.getLogger("vace.server")
 
 
@@ -36,10 +38,9 @@ def serve(
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
-    offload: Annotated[str | None, typer.Option(help="auto | none | model | group | sequential "
-                                                     "(VACE_OFFLOAD).")] = None,
+    offload: Annotated[str | None, typer.Option(help=f"{' | '.join(OFFLOAD_POLICIES)} (VACE_OFFLOAD).")] = None,
     attention: Annotated[str | None, typer.Option(help="auto | fa3 | cudnn | fa2 | sdpa (VACE_ATTENTION).")] = None,
-    fp8: Annotated[str | None, typer.Option(help="none | storage | linear (VACE_FP8).")] = None,
+    fp8: Annotated[str | None, typer.Option(help=f"{' | '.join(FP8_MODES)} (VACE_FP8).")] = None,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="PATH[:scale[:steps[:guidance[:shift]]]] "
                                                                   "(repeatable; VACE_LORAS).")] = None,
     gpus_per_job: Annotated[int | None, typer.Option(help="GPUs per job: workers become groups of N GPUs "

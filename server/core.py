@@ -74,7 +74,7 @@ from server.store import (
     new_id,
 )
 from vace_local.errors import InputError
-from vace_local.spec import MIN_FRAMES, JobInputs, JobSpec
+from vace_local.spec import JobInputs, JobSpec, round_frames_4k1
 
 log = logging.getLogger("vace.server")
 
@@ -445,7 +445,7 @@ class Core:
                 upd.update(width=nw, height=nh)
                 logs.append(f"tiny mode cap (VACE_TINY_MAX_SIDE): size {w}x{h} → {nw}x{nh}")
             if s.tiny_max_frames and spec.num_frames > s.tiny_max_frames:
-                nf = max(MIN_FRAMES, (s.tiny_max_frames - 1) // 4 * 4 + 1)
+                nf = round_frames_4k1(s.tiny_max_frames, "down")
                 upd["num_frames"] = nf
                 logs.append(f"tiny mode cap (VACE_TINY_MAX_FRAMES): {spec.num_frames} → {nf} frames")
             if s.tiny_max_steps and spec.num_inference_steps > s.tiny_max_steps:

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vace_local.spec import DtypeName, Fp8Mode, OffloadPolicy
+
 TINY_MODEL = "tiny"
 
 
@@ -103,13 +105,13 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # -- engine (process-level; see `vace-local generate --help` for the same options) --
     #: Memory policy: auto | none | model | group | sequential.
-    offload: Literal["auto", "none", "model", "group", "sequential"] = "auto"
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    offload: OffloadPolicy = "auto"
+    dtype: DtypeName = "auto"
     #: Attention kernel: auto | fa3 | cudnn | fa2 | sdpa | a diffusers backend name.
     attention: str = "auto"
     cfg_batch: bool = False
     compile: bool = False
-    fp8: Literal["none", "storage", "linear"] = "none"
+    fp8: Fp8Mode = "none"
     #: Ranks per job (vace_local.parallel): each worker is a group of this many GPUs (CPU: gloo ranks) that runs
     #: one job at a time, split CFG-parallel (when even and `cfg_parallel`) × Ulysses sequence-parallel.
     gpus_per_job: int = Field(1, ge=1, le=64)

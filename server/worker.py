@@ -310,9 +310,10 @@ def worker_main(args: WorkerArgs) -> None:
     os.environ.setdefault("VACE_CACHE_DIR", str((settings.data_dir / "cache").resolve()))
     if settings.is_tiny:
         try:  # build the tiny annotators before reporting ready (the run path would do it on first use)
-            from vace_local.tiny import use_tiny_annotators
+            from preprocessors.tiny import tiny_annotators_dir
+            from vace_local.tiny import default_cache_dir
 
-            use_tiny_annotators()
+            tiny_annotators_dir(default_cache_dir())
         except Exception:  # noqa: BLE001 - tasks needing annotators will fail with their own message
             log.exception("could not prepare tiny annotators")
     w = Worker(args, settings)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocessors import build_bundle, weights
+from preprocessors import build_bundle, tiny, weights
 from preprocessors.annotators.pose import FACE, draw
-from preprocessors.testing import LocalInputs
+from tests.media_helpers import LocalInputs
 from vace_local.errors import ModelNotFoundError
 from vace_local.media import write_video
 from vace_local.spec import JobSpec
@@ -16,8 +16,8 @@ from vace_local.spec import JobSpec
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("annotators")
-    weights.ensure_tiny_annotators(d)
-    assert weights.ensure_tiny_annotators(d) == d  # idempotent
+    tiny.ensure_tiny_annotators(d)
+    assert tiny.ensure_tiny_annotators(d) == d  # idempotent
     return d
 
 
@@ -53,6 +53,22 @@ def test_control_tasks_on_tiny_weights(tiny_dir, video, monkeypatch, task):
     else:
         assert b.info["annotator"] == "dwpose-onnx"
     assert np.all(b.frames[9:] == 0.5)  # padding after the 9-frame clip
+
+
+@pytest.mark.parametrize("task", ["depth", "pose"])
+def test_annotators_dir_is_passed_explicitly(tiny_dir, video, monkeypatch, tmp_path, task):
+    """The folder given to build_bundle is the one the annotators load from, whatever the environment says,
+    and building the bundle leaves the environment alone."""
+    monkeypatch.setenv("VACE_ANNOTATORS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = JobSpec(task=task, width=96, height=64, num_frames=17, inputs={"video": "v"})
+    b = build_bundle(s, LocalInputs(video=video), annotators_dir=tiny_dir)
+    assert b.info["annotator"] == ("dwpose-onnx" if task == "pose" else "transformers:dpt-hybrid-midas-hf")
+    import os
+
+    assert os.environ["VACE_ANNOTATORS_DIR"] == str(tmp_path / "empty")
+    with pytest.raises(ModelNotFoundError):  # the default folder (the environment's) is still the fallback
+        build_bundle(s, LocalInputs(video=video))
 
 
 def test_draw_pose_and_face():

@@ -13,9 +13,10 @@ from imageio_ffmpeg import get_ffmpeg_exe
 from typer.testing import CliRunner
 
 from tests.conftest import ROOT
+from tests.media_helpers import read_video
 from vace_local.cli import app
 from vace_local.errors import JobCancelled
-from vace_local.media import probe_video, read_video
+from vace_local.media import probe_video
 from vace_local.run import run_job
 from vace_local.spec import JobSpec
 
@@ -161,7 +162,11 @@ def test_tiny_model_runs_annotator_tasks_on_tiny_annotators(tmp_path: Path, fixt
     assert probe_video(res.video_path)[0] == 17
     import os
 
-    assert Path(os.environ["VACE_ANNOTATORS_DIR"]).is_dir()
+    from vace_local.tiny import default_cache_dir
+
+    assert meta["control"]["annotator"] == "dwpose-onnx"  # the tiny DWPose files, passed to the annotator
+    assert (default_cache_dir() / "tiny" / "annotators" / ".tiny-complete-v2").is_file()
+    assert "VACE_ANNOTATORS_DIR" not in os.environ  # the folder is passed explicitly, the environment untouched
 
 
 def test_cancel_lands_inside_preprocessing_frame_loop(tmp_path: Path, fixtures_dir: Path) -> None:

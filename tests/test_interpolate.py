@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.media_helpers import held_out_psnr, psnr
 from vace_local.errors import InputError
 from vace_local.interpolate import (
     TemporalPlan,
-    held_out_psnr,
     interpolate_clip,
     plan_for_spec,
     plan_temporal,
-    psnr,
     write_frames_zip,
 )
 from vace_local.spec import JobSpec, TemporalOptions
@@ -118,7 +117,7 @@ def test_flow_beats_crossfade_on_a_real_video():
     path = FIXTURES / "vace" / "test.mp4"
     if not path.is_file():
         pytest.skip(f"fixture {path} absent (shared/fixtures not mounted)")
-    from vace_local.media import read_video
+    from tests.media_helpers import read_video
 
     clip = read_video(path, indices=list(range(33)))
     frames = np.stack([cv2.resize(f, (640, 360), interpolation=cv2.INTER_AREA) for f in clip.frames])

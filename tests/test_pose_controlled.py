@@ -15,9 +15,9 @@ import pytest
 
 from preprocessors import build_bundle
 from preprocessors.annotators import annotate
-from preprocessors.testing import LocalInputs
 from preprocessors.video import open_video, read_frames
 from tests import controlled_annotators as ca
+from tests.media_helpers import LocalInputs
 from vace_local.media import write_video
 from vace_local.spec import JobSpec
 

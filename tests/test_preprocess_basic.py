@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from preprocessors import build_bundle, plan_timing
-from preprocessors.testing import LocalInputs, index_video
 from preprocessors.video import keep_last_indices
+from tests.media_helpers import LocalInputs, index_video
 from vace_local.errors import InputError
 from vace_local.media import write_video
 from vace_local.spec import JobSpec

@@ -8,7 +8,7 @@ from PIL import Image
 
 from preprocessors import build_bundle
 from preprocessors.outpaint import detect_borders
-from preprocessors.testing import LocalInputs
+from tests.media_helpers import LocalInputs
 from vace_local.errors import InputError
 from vace_local.media import write_video
 from vace_local.spec import JobSpec

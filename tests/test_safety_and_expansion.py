@@ -18,8 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.media_helpers import read_video
 from vace_local.errors import VaceError
-from vace_local.media import probe_video, read_video, write_video
+from vace_local.media import probe_video, write_video
 from vace_local.memory import GIB, Footprint, choose_policy
 from vace_local.prompt_expand import ExpanderOptions, expand_prompt
 from vace_local.run import run_job

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from preprocessors import build_bundle
-from preprocessors.testing import LocalInputs
+from tests.media_helpers import LocalInputs
 from vace_local.cli import app
 from vace_local.spec import JobSpec
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from preprocessors import build_bundle
-from preprocessors.testing import LocalInputs, moving_square
 from preprocessors.tracking import track_mask
+from tests.media_helpers import LocalInputs, moving_square
 from vace_local.errors import InputError
 from vace_local.spec import JobSpec
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from preprocessors import build_bundle, weights
-from preprocessors.testing import LocalInputs, moving_square
+from tests.media_helpers import LocalInputs, moving_square
 from vace_local.media import write_video
 from vace_local.spec import JobSpec
 

@@ -16,6 +16,7 @@ import typer
 from pydantic import ValidationError
 
 from vace_local.errors import VaceError
+from vace_local.spec import DTYPES, FP8_MODES, OFFLOAD_POLICIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan VACE video models locally.")
 
@@ -84,9 +85,9 @@ def generate(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("outputs"),
     name: Annotated[str | None, typer.Option(help="Output file stem (default: generated from time).")] = None,
     save_control: Annotated[bool, typer.Option(help="Also write the control and mask videos.")] = False,
-    offload: Annotated[str, typer.Option(help="auto | none | model | group | sequential")] = "auto",
+    offload: Annotated[str, typer.Option(help=" | ".join(OFFLOAD_POLICIES))] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA).")] = "auto",
+    dtype: Annotated[str, typer.Option(help=f"{' | '.join(DTYPES)} (auto: bf16 on CUDA).")] = "auto",
     download: Annotated[bool, typer.Option(help="Download missing Hub weights instead of failing.")] = False,
     acceleration: Annotated[str | None, typer.Option(help="Step cache: none | low | regular.")] = None,
     step_cache_threshold: Annotated[float | None, typer.Option(help="Explicit step-cache threshold "
@@ -149,8 +150,8 @@ def generate(
     from vace_local.engine import EngineOptions
     from vace_local.lora import LoraOption
 
-    if fp8 not in ("none", "storage", "linear"):
-        _fail(f"fp8: must be none, storage or linear, got {fp8!r}")
+    if fp8 not in FP8_MODES:
+        _fail(f"fp8: must be {', '.join(FP8_MODES[:-1])} or {FP8_MODES[-1]}, got {fp8!r}")
     try:
         options = EngineOptions(
             device=device, dtype=dtype, offload=offload, allow_download=download,  # type: ignore[arg-type]

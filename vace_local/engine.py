@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -25,12 +25,11 @@ from vace_local.lora import LoraOption
 from vace_local.memory import POLICIES, Footprint, Policy, apply_policy, choose_policy, wants_vae_tiling
 from vace_local.models import ResolvedModel, resolve_model
 from vace_local.samplers import make_scheduler
-from vace_local.spec import JobSpec
+from vace_local.spec import DtypeName as Dtype
+from vace_local.spec import JobSpec, OffloadPolicy
 from vace_local.step_cache import ACCELERATION_THRESHOLDS, FastForward, StepCacheConfig
 
 log = logging.getLogger(__name__)
-
-Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class EngineOptions:
 
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: Dtype = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    offload: str = "auto"  # one of memory.POLICIES
+    offload: OffloadPolicy = "auto"
     vae_tiling: bool | None = None  # None: on when memory is tight
     allow_download: bool = False
     # -- fast path (docs/PERFORMANCE.md); defaults are on only where they cost no quality --

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vace_local.errors import InputError
+from vace_local.spec import round_frames_4k1
 
 if TYPE_CHECKING:
     from vace_local.bundle import ControlBundle
@@ -98,11 +99,6 @@ class TemporalPlan:
         return out[: self.output_frames]
 
 
-def _legal(n: int) -> int:
-    """Smallest 4k+1 ≥ n."""
-    return n if n % 4 == 1 else (n - 1) // 4 * 4 + 5
-
-
 def auto_downsample_factor(fps: float, min_fps: float) -> int:
     """Largest d keeping the generated rate fps/(d+1) at or above `min_fps` (0..5)."""
     return max(0, min(5, int(math.floor(fps / min_fps + 1e-9)) - 1))
@@ -121,7 +117,7 @@ def plan_temporal(num_frames: int, fps: float, *, downsample: int = 0, auto: boo
     d = downsample if downsample > 0 else (auto_downsample_factor(fps, auto_min_fps) if auto else 0)
 
     def gen_for(stride: int) -> int:
-        return max(MIN_GENERATED_FRAMES, _legal(math.ceil((num_frames - 1) / stride) + 1))
+        return max(MIN_GENERATED_FRAMES, round_frames_4k1(math.ceil((num_frames - 1) / stride) + 1, lo=None, hi=None))
 
     stride = d + 1
     while stride > 1:
@@ -284,20 +280,6 @@ def interpolate_clip(frames: np.ndarray, factor: int, interpolator: str | PairIn
         out.extend(fn(a, b, ts))
         out.append(b)
     return np.stack(out)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
-
-
-def held_out_psnr(frames: np.ndarray, stride: int, interpolator: str | PairInterpolator) -> float:
-    """Mean PSNR of the frames dropped by keeping every stride-th frame and interpolating them back."""
-    keep = frames[::stride]
-    n = (len(keep) - 1) * stride + 1
-    rebuilt = interpolate_clip(keep, stride, interpolator)
-    scores = [psnr(rebuilt[i], frames[i]) for i in range(n) if i % stride]
-    return float(np.mean(scores))
 
 
 def write_frames_zip(frames: np.ndarray, path: Path) -> Path:

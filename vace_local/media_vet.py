@@ -15,107 +15,22 @@ Order of checks, cheapest first, so a bomb is refused before anything is decoded
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import resource
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from vace_local.errors import InputError
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {raw!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class MediaLimits:
-    """What an input may declare before we decode it, and what its decoding child may use.
-
-    Every limit has an environment variable (read by `from_env`), so the CLI, the API and the workers
-    agree on one set without passing it around.
-    """
-
-    max_side: int = 8192  # VACE_MEDIA_MAX_SIDE: pixels per side, videos and images
-    max_frames: int = 2000  # VACE_MEDIA_MAX_FRAMES
-    max_seconds: float = 120.0  # VACE_MEDIA_MAX_SECONDS
-    max_image_pixels: int = 8192 * 8192  # VACE_MEDIA_MAX_IMAGE_PIXELS: width x height of a still image
-    #: VACE_MEDIA_MAX_DECODED_PIXELS: width x height x frames, what decoding every frame costs
-    #: (about 1000 frames of 4K); bounds GIFs whose canvas and frame count are each just allowed.
-    max_decoded_pixels: int = 1 << 33
-    memory_mb: int = 4096  # VACE_MEDIA_MEMORY_MB: address-space cap of the decoding child
-    timeout_s: float = 120.0  # VACE_MEDIA_TIMEOUT_S: wall-clock cap of the decoding child
-
-    @classmethod
-    def from_env(cls) -> MediaLimits:
-        d = cls()
-        return cls(
-            max_side=int(_env_number("VACE_MEDIA_MAX_SIDE", d.max_side)),
-            max_frames=int(_env_number("VACE_MEDIA_MAX_FRAMES", d.max_frames)),
-            max_seconds=_env_number("VACE_MEDIA_MAX_SECONDS", d.max_seconds),
-            max_image_pixels=int(_env_number("VACE_MEDIA_MAX_IMAGE_PIXELS", d.max_image_pixels)),
-            max_decoded_pixels=int(_env_number("VACE_MEDIA_MAX_DECODED_PIXELS", d.max_decoded_pixels)),
-            memory_mb=int(_env_number("VACE_MEDIA_MEMORY_MB", d.memory_mb)),
-            timeout_s=_env_number("VACE_MEDIA_TIMEOUT_S", d.timeout_s),
-        )
-
-
-@dataclass
-class MediaFacts:
-    """What the sandbox reports back about a file that passed (sizes as displayed, after rotation)."""
-
-    kind: str  # "video" or "image"
-    width: int
-    height: int
-    num_frames: int = 1
-    fps: float = 0.0
-    duration: float = 0.0
-    decoded: bool = False
-
-
-# ---- limit checks ------------------------------------------------------------------------------------
-
-def check_dimensions(field: str, width: int, height: int, limits: MediaLimits, what: str = "") -> None:
-    if width <= 0 or height <= 0:
-        raise InputError(field, f"declares an empty picture ({width}x{height}{what})")
-    if max(width, height) > limits.max_side:
-        raise InputError(field, f"declares {width}x{height} pixels{what}; at most {limits.max_side} a side is "
-                         "accepted (VACE_MEDIA_MAX_SIDE)")
-
-
-def check_image_pixels(field: str, width: int, height: int, limits: MediaLimits) -> None:
-    check_dimensions(field, width, height, limits)
-    if width * height > limits.max_image_pixels:
-        raise InputError(field, f"declares {width}x{height} = {width * height} pixels; at most "
-                         f"{limits.max_image_pixels} are accepted (VACE_MEDIA_MAX_IMAGE_PIXELS)")
-
-
-def check_clip(field: str, width: int, height: int, frames: int, seconds: float, limits: MediaLimits) -> None:
-    check_dimensions(field, width, height, limits)
-    if frames > limits.max_frames:
-        raise InputError(field, f"declares {frames} frames; at most {limits.max_frames} are accepted "
-                         "(VACE_MEDIA_MAX_FRAMES)")
-    if not math.isfinite(seconds) or seconds > limits.max_seconds:
-        raise InputError(field, f"declares {seconds:.1f} s; at most {limits.max_seconds:g} s are accepted "
-                         "(VACE_MEDIA_MAX_SECONDS)")
-    if width * height * frames > limits.max_decoded_pixels:
-        raise InputError(field, f"declares {frames} frames of {width}x{height}, {width * height * frames} pixels "
-                         f"to decode; at most {limits.max_decoded_pixels} are accepted "
-                         "(VACE_MEDIA_MAX_DECODED_PIXELS)")
-
+from vace_local.media_limits import (
+    MediaFacts,
+    MediaLimits,
+    check_clip,
+    check_dimensions,
+    check_image_pixels,
+)
 
 # ---- headers (nothing decoded) ---------------------------------------------------------------------------
 
@@ -141,21 +56,10 @@ def container_header(path: Path, timeout_s: float) -> tuple[int, int, float | No
     return int(size.group(1)), int(size.group(2)), seconds
 
 
-def open_image_header(path: Path, field: str):  # noqa: ANN201 - PIL.Image, header parsed only
-    """PIL reads only the header here; the caller checks the size (`check_image_pixels`) before `load()`."""
-    from PIL import Image, UnidentifiedImageError
-
-    # MediaLimits decide, with a message naming the field: PIL's own bomb check would raise
-    # DecompressionBombError (an internal error to the user) or let 179 Mpx through.
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        return Image.open(path)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(field, "not a readable image") from exc
-
-
 def gif_header(path: Path, field: str, limits: MediaLimits) -> tuple[int, int, int]:
     """(width, height, frames) of a GIF's canvas; PIL counts the frames by walking the blocks, undecoded."""
+    from vace_local.media import open_image_header
+
     with open_image_header(path, field) as im:
         w, h = im.size
         check_dimensions(field, w, h, limits, " (GIF canvas)")
@@ -169,7 +73,7 @@ def gif_header(path: Path, field: str, limits: MediaLimits) -> tuple[int, int, i
 # ---- vetting -------------------------------------------------------------------------------------------
 
 def vet_video(path: Path, field: str, limits: MediaLimits, decode: bool) -> MediaFacts:
-    from preprocessors.video import _FfmpegReader, iter_frames, open_video
+    from vace_local.media import _FfmpegReader, iter_frames, open_video
 
     if not path.is_file():
         raise InputError(field, "file not found")
@@ -198,7 +102,7 @@ def vet_video(path: Path, field: str, limits: MediaLimits, decode: bool) -> Medi
 
 
 def vet_image(path: Path, field: str, limits: MediaLimits, decode: bool) -> MediaFacts:
-    from vace_local.media import load_image
+    from vace_local.media import load_image, open_image_header
 
     with open_image_header(path, field) as im:
         w, h = im.size

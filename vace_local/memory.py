@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-Policy = Literal["none", "model", "group", "sequential"]
-POLICIES = ("auto", "none", "model", "group", "sequential")
+from vace_local.spec import OFFLOAD_POLICIES as POLICIES
+from vace_local.spec import MemoryPolicy as Policy
+
 GIB = 1024**3
 
 

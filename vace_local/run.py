@@ -113,10 +113,12 @@ def run_job(
         check_cancel()
         t = time.perf_counter()
         on_progress(Progress("preprocess", message=f"task {spec.task}"))
+        annotators_dir = None  # the default weights folder
         if engine.is_tiny and spec.task not in ("none", "outpainting", "reframe"):
-            from vace_local.tiny import use_tiny_annotators
+            from preprocessors.tiny import tiny_annotators_dir
+            from vace_local.tiny import default_cache_dir
 
-            use_tiny_annotators()  # smoke mode: annotators on tiny random weights too
+            annotators_dir = tiny_annotators_dir(default_cache_dir())  # smoke mode: tiny random-weight annotators
         spec = plan_timing(spec, resolved)  # match_input_* may change num_frames / fps
         # --- temporal plan (vace_local.interpolate): generate every stride-th frame, interpolate back ---
         tplan = plan_for_spec(spec)
@@ -124,7 +126,7 @@ def run_job(
             get_interpolator(spec.temporal.interpolator)  # a missing RIFE model fails before generating
         gen_spec = tplan.generation_spec(spec)
         with cancel_scope(should_cancel):  # decode / annotate / track loops call events.checkpoint() per frame
-            bundle = tplan.subsample(build_bundle(tplan.bundle_spec(spec), resolved))
+            bundle = tplan.subsample(build_bundle(tplan.bundle_spec(spec), resolved, annotators_dir))
         bundle.check(gen_spec.num_frames, spec.height, spec.width)
         # --- end temporal plan ---
         timings["preprocess"] = time.perf_counter() - t

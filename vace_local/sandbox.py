@@ -26,7 +26,7 @@ from typing import Literal
 
 from vace_local.errors import InputError, JobCancelled
 from vace_local.events import CancelFn, never_cancel
-from vace_local.media_vet import MediaFacts, MediaLimits
+from vace_local.media_limits import MediaFacts, MediaLimits
 
 Kind = Literal["image", "video"]
 #: Input fields (JobInputs / ResolvedInputs) and the kind of media each holds.

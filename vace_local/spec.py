@@ -7,7 +7,7 @@ to API users verbatim.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +30,53 @@ VideoQuality = Literal["low", "medium", "high", "maximum"]
 VideoWriteMode = Literal["fast", "balanced", "small"]
 #: Step-cache presets (fal's `acceleration`; WaveSpeed's enable_fast_mode → "regular"). See step_cache.py.
 Acceleration = Literal["none", "low", "regular"]
+
+# -- engine options (process-level): the words EngineOptions, the server settings and both CLIs accept --
+#: Where the weights live while a job runs (vace_local.memory); `auto` picks one from free VRAM.
+MemoryPolicy = Literal["none", "model", "group", "sequential"]
+OffloadPolicy = Literal["auto", MemoryPolicy]
+#: Compute dtype of the transformer and text encoder; `auto` = bf16 on CUDA, fp32 on CPU (the VAE stays fp32).
+DtypeName = Literal["auto", "bf16", "fp16", "fp32"]
+#: fp8 weights: `storage` keeps e4m3 weights and computes in bf16, `linear` runs torchao float8 linears.
+Fp8Mode = Literal["none", "storage", "linear"]
+OFFLOAD_POLICIES: tuple[str, ...] = get_args(OffloadPolicy)
+DTYPES: tuple[str, ...] = get_args(DtypeName)
+FP8_MODES: tuple[str, ...] = get_args(Fp8Mode)
+
+# -- what each task needs ----------------------------------------------------------------------------------
+#: Tasks whose control signal is derived from `inputs.video` (everything but text/image-only `none`).
+TASKS_NEEDING_VIDEO: frozenset[str] = frozenset(get_args(Task)) - {"none"}
+#: Tasks that repaint only a masked region, so they need `inputs.mask_video` or `inputs.mask_image`.
+TASKS_NEEDING_MASK: frozenset[str] = frozenset({"inpainting"})
+
+
+def task_needs_video(task: str) -> bool:
+    return task in TASKS_NEEDING_VIDEO
+
+
+def task_needs_mask(task: str) -> bool:
+    return task in TASKS_NEEDING_MASK
+
+
+# -- frame counts ------------------------------------------------------------------------------------------
+FrameRounding = Literal["up", "down"]
+
+
+def round_frames_4k1(n: int, mode: FrameRounding = "up", *, lo: int | None = MIN_FRAMES,
+                     hi: int | None = MAX_FRAMES) -> int:
+    """A frame count the model accepts: the VAE compresses time 4x around the first frame, so it needs 4k+1.
+
+    `up` (the smallest 4k+1 >= n) pads rather than drops input frames; `down` (the largest 4k+1 <= n) keeps
+    under a cap. The result is then clamped to [lo, hi] (the model's 17..241 by default; None: no bound);
+    bounds that are themselves 4k+1 keep the result legal.
+    """
+    k = -(-(n - 1) // 4) if mode == "up" else (n - 1) // 4
+    out = 4 * k + 1
+    if lo is not None:
+        out = max(lo, out)
+    if hi is not None:
+        out = min(hi, out)
+    return out
 
 
 class JobInputs(BaseModel):
@@ -153,7 +200,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _four_k_plus_one(cls, v: int) -> int:
         if v % 4 != 1:
-            lo = (v - 1) // 4 * 4 + 1
+            lo = round_frames_4k1(v, "down", lo=None, hi=None)
             raise ValueError(f"num_frames must be of the form 4k+1 (e.g. {lo} or {lo + 4}), got {v}")
         return v
 
@@ -168,11 +215,10 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _task_inputs(self) -> JobSpec:
-        needs_video = {"depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe"}
-        if self.task in needs_video and not self.inputs.video:
+        if task_needs_video(self.task) and not self.inputs.video:
             raise ValueError(f"task '{self.task}' needs inputs.video")
-        if self.task == "inpainting" and not (self.inputs.mask_video or self.inputs.mask_image):
-            raise ValueError("task 'inpainting' needs inputs.mask_video or inputs.mask_image")
+        if task_needs_mask(self.task) and not (self.inputs.mask_video or self.inputs.mask_image):
+            raise ValueError(f"task '{self.task}' needs inputs.mask_video or inputs.mask_image")
         return self
 
     @property

@@ -94,17 +94,3 @@ def ensure_tiny_model(name: str = "tiny", cache_dir: Path | None = None) -> Path
 
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def use_tiny_annotators() -> Path:
-    """Point `VACE_ANNOTATORS_DIR` at tiny random-weight annotators (built once) unless the user set one.
-
-    The tiny model runs the whole stack, preprocessing included, with no downloaded weights.
-    """
-    if os.environ.get("VACE_ANNOTATORS_DIR"):
-        return Path(os.environ["VACE_ANNOTATORS_DIR"])
-    from preprocessors.weights import ensure_tiny_annotators
-
-    target = ensure_tiny_annotators(default_cache_dir() / "tiny" / "annotators")
-    os.environ["VACE_ANNOTATORS_DIR"] = str(target)
-    return target

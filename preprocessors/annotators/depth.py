@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -76,14 +77,15 @@ def _midas_fn(path: str) -> DepthFn:
 @lru_cache(maxsize=4)
 def load_depth(task: str, annotators_dir: str) -> tuple[str, DepthFn]:
     """(backend name, per-frame depth function); cached per process and weights folder."""
-    hf = weights.hf_dir(task)
+    root = Path(annotators_dir)
+    hf = weights.hf_dir(task, root)
     if hf is not None:
         return f"transformers:{hf.name}", _transformers_fn(str(hf))
     if task == "depth":
-        return "controlnet-aux:midas-dpt-hybrid", _midas_fn(str(weights.resolve("depth")))
+        return "controlnet-aux:midas-dpt-hybrid", _midas_fn(str(weights.resolve("depth", root)))
     from preprocessors.annotators import depth_anything_pth
 
-    path = weights.resolve("depthv2")  # raises the clear "missing" error when absent
+    path = weights.resolve("depthv2", root)  # raises the clear "missing" error when absent
     model = depth_anything_pth.load_official(path)
     return "official-pth:depth-anything-v2-vitl", model_depth_fn(model, depth_anything_pth.image_processor())
 
@@ -95,9 +97,10 @@ def normalise(depth: np.ndarray) -> np.ndarray:
     return (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
 
 
-def depth_frames(task: str, source: Iterable[np.ndarray], height: int, width: int, info: dict[str, Any]) -> np.ndarray:
+def depth_frames(task: str, source: Iterable[np.ndarray], height: int, width: int, info: dict[str, Any],
+                 annotators_dir: Path | None = None) -> np.ndarray:
     """Uncropped source frames → (n, height, width, 3) float32 depth control frames in [0, 1]."""
-    backend, fn = load_depth(task, str(weights.annotators_dir()))
+    backend, fn = load_depth(task, str(weights.annotators_dir(annotators_dir)))
     info["annotator"] = backend
     out = []
     for frame in source:

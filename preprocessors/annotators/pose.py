@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -183,10 +184,11 @@ def render(model: DWPose, task: str, rgb: np.ndarray, size: tuple[int, int] | No
 @lru_cache(maxsize=2)
 def load_pose(annotators_dir: str) -> tuple[str, Any]:
     """DWPose if its two ONNX files resolve; else controlnet-aux OpenPose when its body model is present."""
+    root = Path(annotators_dir)
     try:
-        return "dwpose-onnx", DWPose(str(weights.resolve("pose_det")), str(weights.resolve("pose_est")))
+        return "dwpose-onnx", DWPose(str(weights.resolve("pose_det", root)), str(weights.resolve("pose_est", root)))
     except ModelNotFoundError as missing:
-        body = weights.annotators_dir() / "pose" / "body_pose_model.pth"
+        body = root / "pose" / "body_pose_model.pth"
         if not body.is_file():
             raise missing
     from controlnet_aux import OpenposeDetector
@@ -196,10 +198,11 @@ def load_pose(annotators_dir: str) -> tuple[str, Any]:
 
 
 def pose_frames(
-    task: str, frames: Iterable[np.ndarray], info: dict[str, Any], size: tuple[int, int] | None = None
+    task: str, frames: Iterable[np.ndarray], info: dict[str, Any], size: tuple[int, int] | None = None,
+    annotators_dir: Path | None = None,
 ) -> np.ndarray:
     """Source RGB frames → float32 [0, 1] pose maps, cover-cropped to `size` (height, width) when given."""
-    backend, model = load_pose(str(weights.annotators_dir()))
+    backend, model = load_pose(str(weights.annotators_dir(annotators_dir)))
     info["annotator"] = backend
     out, whole = [], 0
     for frame in frames:

@@ -57,7 +57,7 @@ from server.dialects.fal_schemas import (
     parse_fal_request,
 )
 from vace_local.errors import InputError
-from vace_local.media_vet import MediaLimits
+from vace_local.media_limits import MediaLimits
 from vace_local.sandbox import vet_file_async
 
 log = logging.getLogger("vace.server.fal")

@@ -16,7 +16,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.dialects import PROMPT_MAX_CHARS
-from vace_local.spec import MAX_FRAMES, MAX_SEED, ControlOptions, JobInputs, JobSpec, OutputOptions, TemporalOptions
+from vace_local.spec import (
+    MAX_FRAMES,
+    MAX_SEED,
+    ControlOptions,
+    JobInputs,
+    JobSpec,
+    OutputOptions,
+    TemporalOptions,
+    task_needs_mask,
+    task_needs_video,
+)
+from vace_local.spec import round_frames_4k1 as frames_4k1  # the model's 17..241, rounded up
 
 FAL_APP_ID = "fal-ai/wan-vace-14b"
 #: Sub-paths of the app: "" is the base (task-selectable) endpoint.
@@ -39,8 +50,6 @@ SHORT_SIDE = {"240p": 240, "360p": 352, "480p": 480, "580p": 576, "720p": 720}
 LANDSCAPE = {"240p": (416, 240), "360p": (640, 352), "480p": (832, 480), "580p": (1024, 576), "720p": (1280, 720)}
 #: Without an input video, "auto" resolution means Wan's native 480p.
 DEFAULT_TIER = "480p"
-#: Tasks whose control signal comes from `video_url`.
-VIDEO_TASKS = ("depth", "pose", "inpainting", "outpainting", "reframe")
 MAX_SIDE = 2048
 
 
@@ -213,12 +222,6 @@ def output_size(
     return short, min(_round16(short / aspect), MAX_SIDE)
 
 
-def frames_4k1(n: int) -> int:
-    """Smallest 4k+1 ≥ n, within the model's 17..241 range (the VAE needs 4k+1 frames)."""
-    n = max(17, min(n, MAX_FRAMES))
-    return n if n % 4 == 1 else min((n - 1) // 4 * 4 + 5, MAX_FRAMES)
-
-
 def timing(
     num_frames: int, fps: int, match_frames: bool, match_fps: bool, source: SourceInfo | None, notes: list[str]
 ) -> tuple[int, int, int | None]:
@@ -336,17 +339,17 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         else:
             notes.append("mask_image_url ignored: mask_video_url is given")
             mask_image = None
-    if task in VIDEO_TASKS and not req.video_url:
+    if task_needs_video(task) and not req.video_url:
         raise FieldError("video_url", f"required (a non-empty URL) for the {task} task")
     if (mask_video or mask_image) and not req.video_url:
         raise FieldError("mask_image_url" if mask_image else "mask_video_url",
                          "a mask needs video_url (the video it applies to)")
-    if task == "inpainting" and not (mask_video or mask_image):
+    if task_needs_mask(task) and not (mask_video or mask_image):
         raise FieldError("mask_video_url", "inpainting needs mask_video_url or mask_image_url")
     inputs = JobInputs(
         video=req.video_url,
-        mask_video=mask_video if task == "inpainting" or endpoint == "" else None,
-        mask_image=mask_image if task == "inpainting" or endpoint == "" else None,
+        mask_video=mask_video if task_needs_mask(task) or endpoint == "" else None,
+        mask_image=mask_image if task_needs_mask(task) or endpoint == "" else None,
         reference_images=list(getattr(req, "ref_image_urls", None) or []),
         first_image=req.first_frame_url,
         last_image=req.last_frame_url,

@@ -29,6 +29,8 @@ from vace_local.spec import (
     JobSpec,
     Sampler,
     Task,
+    task_needs_mask,
+    task_needs_video,
 )
 
 FPS = 16
@@ -40,8 +42,6 @@ OPENAI_MODEL_RE = re.compile(r"^sora-2(-pro)?(-\d{4}-\d{2}-\d{2})?$")
 MIN_SECONDS, MAX_SECONDS = (MIN_FRAMES - 1) / FPS, (MAX_FRAMES - 1) / FPS
 MAX_SIDE = 2048
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-#: Tasks that read a control video.
-VIDEO_TASKS = ("depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe")
 #: JobSpec / JobInputs names → this dialect's (errors name the user's field).
 FIELD_NAMES = {"width": "size", "height": "size", "num_frames": "seconds"}
 #: Media extras (URLs, data URIs or files uploaded here); only `input_reference` may be a file part.
@@ -221,10 +221,10 @@ def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, li
         task = "depth" if video else "none"
         if video:
             notes.append("task not given: 'depth' (the control video's structure, the prompt's look)")
-    if task in VIDEO_TASKS and not video:
+    if task_needs_video(task) and not video:
         raise _bad("task", f"'{task}' needs a video (video or a video input_reference)")
-    if task == "inpainting" and not (req.mask_video or req.mask_image):
-        raise _bad("task", "'inpainting' needs mask_video or mask_image")
+    if task_needs_mask(task) and not (req.mask_video or req.mask_image):
+        raise _bad("task", f"'{task}' needs mask_video or mask_image")
     width, height = parse_size(req.size)
     num_frames = frames_for(req.seconds)
     if num_frames != round(float(req.seconds) * FPS) + 1:

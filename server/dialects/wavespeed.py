@@ -36,7 +36,7 @@ from server.core import (
 )
 from server.dialects import PROMPT_MAX_CHARS, Dialect
 from server.dialects.checks import expansion_note, nsfw_flag, safety_note
-from vace_local.spec import JobInputs, JobSpec, OutputOptions
+from vace_local.spec import JobInputs, JobSpec, OutputOptions, task_needs_mask, task_needs_video
 
 log = logging.getLogger("vace.server.wavespeed")
 
@@ -127,11 +127,11 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     if (inp.mask_video or inp.mask_image) and not inp.video:
         raise ApiError(400, "mask_video/mask_image: a mask needs `video` to apply to", field="video")
     task = inp.task
-    if not inp.video and task != "none":
+    if not inp.video and task_needs_video(task):
         notes.append(f"task '{task}' needs a video; none given, so generating from the prompt/images only")
         task = "none"
-    if task == "inpainting" and not (inp.mask_video or inp.mask_image):
-        raise ApiError(400, "task: 'inpainting' needs mask_video or mask_image", field="task")
+    if task_needs_mask(task) and not (inp.mask_video or inp.mask_image):
+        raise ApiError(400, f"task: '{task}' needs mask_video or mask_image", field="task")
     flow_shift = inp.flow_shift
     if flow_shift <= 0:
         flow_shift = 1e-3

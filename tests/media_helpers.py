@@ -1,13 +1,20 @@
-"""Synthetic media for tests and the benchmark (real ffmpeg encodes, no mocks)."""
+"""Test helpers: synthetic media (real ffmpeg encodes, no mocks), whole-clip decoding and PSNR scores.
+
+Not part of the product: the run path decodes only the frames a job needs (vace_local.media), and nothing
+there measures quality.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vace_local.inputs import ResolvedInputs
-from vace_local.media import write_video
+from vace_local.interpolate import PairInterpolator, interpolate_clip
+from vace_local.media import open_video, read_frames, write_video
 
 #: The real resolved-inputs type (all local paths); tests build it directly.
 LocalInputs = ResolvedInputs
@@ -42,3 +49,34 @@ def moving_square(
         frames[i] = f
         masks[i, y0:y1, x0:x1] = 1.0
     return frames, masks
+
+
+@dataclass
+class VideoClip:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    fps: float
+
+    @property
+    def duration(self) -> float:
+        return len(self.frames) / self.fps if self.fps else 0.0
+
+
+def read_video(path: str | Path, field: str = "video", indices: list[int] | None = None) -> VideoClip:
+    """Decode (selected) frames of a video as RGB uint8, rotation applied; audio is ignored."""
+    info, vr = open_video(path, field)
+    idx = list(range(info.num_frames)) if indices is None else [min(max(i, 0), info.num_frames - 1) for i in indices]
+    return VideoClip(frames=read_frames(info, vr, idx), fps=info.fps)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def held_out_psnr(frames: np.ndarray, stride: int, interpolator: str | PairInterpolator) -> float:
+    """Mean PSNR of the frames dropped by keeping every stride-th frame and interpolating them back."""
+    keep = frames[::stride]
+    n = (len(keep) - 1) * stride + 1
+    rebuilt = interpolate_clip(keep, stride, interpolator)
+    scores = [psnr(rebuilt[i], frames[i]) for i in range(n) if i % stride]
+    return float(np.mean(scores))
