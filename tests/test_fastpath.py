@@ -142,9 +142,11 @@ def test_batched_cfg_equals_two_passes(engine: Engine) -> None:
     neg = torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(5))
     batched.fast.begin_job(total_steps=1, negative=neg, cfg_batch=True)
     try:
-        with torch.no_grad():
-            cond = t(**kw)[0]
-            uncond = t(**{**kw, "encoder_hidden_states": neg})[0]
+        with torch.no_grad():  # the branch comes from the cache context, as the pipeline announces it
+            with t.cache_context("cond"):
+                cond = t(**kw)[0]
+            with t.cache_context("uncond"):
+                uncond = t(**{**kw, "encoder_hidden_states": neg})[0]
     finally:
         stats = batched.fast.end_job()
     assert stats.forwards == 1

@@ -26,7 +26,7 @@ from vace_local.memory import POLICIES, Footprint, Policy, apply_policy, choose_
 from vace_local.models import ResolvedModel, resolve_model
 from vace_local.samplers import make_scheduler
 from vace_local.spec import JobSpec
-from vace_local.step_cache import ACCELERATION_THRESHOLDS, FastForward, StepCacheConfig
+from vace_local.step_cache import ACCELERATION_THRESHOLDS, DenoiserForward, StepCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Engine:
         if self.options.compile:
             for t in models:
                 fastpath.compile_blocks(t, self.options.compile_backend)
-        self.fast = FastForward()
+        self.fast = DenoiserForward()
         for t in models:
             self.fast.install(t)
 

@@ -5,7 +5,7 @@ pipeline and runs the same denoising loop on the same latents; only the transfor
 
 * **CFG parallel** (`cfg=2`): the cond branch runs on cfg-index 0, the uncond branch on cfg-index 1, and one
   all-gather over the CFG group gives every rank both predictions, so the scheduler step (and the step cache's
-  decisions) stay bit-identical on all ranks. It plugs into `FastForward` as its `pair_forward`.
+  decisions) stay bit-identical on all ranks. It plugs into `DenoiserForward` as its `pair_forward`.
 * **Ulysses** (`ulysses>1`): diffusers' own context-parallel machinery — `ContextParallelConfig`, its split /
   gather hooks and its Ulysses all-to-all attention — with a plan for `WanVACETransformer3DModel`, which
   diffusers does not ship (`VACE_CP_PLAN`). No all-to-all is written here.
@@ -196,7 +196,7 @@ def enable_ulysses(engine: Any, ctx: RankContext) -> None:
 
 
 def cfg_pair_forward(ctx: RankContext) -> Any:
-    """`FastForward` pair forward: this rank's CFG branch, then an all-gather of both predictions."""
+    """`DenoiserForward` pair forward: this rank's CFG branch, then an all-gather of both predictions."""
     import torch
     import torch.distributed as dist
 
