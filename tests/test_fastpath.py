@@ -163,6 +163,19 @@ def test_no_cfg_job_with_batching_on_runs_one_forward_per_step() -> None:
 
 
 # -- fp8 storage, fp8 linear, compile ----------------------------------------------------------------------
+def test_footprint_counts_fp8_storage_at_one_byte_per_weight(engine: Engine) -> None:
+    """The memory policy budgets from `footprint()`: under fp8 storage it must count the stored bytes."""
+    fp8 = Engine("tiny", EngineOptions(fp8_storage=True))
+    params = list(fp8.pipe.transformer.parameters())
+    stored = sum(p.numel() for p in params if p.dtype == torch.float8_e4m3fn)
+    kept = sum(p.numel() for p in params if p.dtype == torch.float32)  # the layers layerwise casting skips
+    assert stored > kept > 0 and stored + kept == sum(p.numel() for p in params)
+    assert fp8.footprint().transformer == stored + 4 * kept
+    assert engine.footprint().transformer == 4 * (stored + kept)  # fp32 on the CPU
+    assert fp8.footprint().text_encoder == engine.footprint().text_encoder
+    assert fp8.footprint().vae == engine.footprint().vae == 4 * sum(p.numel() for p in engine.pipe.vae.parameters())
+
+
 def test_fp8_storage_halves_weight_bytes_and_stays_close(engine: Engine) -> None:
     fp8 = Engine("tiny", EngineOptions(fp8_storage=True))
     q = fp8.pipe.transformer.blocks[0].attn1.to_q.weight

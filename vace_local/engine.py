@@ -186,18 +186,18 @@ class Engine:
         return int(free)
 
     def footprint(self) -> Footprint:
-        """Bytes per component from the loaded modules (exact, unlike the catalogue estimate)."""
+        """Bytes per component from the loaded modules: each parameter at its storage dtype's size (fp8 storage
+        counts 1 byte per weight, the layers it skips their compute dtype)."""
 
         def size(module: Any) -> int:
             if module is None:
                 return 0
-            return sum(p.numel() for p in module.parameters()) * (2 if self.compute_dtype.itemsize == 2 else 4)
+            return sum(p.numel() * p.element_size() for p in module.parameters())
 
         p = self.pipe
         experts = 2 if getattr(p, "transformer_2", None) is not None and p.transformer is not None else 1
         main = p.transformer if p.transformer is not None else p.transformer_2
-        vae = sum(x.numel() for x in p.vae.parameters()) * 4
-        return Footprint(size(main), size(p.text_encoder), vae, experts, self.options.aux_bytes)
+        return Footprint(size(main), size(p.text_encoder), size(p.vae), experts, self.options.aux_bytes)
 
     # -- introspection -------------------------------------------------------------------------------
     @property
