@@ -19,16 +19,14 @@ from preprocessors import images
 from preprocessors.geometry import cover_crop, to_unit
 from preprocessors.video import (
     VideoInfo,
-    frames_at_fps,
     iter_frames,
-    legal_num_frames,
     open_video,
     read_frames,
     sample_indices,
 )
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
-from vace_local.spec import MAX_FRAMES, MIN_FRAMES, JobSpec
+from vace_local.spec import JobSpec
 
 CONTROL_TASKS = {"depth", "depthv2", "pose", "face"}
 
@@ -45,22 +43,13 @@ class Resolved(Protocol):
 def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
     """Apply `match_input_frames_per_second` / `match_input_num_frames`: a copy with the input's fps/length.
 
-    fps is rounded to an integer within the spec's range; the frame count is the clip's length at the job fps,
-    rounded up to the next legal 4k+1 (the padding is gray / mask 1) and clamped to the allowed range.
+    The rule is the engine plan's (`vace_local.plan.match_input_timing`): fps rounded to an integer within the
+    spec's range; the frame count the clip's length at the job fps, rounded up to the next legal 4k+1 (the
+    padding is gray / mask 1) and clamped to the allowed range.
     """
-    c = spec.control
-    if not (c.match_input_frames_per_second or c.match_input_num_frames) or not resolved.video:
-        return spec
-    info = open_video(resolved.video, "video")[0]
-    update: dict[str, Any] = {}
-    fps = spec.fps
-    if c.match_input_frames_per_second:
-        fps = int(min(60, max(1, round(info.fps))))
-        update["fps"] = fps
-    if c.match_input_num_frames:
-        n = frames_at_fps(info.num_frames, info.fps, fps)
-        update["num_frames"] = legal_num_frames(n, MIN_FRAMES, MAX_FRAMES)
-    return spec.model_copy(update=update)
+    from vace_local.plan import input_timing, with_timing
+
+    return with_timing(spec, input_timing(spec, Path(resolved.video) if resolved.video else None))
 
 
 def build_bundle(spec: JobSpec, resolved: Resolved) -> ControlBundle:

@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from vace_local.bundle import ControlBundle
 from vace_local.errors import InputError, JobCancelled
 from vace_local.events import CancelFn, ProgressFn, never_cancel, no_progress
 from vace_local.spec import JobSpec
+
+if TYPE_CHECKING:
+    from vace_local.engine import Generation
 
 log = logging.getLogger(__name__)
 
@@ -272,21 +275,19 @@ class GroupEngine:
         return check
 
     def _run(self, spec: JobSpec, bundle: ControlBundle, seed: int, on_progress: ProgressFn,
-             should_cancel: CancelFn) -> np.ndarray | None:
+             should_cancel: CancelFn) -> Generation:
         try:
-            return self.engine.generate_float(spec, bundle, seed=seed, on_progress=on_progress,
-                                              should_cancel=self._collective_cancel(should_cancel),
-                                              decode=self.ctx.is_leader)
+            return self.engine.sample(spec, bundle, seed=seed, on_progress=on_progress,
+                                      should_cancel=self._collective_cancel(should_cancel), decode=self.ctx.is_leader)
         except JobCancelled:
             raise  # every rank raised it at the same step: the group is still in step
         except BaseException as exc:
             self.broken = f"rank {self.ctx.rank} failed mid-job: {type(exc).__name__}: {exc}"[:500]
             raise
 
-    def generate_float(self, spec: JobSpec, bundle: ControlBundle, *, seed: int,
-                       on_progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
-                       decode: bool = True) -> np.ndarray | None:
-        """Rank 0: check the job, hand it to every rank, run it together; returns rank 0's frames."""
+    def sample(self, spec: JobSpec, bundle: ControlBundle, *, seed: int, on_progress: ProgressFn = no_progress,
+               should_cancel: CancelFn = never_cancel, decode: bool = True) -> Generation:
+        """Rank 0: check the job, hand it to every rank, run it together; returns rank 0's frames and stats."""
         import torch
         import torch.distributed as dist
 
@@ -303,10 +304,14 @@ class GroupEngine:
         dist.broadcast_object_list(payload, src=0, device=torch.device("cpu"))  # gloo, also beside NCCL
         return self._run(spec, bundle, seed, on_progress, should_cancel)
 
+    def generate_float(self, spec: JobSpec, bundle: ControlBundle, *, seed: int,
+                       on_progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
+                       decode: bool = True) -> np.ndarray | None:
+        return self.sample(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel).frames
+
     def generate(self, spec: JobSpec, bundle: ControlBundle, *, seed: int, on_progress: ProgressFn = no_progress,
                  should_cancel: CancelFn = never_cancel) -> np.ndarray:
-        frames = self.generate_float(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel)
-        return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+        return self.sample(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel).uint8()
 
     def stop_followers(self) -> None:
         if self.ctx.is_leader and not self.broken:
