@@ -17,11 +17,12 @@ import numpy as np
 
 from preprocessors import images
 from preprocessors.geometry import cover_crop, to_unit
-from preprocessors.video import frames_at_fps, sample_indices
+from preprocessors.video import sample_indices
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
-from vace_local.media import VideoInfo, iter_frames, open_video, read_frames
-from vace_local.spec import JobSpec, round_frames_4k1, task_needs_video
+from vace_local.media import VideoInfo, iter_frames, open_video, probe_video, read_frames
+from vace_local.spec import JobSpec, task_needs_video
+from vace_local.timing import InputTiming, match_input_timing, with_timing
 
 CONTROL_TASKS = {"depth", "depthv2", "pose", "face"}
 
@@ -35,25 +36,24 @@ class Resolved(Protocol):
     last_image: Path | None
 
 
+def input_timing(spec: JobSpec, video: Path | None) -> InputTiming | None:
+    """The match_input_* timing of `spec` against its (local) input video; None when nothing is to match."""
+    c = spec.control
+    if video is None or not (c.match_input_num_frames or c.match_input_frames_per_second):
+        return None
+    frames, fps, _, _ = probe_video(video, "video")
+    return match_input_timing(spec.num_frames, spec.fps, match_frames=c.match_input_num_frames,
+                              match_fps=c.match_input_frames_per_second, source_frames=frames, source_fps=fps)
+
+
 def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
     """Apply `match_input_frames_per_second` / `match_input_num_frames`: a copy with the input's fps/length.
 
-    fps is rounded to an integer within the spec's range; the frame count is the clip's length at the job fps,
-    rounded up to the next legal 4k+1 (the padding is gray / mask 1) and clamped to the allowed range.
+    The rule is `vace_local.timing.match_input_timing`: fps rounded to an integer within the
+    spec's range; the frame count the clip's length at the job fps, rounded up to the next legal 4k+1 (the
+    padding is gray / mask 1) and clamped to the allowed range.
     """
-    c = spec.control
-    if not (c.match_input_frames_per_second or c.match_input_num_frames) or not resolved.video:
-        return spec
-    info = open_video(resolved.video, "video")[0]
-    update: dict[str, Any] = {}
-    fps = spec.fps
-    if c.match_input_frames_per_second:
-        fps = int(min(60, max(1, round(info.fps))))
-        update["fps"] = fps
-    if c.match_input_num_frames:
-        n = frames_at_fps(info.num_frames, info.fps, fps)
-        update["num_frames"] = round_frames_4k1(n)
-    return spec.model_copy(update=update)
+    return with_timing(spec, input_timing(spec, Path(resolved.video) if resolved.video else None))
 
 
 def build_bundle(spec: JobSpec, resolved: Resolved, annotators_dir: Path | None = None) -> ControlBundle:

@@ -253,13 +253,8 @@ class Worker:
                              expander=self.settings.expander_options(device))
             for note in result.notes:
                 self.store.add_log(job.id, note, source="worker")
-            outputs = [{"kind": "video", "file": result.video_path.name, "content_type": "video/mp4",
-                        "size": result.video_path.stat().st_size}]
-            for key, p in result.extras.items():
-                ctype = "application/zip" if p.suffix == ".zip" else "video/mp4"
-                outputs.append({"kind": key, "file": p.name, "content_type": ctype, "size": p.stat().st_size})
-            outputs.append({"kind": "metadata", "file": result.metadata_path.name,
-                            "content_type": "application/json", "size": result.metadata_path.stat().st_size})
+            outputs = [{"kind": o.kind, "file": o.path.name, "content_type": o.content_type,
+                        "size": o.path.stat().st_size} for o in result.outputs]
             timings = dict(result.timings)
             timings["fetch"] = timings.get("fetch", 0.0) + resolve_s
             info = {"seed": result.seed, "width": result.width, "height": result.height,

@@ -10,10 +10,10 @@ from server.dialects.fal_schemas import (
     FieldError,
     SourceInfo,
     fal_to_jobspec,
-    frames_4k1,
     output_size,
     parse_fal_request,
 )
+from vace_local.spec import round_frames_4k1 as frames_4k1
 
 VID = "https://example.com/v.mp4"
 HD = SourceInfo(num_frames=81, fps=16.0, width=1280, height=720)

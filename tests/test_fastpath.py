@@ -142,9 +142,11 @@ def test_batched_cfg_equals_two_passes(engine: Engine) -> None:
     neg = torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(5))
     batched.fast.begin_job(total_steps=1, negative=neg, cfg_batch=True)
     try:
-        with torch.no_grad():
-            cond = t(**kw)[0]
-            uncond = t(**{**kw, "encoder_hidden_states": neg})[0]
+        with torch.no_grad():  # the branch comes from the cache context, as the pipeline announces it
+            with t.cache_context("cond"):
+                cond = t(**kw)[0]
+            with t.cache_context("uncond"):
+                uncond = t(**{**kw, "encoder_hidden_states": neg})[0]
     finally:
         stats = batched.fast.end_job()
     assert stats.forwards == 1
@@ -161,6 +163,19 @@ def test_no_cfg_job_with_batching_on_runs_one_forward_per_step() -> None:
 
 
 # -- fp8 storage, fp8 linear, compile ----------------------------------------------------------------------
+def test_footprint_counts_fp8_storage_at_one_byte_per_weight(engine: Engine) -> None:
+    """The memory policy budgets from `footprint()`: under fp8 storage it must count the stored bytes."""
+    fp8 = Engine("tiny", EngineOptions(fp8_storage=True))
+    params = list(fp8.pipe.transformer.parameters())
+    stored = sum(p.numel() for p in params if p.dtype == torch.float8_e4m3fn)
+    kept = sum(p.numel() for p in params if p.dtype == torch.float32)  # the layers layerwise casting skips
+    assert stored > kept > 0 and stored + kept == sum(p.numel() for p in params)
+    assert fp8.footprint().transformer == stored + 4 * kept
+    assert engine.footprint().transformer == 4 * (stored + kept)  # fp32 on the CPU
+    assert fp8.footprint().text_encoder == engine.footprint().text_encoder
+    assert fp8.footprint().vae == engine.footprint().vae == 4 * sum(p.numel() for p in engine.pipe.vae.parameters())
+
+
 def test_fp8_storage_halves_weight_bytes_and_stays_close(engine: Engine) -> None:
     fp8 = Engine("tiny", EngineOptions(fp8_storage=True))
     q = fp8.pipe.transformer.blocks[0].attn1.to_q.weight

@@ -96,11 +96,6 @@ def test_builtin_models_offline_give_the_fetch_command() -> None:
         assert f"vace-local download {name}" in str(err.value) and info.repo_id in str(err.value)
 
 
-def test_wan22_is_registered_as_two_experts() -> None:
-    assert BUILTIN_MODELS["wan2.2-vace-fun-a14b"].two_experts
-    assert not BUILTIN_MODELS["wan2.1-vace-14b"].two_experts
-
-
 # -- memory policy ----------------------------------------------------------------------------------
 
 W14 = Footprint(transformer=int(32.3 * GIB), text_encoder=int(10.6 * GIB), vae=int(0.47 * GIB))

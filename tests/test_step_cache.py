@@ -141,3 +141,43 @@ def test_two_experts_recompute_after_the_switch() -> None:
     skipped = eng.last_run["skipped_step_indices"]
     assert 3 not in skipped and 4 not in skipped  # the new expert needs two computed steps of its own
     assert eng.last_run["computed_steps"] + eng.last_run["skipped_steps"] == STEPS
+
+
+def test_the_cfg_branch_comes_from_the_cache_context() -> None:
+    """The pipeline announces each call's branch with `cache_context`: the hook files the prediction in that
+    context's slot, and a cond/uncond pair is one step even when the uncond latents are another tensor object
+    (the old id()-based guess took that for a new step)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.hooks import CacheContext
+
+    from vace_local.step_cache import HOOK_NAME, DenoiserForward
+    from vace_local.synthetic import build_transformer
+
+    model = build_transformer("tiny", "cpu", torch.float32, seed=0)
+    fwd = DenoiserForward()
+    fwd.install(model)
+    hook = HookRegistry.check_if_exists_or_initialize(model).get_hook(HOOK_NAME)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 16, 3, 4, 6, generator=g), encoder_hidden_states=torch.randn(1, 512, 32),
+              control_hidden_states=torch.randn(1, 96, 3, 4, 6, generator=g), return_dict=False)
+    neg = torch.randn(1, 512, 32, generator=g)
+    fwd.begin_job(total_steps=4, cache=StepCacheConfig(threshold=1.0), negative=neg)
+    with torch.no_grad():
+        for t in (900, 800):
+            step = {**kw, "timestep": torch.tensor([t])}
+            with model.cache_context("cond"):
+                cond = model(**step)[0]
+            with model.cache_context("uncond"):
+                uncond = model(**{**step, "hidden_states": step["hidden_states"].clone(),
+                                  "encoder_hidden_states": neg})[0]
+        stats = fwd.end_job()
+        assert (stats.computed, stats.skipped, stats.forwards) == (2, 0, 4)
+        hook.branches.set_context(CacheContext("uncond"))
+        assert torch.equal(hook.branches.get_state().pred, uncond)
+        hook.branches.set_context(CacheContext("cond"))
+        assert torch.equal(hook.branches.get_state().pred, cond)
+        hook.branches.set_context(None)
+        # Outside any cache context (a direct call) the hook passes the forward through, counting nothing.
+        fwd.begin_job(total_steps=4, cache=StepCacheConfig(threshold=1.0), negative=neg)
+        plain = model(**{**kw, "timestep": torch.tensor([800])})[0]
+        assert fwd.end_job().forwards == 0 and torch.equal(plain, cond)

@@ -27,7 +27,7 @@ from vace_local.models import ResolvedModel, resolve_model
 from vace_local.samplers import make_scheduler
 from vace_local.spec import DtypeName as Dtype
 from vace_local.spec import JobSpec, OffloadPolicy
-from vace_local.step_cache import ACCELERATION_THRESHOLDS, FastForward, StepCacheConfig
+from vace_local.step_cache import ACCELERATION_THRESHOLDS, DenoiserForward, StepCacheConfig, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,43 @@ class EngineOptions:
             raise ValueError("fp8_storage and fp8_linear are exclusive: fp8_linear already stores fp8 weights")
 
 
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) float frames in [0, 1] → uint8, rounded."""
+    return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class SamplingStats:
+    """What one denoising run did: the settings it ran with (after LoRA overrides) and the step cache's work."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    flow_shift: float
+    step_cache_threshold: float
+    text_encode_s: float
+    cache: StepStats | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The job metadata's "sampling" record."""
+        return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                "flow_shift": self.flow_shift, "step_cache_threshold": self.step_cache_threshold,
+                "text_encode_s": round(self.text_encode_s, 4), **(self.cache.as_dict() if self.cache else {})}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """`Engine.sample`'s result: the frames and the stats of the run that made them."""
+
+    #: (F, H, W, 3) float32 in [0, 1]; None when the decode was skipped (`decode=False`).
+    frames: np.ndarray | None
+    stats: SamplingStats
+
+    def uint8(self) -> np.ndarray:
+        if self.frames is None:
+            raise ValueError("this generation was not decoded")
+        return to_uint8(self.frames)
+
+
 class Engine:
     """A loaded pipeline plus the logic to run one job on it. Not thread-safe: one job at a time."""
 
@@ -94,7 +131,7 @@ class Engine:
             self.pipe = WanVACEPipeline.from_pretrained(self.resolved.path, dtype=dtypes)
         self.pipe.set_progress_bar_config(disable=True)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()
-        self.last_run: dict[str, Any] = {}
+        self._last_stats: SamplingStats | None = None
         #: Set by `vace_local.parallel` in a CFG-parallel group: computes (cond, uncond) for one step.
         self.pair_forward: Any = None
         # LoRAs are fused into the weights before any fp8 cast or compile, which then see plain weights.
@@ -142,7 +179,7 @@ class Engine:
         if self.options.compile:
             for t in models:
                 fastpath.compile_blocks(t, self.options.compile_backend)
-        self.fast = FastForward()
+        self.fast = DenoiserForward()
         for t in models:
             self.fast.install(t)
 
@@ -185,20 +222,26 @@ class Engine:
         return int(free)
 
     def footprint(self) -> Footprint:
-        """Bytes per component from the loaded modules (exact, unlike the catalogue estimate)."""
+        """Bytes per component from the loaded modules: each parameter at its storage dtype's size (fp8 storage
+        counts 1 byte per weight, the layers it skips their compute dtype)."""
 
         def size(module: Any) -> int:
             if module is None:
                 return 0
-            return sum(p.numel() for p in module.parameters()) * (2 if self.compute_dtype.itemsize == 2 else 4)
+            return sum(p.numel() * p.element_size() for p in module.parameters())
 
         p = self.pipe
         experts = 2 if getattr(p, "transformer_2", None) is not None and p.transformer is not None else 1
         main = p.transformer if p.transformer is not None else p.transformer_2
-        vae = sum(x.numel() for x in p.vae.parameters()) * 4
-        return Footprint(size(main), size(p.text_encoder), vae, experts, self.options.aux_bytes)
+        return Footprint(size(main), size(p.text_encoder), size(p.vae), experts, self.options.aux_bytes)
 
     # -- introspection -------------------------------------------------------------------------------
+    @property
+    def last_run(self) -> dict[str, Any]:
+        """`SamplingStats.as_dict()` of the latest run (also a cancelled one), for benchmarks and tests; the run
+        path takes the stats from `sample`'s return value."""
+        return self._last_stats.as_dict() if self._last_stats else {}
+
     @property
     def is_tiny(self) -> bool:
         return self.resolved.is_tiny
@@ -296,8 +339,7 @@ class Engine:
         should_cancel: CancelFn = never_cancel,
     ) -> np.ndarray:
         """Run the denoising loop and decode; returns (F, H, W, 3) uint8 frames."""
-        frames = self.generate_float(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel)
-        return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+        return self.sample(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel).uint8()
 
     def generate_float(
         self,
@@ -309,8 +351,22 @@ class Engine:
         should_cancel: CancelFn = never_cancel,
         decode: bool = True,
     ) -> np.ndarray | None:
-        """`generate` before quantisation: (F, H, W, 3) float32 in [0, 1]. `decode=False` skips the VAE decode
-        and returns None (the non-zero ranks of a parallel group, whose frames rank 0 already has)."""
+        """`generate` before quantisation: (F, H, W, 3) float32 in [0, 1], or None with `decode=False`."""
+        return self.sample(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel,
+                           decode=decode).frames
+
+    def sample(
+        self,
+        spec: JobSpec,
+        bundle: ControlBundle,
+        *,
+        seed: int,
+        on_progress: ProgressFn = no_progress,
+        should_cancel: CancelFn = never_cancel,
+        decode: bool = True,
+    ) -> Generation:
+        """Run the denoising loop and decode: float frames plus what the run did. `decode=False` skips the VAE
+        decode (the non-zero ranks of a parallel group, whose frames rank 0 already has)."""
         import torch
         from PIL import Image
 
@@ -368,16 +424,13 @@ class Engine:
                     f"(offload={self.policy}); try a lower offload level such as --offload group"
                 ) from exc
             finally:
-                stats = self.fast.end_job()
-                self.last_run = {
-                    "num_inference_steps": total, "guidance_scale": spec.guidance_scale,
-                    "flow_shift": spec.flow_shift, "step_cache_threshold": threshold,
-                    "text_encode_s": round(t_text, 4), **(stats.as_dict() if stats else {}),
-                }
+                stats = SamplingStats(total, spec.guidance_scale, spec.flow_shift, threshold, t_text,
+                                      self.fast.end_job())
+                self._last_stats = stats
                 self.pipe.maybe_free_model_hooks()  # also after a cancel: offload hooks back to the CPU
                 if self.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-        return np.asarray(out.frames[0], dtype=np.float32) if decode else None
+        return Generation(np.asarray(out.frames[0], dtype=np.float32) if decode else None, stats)
 
 
 _GLOBAL_RNG_LOCK = threading.Lock()

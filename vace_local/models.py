@@ -20,14 +20,13 @@ class ModelInfo:
     """What we know about a built-in model before loading it."""
 
     repo_id: str
-    two_experts: bool = False
 
 
 # Repos and expert layout from the published configs (see shared/reference/diffusers-wan-notes.md §2, §8).
 BUILTIN_MODELS: dict[str, ModelInfo] = {
     "wan2.1-vace-14b": ModelInfo("Wan-AI/Wan2.1-VACE-14B-diffusers"),
     "wan2.1-vace-1.3b": ModelInfo("Wan-AI/Wan2.1-VACE-1.3B-diffusers"),
-    "wan2.2-vace-fun-a14b": ModelInfo("linoyts/Wan2.2-VACE-Fun-14B-diffusers", two_experts=True),
+    "wan2.2-vace-fun-a14b": ModelInfo("linoyts/Wan2.2-VACE-Fun-14B-diffusers"),
 }
 DEFAULT_MODEL = "wan2.1-vace-14b"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -38,7 +37,6 @@ class ResolvedModel:
     name: str
     path: Path
     kind: str  # "tiny" | "builtin" | "hub" | "local"
-    info: ModelInfo | None = None
 
     @property
     def is_tiny(self) -> bool:
@@ -71,8 +69,7 @@ def resolve_model(name: str, *, allow_download: bool = False, cache_dir: Path | 
     if name in TINY_MODELS:
         return ResolvedModel(name, ensure_tiny_model(name, cache_dir), "tiny")
     if name in BUILTIN_MODELS:
-        info = BUILTIN_MODELS[name]
-        return ResolvedModel(name, _hub_snapshot(info.repo_id, name, allow_download), "builtin", info)
+        return ResolvedModel(name, _hub_snapshot(BUILTIN_MODELS[name].repo_id, name, allow_download), "builtin")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

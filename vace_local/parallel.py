@@ -5,7 +5,7 @@ pipeline and runs the same denoising loop on the same latents; only the transfor
 
 * **CFG parallel** (`cfg=2`): the cond branch runs on cfg-index 0, the uncond branch on cfg-index 1, and one
   all-gather over the CFG group gives every rank both predictions, so the scheduler step (and the step cache's
-  decisions) stay bit-identical on all ranks. It plugs into `FastForward` as its `pair_forward`.
+  decisions) stay bit-identical on all ranks. It plugs into `DenoiserForward` as its `pair_forward`.
 * **Ulysses** (`ulysses>1`): diffusers' own context-parallel machinery — `ContextParallelConfig`, its split /
   gather hooks and its Ulysses all-to-all attention — with a plan for `WanVACETransformer3DModel`, which
   diffusers does not ship (`VACE_CP_PLAN`). No all-to-all is written here.
@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from vace_local.bundle import ControlBundle
 from vace_local.errors import InputError, JobCancelled
 from vace_local.events import CancelFn, ProgressFn, never_cancel, no_progress
 from vace_local.spec import JobSpec
+
+if TYPE_CHECKING:
+    from vace_local.engine import Generation
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +199,7 @@ def enable_ulysses(engine: Any, ctx: RankContext) -> None:
 
 
 def cfg_pair_forward(ctx: RankContext) -> Any:
-    """`FastForward` pair forward: this rank's CFG branch, then an all-gather of both predictions."""
+    """`DenoiserForward` pair forward: this rank's CFG branch, then an all-gather of both predictions."""
     import torch
     import torch.distributed as dist
 
@@ -272,21 +275,19 @@ class GroupEngine:
         return check
 
     def _run(self, spec: JobSpec, bundle: ControlBundle, seed: int, on_progress: ProgressFn,
-             should_cancel: CancelFn) -> np.ndarray | None:
+             should_cancel: CancelFn) -> Generation:
         try:
-            return self.engine.generate_float(spec, bundle, seed=seed, on_progress=on_progress,
-                                              should_cancel=self._collective_cancel(should_cancel),
-                                              decode=self.ctx.is_leader)
+            return self.engine.sample(spec, bundle, seed=seed, on_progress=on_progress,
+                                      should_cancel=self._collective_cancel(should_cancel), decode=self.ctx.is_leader)
         except JobCancelled:
             raise  # every rank raised it at the same step: the group is still in step
         except BaseException as exc:
             self.broken = f"rank {self.ctx.rank} failed mid-job: {type(exc).__name__}: {exc}"[:500]
             raise
 
-    def generate_float(self, spec: JobSpec, bundle: ControlBundle, *, seed: int,
-                       on_progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
-                       decode: bool = True) -> np.ndarray | None:
-        """Rank 0: check the job, hand it to every rank, run it together; returns rank 0's frames."""
+    def sample(self, spec: JobSpec, bundle: ControlBundle, *, seed: int, on_progress: ProgressFn = no_progress,
+               should_cancel: CancelFn = never_cancel, decode: bool = True) -> Generation:
+        """Rank 0: check the job, hand it to every rank, run it together; returns rank 0's frames and stats."""
         import torch
         import torch.distributed as dist
 
@@ -303,10 +304,14 @@ class GroupEngine:
         dist.broadcast_object_list(payload, src=0, device=torch.device("cpu"))  # gloo, also beside NCCL
         return self._run(spec, bundle, seed, on_progress, should_cancel)
 
+    def generate_float(self, spec: JobSpec, bundle: ControlBundle, *, seed: int,
+                       on_progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
+                       decode: bool = True) -> np.ndarray | None:
+        return self.sample(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel).frames
+
     def generate(self, spec: JobSpec, bundle: ControlBundle, *, seed: int, on_progress: ProgressFn = no_progress,
                  should_cancel: CancelFn = never_cancel) -> np.ndarray:
-        frames = self.generate_float(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel)
-        return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+        return self.sample(spec, bundle, seed=seed, on_progress=on_progress, should_cancel=should_cancel).uint8()
 
     def stop_followers(self) -> None:
         if self.ctx.is_leader and not self.broken:

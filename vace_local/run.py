@@ -1,4 +1,5 @@
-"""The one run path shared by the CLI and the server worker: fetch → preprocess → generate → encode.
+"""The one run path shared by the CLI and the server worker, as named stages:
+load → fetch → plan → preprocess → (prompt expansion) → generate → restore → (safety check) → encode.
 
 `run_job` never leaves a half-written output: frames are encoded to a temporary name and renamed into place
 only after the encode succeeded; a cancelled or failed job leaves nothing in `out_dir`.
@@ -11,18 +12,38 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vace_local.errors import JobCancelled
 from vace_local.events import CancelFn, Progress, ProgressFn, cancel_scope, never_cancel, no_progress
+from vace_local.plan import JobPlan, plan_job
 from vace_local.spec import MAX_SEED, JobSpec
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from vace_local.bundle import ControlBundle
     from vace_local.engine import Engine
     from vace_local.prompt_expand import ExpanderOptions
     from vace_local.safety_check import SafetyOptions
+
+
+#: Content type of each output kind, decided where the files are written (the server publishes them as is).
+CONTENT_TYPES: dict[str, str] = {"video": "video/mp4", "control": "video/mp4", "mask": "video/mp4",
+                                 "frames_zip": "application/zip", "metadata": "application/json"}
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file a run wrote: what it is and how to serve it."""
+
+    kind: str  # "video" | "frames_zip" | "control" | "mask" | "metadata"
+    path: Path
+    content_type: str
 
 
 @dataclass
@@ -48,6 +69,12 @@ class RunResult:
     #: Lines for the job log (safety / expansion outcomes).
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def outputs(self) -> list[OutputFile]:
+        """Every file written, in order: the video, the extras, the metadata, each with its kind and type."""
+        files = [("video", self.video_path), *self.extras.items(), ("metadata", self.metadata_path)]
+        return [OutputFile(kind, path, CONTENT_TYPES[kind]) for kind, path in files]
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["video_path"] = str(self.video_path)
@@ -59,6 +86,47 @@ class RunResult:
 def resolve_seed(seed: int) -> int:
     """-1 means random; the seed actually used is always reported back."""
     return random.SystemRandom().randint(0, MAX_SEED) if seed < 0 else seed
+
+
+class Stages:
+    """Runs each named stage of a job: cancel check first, then its progress event, then the work, timed under
+    its key in `timings` (the keys the server records per stage), with `should_cancel` as the `checkpoint()`
+    check of the loops inside it."""
+
+    def __init__(self, on_progress: ProgressFn, should_cancel: CancelFn) -> None:
+        self.on_progress = on_progress
+        self.should_cancel = should_cancel
+        self.timings: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, key: str, progress: Progress | None = None, *, cancellable: bool = True) -> Iterator[None]:
+        if cancellable and self.should_cancel():
+            raise JobCancelled("job cancelled")
+        if progress is not None:
+            self.on_progress(progress)
+        t = time.perf_counter()
+        with cancel_scope(self.should_cancel):
+            yield
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t
+
+    def close(self) -> None:
+        self.timings["total"] = time.perf_counter() - self.started
+
+
+@dataclass
+class _Job:
+    """What the stages pass on: the plan, the inputs, the bundle, the frames and the reports."""
+
+    plan: JobPlan
+    resolved: Any  # vace_local.inputs.ResolvedInputs
+    seed: int
+    bundle: ControlBundle | None = None
+    frames: np.ndarray | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    expansion: Any = None  # ExpansionReport
+    safety: Any = None  # SafetyReport
+    notes: list[str] = field(default_factory=list)
 
 
 def run_job(
@@ -79,154 +147,164 @@ def run_job(
     for (defaults: their default model ids, looked up in the local cache only). Raises `InputError` for bad
     inputs, `JobCancelled` when `should_cancel` turned true.
     """
-    from preprocessors import build_bundle, plan_timing
-    from vace_local.engine import get_engine
-    from vace_local.inputs import fetch_inputs
-    from vace_local.interpolate import get_interpolator, plan_for_spec, write_frames_zip
-    from vace_local.media import write_mask_video, write_video
-    from vace_local.sandbox import vet_inputs
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    stage = Stages(on_progress, should_cancel)
     seed = resolve_seed(spec.seed)
-
-    def check_cancel() -> None:
-        if should_cancel():
-            raise JobCancelled("job cancelled")
-
-    t0 = time.perf_counter()
-    if engine is None:
-        on_progress(Progress("load", message=f"loading {spec.model}"))
-        engine = get_engine(spec.model)
-    timings["load"] = time.perf_counter() - t0
-
+    engine = _load(stage, spec.model, engine)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
     try:
-        check_cancel()
-        t = time.perf_counter()
-        on_progress(Progress("fetch"))
-        resolved = fetch_inputs(spec.inputs, work / "inputs")
-        vet_inputs(resolved, should_cancel=should_cancel)  # decoded first in a limited child: see sandbox.py
-        timings["fetch"] = time.perf_counter() - t
+        resolved = _fetch(stage, spec, work)
+        job = _Job(_plan(stage, spec, resolved), resolved, seed)
+        _preprocess(stage, job, engine)
+        if spec.enable_prompt_expansion:
+            _expand_prompt(stage, job, expander, engine.device)
+        _generate(stage, job, engine)
+        _restore(stage, job)
+        if spec.enable_safety_checker:
+            _check_safety(stage, job, safety, engine.device)
+        files = _encode(stage, job, work, name)
+        stage.close()
+        result = _publish(job, engine, files, work, out_dir, name, stage.timings)
+        on_progress(Progress("done", job.plan.spec.num_inference_steps, job.plan.spec.num_inference_steps))
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-        check_cancel()
-        t = time.perf_counter()
-        on_progress(Progress("preprocess", message=f"task {spec.task}"))
+
+# -- the stages, in order ------------------------------------------------------------------------------------
+def _load(stage: Stages, model: str, engine: Engine | None) -> Engine:
+    with stage("load", None if engine else Progress("load", message=f"loading {model}"), cancellable=False):
+        if engine is None:
+            from vace_local.engine import get_engine
+
+            engine = get_engine(model)
+    return engine
+
+
+def _fetch(stage: Stages, spec: JobSpec, work: Path) -> Any:
+    from vace_local.inputs import fetch_inputs
+    from vace_local.sandbox import vet_inputs
+
+    with stage("fetch", Progress("fetch")):
+        resolved = fetch_inputs(spec.inputs, work / "inputs")
+        vet_inputs(resolved, should_cancel=stage.should_cancel)  # decoded first in a limited child: sandbox.py
+    return resolved
+
+
+def _plan(stage: Stages, spec: JobSpec, resolved: Any) -> JobPlan:
+    """match_input_* and the temporal plan (timed with preprocessing, as before: the keys stay the same)."""
+    with stage("preprocess"):
+        return plan_job(spec, resolved.video)
+
+
+def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
+    from preprocessors import build_bundle
+
+    spec = job.plan.spec
+    with stage("preprocess", Progress("preprocess", message=f"task {spec.task}")):
         annotators_dir = None  # the default weights folder
         if engine.is_tiny and spec.task not in ("none", "outpainting", "reframe"):
             from preprocessors.tiny import tiny_annotators_dir
             from vace_local.tiny import default_cache_dir
 
             annotators_dir = tiny_annotators_dir(default_cache_dir())  # smoke mode: tiny random-weight annotators
-        spec = plan_timing(spec, resolved)  # match_input_* may change num_frames / fps
-        # --- temporal plan (vace_local.interpolate): generate every stride-th frame, interpolate back ---
-        tplan = plan_for_spec(spec)
-        if tplan.active:
-            get_interpolator(spec.temporal.interpolator)  # a missing RIFE model fails before generating
-        gen_spec = tplan.generation_spec(spec)
-        with cancel_scope(should_cancel):  # decode / annotate / track loops call events.checkpoint() per frame
-            bundle = tplan.subsample(build_bundle(tplan.bundle_spec(spec), resolved, annotators_dir))
-        bundle.check(gen_spec.num_frames, spec.height, spec.width)
-        # --- end temporal plan ---
-        timings["preprocess"] = time.perf_counter() - t
+        bundle = build_bundle(job.plan.bundle_spec, job.resolved, annotators_dir)
+        job.bundle = job.plan.temporal.subsample(bundle)
+        gen = job.plan.generation
+        job.bundle.check(gen.num_frames, gen.height, gen.width)
 
-        notes: list[str] = []
-        expansion = None
-        if spec.enable_prompt_expansion:
-            check_cancel()
-            t = time.perf_counter()
-            on_progress(Progress("preprocess", message="prompt expansion"))
-            expansion = _expand(spec.prompt, expander, engine.device)
-            notes.append(expansion.message)
-            gen_spec = gen_spec.model_copy(update={"prompt": expansion.prompt})
-            timings["prompt_expansion"] = time.perf_counter() - t
 
-        check_cancel()
-        t = time.perf_counter()
-        on_progress(Progress("generate", 0, engine.effective_spec(gen_spec).num_inference_steps))
-        frames = engine.generate(gen_spec, bundle, seed=seed, on_progress=on_progress,
-                                 should_cancel=should_cancel)
-        timings["generate"] = time.perf_counter() - t
-        # --- temporal plan: interpolate back to the job's frame count (and num_interpolated_frames) ---
-        if tplan.active:
-            check_cancel()
-            t = time.perf_counter()
-            on_progress(Progress("encode", message=f"interpolating {len(frames)} → {tplan.output_frames} frames"))
-            frames = tplan.restore(frames, spec.temporal.interpolator)
-            timings["interpolate"] = time.perf_counter() - t
-        out_fps = tplan.output_fps
-        # match_input_num_frames padded the job up to 4k+1: give back exactly the input's frame count.
-        keep = bundle.info.get("frames_from_video") if spec.control.match_input_num_frames else None
-        keep = spec.control.output_num_frames or keep  # a dialect that matched at submit says how many
-        if keep and not spec.temporal.num_interpolated_frames and keep < len(frames):
-            frames = frames[:keep]
-        # --- end temporal plan ---
-        safety_report = None
-        if spec.enable_safety_checker:
-            check_cancel()
-            t = time.perf_counter()
-            frames, safety_report = _safety(frames, resolved, safety, engine.device)
-            notes.append(safety_report.message)
-            timings["safety_check"] = time.perf_counter() - t
+def _expand_prompt(stage: Stages, job: _Job, options: ExpanderOptions | None, device: str) -> None:
+    with stage("prompt_expansion", Progress("preprocess", message="prompt expansion")):
+        job.expansion = _expand(job.plan.spec.prompt, options, device)
+        job.notes.append(job.expansion.message)
+        job.plan = replace(job.plan, generation=job.plan.generation.model_copy(
+            update={"prompt": job.expansion.prompt}))
 
-        check_cancel()
-        t = time.perf_counter()
-        on_progress(Progress("encode"))
-        tmp_video = work / f"{name}.mp4"
-        write_video(frames, tmp_video, fps=out_fps, quality=spec.output.video_quality,
+
+def _generate(stage: Stages, job: _Job, engine: Engine) -> None:
+    gen = job.plan.generation
+    with stage("generate", Progress("generate", 0, engine.effective_spec(gen).num_inference_steps)):
+        out = engine.sample(gen, job.bundle, seed=job.seed, on_progress=stage.on_progress,
+                            should_cancel=stage.should_cancel)
+    job.frames, job.sampling = out.uint8(), out.stats.as_dict()
+
+
+def _restore(stage: Stages, job: _Job) -> None:
+    """Interpolate back to the job's frame count (and num_interpolated_frames), then trim match_input padding."""
+    temporal = job.plan.temporal
+    if temporal.active:
+        message = f"interpolating {len(job.frames)} → {temporal.output_frames} frames"
+        with stage("interpolate", Progress("encode", message=message)):
+            job.frames = temporal.restore(job.frames, job.plan.spec.temporal.interpolator)
+    job.frames = job.plan.trim(job.frames)
+
+
+def _check_safety(stage: Stages, job: _Job, options: SafetyOptions | None, device: str) -> None:
+    with stage("safety_check"):
+        job.frames, job.safety = _safety(job.frames, job.resolved, options, device)
+        job.notes.append(job.safety.message)
+
+
+def _encode(stage: Stages, job: _Job, work: Path, name: str) -> dict[str, Path]:
+    """Write the video and the extras under temporary names in `work`; returns {kind: path}."""
+    from vace_local.interpolate import write_frames_zip
+    from vace_local.media import write_mask_video, write_video
+
+    spec, gen_fps = job.plan.spec, job.plan.generation.fps
+    with stage("encode", Progress("encode")):
+        files = {"video": work / f"{name}.mp4"}
+        write_video(job.frames, files["video"], fps=job.plan.output_fps, quality=spec.output.video_quality,
                     write_mode=spec.output.video_write_mode)
-        extras_tmp: dict[str, Path] = {}
         if spec.output.frames_zip:
-            extras_tmp["frames_zip"] = write_frames_zip(frames, work / f"{name}.frames.zip")
+            files["frames_zip"] = write_frames_zip(job.frames, work / f"{name}.frames.zip")
         if spec.output.save_control:
-            extras_tmp["control"] = work / f"{name}.control.mp4"
-            write_video((bundle.frames * 255.0 + 0.5).astype("uint8"), extras_tmp["control"], fps=gen_spec.fps)
-            extras_tmp["mask"] = work / f"{name}.mask.mp4"
-            write_mask_video(bundle.masks, extras_tmp["mask"], fps=gen_spec.fps)
-        timings["encode"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
+            files["control"] = work / f"{name}.control.mp4"
+            write_video((job.bundle.frames * 255.0 + 0.5).astype("uint8"), files["control"], fps=gen_fps)
+            files["mask"] = work / f"{name}.mask.mp4"
+            write_mask_video(job.bundle.masks, files["mask"], fps=gen_fps)
+    return files
 
-        video_path = out_dir / f"{name}.mp4"
-        meta_path = out_dir / f"{name}.json"
-        extras: dict[str, Path] = {}
-        for key, tmp in extras_tmp.items():
-            extras[key] = out_dir / tmp.name
-            tmp.replace(extras[key])
-        result = RunResult(
-            video_path=video_path, metadata_path=meta_path, seed=seed, width=spec.width, height=spec.height,
-            num_frames=int(frames.shape[0]), fps=out_fps, model=engine.model_name, tiny=engine.is_tiny,
-            timings=timings, extras=extras, prompt=gen_spec.prompt, notes=notes,
-            safety=safety_report.as_dict() if safety_report else None,
-            prompt_expansion=expansion.as_dict() if expansion else None,
-        )
-        metadata = {
-            "spec": spec.model_dump(mode="json"),
-            "seed": seed,
-            "prompt_used": gen_spec.prompt,
-            "negative_prompt_used": spec.effective_negative_prompt,
-            "model": engine.describe(),
-            "sampling": dict(getattr(engine, "last_run", {}) or {}),  # effective steps, cache skips, overrides
-            "control": bundle.info,
-            "safety_checker": result.safety if result.safety else {"status": "not_requested"},
-            "prompt_expansion": result.prompt_expansion if result.prompt_expansion else {"status": "not_requested"},
-            "result": result.to_dict(),
-        }
-        if engine.is_tiny:
-            metadata["warning"] = "tiny random-weight smoke model: the output is noise"
-        meta_tmp = work / f"{name}.json"
-        meta_tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
-        tmp_video.replace(video_path)
-        meta_tmp.replace(meta_path)
-        on_progress(Progress("done", spec.num_inference_steps, spec.num_inference_steps))
-        return result
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_dir: Path, name: str,
+             timings: dict[str, float]) -> RunResult:
+    """Write the metadata, then move every file into `out_dir` (the video and metadata last)."""
+    spec, gen = job.plan.spec, job.plan.generation
+    extras: dict[str, Path] = {}
+    for kind, tmp in files.items():
+        if kind != "video":
+            extras[kind] = out_dir / tmp.name
+            tmp.replace(extras[kind])
+    result = RunResult(
+        video_path=out_dir / f"{name}.mp4", metadata_path=out_dir / f"{name}.json", seed=job.seed,
+        width=spec.width, height=spec.height, num_frames=int(job.frames.shape[0]), fps=job.plan.output_fps,
+        model=engine.model_name, tiny=engine.is_tiny, timings=timings, extras=extras, prompt=gen.prompt,
+        notes=job.notes, safety=job.safety.as_dict() if job.safety else None,
+        prompt_expansion=job.expansion.as_dict() if job.expansion else None,
+    )
+    metadata = {
+        "spec": spec.model_dump(mode="json"),
+        "seed": job.seed,
+        "prompt_used": gen.prompt,
+        "negative_prompt_used": spec.effective_negative_prompt,
+        "model": engine.describe(),
+        "sampling": job.sampling,  # effective steps, cache skips, overrides
+        "control": job.bundle.info,
+        "safety_checker": result.safety if result.safety else {"status": "not_requested"},
+        "prompt_expansion": result.prompt_expansion if result.prompt_expansion else {"status": "not_requested"},
+        "result": result.to_dict(),
+    }
+    if engine.is_tiny:
+        metadata["warning"] = "tiny random-weight smoke model: the output is noise"
+    meta_tmp = work / f"{name}.json"
+    meta_tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    files["video"].replace(result.video_path)
+    meta_tmp.replace(result.metadata_path)
+    return result
 
 
 def _expand(prompt: str, options: ExpanderOptions | None, device: str):  # noqa: ANN202 - ExpansionReport
-    from dataclasses import replace
-
     from vace_local.prompt_expand import ExpanderOptions, expand_prompt
 
     return expand_prompt(prompt, replace(options or ExpanderOptions.from_env(), device=device))
@@ -234,8 +312,6 @@ def _expand(prompt: str, options: ExpanderOptions | None, device: str):  # noqa:
 
 def _safety(frames, resolved, options: SafetyOptions | None, device: str):  # noqa: ANN001, ANN202
     """Check the final frames (and input images when configured); returns (frames after the policy, report)."""
-    from dataclasses import replace
-
     from vace_local.safety_check import SafetyOptions, apply_policy, check_output
 
     opts = replace(options or SafetyOptions.from_env(), device=device)

@@ -15,22 +15,30 @@ switch and any step after `max_skips` skips in a row are always computed. Thresh
 result is then bit-identical to an uncached run. For flow-matching models the velocity changes slowly
 along the trajectory, which is what makes replaying it a good approximation.
 
+Which call is which: the pipeline wraps each transformer call in `cache_context("cond")` /
+`cache_context("uncond")`; diffusers hands that context to every stateful hook (`StateManager`), so the hook
+keeps one history slot per context, the diffusers way, and a "cond" call starts a new denoising step. A call
+outside any cache context (a direct transformer call) is passed through untouched.
+
 Batched CFG: when enabled, the cond call runs cond and uncond as one batch-2 forward and the following
-uncond call (same latents, same timestep, the negative embeddings) is answered from it. A `pair_forward`
-(CFG-parallel ranks, `vace_local.parallel`) takes the batch-2 forward's place: it returns (cond, uncond)
-computed on two ranks, and the uncond call is answered the same way.
+uncond call of the same step is answered from it. A `pair_forward` (CFG-parallel ranks, `vace_local.parallel`)
+takes the batch-2 forward's place: it returns (cond, uncond) computed on two ranks, and the uncond call is
+answered the same way.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-HOOK_NAME = "vace_local_fast_forward"
+HOOK_NAME = "vace_local_denoiser_forward"
+#: The cache contexts the pipeline announces; anything else is treated as its own CFG branch too.
+COND, UNCOND = "cond", "uncond"
 #: JobSpec.acceleration → step-cache threshold. Uncalibrated on real weights (see docs/PERFORMANCE.md).
 ACCELERATION_THRESHOLDS: dict[str, float] = {"none": 0.0, "low": 0.05, "regular": 0.10}
 
@@ -81,6 +89,10 @@ def _wrap(kwargs: dict[str, Any], sample: Any) -> Any:
     return Transformer2DModelOutput(sample=sample)
 
 
+#: One number per (job, expert): a history slot written under another number is stale.
+_EPOCHS = itertools.count()
+
+
 class _JobState:
     def __init__(self, cache: StepCacheConfig, total_steps: int, negative: Any | None, cfg_batch: bool,
                  pair_forward: Any = None) -> None:
@@ -91,16 +103,14 @@ class _JobState:
         self.cfg_batch = (cfg_batch or pair_forward is not None) and negative is not None
         self.stats = StepStats()
         self.step = -1
-        self.key: tuple[int, float] | None = None
-        self.branch = 0
         self.skip = False
         self.expert: int | None = None
+        self.epoch = next(_EPOCHS)
         self.prev_x: Any = None
         self.acc = 0.0
         self.rate: float | None = None
         self.run_skips = 0
-        self.hist: dict[int, tuple[Any, Any]] = {}  # branch → (input, prediction) of the last computed step
-        self.pending: tuple[tuple[int, float], Any] | None = None  # batched uncond answer for this step
+        self.pending: tuple[int, Any] | None = None  # (step, batched uncond answer) for this step's uncond call
         self.step_rates: list[float] = []
 
     # -- step decision -----------------------------------------------------------------------------
@@ -108,7 +118,7 @@ class _JobState:
         self.step += 1
         forced = self.cache.threshold <= 0
         if expert != self.expert:  # a new expert: the other expert's history says nothing about this one
-            self.expert, self.hist, self.rate, self.acc = expert, {}, None, 0.0
+            self.expert, self.epoch, self.rate, self.acc = expert, next(_EPOCHS), None, 0.0
             forced = True
         c = self.cache
         forced = forced or self.step < c.warmup_steps or self.step >= self.total - c.final_steps
@@ -127,20 +137,26 @@ class _JobState:
         self.skip = skip
         self.prev_x = x.detach().clone() if c.threshold > 0 else None
 
-    def record(self, branch: int, x: Any, pred: Any) -> None:
+    def replay(self, slot: Any) -> Any | None:
+        """The branch's last computed prediction when this step is skipped (and the slot is this job's)."""
+        return slot.pred if self.skip and slot.epoch == self.epoch else None
+
+    def record(self, slot: Any, branch: str, x: Any, pred: Any) -> None:
         if self.cache.threshold <= 0:
             return  # nothing is ever replayed: keep no tensors
-        old = self.hist.get(branch)
-        if old is not None:
-            rate = _rel_l1(pred, old[1]) / max(_rel_l1(x, old[0]), 1e-8)
+        if slot.epoch == self.epoch:
+            rate = _rel_l1(pred, slot.pred) / max(_rel_l1(x, slot.x), 1e-8)
             self.step_rates.append(rate)
             # Conservative: the larger rate of the branches of this step decides.
-            self.rate = rate if branch == 0 or self.rate is None else max(self.rate, rate)
-        self.hist[branch] = (x.detach().clone(), pred.detach().clone())
+            self.rate = rate if branch == COND or self.rate is None else max(self.rate, rate)
+        slot.x, slot.pred, slot.epoch = x.detach().clone(), pred.detach().clone(), self.epoch
 
 
-class FastForward:
-    """Installs one hook per transformer (expert) and holds the per-job state they share."""
+class DenoiserForward:
+    """The transformer forward during denoising: computed, replayed from the step cache, or batched for CFG.
+
+    Installs one hook per transformer (expert) and holds the per-job state they share; each hook keeps the
+    per-branch history (diffusers per-context state)."""
 
     def __init__(self) -> None:
         self._job: _JobState | None = None
@@ -171,50 +187,38 @@ class FastForward:
         job, self._job = self._job, None
         return job.stats if job is not None else None
 
-    @property
-    def active(self) -> bool:
-        return self._job is not None
-
     # -- the forward --------------------------------------------------------------------------------
-    def forward(self, expert: int, fwd: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def forward(self, hook: Any, fwd: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         job = self._job
-        if job is None or args or "hidden_states" not in kwargs:
+        branch = hook.branch()
+        if job is None or branch is None or args or "hidden_states" not in kwargs:
             return fwd(*args, **kwargs)
-        x, t = kwargs["hidden_states"], kwargs["timestep"]
-        key = (id(x), float(t.reshape(-1)[0]))
-        if key != job.key:
-            job.key, job.branch = key, 0
-            job.begin_step(expert, x)
-        else:
-            job.branch += 1
-        branch = job.branch
+        x = kwargs["hidden_states"]
+        if branch == COND or job.step < 0:
+            job.begin_step(hook.expert, x)
+        slot = hook.branches.get_state()
 
-        if branch == 1 and job.pending is not None and job.pending[0] == key:
+        if branch == UNCOND and job.pending is not None and job.pending[0] == job.step:
             uncond = job.pending[1]
             job.pending = None
-            if self._is_negative(job, kwargs["encoder_hidden_states"]):
-                return _wrap(kwargs, uncond)
+            job.record(slot, branch, x, uncond)
+            return _wrap(kwargs, uncond)
 
-        if job.skip and branch in job.hist:
-            return _wrap(kwargs, job.hist[branch][1])
+        replay = job.replay(slot)
+        if replay is not None:
+            return _wrap(kwargs, replay)
 
-        if job.cfg_batch and branch == 0:
+        if job.cfg_batch and branch == COND:
             cond, uncond = (job.pair_forward or self._batched)(fwd, kwargs, job.negative)
             job.stats.forwards += 1
-            job.record(0, x, cond)
-            job.record(1, x, uncond)
-            job.pending = (key, uncond)
+            job.record(slot, branch, x, cond)
+            job.pending = (job.step, uncond)
             return _wrap(kwargs, cond)
 
         out = fwd(**kwargs)
         job.stats.forwards += 1
-        job.record(branch, x, _sample(out))
+        job.record(slot, branch, x, _sample(out))
         return out
-
-    @staticmethod
-    def _is_negative(job: _JobState, embeds: Any) -> bool:
-        neg = job.negative
-        return neg is not None and embeds.shape == neg.shape and bool((embeds == neg.to(embeds.dtype)).all())
 
     @staticmethod
     def _batched(fwd: Any, kwargs: dict[str, Any], negative: Any) -> tuple[Any, Any]:
@@ -235,17 +239,43 @@ class FastForward:
 @functools.cache
 def _hook_class() -> type:
     from diffusers.hooks import ModelHook
+    from diffusers.hooks.hooks import BaseState, StateManager
+
+    class BranchSlot(BaseState):
+        """One CFG branch's (input, prediction) of its last computed step, for one expert."""
+
+        def __init__(self) -> None:
+            self.reset()
+
+        def reset(self) -> None:
+            self.x: Any = None
+            self.pred: Any = None
+            self.epoch = -1
 
     class Hook(ModelHook):
-        def __init__(self, owner: FastForward, expert: int) -> None:
+        _is_stateful = True  # diffusers' cache_context then sets the branch on `branches`
+
+        def __init__(self, owner: DenoiserForward, expert: int) -> None:
             super().__init__()
             self.owner, self.expert = owner, expert
+            self.branches = StateManager(BranchSlot)
+
+        def branch(self) -> str | None:
+            """The cache context the pipeline announced ("cond" / "uncond"); None outside any context."""
+            try:
+                return self.branches.context.name
+            except ValueError:
+                return None
 
         def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-            return self.owner.forward(self.expert, self.fn_ref.original_forward, args, kwargs)
+            return self.owner.forward(self, self.fn_ref.original_forward, args, kwargs)
+
+        def reset_state(self, module: Any) -> Any:
+            self.branches.reset()
+            return module
 
     return Hook
 
 
-def _Hook(owner: FastForward, expert: int) -> Any:  # noqa: N802 - diffusers is imported lazily
+def _Hook(owner: DenoiserForward, expert: int) -> Any:  # noqa: N802 - diffusers is imported lazily
     return _hook_class()(owner, expert)

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.dialects import PROMPT_MAX_CHARS
 from vace_local.spec import (
-    MAX_FRAMES,
     MAX_SEED,
     ControlOptions,
     JobInputs,
@@ -27,7 +26,6 @@ from vace_local.spec import (
     task_needs_mask,
     task_needs_video,
 )
-from vace_local.spec import round_frames_4k1 as frames_4k1  # the model's 17..241, rounded up
 
 FAL_APP_ID = "fal-ai/wan-vace-14b"
 #: Sub-paths of the app: "" is the base (task-selectable) endpoint.
@@ -225,26 +223,15 @@ def output_size(
 def timing(
     num_frames: int, fps: int, match_frames: bool, match_fps: bool, source: SourceInfo | None, notes: list[str]
 ) -> tuple[int, int, int | None]:
-    """(num_frames, fps, output_num_frames) after the match_input_* switches; frame counts are rounded up to
-    4k+1, and output_num_frames is the matched count to trim the output back to (None when nothing to trim)."""
-    out_fps = fps
-    if match_fps and source is not None and source.fps > 0:
-        out_fps = max(1, min(60, int(round(source.fps))))
-        notes.append(f"frames_per_second matched to the input: {out_fps}")
-    n = num_frames
-    if match_frames and source is not None:
-        # The input's duration at the output rate (the control video is resampled to that rate).
-        n = max(1, int(math.floor(source.num_frames * out_fps / source.fps + 1e-6))) if source.fps else n
-        notes.append(f"num_frames matched to the input: {n} frames at {out_fps} fps")
-        if n > MAX_FRAMES:
-            notes.append(f"input is longer than {MAX_FRAMES} frames; output capped at {MAX_FRAMES}")
-    n4 = frames_4k1(n)
-    if n4 != n:
-        notes.append(f"num_frames {n} rounded to {n4} (the model needs 4k+1 frames)")
-    trim = n if match_frames and source is not None and n < n4 else None
-    if trim:
-        notes.append(f"output trimmed back to the input's {n} frames")
-    return n4, out_fps, trim
+    """(num_frames, fps, output_num_frames) after the match_input_* switches, by the engine plan's rule
+    (`vace_local.timing.match_input_timing`); output_num_frames is the count to trim the output back to."""
+    from vace_local.timing import match_input_timing
+
+    t = match_input_timing(num_frames, fps, match_frames=match_frames and source is not None,
+                           match_fps=match_fps and source is not None,
+                           source_frames=source.num_frames if source else 0, source_fps=source.fps if source else 0.0)
+    notes.extend(t.notes)
+    return t.num_frames, t.fps, t.keep_frames
 
 
 def temporal_options(req: Any, notes: list[str]) -> TemporalOptions:

@@ -17,7 +17,6 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from server.core import ApiError, validation_error
 from server.dialects import PROMPT_MAX_CHARS
-from server.dialects.fal_schemas import frames_4k1
 from vace_local.spec import (
     MAX_FRAMES,
     MAX_REFERENCE_IMAGES,
@@ -29,6 +28,7 @@ from vace_local.spec import (
     JobSpec,
     Sampler,
     Task,
+    round_frames_4k1,
     task_needs_mask,
     task_needs_video,
 )
@@ -149,7 +149,7 @@ def parse_size(v: str) -> tuple[int, int]:
 
 def frames_for(seconds: str) -> int:
     """Frames for a duration at 16 fps (seconds·16 + 1), rounded up to the 4k+1 the model needs."""
-    return frames_4k1(round(float(seconds) * FPS) + 1)
+    return round_frames_4k1(round(float(seconds) * FPS) + 1)
 
 
 def seconds_text(num_frames: int, fps: int) -> str:
