@@ -60,10 +60,9 @@ class WorkerStatus(StrEnum):
     DEAD = "dead"
     STOPPED = "stopped"
 
-    @property
-    def is_loaded(self) -> bool:
-        """The model is loaded and the worker takes jobs (what /ready counts)."""
-        return self in (WorkerStatus.READY, WorkerStatus.BUSY)
+
+#: Worker statuses with the model loaded, taking jobs (what /ready counts).
+WORKER_LOADED = frozenset({WorkerStatus.READY, WorkerStatus.BUSY})
 
 
 class WebhookStatus(StrEnum):

@@ -31,6 +31,7 @@ from server.states import IllegalTransition, JobStatus, WebhookStatus, check_tra
 #: The statuses under their old module-level names, for the modules that import them from here (the dialects).
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED,
                                                  JobStatus.FAILED, JobStatus.CANCELLED)
+_FINAL = frozenset(s for s in JobStatus if s.is_terminal)
 
 #: Histogram bucket bounds (seconds) for stage durations exported on /metrics.
 STAGE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -151,7 +152,9 @@ class JobRecord:
     model: str
     spec: dict[str, Any]
     extra: dict[str, Any]
-    status: JobStatus
+    #: A `JobStatus` value, kept as the stored string: a row written by a newer version with a status this one
+    #: does not know still loads, and the dialect rendering it reports the problem.
+    status: str
     priority: int
     stage: str | None
     step: int
@@ -179,12 +182,9 @@ class JobRecord:
     error_detail: list[dict[str, Any]] | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.status = JobStatus(self.status)
-
     @property
     def terminal(self) -> bool:
-        return self.status.is_terminal
+        return self.status in _FINAL
 
     @classmethod
     def from_row(cls, row: sa.Row) -> JobRecord:
@@ -469,7 +469,7 @@ class Store:
                 c.execute(job_logs.insert().values(job_id=job_id, ts=now, level="info", source="server",
                                                    message="cancel requested; stopping at the next step"))
             status = c.execute(sa.select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one_or_none()
-        return None if status is None else JobStatus(status)
+        return status
 
     def running_jobs(self, worker_ids: list[str] | None = None) -> list[JobRecord]:
         q = jobs.select().where(jobs.c.status == JobStatus.RUNNING)
