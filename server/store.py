@@ -28,7 +28,8 @@ from sqlalchemy.engine import Engine
 
 from server.states import IllegalTransition, JobStatus, WebhookStatus, check_transition
 
-#: The statuses under their old module-level names, for the modules that import them from here (the dialects).
+#: The statuses under their old module-level names, for the modules that import them from here (the dialects,
+#: `server.core`, the worker, tests).
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED,
                                                  JobStatus.FAILED, JobStatus.CANCELLED)
 _FINAL = frozenset(s for s in JobStatus if s.is_terminal)
@@ -220,10 +221,9 @@ def _transition(c: sa.Connection, job_id: str | sa.ColumnElement[Any], to: JobSt
     """
     check_transition(from_, to)
     now = time.time()
-    vals: dict[str, Any] = {"status": to, "updated_at": now}
+    vals: dict[str, Any] = {"updated_at": now, **(values or {}), "status": to}
     if to.is_terminal:
         vals.update(finished_at=now, webhook_status=_WEBHOOK_DUE, webhook_next_at=now)
-    vals.update(values or {})
     moved = c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == from_, *where).values(**vals)
                       .returning(jobs.c.id)).scalar_one_or_none()
     if moved is not None and log_line is not None:
