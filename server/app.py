@@ -30,6 +30,7 @@ from server.core import ApiError, Core, request_owner, require_auth, validation_
 from server.dialects import Dialect, default_render_error, load_dialects
 from server.metrics import make_registry
 from server.settings import Settings
+from server.states import WORKER_LOADED
 from server.store import Store
 
 log = logging.getLogger("vace.server")
@@ -200,7 +201,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         sup = request.app.state.supervisor
         workers = await asyncio.to_thread(store.list_workers, instance)
         expected = sup.expected if sup is not None else 0
-        loaded = [w for w in workers if w["status"] in ("ready", "busy")]
+        loaded = [w for w in workers if w["status"] in WORKER_LOADED]
         ok = len(loaded) >= expected
         body = {
             "ready": ok, "model": settings.model, "tiny": settings.is_tiny, "expected_workers": expected,

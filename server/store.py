@@ -3,8 +3,9 @@
 SQLite (WAL) is the embedded default; any SQLAlchemy URL (e.g. `postgresql+psycopg://…`) works unchanged
 because every statement here is portable Core (the one PostgreSQL-specific statement is the claim's
 `FOR UPDATE SKIP LOCKED`). Each write is its own short transaction of a single
-statement (no read-then-write upgrades), so concurrent API/worker writers never deadlock on SQLite, and
-state transitions are conditional updates (`WHERE status = …`) so they stay atomic on any backend.
+statement (no read-then-write upgrades), so concurrent API/worker writers never deadlock on SQLite. Every status
+change goes through `_transition`: it allows only the moves in `server.states.TRANSITIONS` and is a conditional
+update (`WHERE status = …`), so it stays atomic on any backend.
 
 Several server instances may share one PostgreSQL store: a running job carries a lease (`lease_expires_at`)
 that its worker's heartbeat renews; whichever instance sees a lease expire recovers the job (see
@@ -18,17 +19,20 @@ import secrets
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-#: Internal job statuses; dialects map them to their own vocabularies.
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+from server.states import IllegalTransition, JobStatus, WebhookStatus, check_transition
+
+#: The statuses under their old module-level names, for the modules that import them from here (the dialects,
+#: `server.core`, the worker, tests).
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED,
+                                                 JobStatus.FAILED, JobStatus.CANCELLED)
+_FINAL = frozenset(s for s in JobStatus if s.is_terminal)
 
 #: Histogram bucket bounds (seconds) for stage durations exported on /metrics.
 STAGE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -43,7 +47,7 @@ jobs = sa.Table(
     sa.Column("model", sa.String(255), nullable=False),
     sa.Column("spec", sa.JSON, nullable=False),
     sa.Column("extra", sa.JSON, nullable=False, default=dict),
-    sa.Column("status", sa.String(16), nullable=False, default=QUEUED),
+    sa.Column("status", sa.String(16), nullable=False, default=JobStatus.QUEUED),
     sa.Column("priority", sa.Integer, nullable=False, default=0),
     sa.Column("stage", sa.String(16)),
     sa.Column("step", sa.Integer, nullable=False, default=0),
@@ -149,6 +153,8 @@ class JobRecord:
     model: str
     spec: dict[str, Any]
     extra: dict[str, Any]
+    #: A `JobStatus` value, kept as the stored string: a row written by a newer version with a status this one
+    #: does not know still loads, and the dialect rendering it reports the problem.
     status: str
     priority: int
     stage: str | None
@@ -179,7 +185,7 @@ class JobRecord:
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in _FINAL
 
     @classmethod
     def from_row(cls, row: sa.Row) -> JobRecord:
@@ -193,6 +199,37 @@ class JobRecord:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+#: Makes a finished job's webhook due (stays NULL when the job has none); every terminal transition sets it.
+_WEBHOOK_DUE = sa.case((jobs.c.webhook_url.is_not(None), WebhookStatus.PENDING), else_=None)
+#: What a job going back to the queue forgets of its last run.
+_REQUEUED: dict[str, Any] = {"worker_id": None, "stage": None, "step": 0, "total": 0, "progress": 0.0,
+                             "heartbeat_at": None, "lease_expires_at": None}
+
+
+def _transition(c: sa.Connection, job_id: str | sa.ColumnElement[Any], to: JobStatus, *, from_: JobStatus,
+                where: Sequence[sa.ColumnElement[bool]] = (), values: dict[str, Any] | None = None,
+                log_line: tuple[str, str] | None = None) -> str | None:
+    """Move one job from `from_` to `to`: the only place a job's status changes. Returns the moved job's id, or
+    None when the job is no longer in `from_` (or misses `where`), i.e. another writer got there first.
+
+    The move must be in `server.states.TRANSITIONS` (else `IllegalTransition`, before any write). The UPDATE's
+    `WHERE status = from_` guard makes it a compare-and-set, so racing claims, finishes and recoveries have
+    exactly one winner on any backend. A terminal `to` stamps `finished_at` and makes the webhook due.
+    `log_line` = (level, message) is added to the job's log in the same transaction when the move happens.
+    """
+    check_transition(from_, to)
+    now = time.time()
+    vals: dict[str, Any] = {"updated_at": now, **(values or {}), "status": to}
+    if to.is_terminal:
+        vals.update(finished_at=now, webhook_status=_WEBHOOK_DUE, webhook_next_at=now)
+    moved = c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == from_, *where).values(**vals)
+                      .returning(jobs.c.id)).scalar_one_or_none()
+    if moved is not None and log_line is not None:
+        level, message = log_line
+        c.execute(job_logs.insert().values(job_id=moved, ts=now, level=level, source="server", message=message))
+    return moved
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -252,7 +289,7 @@ class Store:
         now = time.time()
         row: dict[str, Any] = {
             "id": job_id or new_id(), "dialect": dialect, "model": model, "spec": spec, "extra": extra or {},
-            "status": QUEUED, "priority": priority, "stage": None, "step": 0, "total": 0, "progress": 0.0,
+            "status": JobStatus.QUEUED, "priority": priority, "stage": None, "step": 0, "total": 0, "progress": 0.0,
             "outputs": [], "result": None, "error": None, "error_type": None, "timings": {}, "created_at": now,
             "started_at": None, "finished_at": None, "updated_at": now, "attempts": 0, "worker_id": None,
             "heartbeat_at": None, "cancel_requested": False, "webhook_url": webhook_url, "webhook_status": None,
@@ -284,28 +321,17 @@ class Store:
                 ]
         return rec
 
-    def logs(self, job_id: str) -> list[dict[str, Any]]:
-        with self.engine.connect() as c:
-            return [
-                dict(r._mapping)
-                for r in c.execute(
-                    sa.select(job_logs.c.ts, job_logs.c.level, job_logs.c.source, job_logs.c.message)
-                    .where(job_logs.c.job_id == job_id)
-                    .order_by(job_logs.c.id)
-                )
-            ]
-
     def queue_position(self, job_id: str) -> int | None:
         """Jobs ahead of this one in the queue (0 = next to run); None when it is not queued."""
         with self.engine.connect() as c:
             row = c.execute(
                 sa.select(jobs.c.status, jobs.c.priority, jobs.c.created_at).where(jobs.c.id == job_id)
             ).first()
-            if row is None or row.status != QUEUED:
+            if row is None or row.status != JobStatus.QUEUED:
                 return None
             ahead = c.execute(
                 sa.select(sa.func.count()).select_from(jobs).where(
-                    jobs.c.status == QUEUED,
+                    jobs.c.status == JobStatus.QUEUED,
                     sa.or_(
                         jobs.c.priority < row.priority,
                         sa.and_(jobs.c.priority == row.priority, jobs.c.created_at < row.created_at),
@@ -317,7 +343,7 @@ class Store:
         return int(ahead)
 
     def count_by_status(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
+        counts: dict[str, int] = dict.fromkeys(JobStatus, 0)
         with self.engine.connect() as c:
             for status, n in c.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)):
                 counts[status] = int(n)
@@ -326,7 +352,7 @@ class Store:
     def queue_depth(self) -> int:
         with self.engine.connect() as c:
             return int(c.execute(
-                sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == QUEUED)
+                sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
             ).scalar_one())
 
     def add_log(self, job_id: str, message: str, *, level: str = "info", source: str = "server") -> None:
@@ -350,16 +376,12 @@ class Store:
         for _ in range(5):
             now = time.time()
             oldest = (
-                sa.select(jobs.c.id).where(jobs.c.status == QUEUED)
+                sa.select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED)
                 .order_by(jobs.c.priority, jobs.c.created_at, jobs.c.id).limit(1).scalar_subquery()
             )
             with self.engine.begin() as c:
-                jid = c.execute(
-                    jobs.update()
-                    .where(jobs.c.id == oldest, jobs.c.status == QUEUED)
-                    .values(**self._claim_values(worker_id, now, lease_s))
-                    .returning(jobs.c.id)
-                ).scalar_one_or_none()
+                jid = _transition(c, oldest, JobStatus.RUNNING, from_=JobStatus.QUEUED,
+                                  values=self._claim_values(worker_id, now, lease_s))
             if jid is not None:
                 return self.get_job(jid)
             if self.queue_depth() == 0:
@@ -368,7 +390,7 @@ class Store:
 
     @staticmethod
     def _claim_values(worker_id: str, now: float, lease_s: float) -> dict[str, Any]:
-        return {"status": RUNNING, "worker_id": worker_id, "started_at": now, "heartbeat_at": now,
+        return {"worker_id": worker_id, "started_at": now, "heartbeat_at": now,
                 "lease_expires_at": now + lease_s, "updated_at": now, "attempts": jobs.c.attempts + 1,
                 "stage": "load", "step": 0, "total": 0}
 
@@ -376,14 +398,14 @@ class Store:
         now = time.time()
         with self.engine.begin() as c:
             jid = c.execute(
-                sa.select(jobs.c.id).where(jobs.c.status == QUEUED)
+                sa.select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED)
                 .order_by(jobs.c.priority, jobs.c.created_at, jobs.c.id).limit(1)
                 .with_for_update(skip_locked=True)
             ).scalar_one_or_none()
             if jid is None:
                 return None
-            c.execute(jobs.update().where(jobs.c.id == jid, jobs.c.status == QUEUED)
-                      .values(**self._claim_values(worker_id, now, lease_s)))
+            _transition(c, jid, JobStatus.RUNNING, from_=JobStatus.QUEUED,
+                        values=self._claim_values(worker_id, now, lease_s))
         return self.get_job(jid)
 
     def set_progress(self, job_id: str, worker_id: str, *, stage: str, step: int, total: int,
@@ -392,7 +414,7 @@ class Store:
         with self.engine.begin() as c:
             c.execute(
                 jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == RUNNING)
+                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == JobStatus.RUNNING)
                 .values(stage=stage, step=step, total=total, progress=progress, updated_at=now, heartbeat_at=now)
             )
 
@@ -415,50 +437,32 @@ class Store:
         timings: dict[str, float] | None = None,
     ) -> bool:
         """Record the final state; only the worker that owns the running job can (stale workers lose)."""
-        assert status in TERMINAL
-        now = time.time()
-        values: dict[str, Any] = {
-            "status": status, "finished_at": now, "updated_at": now, "error": error, "error_type": error_type,
-            "error_detail": error_detail,
-            "webhook_status": sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
-            "webhook_next_at": now,
-        }
-        if status == SUCCEEDED:
+        to = JobStatus(status)
+        if not to.is_terminal:
+            raise IllegalTransition(f"finish_job needs a terminal status, not {to}")
+        values: dict[str, Any] = {"error": error, "error_type": error_type, "error_detail": error_detail}
+        if to == JobStatus.SUCCEEDED:
             values.update(stage="done", progress=1.0, step=jobs.c.total)
-        if outputs is not None:
-            values["outputs"] = outputs
-        if result is not None:
-            values["result"] = result
-        if timings is not None:
-            values["timings"] = timings
-        cond = [jobs.c.id == job_id, jobs.c.status == RUNNING]
-        if worker_id is not None:
-            cond.append(jobs.c.worker_id == worker_id)
+        for name, value in (("outputs", outputs), ("result", result), ("timings", timings)):
+            if value is not None:
+                values[name] = value
+        owner = [jobs.c.worker_id == worker_id] if worker_id is not None else []
         with self.engine.begin() as c:
-            n = c.execute(jobs.update().where(*cond).values(**values)).rowcount
-        return n == 1
+            return _transition(c, job_id, to, from_=JobStatus.RUNNING, where=owner, values=values) is not None
 
     def request_cancel(self, job_id: str, reason: str = "cancelled by request") -> str | None:
         """Cancel a queued job at once, or flag a running one (its worker stops at the next step).
 
         Returns the job's status after the call, or None for an unknown id.
         """
-        now = time.time()
         with self.engine.begin() as c:
-            n = c.execute(
-                jobs.update().where(jobs.c.id == job_id, jobs.c.status == QUEUED).values(
-                    status=CANCELLED, cancel_requested=True, finished_at=now, updated_at=now, error=reason,
-                    error_type="cancelled",
-                    webhook_status=sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
-                    webhook_next_at=now,
-                )
-            ).rowcount
-            if n:
-                c.execute(job_logs.insert().values(job_id=job_id, ts=now, level="info", source="server",
-                                                   message=f"{reason} while queued"))
-                return CANCELLED
-            n = c.execute(
-                jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING)
+            if _transition(c, job_id, JobStatus.CANCELLED, from_=JobStatus.QUEUED,
+                           values={"cancel_requested": True, "error": reason, "error_type": "cancelled"},
+                           log_line=("info", f"{reason} while queued")):
+                return JobStatus.CANCELLED
+            now = time.time()
+            n = c.execute(  # not a status change: the worker sees the flag and moves the job itself
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.RUNNING)
                 .values(cancel_requested=True, updated_at=now)
             ).rowcount
             if n:
@@ -468,7 +472,7 @@ class Store:
         return status
 
     def running_jobs(self, worker_ids: list[str] | None = None) -> list[JobRecord]:
-        q = jobs.select().where(jobs.c.status == RUNNING)
+        q = jobs.select().where(jobs.c.status == JobStatus.RUNNING)
         if worker_ids is not None:
             q = q.where(jobs.c.worker_id.in_(worker_ids))
         with self.engine.connect() as c:
@@ -476,60 +480,40 @@ class Store:
 
     def recover_job(self, job: JobRecord, reason: str, *, max_attempts: int) -> str | None:
         """A running job lost its worker: re-queue it if attempts remain, else fail it naming the reason."""
-        now = time.time()
-        cond = [jobs.c.id == job.id, jobs.c.status == RUNNING, jobs.c.attempts == job.attempts]
-        with self.engine.begin() as c:
-            if job.cancel_requested:
-                n = c.execute(jobs.update().where(*cond).values(
-                    status=CANCELLED, finished_at=now, updated_at=now, error="cancelled by request",
-                    error_type="cancelled",
-                    webhook_status=sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
-                    webhook_next_at=now)).rowcount
-                new = CANCELLED
-            elif job.attempts < max_attempts:
-                n = c.execute(jobs.update().where(*cond).values(
-                    status=QUEUED, worker_id=None, stage=None, step=0, total=0, progress=0.0,
-                    updated_at=now, heartbeat_at=None, lease_expires_at=None)).rowcount
-                new = QUEUED
-            else:
-                msg = (f"{reason}; the job was attempted {job.attempts} time(s) and is not retried again")
-                n = c.execute(jobs.update().where(*cond).values(
-                    status=FAILED, finished_at=now, updated_at=now, error=msg, error_type="worker_died",
-                    webhook_status=sa.case((jobs.c.webhook_url.is_not(None), "pending"), else_=None),
-                    webhook_next_at=now)).rowcount
-                new = FAILED
-            if not n:
-                return None
-            verb = {"queued": "re-queued", "failed": "failed", "cancelled": "cancelled"}[new]
-            c.execute(job_logs.insert().values(job_id=job.id, ts=now, level="warning", source="server",
-                                               message=f"{reason}; job {verb} (attempt {job.attempts})"))
-        return new
+        if job.cancel_requested:
+            to, verb = JobStatus.CANCELLED, "cancelled"
+            values: dict[str, Any] = {"error": "cancelled by request", "error_type": "cancelled"}
+        elif job.attempts < max_attempts:
+            to, verb, values = JobStatus.QUEUED, "re-queued", _REQUEUED
+        else:
+            to, verb = JobStatus.FAILED, "failed"
+            values = {"error": f"{reason}; the job was attempted {job.attempts} time(s) and is not retried again",
+                      "error_type": "worker_died"}
+        with self.engine.begin() as c:  # the attempt count pins the view: a stale one changes nothing
+            moved = _transition(c, job.id, to, from_=JobStatus.RUNNING, where=[jobs.c.attempts == job.attempts],
+                                values=values, log_line=("warning", f"{reason}; job {verb} (attempt {job.attempts})"))
+        return to if moved else None
 
     def release_job(self, job: JobRecord, reason: str) -> bool:
         """Put a running job back in the queue without spending an attempt (graceful shutdown)."""
-        now = time.time()
         with self.engine.begin() as c:
-            n = c.execute(jobs.update().where(jobs.c.id == job.id, jobs.c.status == RUNNING,
-                                              jobs.c.attempts == job.attempts)
-                          .values(status=QUEUED, worker_id=None, stage=None, step=0, total=0, progress=0.0,
-                                  heartbeat_at=None, lease_expires_at=None, updated_at=now,
-                                  attempts=max(job.attempts - 1, 0))).rowcount
-            if n:
-                c.execute(job_logs.insert().values(job_id=job.id, ts=now, level="info", source="server",
-                                                   message=f"{reason}; job returned to the queue"))
-        return n == 1
+            return _transition(c, job.id, JobStatus.QUEUED, from_=JobStatus.RUNNING,
+                               where=[jobs.c.attempts == job.attempts],
+                               values={**_REQUEUED, "attempts": max(job.attempts - 1, 0)},
+                               log_line=("info", f"{reason}; job returned to the queue")) is not None
 
     # ---- webhooks ------------------------------------------------------------------------------------
 
     def due_webhooks(self, now: float, limit: int = 20) -> list[JobRecord]:
         with self.engine.connect() as c:
             return [JobRecord.from_row(r) for r in c.execute(
-                jobs.select().where(jobs.c.webhook_status == "pending", jobs.c.webhook_next_at <= now)
+                jobs.select().where(jobs.c.webhook_status == WebhookStatus.PENDING, jobs.c.webhook_next_at <= now)
                 .order_by(jobs.c.webhook_next_at).limit(limit)
             )]
 
     def webhook_attempted(self, job_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
-        status = "delivered" if delivered else ("pending" if next_at is not None else "failed")
+        status = (WebhookStatus.DELIVERED if delivered
+                  else WebhookStatus.PENDING if next_at is not None else WebhookStatus.FAILED)
         with self.engine.begin() as c:
             c.execute(jobs.update().where(jobs.c.id == job_id).values(
                 webhook_status=status, webhook_attempts=attempts, webhook_next_at=next_at))
@@ -615,7 +599,7 @@ class Store:
             c.execute(workers.update().where(workers.c.id == worker_id).values(**vals))
             if job_id:
                 c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.worker_id == worker_id,
-                                              jobs.c.status == RUNNING)
+                                              jobs.c.status == JobStatus.RUNNING)
                           .values(heartbeat_at=now, lease_expires_at=now + lease_s))
 
     def list_workers(self, instance: str | None = None) -> list[dict[str, Any]]:
@@ -680,7 +664,7 @@ class Store:
         existed (no `lease_expires_at`) falls back to its last heartbeat plus `legacy_timeout_s`."""
         with self.engine.connect() as c:
             return [JobRecord.from_row(r) for r in c.execute(jobs.select().where(
-                jobs.c.status == RUNNING,
+                jobs.c.status == JobStatus.RUNNING,
                 sa.or_(jobs.c.lease_expires_at < now,
                        sa.and_(jobs.c.lease_expires_at.is_(None), jobs.c.heartbeat_at < now - legacy_timeout_s)),
             ))]
@@ -690,12 +674,12 @@ class Store:
         own = sa.select(workers.c.id).where(workers.c.instance == instance)
         with self.engine.connect() as c:
             return [JobRecord.from_row(r) for r in c.execute(
-                jobs.select().where(jobs.c.status == RUNNING, jobs.c.worker_id.in_(own)))]
+                jobs.select().where(jobs.c.status == JobStatus.RUNNING, jobs.c.worker_id.in_(own)))]
 
     def claim_webhook(self, job: JobRecord, until: float) -> bool:
         """Take the delivery of `job`'s webhook until `until`: a conditional update on the state this instance
         read, so of several instances that saw the same due webhook exactly one wins."""
-        cond = [jobs.c.id == job.id, jobs.c.webhook_status == "pending",
+        cond = [jobs.c.id == job.id, jobs.c.webhook_status == WebhookStatus.PENDING,
                 jobs.c.webhook_attempts == job.webhook_attempts]
         cond.append(jobs.c.webhook_next_at.is_(None) if job.webhook_next_at is None
                     else jobs.c.webhook_next_at == job.webhook_next_at)

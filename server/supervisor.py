@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.settings import Settings
+from server.states import WorkerExit, WorkerStatus
 from server.store import Store
 
 log = logging.getLogger("vace.server.supervisor")
@@ -121,7 +122,7 @@ class Supervisor:
         slot.worker_id = f"w{slot.index}-{self.run_id}-{slot.restarts}"
         device = f"cuda:{slot.gpu}" if slot.gpu is not None else "cpu"
         self.store.upsert_worker(slot.worker_id, slot=slot.index, instance=self.instance, pid=None,
-                                 device=device, status="starting", model=self.settings.model, message=None)
+                                 device=device, status=WorkerStatus.STARTING, model=self.settings.model, message=None)
         args = WorkerArgs(slot=slot.index, worker_id=slot.worker_id, gpu=slot.gpu,
                           settings_json=self.settings.model_dump_json(), parent_pid=os.getpid())
         slot.proc = self._ctx.Process(target=worker_main, args=(args,), name=f"vace-worker-{slot.index}",
@@ -145,9 +146,9 @@ class Supervisor:
                 code = p.exitcode
                 reason = _describe_exit(code)
                 prev = self.store.get_worker(slot.worker_id) or {}
-                if prev.get("status") == "error" and prev.get("message"):
+                if prev.get("status") == WorkerStatus.ERROR and prev.get("message"):
                     reason = prev["message"]  # the worker's own account (e.g. why the model did not load)
-                self.store.upsert_worker(slot.worker_id, status="dead", message=reason)
+                self.store.upsert_worker(slot.worker_id, status=WorkerStatus.DEAD, message=reason)
                 for job in self.store.running_jobs([slot.worker_id]):
                     new = self.store.recover_job(job, f"the worker process died ({reason})",
                                                  max_attempts=self.settings.max_attempts)
@@ -193,7 +194,7 @@ class Supervisor:
         for job in self.store.running_jobs(ids):  # killed mid-step during shutdown: not the job's fault
             self.store.release_job(job, "server shut down while the job was running")
         for wid in ids:
-            self.store.upsert_worker(wid, status="stopped")
+            self.store.upsert_worker(wid, status=WorkerStatus.STOPPED)
 
 def _describe_exit(code: int | None) -> str:
     if code is None:
@@ -203,5 +204,7 @@ def _describe_exit(code: int | None) -> str:
             return f"killed by signal {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    return {3: "model failed to load", 4: "restart after GPU out-of-memory",
-            6: "a rank of its parallel group failed; restarting the group"}.get(code, f"exit code {code}")
+    try:
+        return WorkerExit(code).reason
+    except ValueError:
+        return f"exit code {code}"

@@ -22,6 +22,7 @@ from typing import Any
 from server import inputs as safety
 from server.core import map_exception, user_field
 from server.settings import Settings
+from server.states import WorkerExit, WorkerStatus
 from server.storage import key_of_path, make_storage
 from server.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, Store
 from vace_local.errors import InputError, JobCancelled
@@ -30,9 +31,6 @@ from vace_local.spec import JobSpec
 
 log = logging.getLogger("vace.worker")
 
-EXIT_LOAD_FAILED = 3
-EXIT_RESTART = 4
-EXIT_GROUP_FAILED = 6
 #: Fraction of overall progress at the start of each stage; `generate` spans the steps.
 _STAGE_START = {"load": 0.0, "fetch": 0.02, "preprocess": 0.05, "generate": 0.1, "encode": 0.95, "done": 1.0}
 
@@ -104,7 +102,7 @@ class Worker:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
             os.nice(10)
 
-        self.store.upsert_worker(self.id, pid=os.getpid(), status="loading",
+        self.store.upsert_worker(self.id, pid=os.getpid(), status=WorkerStatus.LOADING,
                                  message=f"loading {self.settings.model}")
         device = "cuda" if self.args.gpu is not None else "cpu"
         if self.settings.gpus_per_job > 1:
@@ -118,7 +116,8 @@ class Worker:
             self.engine = get_engine(self.settings.model, self.settings.engine_options(device))
         desc = self.engine.describe()
         msg = "tiny random-weight model loaded (outputs are noise)" if self.engine.is_tiny else "model loaded"
-        self.store.upsert_worker(self.id, status="ready", message=msg, info={"engine": desc, **self._gpu_info()})
+        self.store.upsert_worker(self.id, status=WorkerStatus.READY, message=msg,
+                                 info={"engine": desc, **self._gpu_info()})
         log.info("worker %s ready: %s", self.id, desc)
 
     def _watch_group(self) -> None:
@@ -136,9 +135,9 @@ class Worker:
             if job is not None:
                 self.store.finish_job(job.id, self.id, status=FAILED, error=msg, error_type="internal_error")
                 self.store.add_log(job.id, f"{FAILED}: {msg}", level="error", source="worker")
-            self.store.upsert_worker(self.id, status="dead", message=msg)
+            self.store.upsert_worker(self.id, status=WorkerStatus.DEAD, message=msg)
             log.error("%s; restarting the group", msg)
-            os._exit(EXIT_GROUP_FAILED)
+            os._exit(WorkerExit.GROUP_FAILED)
 
     def run_forever(self) -> None:
         idle = 0.05
@@ -237,7 +236,7 @@ class Worker:
         fields = job.extra.get("fields") or {}
         work = self.data_dir / "work" / job.id
         out_dir = self.data_dir / "outputs" / job.id
-        self.store.upsert_worker(self.id, status="busy", current_job=job.id)
+        self.store.upsert_worker(self.id, status=WorkerStatus.BUSY, current_job=job.id)
         self.store.add_log(job.id, f"started on worker {self.args.slot} ({self.engine.device}), attempt "
                            f"{job.attempts}", source="worker")
         try:
@@ -287,13 +286,14 @@ class Worker:
             self.store.add_log(job.id, f"{status}: {failure.message}",
                                level="info" if status == CANCELLED else "error", source="worker")
             if failure.restart_worker:
-                self.store.upsert_worker(self.id, status="dead", message="restarting after GPU out-of-memory")
-                os._exit(EXIT_RESTART)
+                self.store.upsert_worker(self.id, status=WorkerStatus.DEAD,
+                                         message="restarting after GPU out-of-memory")
+                os._exit(WorkerExit.RESTART)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             self.current = None
             if not self.shutdown.is_set():
-                self.store.upsert_worker(self.id, status="ready", current_job=None)
+                self.store.upsert_worker(self.id, status=WorkerStatus.READY, current_job=None)
 
 def worker_main(args: WorkerArgs) -> None:
     """Process entry point (multiprocessing 'spawn')."""
@@ -325,7 +325,8 @@ def worker_main(args: WorkerArgs) -> None:
         w.load()
     except Exception as exc:  # noqa: BLE001
         log.exception("model failed to load")
-        w.store.upsert_worker(w.id, status="error", message=f"model failed to load: {type(exc).__name__}: {exc}")
-        sys.exit(EXIT_LOAD_FAILED)
+        w.store.upsert_worker(w.id, status=WorkerStatus.ERROR,
+                              message=f"model failed to load: {type(exc).__name__}: {exc}")
+        sys.exit(WorkerExit.LOAD_FAILED)
     threading.Thread(target=w._heartbeat, daemon=True, name="heartbeat").start()
     w.run_forever()

@@ -3,6 +3,7 @@ recovery, webhooks, retention. Every test runs on both backends (`db_url` is par
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -287,3 +288,90 @@ def test_singleton_work_runs_on_one_instance_at_a_time(db_url, store):
             assert after
     finally:
         other.dispose()
+
+
+# ---- the transition table ---------------------------------------------------------------------------------
+
+_PRIORITY = itertools.count()
+
+
+def _job_in(store: Store, status: str, **kw) -> str:
+    """A new job brought to `status` through the public methods, as the server does. Each one has a lower
+    priority number than any before it, so the claim takes this job and no older queued one."""
+    jid = _job(store, priority=-next(_PRIORITY), **kw)
+    if status == CANCELLED:
+        assert store.request_cancel(jid) == CANCELLED
+    elif status != QUEUED:
+        assert store.claim_next("w").id == jid
+        if status != RUNNING:
+            assert store.finish_job(jid, "w", status=status, outputs=[])
+    assert store.get_job(jid).status == status
+    return jid
+
+
+def test_the_transition_table_refuses_illegal_moves(store):
+    from server.states import TRANSITIONS, IllegalTransition, JobStatus
+    from server.store import _transition
+
+    illegal = [(a, b) for a in JobStatus for b in JobStatus if b not in TRANSITIONS[a]]
+    assert (SUCCEEDED, RUNNING) in illegal and (CANCELLED, SUCCEEDED) in illegal and (FAILED, QUEUED) in illegal
+    assert len(illegal) == 25 - 6  # queued → running | cancelled; running → the 3 final statuses | queued
+    for frm, to in illegal:
+        jid = _job_in(store, frm)
+        before = store.get_job(jid)
+        with pytest.raises(IllegalTransition, match=f"a {frm} job cannot become {to}"), store.engine.begin() as c:
+            _transition(c, jid, to, from_=frm)
+        assert store.get_job(jid) == before, (frm, to)
+    # the public methods cannot move a finished job either, and a finish must be final
+    done, cancelled, running = (_job_in(store, s) for s in (SUCCEEDED, CANCELLED, RUNNING))
+    before = {j: store.get_job(j) for j in (done, cancelled)}
+    assert not store.finish_job(done, "w", status=FAILED, error="late")
+    assert not store.finish_job(cancelled, None, status=SUCCEEDED, outputs=[])
+    assert store.request_cancel(done) == SUCCEEDED
+    assert store.recover_job(before[cancelled], "gone", max_attempts=5) is None
+    assert not store.release_job(before[done], "shutting down")
+    assert {j: store.get_job(j) for j in (done, cancelled)} == before
+    for not_final in (QUEUED, RUNNING):
+        with pytest.raises(IllegalTransition, match="terminal"):
+            store.finish_job(running, "w", status=not_final)
+    assert store.get_job(running).status == RUNNING
+
+
+def test_every_move_to_a_final_status_makes_the_webhook_due(store):
+    """Each path that ends a job stamps finished_at and makes its webhook due (when it has one); the moves that
+    do not end it leave both alone. Together the paths take every move the table allows."""
+    from server.states import TRANSITIONS
+
+    def recover(jid: str, max_attempts: int, *, cancel: bool = False) -> None:
+        if cancel:
+            store.request_cancel(jid)  # running: only flagged
+        assert store.recover_job(store.get_job(jid), "worker died", max_attempts=max_attempts)
+
+    paths = {  # name: (status the job starts in, the move)
+        "claim": (QUEUED, lambda jid: store.claim_next("w")),
+        "cancel while queued": (QUEUED, lambda jid: store.request_cancel(jid)),
+        "succeed": (RUNNING, lambda jid: store.finish_job(jid, "w", status=SUCCEEDED, outputs=[])),
+        "fail": (RUNNING, lambda jid: store.finish_job(jid, "w", status=FAILED, error="x", error_type="x")),
+        "cancelled by its worker": (RUNNING, lambda jid: store.finish_job(jid, "w", status=CANCELLED)),
+        "recovered for a retry": (RUNNING, lambda jid: recover(jid, 2)),
+        "recovered, out of attempts": (RUNNING, lambda jid: recover(jid, 1)),
+        "recovered, cancel requested": (RUNNING, lambda jid: recover(jid, 2, cancel=True)),
+        "released on shutdown": (RUNNING, lambda jid: store.release_job(store.get_job(jid), "shutting down")),
+    }
+    taken: set[tuple[str, str]] = set()
+    due: set[str] = set()
+    for hook in ("https://example.com/hook", None):
+        for name, (start, move) in paths.items():
+            jid = _job_in(store, start, webhook_url=hook)
+            move(jid)
+            job = store.get_job(jid)
+            taken.add((start, job.status))
+            if job.terminal:
+                assert job.finished_at is not None and job.webhook_next_at is not None, name
+                assert job.webhook_status == ("pending" if hook else None), (name, hook)
+                if hook:
+                    due.add(jid)
+            else:
+                assert job.finished_at is None and job.webhook_status is None, name
+    assert taken == {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
+    assert {j.id for j in store.due_webhooks(time.time() + 1, limit=100)} == due and len(due) == 6
