@@ -21,10 +21,8 @@ from preprocessors.video import sample_indices
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
 from vace_local.media import VideoInfo, iter_frames, open_video, probe_video, read_frames
-from vace_local.spec import JobSpec, task_needs_video
+from vace_local.spec import TASKS_ANNOTATED, JobSpec, task_needs_video
 from vace_local.timing import InputTiming, match_input_timing, with_timing
-
-CONTROL_TASKS = {"depth", "depthv2", "pose", "face"}
 
 
 class Resolved(Protocol):
@@ -87,7 +85,7 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any], annotat
     F, H, W = spec.num_frames, spec.height, spec.width
     vinfo, vr = open_video(resolved.video, "video")
     task = spec.task
-    if task in CONTROL_TASKS and not spec.control.preprocess:
+    if task in TASKS_ANNOTATED and not spec.control.preprocess:
         info["preprocess"] = False
         task = "none"
     usable = vinfo.num_frames

@@ -40,7 +40,8 @@ _LOCK_KEY = 0x7ACE_0001
 class Migration:
     version: int
     description: str
-    apply: Callable[[Connection], None]
+    #: Applies the step; gets the store's tables as they are now (for steps that create a table).
+    apply: Callable[[Connection, sa.MetaData], None]
 
 
 def add_column(conn: Connection, table: str, column: sa.Column) -> None:
@@ -51,28 +52,26 @@ def add_column(conn: Connection, table: str, column: sa.Column) -> None:
     conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {ddl}")
 
 
-def _create_table(conn: Connection, name: str) -> None:
-    """Create one of `server.store`'s tables as it is defined now (a no-op when it exists)."""
-    from server.store import metadata
-
+def _create_table(conn: Connection, metadata: sa.MetaData, name: str) -> None:
+    """Create one of the store's tables as it is defined now (a no-op when it exists)."""
     metadata.tables[name].create(conn, checkfirst=True)
 
 
-def _baseline(conn: Connection) -> None:
+def _baseline(conn: Connection, metadata: sa.MetaData) -> None:
     """Version 1 is the schema before versioning existed; a database that has `jobs` already is at it."""
 
 
 MIGRATIONS: list[Migration] = [
     Migration(1, "baseline: jobs, job_logs, workers, uploads, stage_stats", _baseline),
     Migration(2, "worker leases: jobs.lease_expires_at",
-              lambda c: add_column(c, "jobs", sa.Column("lease_expires_at", sa.Float))),
+              lambda c, _: add_column(c, "jobs", sa.Column("lease_expires_at", sa.Float))),
     Migration(3, "owners: jobs.owner, uploads.owner (hash of the creating API key; NULL for older rows)",
-              lambda c: (add_column(c, "jobs", sa.Column("owner", sa.String(64))),
+              lambda c, _: (add_column(c, "jobs", sa.Column("owner", sa.String(64))),
                          add_column(c, "uploads", sa.Column("owner", sa.String(64))))),
     Migration(4, "server_secrets: store-wide secrets (the file-URL key every instance must share)",
-              lambda c: _create_table(c, "server_secrets")),
+              lambda c, md: _create_table(c, md, "server_secrets")),
     Migration(5, "structured errors: jobs.error_detail (the failed field and rule as data)",
-              lambda c: add_column(c, "jobs", sa.Column("error_detail", sa.JSON))),
+              lambda c, _: add_column(c, "jobs", sa.Column("error_detail", sa.JSON))),
 ]
 LATEST = MIGRATIONS[-1].version
 
@@ -110,7 +109,7 @@ def upgrade(engine: Engine, metadata: sa.MetaData) -> list[int]:
             if m.version in done:
                 continue
             log.warning("job store: applying schema migration %d (%s)", m.version, m.description)
-            m.apply(c)
+            m.apply(c, metadata)
             c.execute(schema_version.insert().values(version=m.version, description=m.description,
                                                      applied_at=time.time()))
             applied.append(m.version)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from vace_local.errors import JobCancelled
 from vace_local.events import CancelFn, Progress, ProgressFn, cancel_scope, never_cancel, no_progress
 from vace_local.plan import JobPlan, plan_job
-from vace_local.spec import MAX_SEED, JobSpec
+from vace_local.spec import MAX_SEED, TASKS_USING_ANNOTATOR_WEIGHTS, JobSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -204,7 +204,7 @@ def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
     spec = job.plan.spec
     with stage("preprocess", Progress("preprocess", message=f"task {spec.task}")):
         annotators_dir = None  # the default weights folder
-        if engine.is_tiny and spec.task not in ("none", "outpainting", "reframe"):
+        if engine.is_tiny and spec.task in TASKS_USING_ANNOTATOR_WEIGHTS:
             from preprocessors.tiny import tiny_annotators_dir
             from vace_local.tiny import default_cache_dir
 

@@ -48,6 +48,11 @@ FP8_MODES: tuple[str, ...] = get_args(Fp8Mode)
 TASKS_NEEDING_VIDEO: frozenset[str] = frozenset(get_args(Task)) - {"none"}
 #: Tasks that repaint only a masked region, so they need `inputs.mask_video` or `inputs.mask_image`.
 TASKS_NEEDING_MASK: frozenset[str] = frozenset({"inpainting"})
+#: Tasks whose control video is an annotator's output (depth maps, skeletons); with `control.preprocess` off
+#: the given video already is that output.
+TASKS_ANNOTATED: frozenset[str] = frozenset({"depth", "depthv2", "pose", "face"})
+#: Tasks that run annotator or tracker weights: the annotated ones and inpainting's mask tracker.
+TASKS_USING_ANNOTATOR_WEIGHTS: frozenset[str] = TASKS_ANNOTATED | TASKS_NEEDING_MASK
 
 
 def task_needs_video(task: str) -> bool:
