@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.core import Core, get_core, iso_time, require_auth
-from server.dialects import wavespeed
+from server.dialects.wavespeed import router as wavespeed
 
 STATIC_DIR = Path(__file__).resolve().parent / "static" / "playground"
 #: Paths served without an API key: the page and its assets hold no data (the redirect `/` too).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.dialects.fal_schemas import (
+from server.dialects.fal.serving import (
     FAL_NEGATIVE_PROMPT,
     FieldError,
     SourceInfo,
@@ -189,7 +189,7 @@ def test_model_mapping_rules():
     """tiny serves every id; a family mismatch is refused unless Settings.model_map maps it."""
     from types import SimpleNamespace
 
-    from server.dialects.fal import check_served_model, served_note
+    from server.dialects.fal.router import check_served_model, served_note
     from server.settings import Settings
 
     def core(**kw):

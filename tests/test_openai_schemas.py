@@ -12,7 +12,7 @@ import pytest
 from starlette.datastructures import Headers, UploadFile
 
 from server.core import ApiError, Core
-from server.dialects.openai import (
+from server.dialects.openai.router import (
     NAME,
     form_to_dict,
     list_jobs,
@@ -21,7 +21,7 @@ from server.dialects.openai import (
     render_error,
     render_video,
 )
-from server.dialects.openai_schemas import (
+from server.dialects.openai.serving import (
     InputReferenceObject,
     Reference,
     frames_for,

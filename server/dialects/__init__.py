@@ -1,6 +1,7 @@
-"""Dialect registry: each hosted API we imitate is one module exposing `DIALECT = Dialect(...)`.
+"""Dialect registry: each hosted API we imitate is one package whose `router` module exposes
+`DIALECT = Dialect(...)`.
 
-Adding a dialect: write `server/dialects/<name>.py` with an `APIRouter` whose routes carry `tags=[<name>]`,
+Adding a dialect: write `server/dialects/<name>/router.py` with an `APIRouter` whose routes carry `tags=[<name>]`,
 a `render_error(request, ApiError) -> Response`, optionally `render_webhook(job, core) -> dict`, and list
 the module name in `DIALECT_MODULES`. Routers are included in list order, except that dialects marked
 `catch_all=True` (fal's `POST /{app_id:path}`) always come last so specific routes win.
@@ -49,7 +50,7 @@ def load_dialects(names: list[str] | None = None) -> list[Dialect]:
     """Import the dialect modules that exist, specific ones first and catch-alls last."""
     found: list[Dialect] = []
     for name in names or DIALECT_MODULES:
-        modname = f"{__name__}.{name}"
+        modname = f"{__name__}.{name}.router"
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:

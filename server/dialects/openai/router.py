@@ -41,8 +41,8 @@ from server.core import (
     require_auth,
 )
 from server.dialects import Dialect
-from server.dialects.fal import check_served_model
-from server.dialects.openai_schemas import (
+from server.dialects.fal.router import check_served_model
+from server.dialects.openai.serving import (
     OPENAI_MODEL_RE,
     InputReferenceObject,
     Reference,

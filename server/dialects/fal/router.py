@@ -46,8 +46,8 @@ from server.core import (
     user_field,
 )
 from server.dialects import Dialect
-from server.dialects.checks import expansion_note, nsfw_flag, prompt_used, safety_note, safety_requested
-from server.dialects.fal_schemas import (
+from server.dialects.common import expansion_note, nsfw_flag, prompt_used, safety_note, safety_requested
+from server.dialects.fal.serving import (
     FAL_APP_ID,
     FAL_ENDPOINTS,
     FieldError,

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.dialects import PROMPT_MAX_CHARS
-from server.dialects.fal_schemas import (
+from server.dialects.fal.serving import (
     FAL_NEGATIVE_PROMPT,
     AspectRatio,
     Resolution,

@@ -35,7 +35,7 @@ from server.core import (
     validation_error,
 )
 from server.dialects import PROMPT_MAX_CHARS, Dialect
-from server.dialects.checks import expansion_note, nsfw_flag, safety_note
+from server.dialects.common import expansion_note, nsfw_flag, safety_note
 from vace_local.spec import JobInputs, JobSpec, OutputOptions
 
 log = logging.getLogger("vace.server.wavespeed")

@@ -35,9 +35,9 @@ from server.core import (
     require_auth,
 )
 from server.dialects import Dialect
-from server.dialects.aiml_schemas import AIML_MODELS, aiml_to_jobspec, parse_aiml_request
-from server.dialects.checks import prompt_used
-from server.dialects.fal import (
+from server.dialects.aiml.schemas import AIML_MODELS, aiml_to_jobspec, parse_aiml_request
+from server.dialects.common import prompt_used
+from server.dialects.fal.router import (
     check_fields,
     check_served_model,
     needs_source,
@@ -45,7 +45,7 @@ from server.dialects.fal import (
     served_note,
     validation_api_error,
 )
-from server.dialects.fal_schemas import FieldError
+from server.dialects.fal.serving import FieldError
 from vace_local.errors import InputError
 
 log = logging.getLogger("vace.server.aiml")

@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from server.core import ApiError, validation_error
 from server.dialects import PROMPT_MAX_CHARS
-from server.dialects.fal_schemas import frames_4k1
+from server.dialects.fal.serving import frames_4k1
 from vace_local.spec import (
     MAX_FRAMES,
     MAX_REFERENCE_IMAGES,

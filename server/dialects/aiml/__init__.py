@@ -1,0 +1,1 @@
+"""The aiml dialect: `schemas` (wire models), `serving` (translation and rendering), `router` (endpoints)."""

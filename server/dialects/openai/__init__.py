@@ -1,0 +1,1 @@
+"""The openai dialect: `schemas` (wire models), `serving` (translation and rendering), `router` (endpoints)."""

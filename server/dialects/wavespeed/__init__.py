@@ -1,0 +1,1 @@
+"""The wavespeed dialect: `schemas` (wire models), `serving` (translation and rendering), `router` (endpoints)."""
