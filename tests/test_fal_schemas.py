@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from server.dialects.common import FieldError, SourceInfo
+from server.dialects.fal.schemas import FAL_NEGATIVE_PROMPT
 from server.dialects.fal.serving import (
-    FAL_NEGATIVE_PROMPT,
-    FieldError,
-    SourceInfo,
     fal_to_jobspec,
     frames_4k1,
     output_size,
@@ -189,7 +188,7 @@ def test_model_mapping_rules():
     """tiny serves every id; a family mismatch is refused unless Settings.model_map maps it."""
     from types import SimpleNamespace
 
-    from server.dialects.fal.router import check_served_model, served_note
+    from server.dialects.common import check_served_model, served_note
     from server.settings import Settings
 
     def core(**kw):

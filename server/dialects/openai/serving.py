@@ -1,150 +1,63 @@
-"""OpenAI videos API (`client.videos`) request schema and its translation into a `JobSpec`.
+"""OpenAI videos API requests: the body as the SDK sends it (multipart or JSON) → a validated request → a
+`JobSpec` (`to_spec`), queued by `create_video_job`; and the store queries behind list and delete.
 
-Pure code: no HTTP, no job store, no media decoding. Field names and defaults follow the `openai` SDK's
-`VideoCreateParams` (`prompt`, `model` = sora-2, `seconds` = "4", `size` = "720x1280", `input_reference`);
-the VACE controls are extra body fields (the SDK's `extra_body`), validated like the other dialects. The SDK
-always sends `multipart/form-data`, so every value may arrive as a string: numbers and booleans are parsed
-from their text (`"30"`, `"true"`), which is why this model is not strict.
+The translation is pure code (no HTTP, no job store, no media decoding).
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+import sqlalchemy as sa
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
-from server.core import ApiError, validation_error
-from server.dialects import PROMPT_MAX_CHARS
+from server import inputs
+from server.core import SUCCEEDED, ApiError, Core, JobRecord, request_owner, validation_error
+from server.dialects.common import check_served_model
 from server.dialects.fal.serving import frames_4k1
-from vace_local.spec import (
-    MAX_FRAMES,
-    MAX_REFERENCE_IMAGES,
-    MAX_SEED,
-    MIN_FRAMES,
-    Acceleration,
-    ControlOptions,
-    JobInputs,
-    JobSpec,
-    Sampler,
-    Task,
+from server.dialects.openai.schemas import (
+    FIELD_NAMES,
+    FPS,
+    LIST_LIMIT_MAX,
+    NAME,
+    OPENAI_MODEL_RE,
+    STATUS,
+    VARIANTS,
+    InputReferenceObject,
+    VideoCreateRequest,
+    parse_size,
 )
+from server.store import jobs
+from vace_local.errors import Problem
+from vace_local.spec import ControlOptions, JobInputs, JobSpec
 
-FPS = 16
-DEFAULT_MODEL = "sora-2"
-DEFAULT_SECONDS = "4"
-DEFAULT_SIZE = "720x1280"
-#: OpenAI's model names (and their dated snapshots): all answered by the served VACE model.
-OPENAI_MODEL_RE = re.compile(r"^sora-2(-pro)?(-\d{4}-\d{2}-\d{2})?$")
-MIN_SECONDS, MAX_SECONDS = (MIN_FRAMES - 1) / FPS, (MAX_FRAMES - 1) / FPS
-MAX_SIDE = 2048
-SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+log = logging.getLogger("vace.server.openai")
+
+#: How long a DELETE of a running video waits for its worker to stop at the next step.
+DELETE_WAIT_S = 10.0
 #: Tasks that read a control video.
 VIDEO_TASKS = ("depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe")
-#: JobSpec / JobInputs names → this dialect's (errors name the user's field).
-FIELD_NAMES = {"width": "size", "height": "size", "num_frames": "seconds"}
-#: Media extras (URLs, data URIs or files uploaded here); only `input_reference` may be a file part.
-MEDIA_FIELDS = ("video", "mask_video", "mask_image", "first_image", "last_image", "reference_images")
 
 
-class InputReferenceObject(BaseModel):
-    """The JSON form of `input_reference` (`ImageInputReferenceParam`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_url: str | None = None
-    file_id: str | None = None
+def _bad(field: str, message: str, status: int = 400, code: str = "invalid_value") -> ApiError:
+    """One named field's error (OpenAI's `param`), coded as the SDK expects."""
+    return ApiError.invalid(Problem(field, message), status, error_type=code)
 
 
-class VideoCreateRequest(BaseModel):
-    """Body of `POST /v1/videos`: OpenAI's fields plus the VACE extras (all optional)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
-
-    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS)
-    model: str = Field(DEFAULT_MODEL, min_length=1, max_length=255)
-    seconds: str = DEFAULT_SECONDS
-    size: str = DEFAULT_SIZE
-    #: A URL / data URI, or `{"image_url": …}`; a file part is handled by the route before validation.
-    input_reference: InputReferenceObject | str | None = None
-    # ---- VACE extras (the SDK's extra_body) ----
-    task: Task | None = None
-    negative_prompt: str | None = Field(None, max_length=PROMPT_MAX_CHARS)
-    video: str | None = None
-    mask_video: str | None = None
-    mask_image: str | None = None
-    first_image: str | None = None
-    last_image: str | None = None
-    reference_images: list[str] = Field(default_factory=list, max_length=MAX_REFERENCE_IMAGES)
-    num_inference_steps: int | None = Field(None, ge=1, le=100,
-                                            validation_alias=AliasChoices("num_inference_steps", "steps"))
-    guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
-    flow_shift: float | None = Field(None, gt=0.0, le=30.0)
-    context_scale: float | None = Field(None, ge=0.0, le=2.0)
-    seed: int = Field(-1, ge=-1, le=MAX_SEED)
-    sampler: Sampler | None = None
-    acceleration: Acceleration | None = None
-    #: False: `video` already is the control signal (a depth / pose video), used as is.
-    preprocess: bool | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty or only whitespace")
-        return v
-
-    @field_validator("seconds", mode="before")
-    @classmethod
-    def _seconds(cls, v: Any) -> Any:
-        """A number of seconds (text or number) within what the model can generate at 16 fps."""
-        if isinstance(v, bool):
-            raise ValueError("must be a number of seconds such as \"4\"")
-        if isinstance(v, int | float):
-            v = f"{v:g}"
-        if not isinstance(v, str):
-            return v
-        try:
-            s = float(v.strip())
-        except ValueError:
-            raise ValueError("must be a number of seconds such as \"4\"") from None
-        if not MIN_SECONDS <= s <= MAX_SECONDS:
-            raise ValueError(f"must be within {MIN_SECONDS:g}..{MAX_SECONDS:g} seconds at {FPS} fps "
-                             f"({MIN_FRAMES}..{MAX_FRAMES} frames)")
-        return f"{s:g}"
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: str) -> str:
-        parse_size(v)
-        return v.strip()
-
-    @field_validator("video", "mask_video", "mask_image", "first_image", "last_image", "negative_prompt",
-                     mode="before")
-    @classmethod
-    def _empty_is_none(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and not v.strip() else v
-
-    @field_validator("reference_images", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        """A single form field arrives as one string; empty entries are dropped."""
-        if isinstance(v, str):
-            v = [v]
-        return [x for x in v if not (isinstance(x, str) and not x.strip())] if isinstance(v, list) else v
-
-
-def parse_size(v: str) -> tuple[int, int]:
-    """`"WxH"` → (width, height); both multiples of 16 within 16..2048 (what the engine accepts)."""
-    m = SIZE_RE.match(v.strip())
-    if not m:
-        raise ValueError("must be WIDTHxHEIGHT in pixels, e.g. \"1280x720\"")
-    w, h = int(m.group(1)), int(m.group(2))
-    for name, x in (("width", w), ("height", h)):
-        if not 16 <= x <= MAX_SIDE or x % 16:
-            raise ValueError(f"{name} {x} must be a multiple of 16 within 16..{MAX_SIDE}")
-    return w, h
+def _validation(exc: ValidationError, names: dict[str, str]) -> ApiError:
+    """Pydantic errors → one 400 naming the field, without pydantic's "Value error, " prefix."""
+    return validation_error(exc, names, value_error_prefix=False)
 
 
 def frames_for(seconds: str) -> int:
@@ -163,14 +76,6 @@ class Reference:
 
     kind: Literal["image", "video"]
     value: str
-
-
-def _validation(exc: ValidationError, names: dict[str, str]) -> ApiError:
-    """Pydantic errors → one 400 naming the field, without pydantic's "Value error, " prefix."""
-    err = validation_error(exc, names)
-    err.message = err.message.replace("Value error, ", "")
-    err.args = (err.message,)
-    return err
 
 
 def parse_request(body: dict[str, Any]) -> VideoCreateRequest:
@@ -192,10 +97,6 @@ def field_names(ref: Reference | None) -> dict[str, str]:
     if ref is not None:
         names["first_image" if ref.kind == "image" else "video"] = "input_reference"
     return names
-
-
-def _bad(field: str, message: str) -> ApiError:
-    return ApiError(400, f"{field}: {message}", field=field, error_type="invalid_value")
 
 
 def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, list[str]]:
@@ -247,3 +148,224 @@ def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, li
     except ValidationError as e:
         raise _validation(e, field_names(ref)) from None
     return spec, notes
+
+
+def form_to_dict(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], UploadFile | None]:
+    """Multipart / url-encoded fields → the JSON body they encode, as the SDK writes it: `key[]` repeated is
+    a list, `key[sub]` an object member, a repeated plain key a list. Only `input_reference` may be a file."""
+    body: dict[str, Any] = {}
+    upload: UploadFile | None = None
+    for key, value in items:
+        name, _, sub = key.partition("[")
+        sub = sub.removesuffix("]")
+        if isinstance(value, UploadFile):
+            if key != "input_reference":
+                raise _bad(key, "only input_reference may be a file part; send other media as URLs, data URIs "
+                           "or files uploaded to this server")
+            if upload is not None:
+                raise _bad("input_reference", "send one input_reference file")
+            upload = value
+            continue
+        if key.endswith("[]"):
+            body.setdefault(name, []).append(value)
+        elif sub:
+            obj = body.setdefault(name, {})
+            if not isinstance(obj, dict):
+                raise _bad(name, "sent both as a value and as an object")
+            obj[sub] = value
+        elif key in body:
+            prev = body[key]
+            body[key] = [*prev, value] if isinstance(prev, list) else [prev, value]
+        else:
+            body[key] = value
+    return body, upload
+
+
+async def read_request(request: Request, core: Core) -> tuple[dict[str, Any], UploadFile | None]:
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        from server.app import max_request_bytes
+
+        form = await request.form(max_files=2, max_fields=200, max_part_size=max_request_bytes(core.settings))
+        return form_to_dict(form.multi_items())
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, RecursionError):
+        raise ApiError(400, "request body is not valid JSON (send JSON or multipart/form-data)",
+                       error_type="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", error_type="invalid_json")
+    return body, None
+
+
+def _data_uri_kind(value: str) -> str | None:
+    """Kind of a base64 data URI from its first bytes (no media decoding), None when not recognisable."""
+    header, _, payload = value.partition(",")
+    if ";base64" not in header.lower():
+        return None
+    head = "".join(payload[:1200].split())[:684]
+    try:
+        return inputs.kind_of(inputs.sniff(base64.b64decode(head[: len(head) // 4 * 4])))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def reference_of(value: InputReferenceObject | str) -> Reference:
+    """A JSON `input_reference` (a URL / data URI, or `{"image_url": …}`) → its kind and value.
+    A data URI's kind comes from its bytes; an http(s) URL is an image, as the field's name says."""
+    if isinstance(value, InputReferenceObject):
+        if value.file_id:
+            raise _bad("input_reference.file_id", "OpenAI Files API ids are not served here; send the file "
+                       "itself (multipart input_reference) or image_url")
+        if not value.image_url:
+            raise _bad("input_reference", "needs image_url (a URL or data URI) or a file part")
+        value = value.image_url
+    kind = _data_uri_kind(value) if value.strip().lower().startswith("data:") else None
+    return Reference("video" if kind == "video" else "image", value.strip())
+
+
+def model_problem(core: Core, model: str) -> str | None:
+    """None when the served model answers `model` (see the module docstring), else the reason."""
+    if OPENAI_MODEL_RE.match(model) or model == core.settings.model:
+        return None
+    return check_served_model(core, model, model)
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(1 << 20):
+        yield chunk
+
+
+def discard_upload(core: Core, upload_id: str) -> None:
+    core.storage.delete_prefix(f"uploads/{upload_id}")
+    core.store.delete_uploads([upload_id])
+
+
+def list_jobs(core: Core, *, after: str | None, limit: int, order: str,
+              owner: str | None = None) -> tuple[list[JobRecord], bool]:
+    """One page of this dialect's jobs visible to `owner` (its own and those made without keys) by
+    (created_at, id), after the job `after`; returns (page, has_more)."""
+    t = jobs
+    mine = t.c.dialect == NAME
+    if owner is not None:
+        mine = sa.and_(mine, sa.or_(t.c.owner == owner, t.c.owner.is_(None)))
+    q = t.select().where(mine)
+    with core.store.engine.connect() as c:
+        if after:
+            row = c.execute(sa.select(t.c.created_at, t.c.id).where(t.c.id == after, mine)).first()
+            if row is None:
+                raise _bad("after", f"no video with id '{after}'")
+            ts, jid = row
+            if order == "asc":
+                q = q.where(sa.or_(t.c.created_at > ts, sa.and_(t.c.created_at == ts, t.c.id > jid)))
+            else:
+                q = q.where(sa.or_(t.c.created_at < ts, sa.and_(t.c.created_at == ts, t.c.id < jid)))
+        keys = (t.c.created_at, t.c.id) if order == "asc" else (t.c.created_at.desc(), t.c.id.desc())
+        rows = c.execute(q.order_by(*keys).limit(limit + 1)).all()
+    return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def delete_job(core: Core, job: JobRecord) -> None:
+    """Remove the job, its outputs and the upload its input_reference became."""
+    core.storage.delete_prefix(f"outputs/{job.id}")
+    core.store.delete_jobs([job.id])
+    upload_id = job.extra.get("upload_id")
+    if upload_id:
+        discard_upload(core, upload_id)
+
+
+async def create_video_job(request: Request, core: Core, body: dict[str, Any], upload: UploadFile | None) -> JobRecord:
+    """Validate a create request (every field checked before anything is stored), store its file part as an
+    upload and queue the job; the upload is removed again when queueing fails."""
+    if upload is not None and "input_reference" in body:
+        raise _bad("input_reference", "send either a file part or image_url, not both")
+    req: VideoCreateRequest = parse_request(body)
+    problem = model_problem(core, req.model)
+    if problem:
+        raise _bad("model", problem, code="model_not_found")
+    ref: Reference | None = None
+    if upload is not None:
+        head = await upload.read(512)
+        await upload.seek(0)
+        kind = inputs.kind_of(inputs.sniff(head))
+        if kind is None:
+            raise _bad("input_reference", "must be an image (PNG, JPEG, WEBP, …) or a video (MP4, WEBM, MOV, …); "
+                       "the content is not a recognised format")
+        ref = Reference(kind, "input_reference")  # placeholder until the file is stored (after validation)
+    elif req.input_reference is not None:
+        ref = reference_of(req.input_reference)
+    spec, notes = to_spec(req, ref)  # every field is checked before anything is stored
+    base = core.base_url(request)
+    upload_id = None
+    if upload is not None and ref is not None:
+        info = await core.save_upload(_chunks(upload), upload.filename or f"input_reference.{ref.kind}",
+                                      upload.content_type, owner=request_owner(request),
+                                      field_name="input_reference")
+        upload_id = info.id
+        target = "first_image" if ref.kind == "image" else "video"
+        url = core.file_url(base, "uploads", info.id, info.filename, request_owner(request))
+        spec = spec.model_copy(update={"inputs": spec.inputs.model_copy(update={target: url})})
+    served = core.settings.model
+    logs = [f"model: '{req.model}' answered by the served model '{served}'", *notes]
+    try:
+        job = await core.create_job_async(
+            spec, dialect=NAME, model_id=req.model, base_url=base, field_names=field_names(ref), logs=logs,
+            extra={"upload_id": upload_id}, owner=request_owner(request))
+    except BaseException:
+        if upload_id:
+            await asyncio.to_thread(discard_upload, core, upload_id)
+        raise
+    log.info("openai video %s (%s)", job.id, "; ".join(logs))
+    return job
+
+
+def list_page(core: Core, *, after: str | None, limit: str, order: str,
+              owner: str | None) -> tuple[list[JobRecord], bool]:
+    """`GET /v1/videos`'s query checked (400 naming `limit` / `order`), then one page of `list_jobs`."""
+    if not limit.strip().isdigit() or not 1 <= int(limit) <= LIST_LIMIT_MAX:
+        raise _bad("limit", f"must be an integer within 1..{LIST_LIMIT_MAX} (got {limit!r})")
+    if order not in ("asc", "desc"):
+        raise _bad("order", f"must be 'asc' or 'desc' (got {order!r})")
+    return list_jobs(core, after=after or None, limit=int(limit), order=order, owner=owner)
+
+
+def stop_and_delete(core: Core, job: JobRecord, owner: str | None) -> None:
+    """Delete a video; a running one is cancelled first and waited for (up to DELETE_WAIT_S) to stop."""
+    video_id = job.id
+    if not job.terminal:
+        core.cancel_job(video_id, owner)
+        deadline = time.monotonic() + DELETE_WAIT_S
+        while not job.terminal and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = job_or_404(core, video_id, owner)
+        if not job.terminal:
+            raise ApiError(409, f"video '{video_id}' is still stopping after cancellation; retry the delete",
+                           error_type="video_in_progress")
+    delete_job(core, job)
+
+
+def job_or_404(core: Core, video_id: str, owner: str | None) -> JobRecord:
+    job = core.get_job(video_id, owner=owner)
+    if job is None or job.dialect != NAME:
+        raise ApiError(404, f"video '{video_id}' not found", field="video_id", error_type="not_found")
+    return job
+
+
+def content_path(core: Core, video_id: str, variant: str, owner: str | None) -> Path:
+    """The mp4 of a completed video; 400/404 naming `variant` or `video_id` otherwise."""
+    if variant not in VARIANTS:
+        raise _bad("variant", f"must be one of {', '.join(VARIANTS)} (got {variant!r})")
+    job = job_or_404(core, video_id, owner)
+    if variant != "video":
+        raise _bad("variant", f"'{variant}' is not produced by this server; only 'video' (the mp4) is",
+                   status=404, code="variant_not_available")
+    if job.status != SUCCEEDED:
+        raise ApiError(400, f"video '{video_id}' is {STATUS[job.status]}; its content is available once it is "
+                       "completed", field="video_id", error_type="video_not_ready")
+    video = next((o for o in job.outputs if o.get("kind") == "video"), None)
+    path = core.output_path(job, video) if video else None
+    if path is None or not path.is_file():
+        raise ApiError(404, f"the content of video '{video_id}' is no longer available", field="video_id",
+                       error_type="not_found")
+    return path
