@@ -174,7 +174,7 @@ def map_exception(exc: BaseException, field_names: dict[str, str] | None = None)
     if isinstance(exc, ModelNotFoundError):
         return Failure(FAILED, "model_not_found", str(exc))
     if isinstance(exc, ValidationError):
-        err = validation_error(exc, field_names)
+        err = validation_error(exc, field_names, value_error_prefix=False)
         return Failure(FAILED, "invalid_input", err.message, detail=err.detail())
     if isinstance(exc, VaceError):
         return Failure(FAILED, "error", str(exc))
