@@ -40,7 +40,8 @@ class OutOfMemory(VaceError):
 class Problem:
     """One broken rule of a request or spec, kept as data so every front end renders it in its own shape.
 
-    `field` is the path in the caller's names (`ref_image_urls[1]`, `inputs.video`; None = the whole input),
+    `field` is the path in the caller's names (`ref_image_urls[1]`, `inputs.video`, `query.limit`; None = the
+    whole input),
     `message` says what is wrong without the field in front, `type` names the rule (pydantic's error type or
     ours), `location` is where an HTTP field lives ("body" or "query"), `got` a short repr of the rejected
     scalar for the texts that show it.
@@ -97,10 +98,8 @@ def problems_from_pydantic(errors: Iterable[Mapping[str, Any]], rename: Callable
     out: list[Problem] = []
     for e in errors:
         loc = list(e.get("loc", ()))
-        location = "body"
-        if loc and loc[0] in _LOCATIONS:
-            location = str(loc.pop(0))
-        path = join_path(x for x in loc if x != "body")
+        location = str(loc[0]) if loc and loc[0] in _LOCATIONS else "body"
+        path = join_path(x for x in loc if x != "body")  # a query/path parameter keeps its root: `query.limit`
         field = (rename(path) if rename else path) if path else None
         etype = str(e.get("type", "value_error"))
         msg = str(e.get("msg", "invalid"))

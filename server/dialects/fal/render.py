@@ -20,10 +20,10 @@ from vace_local.errors import Problem
 
 
 def loc_of(problem: Problem) -> list[str | int]:
-    """pydantic's `loc` for a problem: rooted at "body" / "query", list indices as ints; a field named like its
-    location (`body`) is the whole body."""
+    """pydantic's `loc` for a problem: rooted at "body" / "query", list indices as ints; a path that starts
+    with its location (`body`, `query.x`) is not rooted twice."""
     path = problem.path
-    return [problem.location, *([] if path == [problem.location] else path)]
+    return [problem.location, *(path[1:] if path[:1] == [problem.location] else path)]
 
 
 def detail_item(problem: Problem) -> dict[str, Any]:
