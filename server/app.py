@@ -27,7 +27,8 @@ import vace_local
 from server import inputs as safety
 from server import playground
 from server.core import ApiError, Core, request_owner, require_auth, validation_error
-from server.dialects import Dialect, default_render_error, load_dialects
+from server.dialects import load_dialects
+from server.dialects.common import Dialect, default_render_error
 from server.metrics import make_registry
 from server.settings import Settings
 from server.states import WORKER_LOADED

@@ -33,7 +33,8 @@ Core API (stable; the fal and AI/ML dialects build on it):
   reference (used by create_job); `server.inputs` holds the download/sniff helpers the worker uses.
 * `Core.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
 * `map_exception(exc) -> Failure` — the one exception-to-status mapper (worker side).
-* `validation_error(exc, field_names) -> ApiError` — pydantic errors → one message naming field and rule.
+* `validation_error(exc, field_names) -> ApiError` — pydantic errors → problems (`vace_local.errors`) and one
+  message naming each field and rule; `ApiError.invalid(problems)` for a dialect's own field errors.
 
 Internal statuses: queued | running | succeeded | failed | cancelled (`server.store`).
 """
@@ -73,7 +74,7 @@ from server.store import (
     Store,
     new_id,
 )
-from vace_local.errors import InputError
+from vace_local.errors import InputError, Problem, problems_from_pydantic, problems_text
 from vace_local.spec import JobInputs, JobSpec, round_frames_4k1
 
 log = logging.getLogger("vace.server")
@@ -98,31 +99,35 @@ _ID_RE = re.compile(r"[0-9a-f]{32}")
 class ApiError(Exception):
     """An HTTP-level error; each dialect renders it in its own envelope.
 
-    `field` names the user's field when known; `errors` keeps pydantic-style details for dialects that
-    return lists (fal's `detail`).
+    `problems` are the broken rules as data (field path in the dialect's names, message, rule type), for the
+    dialects that answer per field (fal's `detail`) and for what a failed job stores; `message` is the one-line
+    text the other envelopes show. `field` names the user's field when known (OpenAI's `param`). Build a
+    field error with `ApiError.invalid`.
     """
 
     def __init__(self, status_code: int, message: str, *, field: str | None = None,
-                 error_type: str = "invalid_request", errors: list[dict[str, Any]] | None = None) -> None:
+                 error_type: str = "invalid_request", problems: list[Problem] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
-        self.field = field
+        self.problems = problems or []
+        self.field = field if field is not None else next((p.field for p in self.problems if p.field), None)
         self.error_type = error_type
-        self.errors = errors or []
+
+    @classmethod
+    def invalid(cls, problems: Problem | list[Problem], status_code: int = 400, *,
+                error_type: str = "validation_error", show_got: bool = True, more: bool = True) -> ApiError:
+        """An error about named fields: the message is `field: rule; …` rendered from the problems
+        (`show_got`, `more`: see `problems_text`)."""
+        items = [problems] if isinstance(problems, Problem) else list(problems)
+        return cls(status_code, problems_text(items, show_got=show_got, more=more), error_type=error_type,
+                   problems=items)
 
     def detail(self) -> list[dict[str, Any]]:
         """The broken rules as data (what a failed job stores): field path in user names, message, type."""
-        out = []
-        for e in self.errors:
-            loc = [x for x in e.get("loc", ()) if x not in ("body", "query")]
-            path = ""
-            for x in loc:
-                path += f"[{x}]" if isinstance(x, int) or str(x).isdigit() else (f".{x}" if path else str(x))
-            out.append({"field": path or None, "message": str(e.get("msg", "")), "type": e.get("type", "value_error")})
-        if not out:
-            out.append({"field": self.field, "message": self.message, "type": self.error_type})
-        return out
+        if self.problems:
+            return [p.as_dict() for p in self.problems]
+        return [{"field": self.field, "message": self.message, "type": self.error_type}]
 
 
 @dataclass
@@ -161,7 +166,7 @@ def map_exception(exc: BaseException, field_names: dict[str, str] | None = None)
     if isinstance(exc, InputError):
         name = user_field(exc.field, field_names)
         return Failure(FAILED, "input_error", f"input '{name}': {exc.message}",
-                       detail=[{"field": name, "message": exc.message, "type": "value_error"}])
+                       detail=[Problem(name, exc.message).as_dict()])
     if isinstance(exc, OutOfMemory) or name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
         return Failure(FAILED, "out_of_memory",
                        "the GPU ran out of memory for this job (try a smaller size or fewer frames); "
@@ -169,7 +174,7 @@ def map_exception(exc: BaseException, field_names: dict[str, str] | None = None)
     if isinstance(exc, ModelNotFoundError):
         return Failure(FAILED, "model_not_found", str(exc))
     if isinstance(exc, ValidationError):
-        err = validation_error(exc, field_names)
+        err = validation_error(exc, field_names, value_error_prefix=False)
         return Failure(FAILED, "invalid_input", err.message, detail=err.detail())
     if isinstance(exc, VaceError):
         return Failure(FAILED, "error", str(exc))
@@ -177,41 +182,13 @@ def map_exception(exc: BaseException, field_names: dict[str, str] | None = None)
 
 
 def validation_error(exc: ValidationError | list[dict[str, Any]], field_names: dict[str, str] | None = None,
-                     status_code: int = 400) -> ApiError:
-    """Pydantic errors → ApiError whose message names each field and the rule broken."""
+                     status_code: int = 400, *, value_error_prefix: bool = True) -> ApiError:
+    """Pydantic errors → ApiError whose message names each field and the rule broken (the shared formatter,
+    with the wording the WaveSpeed and default envelopes have always sent)."""
     errors = exc.errors() if isinstance(exc, ValidationError) else exc
-    parts: list[str] = []
-    first_field: str | None = None
-    for e in errors[:5]:
-        loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
-        path = ""
-        for x in loc:
-            path += f"[{x}]" if x.isdigit() else (f".{x}" if path else x)
-        path = user_field(path, field_names) if path else ""
-        msg = e.get("msg", "invalid")
-        if e.get("type") == "json_invalid":
-            msg = f"request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})"
-            path = ""
-        elif not path and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
-            got = e.get("input")
-            json_names = {"NoneType": "JSON null", "list": "a JSON array", "str": "a JSON string",
-                          "int": "a JSON number", "float": "a JSON number", "bool": "a JSON boolean"}
-            what = ("a body that was not sent as JSON" if isinstance(got, bytes)
-                    else json_names.get(type(got).__name__, type(got).__name__))
-            msg = (f"request body must be a JSON object of the documented fields, sent with "
-                   f"'Content-Type: application/json' (got {what})")
-        elif e.get("type") == "missing":
-            msg = ("field required" if path else "request body is missing: send a JSON object of the documented "
-                   "fields with 'Content-Type: application/json'")
-        elif "input" in e and e.get("type") not in ("missing",) and not isinstance(e["input"], dict | list):
-            shown = repr(e["input"])
-            msg += f" (got {shown[:60]})"
-        first_field = first_field or path or None
-        parts.append(f"{path}: {msg}" if path else msg)
-    if len(errors) > 5:
-        parts.append(f"… and {len(errors) - 5} more")
-    clean = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]
-    return ApiError(status_code, "; ".join(parts), field=first_field, error_type="validation_error", errors=clean)
+    problems = problems_from_pydantic(errors, lambda path: user_field(path, field_names),
+                                      value_error_prefix=value_error_prefix, lower_required=True)
+    return ApiError.invalid(problems, status_code)
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -478,7 +455,7 @@ class Core:
         try:
             resolved = self._prepare_inputs(spec.inputs, base_url, field_names, owner)
         except InputError as e:
-            raise ApiError(400, f"{e.field}: {e.message}", field=e.field, error_type="invalid_input") from None
+            raise ApiError.invalid(Problem(e.field, e.message), error_type="invalid_input") from None
         spec = spec.model_copy(update={"inputs": resolved})
         spec = self._apply_server_model(spec, lines)
         if webhook_url is not None:
@@ -511,11 +488,11 @@ class Core:
     def check_webhook_url(self, url: str, field_name: str = "webhook") -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ApiError(400, f"{field_name}: must be an http(s) URL", field=field_name)
+            raise ApiError.invalid(Problem(field_name, "must be an http(s) URL"), error_type="invalid_request")
         problem = safety.literal_host_problem(parts.hostname, self.settings.allowed_hosts)
         if problem:
-            raise ApiError(400, f"{field_name}: URL host '{parts.hostname}' {problem}; refused "
-                           "(allow-list it with VACE_ALLOWED_HOSTS)", field=field_name)
+            raise ApiError.invalid(Problem(field_name, f"URL host '{parts.hostname}' {problem}; refused "
+                                           "(allow-list it with VACE_ALLOWED_HOSTS)"), error_type="invalid_request")
 
     def get_job(self, job_id: str, *, with_logs: bool = False, owner: str | None = None) -> JobRecord | None:
         """The job, or None when the id is malformed, unknown, or (given `owner`) another key's job."""

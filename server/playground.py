@@ -24,7 +24,9 @@ from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.core import Core, get_core, iso_time, require_auth
-from server.dialects import wavespeed
+from server.dialects.wavespeed.render import envelope, render_data
+from server.dialects.wavespeed.schemas import NAME as WAVESPEED
+from server.dialects.wavespeed.serving import job_or_404
 
 STATIC_DIR = Path(__file__).resolve().parent / "static" / "playground"
 #: Paths served without an API key: the page and its assets hold no data (the redirect `/` too).
@@ -33,7 +35,7 @@ PUBLIC_PATHS = ("/",)
 PREVIEW_KINDS = ("control", "mask")
 
 page_router = APIRouter(include_in_schema=False)
-api_router = APIRouter(prefix="/api/v3", tags=[wavespeed.NAME])
+api_router = APIRouter(prefix="/api/v3", tags=[WAVESPEED])
 
 
 @page_router.get("/")
@@ -51,16 +53,16 @@ async def page() -> FileResponse:
                 summary="vace-local extension: live progress, log lines and previews of a prediction")
 async def progress(request_id: str, request: Request, since: int = Query(0, ge=0),
                    core: Core = Depends(get_core)) -> dict[str, Any]:
-    job = await asyncio.to_thread(wavespeed._job_or_404, core, request_id, request)
+    job = await asyncio.to_thread(job_or_404, core, request_id, request)
     full = await asyncio.to_thread(core.get_job, job.id, with_logs=True)
     job = full or job
     position = await asyncio.to_thread(core.queue_position, job.id)
     base = core.base_url(request)
-    data = wavespeed.render_data(job, core, base, base64_output=False)
+    data = render_data(job, core, base, base64_output=False)
     outs = core.output_urls(job, base)
     lines = [{"time": iso_time(x.get("ts")), "level": x.get("level", "info"), "source": x.get("source", "server"),
               "message": x.get("message", "")} for x in job.logs[since:]]
-    return wavespeed.envelope({
+    return envelope({
         "id": job.id,
         "status": data["status"],
         "queue_position": position,

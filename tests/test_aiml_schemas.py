@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.dialects.aiml_schemas import AIML_MODELS, aiml_to_jobspec, parse_aiml_request
-from server.dialects.fal_schemas import FieldError, SourceInfo
+from server.dialects.aiml.schemas import AIML_MODELS
+from server.dialects.aiml.serving import aiml_to_jobspec, parse_aiml_request
+from server.dialects.common import FieldError, SourceInfo
 
 VID = "https://example.com/v.mp4"
 SRC = SourceInfo(num_frames=17, fps=16.0, width=640, height=360)

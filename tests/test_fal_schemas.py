@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.dialects.fal_schemas import (
-    FAL_NEGATIVE_PROMPT,
-    FieldError,
-    SourceInfo,
+from server.dialects.common import FieldError, SourceInfo
+from server.dialects.fal.schemas import FAL_NEGATIVE_PROMPT
+from server.dialects.fal.serving import (
     fal_to_jobspec,
     output_size,
     parse_fal_request,
@@ -189,7 +188,7 @@ def test_model_mapping_rules():
     """tiny serves every id; a family mismatch is refused unless Settings.model_map maps it."""
     from types import SimpleNamespace
 
-    from server.dialects.fal import check_served_model, served_note
+    from server.dialects.common import check_served_model, served_note
     from server.settings import Settings
 
     def core(**kw):

@@ -298,7 +298,7 @@ def _finished_jobs_with_webhooks(store, urls: list[str]) -> list[str]:
 
 def _run_webhooks(core, until: Callable[[], bool], limit_s: float) -> float:
     """Run the real webhook loop until `until()` or `limit_s`; returns the seconds it took."""
-    from server.dialects.wavespeed import render_webhook
+    from server.dialects.wavespeed.render import render_webhook
     from server.webhooks import webhook_loop
 
     async def main() -> float:

@@ -66,7 +66,8 @@ def test_match_input_num_frames_returns_the_input_length(tmp_path):
 
 def test_submit_matched_frame_count_is_trimmed_back(tmp_path):
     """fal probes at submit and applies match_input_num_frames itself: the job carries the count to return."""
-    from server.dialects.fal_schemas import SourceInfo, timing
+    from server.dialects.common import SourceInfo
+    from server.dialects.fal.serving import timing
     from tests.media_helpers import index_video
     from vace_local.media import probe_video
     from vace_local.run import run_job

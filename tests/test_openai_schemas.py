@@ -12,20 +12,16 @@ import pytest
 from starlette.datastructures import Headers, UploadFile
 
 from server.core import ApiError, Core
-from server.dialects.openai import (
-    NAME,
+from server.dialects.openai.render import render_error, render_video
+from server.dialects.openai.schemas import NAME, InputReferenceObject
+from server.dialects.openai.serving import (
+    Reference,
     form_to_dict,
+    frames_for,
     list_jobs,
     model_problem,
-    reference_of,
-    render_error,
-    render_video,
-)
-from server.dialects.openai_schemas import (
-    InputReferenceObject,
-    Reference,
-    frames_for,
     parse_request,
+    reference_of,
     seconds_text,
     to_spec,
 )

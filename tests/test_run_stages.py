@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.dialects.fal_schemas import SourceInfo, timing
+from server.dialects.common import SourceInfo
+from server.dialects.fal.serving import timing
 from tests.media_helpers import index_video
 from vace_local.bundle import ControlBundle
 from vace_local.engine import get_engine

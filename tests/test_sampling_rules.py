@@ -209,7 +209,8 @@ def test_bundle_json_reports_the_rules(tmp_path):
 def test_outpainting_aspect_rule_is_measured(tmp_path):
     """Deliberate difference (docs/CONDITIONING.md): a job of fixed size fits the expanded canvas (gray bands);
     fal's aspect_ratio=auto sizes the job from the expanded canvas, the official rule."""
-    from server.dialects.fal_schemas import SourceInfo, outpaint_aspect, output_size
+    from server.dialects.common import SourceInfo
+    from server.dialects.fal.serving import outpaint_aspect, output_size
 
     v = write_clip(tmp_path / "v.mp4", np.full((17, 180, 320, 3), 150, np.uint8), 16.0)  # 16:9, as 1280x720
 

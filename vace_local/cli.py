@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 
-from vace_local.errors import VaceError
+from vace_local.errors import VaceError, problems_from_pydantic, problems_text
 from vace_local.spec import DTYPES, FP8_MODES, OFFLOAD_POLICIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan VACE video models locally.")
@@ -27,12 +28,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "spec"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+    """The spec's broken rules in one line, by the formatter the HTTP dialects share (a rule about the whole
+    spec is named `spec`)."""
+    problems = [p if p.field else replace(p, field="spec") for p in problems_from_pydantic(exc.errors())]
+    return problems_text(problems, show_got=False, more=False)
 
 
 def _parse_size(size: str) -> tuple[int, int]:

@@ -1,12 +1,7 @@
-"""OpenAI videos API dialect: what the official `openai` SDK's `client.videos` calls, on the shared core.
+"""OpenAI videos API requests: the body as the SDK sends it (multipart or JSON) → a validated request → a
+`JobSpec` (`to_spec`), queued by `create_video_job`; and the store queries behind list and delete.
 
-Routes: `POST /v1/videos` (multipart — what the SDK always sends — or JSON), `GET /v1/videos` (cursor list:
-`after`, `limit`, `order`), `GET /v1/videos/{id}`, `DELETE /v1/videos/{id}`, `GET /v1/videos/{id}/content`
-(`variant=video`; thumbnails and spritesheets are not produced here → 404 naming `variant`).
-Statuses: queued | in_progress | completed | failed (a cancelled job is `failed` with code `cancelled`).
-Errors: `{"error": {"message", "type", "param", "code"}}`, `param` naming the field, as the SDK parses them.
-Model names: `sora-2`, `sora-2-pro` and their dated snapshots are aliases of the served model, and so is the
-served model's own name; any other name must be mapped with `VACE_MODEL_MAP` (the tiny model answers all).
+The translation is pure code (no HTTP, no job store, no media decoding).
 """
 
 from __future__ import annotations
@@ -18,111 +13,138 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import Request
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from server import inputs as safety
-from server.core import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    TINY_NOTE,
-    ApiError,
-    Core,
-    JobRecord,
-    get_core,
-    request_owner,
-    require_auth,
-)
-from server.dialects import Dialect
-from server.dialects.fal import check_served_model
-from server.dialects.openai_schemas import (
+from server import inputs
+from server.core import SUCCEEDED, ApiError, Core, JobRecord, request_owner, validation_error
+from server.dialects.common import check_served_model
+from server.dialects.openai.schemas import (
+    FIELD_NAMES,
+    FPS,
+    LIST_LIMIT_MAX,
+    NAME,
     OPENAI_MODEL_RE,
+    STATUS,
+    VARIANTS,
     InputReferenceObject,
-    Reference,
     VideoCreateRequest,
-    field_names,
-    parse_request,
-    seconds_text,
-    to_spec,
+    parse_size,
 )
 from server.store import jobs
+from vace_local.errors import Problem
+from vace_local.spec import ControlOptions, JobInputs, JobSpec, round_frames_4k1, task_needs_mask, task_needs_video
 
 log = logging.getLogger("vace.server.openai")
 
-NAME = "openai"
-STATUS = {QUEUED: "queued", RUNNING: "in_progress", SUCCEEDED: "completed", FAILED: "failed",
-          CANCELLED: "failed"}
-#: Sent with every non-terminal retrieve: the SDK's `poll()` waits this long between polls.
-POLL_AFTER_MS = 500
-LIST_LIMIT_MAX = 100
 #: How long a DELETE of a running video waits for its worker to stop at the next step.
 DELETE_WAIT_S = 10.0
-VARIANTS = ("video", "thumbnail", "spritesheet")
-#: Our error types → OpenAI's error codes (others pass through unchanged).
-CODES = {"unauthorized": "invalid_api_key", "validation_error": "invalid_value", "invalid_input": "invalid_value",
-         "queue_full": "rate_limit_exceeded", "not_found": "not_found"}
-
-
-# ---- errors and rendering -----------------------------------------------------------------------------
-
-
-def render_error(request: Request, err: ApiError) -> Response:
-    status = 400 if err.status_code == 422 else err.status_code
-    etype = ("server_error" if status >= 500 else "rate_limit_error" if status == 429
-             else "invalid_request_error")
-    body = {"message": err.message, "type": etype, "param": err.field,
-            "code": CODES.get(err.error_type, err.error_type)}
-    return JSONResponse({"error": body}, status_code=status)
 
 
 def _bad(field: str, message: str, status: int = 400, code: str = "invalid_value") -> ApiError:
-    return ApiError(status, f"{field}: {message}", field=field, error_type=code)
+    """One named field's error (OpenAI's `param`), coded as the SDK expects."""
+    return ApiError.invalid(Problem(field, message), status, error_type=code)
 
 
-def render_video(job: JobRecord, core: Core) -> dict[str, Any]:
-    """The `Video` object of the SDK (openai/types/video.py) for one job."""
-    spec = job.spec
-    status = STATUS[job.status]
-    if job.status == SUCCEEDED:
-        progress = 100
-    elif job.status == RUNNING:
-        progress = max(0, min(99, int(job.progress * 100)))
-    else:
-        progress = 0 if job.status == QUEUED else int(job.progress * 100)
-    error = None
-    if status == "failed":
-        code = "cancelled" if job.status == CANCELLED else (job.error_type or "generation_failed")
-        error = {"code": code, "message": job.error or "generation failed"}
-    retention = core.settings.retention_hours
-    finished = int(job.finished_at) if job.finished_at is not None else None
-    body: dict[str, Any] = {
-        "id": job.id,
-        "object": "video",
-        "created_at": int(job.created_at),
-        "completed_at": finished,
-        "expires_at": int(job.finished_at + retention * 3600) if job.finished_at and retention else None,
-        "error": error,
-        "model": job.model,
-        "progress": progress,
-        "prompt": spec.get("prompt"),
-        "remixed_from_video_id": None,
-        "seconds": seconds_text(spec["num_frames"], spec["fps"]),
-        "size": f"{spec['width']}x{spec['height']}",
-        "status": status,
-    }
-    if spec.get("model") == "tiny":
-        body["note"] = TINY_NOTE
-    return body
+def _validation(exc: ValidationError, names: dict[str, str]) -> ApiError:
+    """Pydantic errors → one 400 naming the field, without pydantic's "Value error, " prefix."""
+    return validation_error(exc, names, value_error_prefix=False)
 
 
-# ---- request parsing ----------------------------------------------------------------------------------
+def frames_for(seconds: str) -> int:
+    """Frames for a duration at 16 fps (seconds·16 + 1), rounded up to the 4k+1 the model needs."""
+    return round_frames_4k1(round(float(seconds) * FPS) + 1)
+
+
+def seconds_text(num_frames: int, fps: int) -> str:
+    """The clip's duration as the SDK types it (a string); the inverse of `frames_for` for whole seconds."""
+    return f"{(num_frames - 1) / fps:g}"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """`input_reference` once its kind is known: `value` is a URL, a data URI or our own upload URL."""
+
+    kind: Literal["image", "video"]
+    value: str
+
+
+def parse_request(body: dict[str, Any]) -> VideoCreateRequest:
+    """Validate a request body; an unknown field is OpenAI's `unknown_parameter`, naming it and the known ones."""
+    try:
+        return VideoCreateRequest.model_validate(body)
+    except ValidationError as e:
+        unknown = [str(err["loc"][0]) for err in e.errors() if err["type"] == "extra_forbidden" and err["loc"]]
+        if unknown:
+            known = ", ".join(list(VideoCreateRequest.model_fields) + ["steps"])
+            raise ApiError(400, f"{unknown[0]}: unknown parameter (accepted: {known})", field=unknown[0],
+                           error_type="unknown_parameter") from None
+        raise _validation(e, FIELD_NAMES) from None
+
+
+def field_names(ref: Reference | None) -> dict[str, str]:
+    """FIELD_NAMES plus the input that `input_reference` became, so its errors name `input_reference`."""
+    names = dict(FIELD_NAMES)
+    if ref is not None:
+        names["first_image" if ref.kind == "image" else "video"] = "input_reference"
+    return names
+
+
+def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, list[str]]:
+    """Map the request onto a JobSpec; returns the spec and log lines about the choices made."""
+    notes: list[str] = []
+    video, first_image = req.video, req.first_image
+    if ref is not None and ref.kind == "image":
+        if first_image:
+            raise _bad("input_reference", "an image input_reference is the first frame; do not also send "
+                       "first_image")
+        first_image = ref.value
+        notes.append("input_reference (image) → first frame")
+    elif ref is not None:
+        if video:
+            raise _bad("input_reference", "a video input_reference is the control video; do not also send video")
+        video = ref.value
+        notes.append("input_reference (video) → control video")
+    if (req.mask_video or req.mask_image) and not video:
+        raise _bad("mask_video" if req.mask_video else "mask_image", "a mask needs a video (video or a video "
+                   "input_reference) to apply to")
+    task = req.task
+    if task is None:
+        task = "depth" if video else "none"
+        if video:
+            notes.append("task not given: 'depth' (the control video's structure, the prompt's look)")
+    if task_needs_video(task) and not video:
+        raise _bad("task", f"'{task}' needs a video (video or a video input_reference)")
+    if task_needs_mask(task) and not (req.mask_video or req.mask_image):
+        raise _bad("task", f"'{task}' needs mask_video or mask_image")
+    width, height = parse_size(req.size)
+    num_frames = frames_for(req.seconds)
+    if num_frames != round(float(req.seconds) * FPS) + 1:
+        notes.append(f"seconds {req.seconds} → {num_frames} frames (the model needs 4k+1 frames)")
+    opts: dict[str, Any] = {k: v for k, v in (
+        ("num_inference_steps", req.num_inference_steps), ("guidance_scale", req.guidance_scale),
+        ("flow_shift", req.flow_shift), ("context_scale", req.context_scale), ("sampler", req.sampler),
+        ("acceleration", req.acceleration)) if v is not None}
+    if req.preprocess is not None:
+        opts["control"] = ControlOptions(preprocess=req.preprocess)
+    try:
+        spec = JobSpec(
+            task=task, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height,
+            num_frames=num_frames, fps=FPS, seed=req.seed,
+            inputs=JobInputs(video=video, mask_video=req.mask_video, mask_image=req.mask_image,
+                             reference_images=list(req.reference_images), first_image=first_image,
+                             last_image=req.last_image),
+            **opts,
+        )
+    except ValidationError as e:
+        raise _validation(e, field_names(ref)) from None
+    return spec, notes
 
 
 def form_to_dict(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], UploadFile | None]:
@@ -156,7 +178,7 @@ def form_to_dict(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], UploadFi
     return body, upload
 
 
-async def _read_body(request: Request, core: Core) -> tuple[dict[str, Any], UploadFile | None]:
+async def read_request(request: Request, core: Core) -> tuple[dict[str, Any], UploadFile | None]:
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         from server.app import max_request_bytes
@@ -181,7 +203,7 @@ def _data_uri_kind(value: str) -> str | None:
         return None
     head = "".join(payload[:1200].split())[:684]
     try:
-        return safety.kind_of(safety.sniff(base64.b64decode(head[: len(head) // 4 * 4])))
+        return inputs.kind_of(inputs.sniff(base64.b64decode(head[: len(head) // 4 * 4])))
     except (binascii.Error, ValueError):
         return None
 
@@ -212,19 +234,9 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _discard_upload(core: Core, upload_id: str) -> None:
+def discard_upload(core: Core, upload_id: str) -> None:
     core.storage.delete_prefix(f"uploads/{upload_id}")
     core.store.delete_uploads([upload_id])
-
-
-# ---- job lookup, list and delete (store calls: run in worker threads, never on the event loop) -------------
-
-
-def _job_or_404(core: Core, video_id: str, owner: str | None) -> JobRecord:
-    job = core.get_job(video_id, owner=owner)
-    if job is None or job.dialect != NAME:
-        raise ApiError(404, f"video '{video_id}' not found", field="video_id", error_type="not_found")
-    return job
 
 
 def list_jobs(core: Core, *, after: str | None, limit: int, order: str,
@@ -257,37 +269,23 @@ def delete_job(core: Core, job: JobRecord) -> None:
     core.store.delete_jobs([job.id])
     upload_id = job.extra.get("upload_id")
     if upload_id:
-        _discard_upload(core, upload_id)
+        discard_upload(core, upload_id)
 
 
-# ---- routes -------------------------------------------------------------------------------------------
-
-router = APIRouter(prefix="/v1", tags=[NAME])
-authed = [Depends(require_auth)]
-
-
-@router.post("/videos", dependencies=authed, summary="Create a video (OpenAI videos API)")
-async def create_video(request: Request, core: Core = Depends(get_core)) -> Response:
-    body, upload = await _read_body(request, core)
-    try:
-        return await _create(request, core, body, upload)
-    finally:
-        if upload is not None:
-            await upload.close()  # the spooled copy of the file part
-
-
-async def _create(request: Request, core: Core, body: dict[str, Any], upload: UploadFile | None) -> Response:
+async def create_video_job(request: Request, core: Core, body: dict[str, Any], upload: UploadFile | None) -> JobRecord:
+    """Validate a create request (every field checked before anything is stored), store its file part as an
+    upload and queue the job; the upload is removed again when queueing fails."""
     if upload is not None and "input_reference" in body:
         raise _bad("input_reference", "send either a file part or image_url, not both")
     req: VideoCreateRequest = parse_request(body)
     problem = model_problem(core, req.model)
     if problem:
-        raise ApiError(400, f"model: {problem}", field="model", error_type="model_not_found")
+        raise _bad("model", problem, code="model_not_found")
     ref: Reference | None = None
     if upload is not None:
         head = await upload.read(512)
         await upload.seek(0)
-        kind = safety.kind_of(safety.sniff(head))
+        kind = inputs.kind_of(inputs.sniff(head))
         if kind is None:
             raise _bad("input_reference", "must be an image (PNG, JPEG, WEBP, …) or a video (MP4, WEBM, MOV, …); "
                        "the content is not a recognised format")
@@ -313,56 +311,49 @@ async def _create(request: Request, core: Core, body: dict[str, Any], upload: Up
             extra={"upload_id": upload_id}, owner=request_owner(request))
     except BaseException:
         if upload_id:
-            await asyncio.to_thread(_discard_upload, core, upload_id)
+            await asyncio.to_thread(discard_upload, core, upload_id)
         raise
     log.info("openai video %s (%s)", job.id, "; ".join(logs))
-    return JSONResponse(render_video(job, core))
+    return job
 
 
-@router.get("/videos", dependencies=authed, summary="List videos (cursor pages)")
-def list_videos(request: Request, after: str | None = Query(None), limit: str = Query("20"),
-                order: str = Query("desc"), core: Core = Depends(get_core)) -> Response:
+def list_page(core: Core, *, after: str | None, limit: str, order: str,
+              owner: str | None) -> tuple[list[JobRecord], bool]:
+    """`GET /v1/videos`'s query checked (400 naming `limit` / `order`), then one page of `list_jobs`."""
     if not limit.strip().isdigit() or not 1 <= int(limit) <= LIST_LIMIT_MAX:
         raise _bad("limit", f"must be an integer within 1..{LIST_LIMIT_MAX} (got {limit!r})")
     if order not in ("asc", "desc"):
         raise _bad("order", f"must be 'asc' or 'desc' (got {order!r})")
-    page, has_more = list_jobs(core, after=after or None, limit=int(limit), order=order,
-                               owner=request_owner(request))
-    data = [render_video(j, core) for j in page]
-    return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                         "last_id": data[-1]["id"] if data else None, "has_more": has_more})
+    return list_jobs(core, after=after or None, limit=int(limit), order=order, owner=owner)
 
 
-@router.get("/videos/{video_id}", dependencies=authed, summary="Retrieve a video")
-def retrieve_video(video_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
-    job = _job_or_404(core, video_id, request_owner(request))
-    headers = {} if job.terminal else {"openai-poll-after-ms": str(POLL_AFTER_MS)}
-    return JSONResponse(render_video(job, core), headers=headers)
-
-
-@router.delete("/videos/{video_id}", dependencies=authed, summary="Delete a video and its files")
-def delete_video(video_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
-    owner = request_owner(request)
-    job = _job_or_404(core, video_id, owner)
+def stop_and_delete(core: Core, job: JobRecord, owner: str | None) -> None:
+    """Delete a video; a running one is cancelled first and waited for (up to DELETE_WAIT_S) to stop."""
+    video_id = job.id
     if not job.terminal:
         core.cancel_job(video_id, owner)
         deadline = time.monotonic() + DELETE_WAIT_S
         while not job.terminal and time.monotonic() < deadline:
             time.sleep(0.1)
-            job = _job_or_404(core, video_id, owner)
+            job = job_or_404(core, video_id, owner)
         if not job.terminal:
             raise ApiError(409, f"video '{video_id}' is still stopping after cancellation; retry the delete",
                            error_type="video_in_progress")
     delete_job(core, job)
-    return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
 
-@router.get("/videos/{video_id}/content", dependencies=authed, summary="Download the video (mp4)")
-def download_content(video_id: str, request: Request, variant: str = Query("video"),
-                     core: Core = Depends(get_core)) -> Response:
+def job_or_404(core: Core, video_id: str, owner: str | None) -> JobRecord:
+    job = core.get_job(video_id, owner=owner)
+    if job is None or job.dialect != NAME:
+        raise ApiError(404, f"video '{video_id}' not found", field="video_id", error_type="not_found")
+    return job
+
+
+def content_path(core: Core, video_id: str, variant: str, owner: str | None) -> Path:
+    """The mp4 of a completed video; 400/404 naming `variant` or `video_id` otherwise."""
     if variant not in VARIANTS:
         raise _bad("variant", f"must be one of {', '.join(VARIANTS)} (got {variant!r})")
-    job = _job_or_404(core, video_id, request_owner(request))
+    job = job_or_404(core, video_id, owner)
     if variant != "video":
         raise _bad("variant", f"'{variant}' is not produced by this server; only 'video' (the mp4) is",
                    status=404, code="variant_not_available")
@@ -374,20 +365,4 @@ def download_content(video_id: str, request: Request, variant: str = Query("vide
     if path is None or not path.is_file():
         raise ApiError(404, f"the content of video '{video_id}' is no longer available", field="video_id",
                        error_type="not_found")
-    return FileResponse(path, media_type="video/mp4")
-
-
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False,
-                  dependencies=authed)
-async def not_found(rest: str, request: Request) -> Response:
-    """Anything else under /v1 (remix, edits, extensions, characters, other APIs): OpenAI's error shape."""
-    parts = rest.strip("/").split("/")
-    if parts[0] == "videos" and len(parts) <= 2 and parts[-1] not in ("edits", "extensions", "characters"):
-        raise ApiError(405, f"{request.method} is not allowed on {request.url.path}",
-                       error_type="method_not_allowed")
-    raise ApiError(404, f"{request.method} {request.url.path} is not served here; this server offers the videos "
-                   "API's create, retrieve, list, delete and content (no remix, edits, extensions or characters)",
-                   error_type="not_found")
-
-
-DIALECT = Dialect(name=NAME, router=router, render_error=render_error, path_prefixes=("/v1/",))
+    return path

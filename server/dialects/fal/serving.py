@@ -1,23 +1,49 @@
-"""fal `fal-ai/wan-vace-14b` request schemas (all six endpoints) and their translation into a `JobSpec`.
+"""fal `fal-ai/wan-vace-14b` requests translated into a `JobSpec` (the AI/ML dialect translates through here
+too), and the submit path that validates, probes, translates and queues one (`create_fal_job`).
 
-Pure code: no HTTP, no job store. Field names, defaults and ranges follow the published fal schema
-(shared/seeds/001, 002; reference/client-protocols.md §4), so that a fal client's request validates here
-exactly as it would at fal. The translation needs facts about the input video (size, fps, frame count) for
-`resolution="auto"`, `aspect_ratio="auto"` and the `match_input_*` switches; the route probes the resolved
-video and passes them in as a `SourceInfo`.
+The translation is pure code (no HTTP, no job store). It needs facts about the input video (size, fps, frame
+count) for `resolution="auto"`, `aspect_ratio="auto"` and the `match_input_*` switches; the submit path probes
+the resolved video and passes them in as a `SourceInfo`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Request
+from pydantic import ValidationError
 
-from server.dialects import PROMPT_MAX_CHARS
+from server.core import ApiError, Core, JobRecord, read_body, request_owner
+from server.dialects.common import (
+    FieldError,
+    SourceInfo,
+    Translation,
+    check_served_model,
+    needs_source,
+    probe_source,
+    pydantic_problems,
+    served_note,
+)
+from server.dialects.fal.render import fal_invalid, field_error
+from server.dialects.fal.schemas import (
+    FAL_APP_ID,
+    FAL_ENDPOINTS,
+    FAL_SCHEMAS,
+    FIELD_NAMES,
+    NAME,
+    REQUESTED_FAMILY,
+    FalBaseRequest,
+    FalOutpaintingRequest,
+    FalReframeRequest,
+)
+from server.dialects.fal.schemas import FalRequest as _Common
+from vace_local.errors import InputError, Problem
 from vace_local.spec import (
-    MAX_SEED,
     ControlOptions,
     JobInputs,
     JobSpec,
@@ -26,21 +52,10 @@ from vace_local.spec import (
     task_needs_mask,
     task_needs_video,
 )
+from vace_local.timing import match_input_timing
 
-FAL_APP_ID = "fal-ai/wan-vace-14b"
-#: Sub-paths of the app: "" is the base (task-selectable) endpoint.
-FAL_ENDPOINTS = ("", "depth", "pose", "inpainting", "outpainting", "reframe")
+log = logging.getLogger("vace.server.fal")
 
-FAL_NEGATIVE_PROMPT = (
-    "letterboxing, borders, black bars, bright colors, overexposed, static, blurred details, subtitles, "
-    "style, artwork, painting, picture, still, overall gray, worst quality, low quality, JPEG compression "
-    "residue, ugly, incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
-    "malformed limbs, fused fingers, still picture, cluttered background, three legs, many people in the "
-    "background, walking backwards"
-)
-
-Resolution = Literal["auto", "240p", "360p", "480p", "580p", "720p"]
-AspectRatio = Literal["auto", "16:9", "1:1", "9:16"]
 
 #: Short side per tier (multiples of 16; 360p → 352, 580p → 576).
 SHORT_SIDE = {"240p": 240, "360p": 352, "480p": 480, "580p": 576, "720p": 720}
@@ -49,132 +64,6 @@ LANDSCAPE = {"240p": (416, 240), "360p": (640, 352), "480p": (832, 480), "580p":
 #: Without an input video, "auto" resolution means Wan's native 480p.
 DEFAULT_TIER = "480p"
 MAX_SIDE = 2048
-
-
-class FieldError(ValueError):
-    """A request field that passed its own schema but cannot be used in combination (named for the 422)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """What the route learned by probing the resolved input video."""
-
-    num_frames: int
-    fps: float
-    width: int
-    height: int
-
-
-@dataclass
-class Translation:
-    """A JobSpec plus the dialect-only facts the routes need (and the notes shown in the status logs)."""
-
-    spec: JobSpec
-    sync_mode: bool = False
-    notes: list[str] = field(default_factory=list)
-    #: Accepted fields that have no local effect (kept for the job record).
-    ignored: dict[str, Any] = field(default_factory=dict)
-
-
-class _Common(BaseModel):
-    """Fields shared by all six endpoints."""
-
-    #: Unknown fields are ignored as at fal; NaN / Infinity are refused as "not a finite number".
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    prompt: str = Field(..., max_length=PROMPT_MAX_CHARS)
-    negative_prompt: str = Field(FAL_NEGATIVE_PROMPT, max_length=PROMPT_MAX_CHARS)
-    match_input_num_frames: bool = False
-    num_frames: int = Field(81, ge=17, le=241)
-    match_input_frames_per_second: bool = False
-    frames_per_second: int = Field(16, ge=5, le=30)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    resolution: Resolution = "auto"
-    aspect_ratio: AspectRatio = "auto"
-    num_inference_steps: int = Field(30, ge=2, le=50)
-    guidance_scale: float = Field(5.0, ge=1.0, le=10.0)
-    sampler: Literal["unipc", "dpm++", "euler"] = "unipc"
-    shift: float = Field(5.0, ge=1.0, le=15.0)
-    video_url: str | None = None
-    first_frame_url: str | None = None
-    last_frame_url: str | None = None
-    enable_safety_checker: bool = False
-    enable_prompt_expansion: bool = False
-    acceleration: Literal["none", "low", "regular"] = "regular"
-    video_quality: Literal["low", "medium", "high", "maximum"] = "high"
-    video_write_mode: Literal["fast", "balanced", "small"] = "balanced"
-    num_interpolated_frames: int = Field(0, ge=0, le=5)
-    temporal_downsample_factor: int = Field(0, ge=0, le=5)
-    enable_auto_downsample: bool = False
-    auto_downsample_min_fps: float = Field(15.0, ge=1.0, le=60.0)
-    interpolator_model: Literal["rife", "film"] = "film"
-    sync_mode: bool = False
-    transparency_mode: Literal["content_aware", "white", "black"] = "content_aware"
-    return_frames_zip: bool = False
-
-
-class _WithRefs(_Common):
-    ref_image_urls: list[str] | None = None
-
-
-class FalBaseRequest(_WithRefs):
-    """`fal-ai/wan-vace-14b`: every source at once, task-selectable (mask image wins over mask video)."""
-
-    task: Literal["depth", "pose", "inpainting", "outpainting", "reframe"] = "depth"
-    mask_video_url: str | None = None
-    mask_image_url: str | None = None
-    preprocess: bool = False
-
-
-class FalPoseRequest(_WithRefs):
-    video_url: str
-    preprocess: bool = False
-
-
-class FalDepthRequest(FalPoseRequest):
-    pass
-
-
-class FalInpaintingRequest(_WithRefs):
-    video_url: str
-    mask_video_url: str | None = None
-    mask_image_url: str | None = None
-    preprocess: bool = False
-
-
-class FalOutpaintingRequest(_WithRefs):
-    video_url: str
-    expand_left: bool = False
-    expand_right: bool = False
-    expand_top: bool = False
-    expand_bottom: bool = False
-    expand_ratio: float = Field(0.25, ge=0.0, le=1.0)
-
-
-class FalReframeRequest(_Common):
-    prompt: str = Field("", max_length=PROMPT_MAX_CHARS)
-    video_url: str
-    match_input_num_frames: bool = True
-    match_input_frames_per_second: bool = True
-    zoom_factor: float = Field(0.0, ge=0.0, le=0.9)
-    trim_borders: bool = True
-    #: Older reframe schema name for num_interpolated_frames.
-    temporal_upsample_factor: int | None = Field(None, ge=0, le=5)
-
-
-FAL_SCHEMAS: dict[str, type[_Common]] = {
-    "": FalBaseRequest,
-    "depth": FalDepthRequest,
-    "pose": FalPoseRequest,
-    "inpainting": FalInpaintingRequest,
-    "outpainting": FalOutpaintingRequest,
-    "reframe": FalReframeRequest,
-}
 
 
 # --- geometry and timing (shared with the AI/ML dialect, whose fields mirror fal's) -------------------------
@@ -223,10 +112,8 @@ def output_size(
 def timing(
     num_frames: int, fps: int, match_frames: bool, match_fps: bool, source: SourceInfo | None, notes: list[str]
 ) -> tuple[int, int, int | None]:
-    """(num_frames, fps, output_num_frames) after the match_input_* switches, by the engine plan's rule
+    """(num_frames, fps, output_num_frames) after the match_input_* switches, by the engine's rule
     (`vace_local.timing.match_input_timing`); output_num_frames is the count to trim the output back to."""
-    from vace_local.timing import match_input_timing
-
     t = match_input_timing(num_frames, fps, match_frames=match_frames and source is not None,
                            match_fps=match_fps and source is not None,
                            source_frames=source.num_frames if source else 0, source_fps=source.fps if source else 0.0)
@@ -372,3 +259,81 @@ def parse_fal_request(endpoint: str, body: Any) -> _Common:
     if endpoint not in FAL_SCHEMAS:
         raise KeyError(endpoint)
     return FAL_SCHEMAS[endpoint].model_validate(body)
+
+
+# --- submit ------------------------------------------------------------------------------------------------
+
+def split_app_path(app_path: str) -> str:
+    """`fal-ai/wan-vace-14b[/sub]` → the sub-endpoint ("" = base); ApiError 404 for anything else."""
+    p = app_path.strip("/")
+    if p == FAL_APP_ID:
+        return ""
+    if p.startswith(FAL_APP_ID + "/"):
+        sub = p[len(FAL_APP_ID) + 1:]
+        if sub in FAL_ENDPOINTS:
+            return sub
+    raise ApiError(404, f"Application '{p}' not found; served here: {FAL_APP_ID} and "
+                   + ", ".join(f"{FAL_APP_ID}/{e}" for e in FAL_ENDPOINTS if e), error_type="not_found")
+
+
+async def _read_json(request: Request) -> Any:
+    raw = await read_body(request)
+    try:
+        return await asyncio.to_thread(json.loads, raw or b"{}")  # a body may be ~400 MB of base64
+    except RecursionError:
+        raise field_error("body", "request body is nested too deeply to parse", etype="json_invalid") from None
+    except ValueError as e:
+        raise ApiError(422, f"body: request body is not valid JSON ({e})", error_type="validation_error",
+                       problems=[Problem("body", f"invalid JSON: {e}", "json_invalid")]) from None
+
+
+async def create_fal_job(request: Request, core: Core, app_path: str) -> JobRecord:
+    """Validate a submit against its endpoint's schema, probe the input video when the size or timing follows
+    it, translate, and queue the job; every refusal is fal's 422 naming the field (or a 404 for the app)."""
+    endpoint = split_app_path(app_path)
+    app_id = FAL_APP_ID + (f"/{endpoint}" if endpoint else "")
+    problem = check_served_model(core, app_id, REQUESTED_FAMILY)
+    if problem:
+        raise ApiError(404, problem, error_type="model_not_served")
+    body = await _read_json(request)
+    if not isinstance(body, dict):
+        raise field_error("body", "must be a JSON object", etype="dict_type")
+    try:
+        req = parse_fal_request(endpoint, body)
+    except ValidationError as e:
+        raise fal_invalid(pydantic_problems(e)) from None
+    base = core.base_url(request)
+    source, probe_note = None, None
+    if needs_source(req):
+        try:
+            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url",
+                                                               request_owner(request))
+        except InputError as e:
+            raise field_error(e.field, e.message) from None
+        req = req.model_copy(update={"video_url": local_ref})
+    try:
+        tr: Translation = fal_to_jobspec(endpoint, req, model=core.settings.model, source=source)
+    except FieldError as e:
+        raise field_error(e.field, e.message) from None
+    except ValidationError as e:
+        raise fal_invalid(pydantic_problems(e, FIELD_NAMES)) from None
+    webhook = request.query_params.get("fal_webhook") or None
+    if webhook is not None:
+        try:
+            core.check_webhook_url(webhook, "fal_webhook")
+        except ApiError as e:
+            raise fal_invalid([replace(p, location="query") for p in e.problems]) from None
+    # Only the normalised spec is stored (not the raw body): unknown fields and their values never reach the DB.
+    logs = [served_note(core, app_id, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
+    try:
+        job = await core.create_job_async(
+            tr.spec, dialect=NAME, model_id=app_id, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
+            logs=logs, extra={"endpoint": endpoint, "sync_mode": tr.sync_mode, "ignored": tr.ignored},
+            owner=request_owner(request),
+        )
+    except ApiError as e:
+        if e.status_code == 400 and e.problems:
+            raise fal_invalid(e.problems) from None
+        raise
+    log.info("fal job %s for %s (%s)", job.id, app_id, "; ".join(logs))
+    return job

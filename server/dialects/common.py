@@ -1,0 +1,232 @@
+"""What every dialect shares: the `Dialect` record and default error envelope, the prompt cap, the served-model
+check, probing the input video at submit (fal and AI/ML), and what the safety checker and prompt expander did
+for a job, read from the worker's `job.result`.
+
+The dialects render the checker / expander facts under their own field names; a job whose outputs were not
+checked answers `None` (JSON null), never a guessed `false`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from server import inputs
+from server.core import ApiError, Core, user_field
+from server.store import JobRecord
+from vace_local.errors import InputError, Problem, problems_from_pydantic
+from vace_local.media_limits import MediaLimits
+from vace_local.sandbox import vet_file_async
+from vace_local.spec import JobSpec
+
+#: Longest prompt / negative prompt any dialect accepts (the UMT5 text encoder reads only the first 512 tokens
+#: anyway); a longer one is a 4xx naming the field, so it is never stored, logged or polled back.
+PROMPT_MAX_CHARS = 20_000
+
+
+# ---- the dialect record -------------------------------------------------------------------------------
+
+
+def default_render_error(request: Request, err: ApiError) -> Response:
+    return JSONResponse({"detail": err.message, "error_type": err.error_type}, status_code=err.status_code)
+
+
+@dataclass
+class Dialect:
+    name: str
+    router: APIRouter
+    render_error: Callable[[Request, ApiError], Response] = default_render_error
+    #: Builds the JSON body POSTed to the job's webhook when it finishes; None = no webhooks.
+    render_webhook: Callable[[JobRecord, Core], dict[str, Any]] | None = None
+    #: Path prefixes owned by this dialect, used to render errors for requests that matched no route.
+    path_prefixes: tuple[str, ...] = ()
+    #: True for dialects with a path catch-all route; included after all others.
+    catch_all: bool = False
+
+
+# ---- translation results (fal and AI/ML share fal's translation) --------------------------------------------
+
+class FieldError(ValueError):
+    """A request field that passed its own schema but cannot be used in combination (named for the 422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the route learned by probing the resolved input video."""
+
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+@dataclass
+class Translation:
+    """A JobSpec plus the dialect-only facts the routes need (and the notes shown in the status logs)."""
+
+    spec: JobSpec
+    sync_mode: bool = False
+    notes: list[str] = field(default_factory=list)
+    #: Accepted fields that have no local effect (kept for the job record).
+    ignored: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- served model (fal, AI/ML and OpenAI ask for model ids) ---------------------------------------------
+
+def check_served_model(core: Core, model_id: str, family: str) -> str | None:
+    """None when the served model answers `model_id`, else the reason it does not. Returns a log note
+    via `served_note`. `tiny` serves every id; `Settings.model_map` maps an id or family to the served model."""
+    served = core.settings.model
+    if core.settings.is_tiny or served == family:
+        return None
+    mapping = getattr(core.settings, "model_map", {}) or {}
+    if mapping.get(model_id) == served or mapping.get(family) == served:
+        return None
+    return (f"model '{model_id}' ({family}) is not served here: this server runs '{served}'. Map it with "
+            f"VACE_MODEL_MAP='{{\"{family}\": \"{served}\"}}' to answer it with the served model")
+
+
+def served_note(core: Core, model_id: str, family: str) -> str:
+    served = core.settings.model
+    if served == family:
+        return f"model: {model_id} served by {served}"
+    return f"model: {model_id} ({family}) answered with the served model '{served}' (model mapping)"
+
+
+# ---- input video probing at submit (fal and AI/ML: auto resolution / aspect, match_input_*) ----------------
+
+def _local_path_url(core: Core, base: str, path: str) -> str:
+    """Our own file URL for a path under data_dir/uploads (what create_job accepts)."""
+    p = Path(path).resolve()
+    for kind in ("uploads", "outputs"):
+        root = (core.data_dir / kind).resolve()
+        if p.is_relative_to(root):
+            rel = p.relative_to(root)
+            return core.file_url(base, kind, rel.parts[0], rel.parts[1])
+    raise ValueError(f"{p} is not a file of this server")
+
+
+async def _file_chunks(path: Path):  # noqa: ANN202 - async generator
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            yield chunk
+
+
+#: Longest a submit waits to fetch a remote input video for probing; beyond it the worker fetches it.
+SUBMIT_PROBE_TIMEOUT_S = 30.0
+
+
+async def probe_source(core: Core, base: str, value: str, field: str,
+                       owner: str | None = None) -> tuple[SourceInfo | None, str, str | None]:
+    """Make the input video local (stored as an upload), probe it; returns its facts, the reference to submit
+    instead (our own file URL, so the worker does not download it again) and None.
+
+    A refused reference (scheme, literal private/loopback host, bad data URI) or content that is not a readable
+    video raises InputError. A remote video that cannot be fetched now (network error, HTTP error, slow host)
+    does not: like fal and the AI/ML API, the request is accepted and the job fails (or succeeds) when the
+    worker fetches it; then this returns (None, value, note) and the size/timing use the defaults.
+
+    The video is probed in a sandboxed child process (`vace_local.sandbox`), never here: a crafted header can
+    make a decoder abort or allocate tens of GB, which must cost one 4xx, not the API process."""
+    # may decode a data URI: on the slow pool
+    ref = await core.run_slow(core.resolve_input_reference, value, field, base, "video", owner)
+    if ref.lower().startswith(("http://", "https://")):
+        with tempfile.TemporaryDirectory(dir=core.data_dir / "cache") as tmp:
+            dest = Path(tmp) / "video"
+            s = core.settings
+            try:
+                await core.run_slow(inputs.download, ref, dest, field, allowed=s.allowed_hosts,
+                                    max_bytes=s.max_download_bytes,
+                                    timeout_s=min(s.download_timeout_s, SUBMIT_PROBE_TIMEOUT_S))
+            except InputError as e:
+                return None, value, (f"{field} could not be fetched at submit ({e.message}); the worker fetches "
+                                     "it, and resolution/aspect_ratio 'auto' use the defaults")
+            ext = inputs.check_file(dest, field, "video")
+            # already bounded by the download limit: a video the client sent as a URL is not an upload
+            info = await core.save_upload(_file_chunks(dest), f"{field}.{ext}", inputs.mime_of(ext), owner=owner,
+                                          field_name=field, max_bytes=s.max_download_bytes)
+        local = str(info.path)
+    else:
+        local = ref
+    limits = MediaLimits.from_env()
+    limits = replace(limits, timeout_s=min(limits.timeout_s, SUBMIT_PROBE_TIMEOUT_S))
+    facts = await vet_file_async(local, field, "video", decode=False, limits=limits)
+    return (SourceInfo(num_frames=facts.num_frames, fps=facts.fps, width=facts.width, height=facts.height),
+            _local_path_url(core, base, local), None)
+
+
+def needs_source(body: Any) -> bool:
+    return bool(getattr(body, "video_url", None)) and (
+        body.resolution == "auto" or body.aspect_ratio == "auto" or body.match_input_num_frames
+        or body.match_input_frames_per_second
+    )
+
+
+# ---- safety checker and prompt expansion -------------------------------------------------------------
+
+
+def _safety(job: JobRecord) -> dict[str, Any]:
+    return (job.result or {}).get("safety") or {}
+
+
+def nsfw_flag(job: JobRecord) -> bool | None:
+    """True / False when the safety checker classified the output; None when nothing was checked."""
+    s = _safety(job)
+    return bool(s.get("flagged")) if s.get("status") == "checked" else None
+
+
+def safety_requested(job: JobRecord) -> bool:
+    return bool(job.spec.get("enable_safety_checker"))
+
+
+def safety_note(job: JobRecord) -> str | None:
+    """The checker's one-line outcome when it did not check (not installed) or changed the output."""
+    s = _safety(job)
+    if s.get("status") == "not_installed" or s.get("action") == "replaced_with_black":
+        return str(s.get("message") or "")
+    return None
+
+
+def prompt_used(job: JobRecord) -> str:
+    """The prompt the model was conditioned on: the expanded one when prompt expansion ran."""
+    return str((job.result or {}).get("prompt") or job.spec.get("prompt", ""))
+
+
+def expansion_note(job: JobRecord) -> str | None:
+    """The expander's outcome when it was asked for but did not expand (not installed / empty output)."""
+    e = (job.result or {}).get("prompt_expansion") or {}
+    return str(e.get("message")) if e and e.get("status") != "expanded" else None
+
+
+def check_fields(job: JobRecord) -> dict[str, Any]:
+    """Extra output fields for the safety check / prompt expansion (fal's name `has_nsfw_concepts`, null where
+    nothing was checked), present only when the request asked; shared with the AI/ML dialect's `meta`."""
+    fields: dict[str, Any] = {}
+    if safety_requested(job):
+        fields["has_nsfw_concepts"] = [nsfw_flag(job)]
+    if note := safety_note(job):
+        fields["safety_checker"] = note
+    if note := expansion_note(job):
+        fields["prompt_expansion"] = note
+    return fields
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+def pydantic_problems(exc: ValidationError, field_names: dict[str, str] | None = None) -> list[Problem]:
+    """A request's or spec's pydantic errors as Problems named in the dialect's fields (the shared formatter,
+    `vace_local.errors.problems_from_pydantic`, without pydantic's "Value error, " wording)."""
+    return problems_from_pydantic(exc.errors(), lambda path: user_field(path, field_names))

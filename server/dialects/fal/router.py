@@ -1,0 +1,138 @@
+"""fal dialect: the `fal-ai/wan-vace-14b` queue API (and the synchronous run path) on the shared core.
+
+Routes (fal-client's FAL_QUEUE_RUN_HOST = `<host>:<port>`, FAL_RUN_HOST = `<host>:<port>/run`):
+- `POST /fal-ai/wan-vace-14b[/depth|/pose|/inpainting|/outpainting|/reframe][?fal_webhook=<url>]` → submit
+- `GET  /fal-ai/wan-vace-14b/requests/{id}/status[?logs=1|true]` → 202 IN_QUEUE / IN_PROGRESS, 200 COMPLETED
+- `GET  /fal-ai/wan-vace-14b/requests/{id}` → the output (a failed job answers 4xx/5xx with `detail`)
+- `PUT  /fal-ai/wan-vace-14b/requests/{id}/cancel`
+- `POST /run/fal-ai/wan-vace-14b[/sub]` → synchronous: the output body directly
+Status/result/cancel are routed by owner/alias (fal-client drops the sub-path). Every response carries
+`x-fal-request-id`; errors are `{"detail": ...}` (a list of `{loc, msg, type}` for 422). The catch-all
+`POST /{app_id:path}` is registered last. Requests are translated in `serving`, responses built in `render`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from server.core import SUCCEEDED, ApiError, Core, JobRecord, get_core, request_owner, require_auth
+from server.dialects.common import Dialect
+from server.dialects.fal.render import (
+    failure_error,
+    header_id,
+    json_response,
+    render_error,
+    render_output,
+    render_status,
+    render_webhook,
+    urls,
+)
+from server.dialects.fal.schemas import ALIAS, FAL_APP_ID, FAL_ENDPOINTS, NAME, OWNER
+from server.dialects.fal.serving import create_fal_job, split_app_path
+
+router = APIRouter(tags=[NAME])
+authed = [Depends(require_auth)]
+REQ = f"/{OWNER}/{ALIAS}/requests/{{request_id}}"
+
+
+def _job_or_404(core: Core, request_id: str, request: Request) -> JobRecord:
+    job = core.get_job(request_id, with_logs=True, owner=request_owner(request))
+    if job is None or job.dialect != NAME:
+        raise ApiError(404, f"Request '{request_id}' not found", error_type="not_found")
+    return job
+
+
+#: The same routes with the sub-endpoint kept (`.../wan-vace-14b/pose/requests/{id}`): fal-client drops it,
+#: hand-built URLs often keep it.
+SUB_REQ = f"/{OWNER}/{ALIAS}/{{endpoint}}/requests/{{request_id}}"
+
+
+def _check_endpoint(endpoint: str) -> None:
+    if endpoint not in FAL_ENDPOINTS or not endpoint:
+        split_app_path(f"{FAL_APP_ID}/{endpoint}")  # raises the 404 that lists the served endpoints
+
+
+@router.get(SUB_REQ + "/status", dependencies=authed, include_in_schema=False)
+def status_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    _check_endpoint(endpoint)
+    return status(request_id, request, core)
+
+
+@router.get(SUB_REQ, dependencies=authed, include_in_schema=False)
+def result_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    _check_endpoint(endpoint)
+    return result(request_id, request, core)
+
+
+@router.put(SUB_REQ + "/cancel", dependencies=authed, include_in_schema=False)
+def cancel_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    _check_endpoint(endpoint)
+    return cancel(request_id, request, core)
+
+
+@router.get(REQ + "/status", dependencies=authed, summary="fal queue status")
+def status(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    job = _job_or_404(core, request_id, request)
+    with_logs = request.query_params.get("logs", "0").lower() in ("1", "true", "yes")
+    code, body = render_status(job, core, core.base_url(request), with_logs)
+    return json_response(body, job.id, code)
+
+
+@router.get(REQ, dependencies=authed, summary="fal queue result")
+def result(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    job = _job_or_404(core, request_id, request)
+    if job.status == SUCCEEDED:
+        return json_response(render_output(job, core, core.base_url(request)), job.id)
+    if job.terminal:
+        raise failure_error(job)
+    raise ApiError(400, "Request is still in progress", error_type="in_progress")
+
+
+@router.put(REQ + "/cancel", dependencies=authed, summary="fal queue cancel")
+def cancel(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    job = core.get_job(request_id, owner=request_owner(request))
+    if job is None or job.dialect != NAME:
+        return json_response({"status": "NOT_FOUND"}, header_id(request_id), 404)
+    if job.terminal:
+        return json_response({"status": "ALREADY_COMPLETED"}, request_id, 400)
+    core.cancel_job(request_id, request_owner(request))
+    return json_response({"status": "CANCELLATION_REQUESTED"}, request_id, 202)
+
+
+@router.api_route(f"/{OWNER}/{{rest:path}}", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False,
+                  dependencies=authed)
+@router.api_route("/run/{rest:path}", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False,
+                  dependencies=authed)
+async def not_found(rest: str, request: Request) -> Response:
+    """Anything else under fal's prefixes: a 404 in fal's shape (not the catch-all's 405)."""
+    raise ApiError(404, f"{request.method} {request.url.path} not found: fal routes are POST "
+                   f"/{FAL_APP_ID}[/sub], GET {REQ}[/status] and PUT {REQ}/cancel", error_type="not_found")
+
+
+@router.post("/run/{app_path:path}", dependencies=authed, summary="fal synchronous run")
+async def run_sync(app_path: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    job = await create_fal_job(request, core, app_path)
+    request.state.fal_request_id = job.id
+    job = await core.wait_for_job(job.id)
+    if not job.terminal:
+        raise ApiError(504, "Request timed out", error_type="request_timeout")
+    if job.status != SUCCEEDED:
+        raise failure_error(job)
+    body = await asyncio.to_thread(render_output, job, core, core.base_url(request))  # sync_mode: base64 media
+    return json_response(body, job.id)
+
+
+@router.post("/{app_path:path}", dependencies=authed, summary="fal queue submit (fal-ai/wan-vace-14b[/sub])")
+async def submit(app_path: str, request: Request, core: Core = Depends(get_core)) -> Response:
+    job = await create_fal_job(request, core, app_path)
+    base = core.base_url(request)
+    body = {"request_id": job.id, "gateway_request_id": job.id, "status": "IN_QUEUE",
+            "queue_position": await asyncio.to_thread(core.queue_position, job.id) or 0, **urls(base, job.id)}
+    return json_response(body, job.id)
+
+
+DIALECT = Dialect(name=NAME, router=router, render_error=render_error, render_webhook=render_webhook,
+                  path_prefixes=(f"/{OWNER}/", "/run/"), catch_all=True)

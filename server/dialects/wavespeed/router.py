@@ -1,0 +1,105 @@
+"""WaveSpeed dialect: `wavespeed-ai/wan-2.1-14b-vace` with the `{code, message, data}` envelope.
+
+Routes (order matters: the `/api/v3/{model:path}` catch-all comes after predictions and media):
+`POST /api/v3/media/upload/binary`, `POST /api/v3/media/uploads` + `PUT /api/v3/media/uploads/{id}`,
+`GET /api/v3/predictions/{id}[/result]`, `POST /api/v3/predictions/{id}/cancel`, `POST /api/v3/{model}`.
+Statuses: created | processing | completed | failed (every failure, cancellation included, is `failed`,
+because older SDKs only treat `failed` as terminal). Requests are translated in `serving`, responses built in
+`render`, the request model is `schemas.WanVaceInput`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from server.core import ApiError, Core, get_core, request_owner, require_auth
+from server.dialects.common import Dialect
+from server.dialects.wavespeed.render import envelope, render_data, render_error, render_webhook, sync_data, upload_data
+from server.dialects.wavespeed.schemas import MODEL_ID, NAME, UploadTicketRequest, WanVaceInput
+from server.dialects.wavespeed.serving import job_or_404, submit_prediction
+from vace_local.errors import Problem
+
+router = APIRouter(prefix="/api/v3", tags=[NAME])
+authed = [Depends(require_auth)]
+
+
+@router.get("/predictions/{request_id}/result", dependencies=authed, summary="Get a prediction's result")
+def get_result(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+    job = job_or_404(core, request_id, request)
+    return envelope(render_data(job, core, core.base_url(request)))
+
+
+@router.get("/predictions/{request_id}", dependencies=authed, summary="Get a prediction")
+def get_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+    return get_result(request_id, request, core)
+
+
+@router.post("/predictions/{request_id}/cancel", dependencies=authed, summary="Cancel a prediction")
+def cancel_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+    job_or_404(core, request_id, request)
+    job = core.cancel_job(request_id, request_owner(request))
+    assert job is not None
+    return envelope(render_data(job, core, core.base_url(request)))
+
+
+@router.post("/media/upload/binary", dependencies=authed, summary="Upload a file (multipart field `file`)")
+async def upload_binary(request: Request, file: UploadFile | str | None = File(None),
+                        core: Core = Depends(get_core)) -> dict[str, Any]:
+    if file is None:
+        raise ApiError.invalid(Problem("file", "multipart form field 'file' is required"), error_type="invalid_request")
+    if isinstance(file, str):  # a part without a filename arrives as a plain form value
+        raise ApiError.invalid(Problem("file", "must be a file part with a filename (multipart/form-data), not a "
+                                       "plain form value"), error_type="invalid_request")
+
+    async def chunks():  # noqa: ANN202
+        while chunk := await file.read(1 << 20):
+            yield chunk
+
+    info = await core.save_upload(chunks(), file.filename or "upload", file.content_type,
+                                  owner=request_owner(request))
+    return envelope(upload_data(core, request, info))
+
+
+@router.post("/media/uploads", dependencies=authed, summary="Create an upload URL (then PUT the bytes)")
+def create_upload(body: UploadTicketRequest, request: Request,
+                  core: Core = Depends(get_core)) -> dict[str, Any]:
+    info = core.create_upload_ticket(body.filename, body.size, body.content_type, request_owner(request))
+    base = core.base_url(request)
+    headers = {"Content-Type": body.content_type} if body.content_type else {}
+    data = upload_data(core, request, info)
+    data["id"] = info.id
+    data["upload"] = {"method": "PUT", "url": f"{base}/api/v3/media/uploads/{info.id}?token={info.token}",
+                      "headers": headers}
+    return envelope(data)
+
+
+@router.put("/media/uploads/{upload_id}", summary="Receive the bytes of a ticketed upload (token-authorised)")
+async def put_upload(upload_id: str, request: Request, token: str = Query(""),
+                     core: Core = Depends(get_core)) -> dict[str, Any]:
+    info = await core.receive_upload(upload_id, token, request.stream())
+    return envelope(upload_data(core, request, info))
+
+
+@router.post(f"/{MODEL_ID}", dependencies=authed, summary="Submit a Wan 2.1 VACE task")
+async def submit(body: WanVaceInput, request: Request, webhook: str | None = Query(None),
+                 core: Core = Depends(get_core)) -> Response:
+    job = await submit_prediction(body, request, (webhook or "").strip() or None, core)
+    base = core.base_url(request)
+    if body.enable_sync_mode:
+        job = await core.wait_for_job(job.id)
+        data = await asyncio.to_thread(sync_data, job, core, base)  # base64 output: read + encoded off the loop
+        return JSONResponse(envelope(data))
+    return JSONResponse(envelope(render_data(job, core, base)))
+
+
+@router.post("/{model:path}", dependencies=authed, include_in_schema=False)
+async def unknown_model(model: str) -> None:
+    raise ApiError(404, f"model '{model}' is not served here; available: {MODEL_ID}", error_type="not_found")
+
+
+DIALECT = Dialect(name=NAME, router=router, render_error=render_error, render_webhook=render_webhook,
+                  path_prefixes=("/api/v3/",))
