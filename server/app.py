@@ -24,9 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 import vace_local
-from server import inputs as safety
-from server import playground
-from server.core import ApiError, Core, request_owner, require_auth, validation_error
+from server import media_refs, playground
+from server.core import ApiError, JobService, request_owner, require_auth, validation_error
 from server.dialects import load_dialects
 from server.dialects.common import Dialect, default_render_error
 from server.metrics import make_registry
@@ -94,7 +93,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
     settings.prepare_dirs()
     store = Store(settings.db_url)
     store.create_all()
-    core = Core(settings, store)
+    core = JobService(settings, store)
     instance = settings.instance
     dialects = load_dialects()
     renderers = {d.name: d.render_webhook for d in dialects if d.render_webhook is not None}
@@ -226,7 +225,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
              summary="Outputs and uploads by capability URL (the token stands in for the key)")
     async def tokened_file(kind: str, ident: str, token: str | None, name: str, request: Request) -> Response:
         try:
-            path = safety.safe_data_path(core.data_dir, kind, ident, name)
+            path = media_refs.safe_data_path(core.data_dir, kind, ident, name)
         except ValueError:
             raise ApiError(404, "file not found", error_type="not_found") from None
         if not core.may_read_file(kind, ident, owner=None, token=token):
@@ -237,7 +236,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         if not path.is_file():
             return await _from_storage(f"{kind}/{ident}/{name}")
         with open(path, "rb") as f:
-            media_type = safety.mime_of(safety.sniff(f.read(512)))
+            media_type = media_refs.mime_of(media_refs.sniff(f.read(512)))
         return FileResponse(path, media_type=media_type)
 
     async def _from_storage(key: str) -> Response:
@@ -275,7 +274,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
     return app
 
 
-async def _cleanup_loop(core: Core, stop: asyncio.Event) -> None:
+async def _cleanup_loop(core: JobService, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             n = await core.run_slow(core.cleanup_expired)

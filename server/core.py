@@ -1,37 +1,38 @@
 """The shared core every dialect router calls: jobs, auth, input resolution, URLs, uploads, errors.
 
-Dialect routers stay thin: parse their request model, build a `JobSpec`, call `Core.create_job`, and render
-the returned `JobRecord` in their own shape. Get the core in a route with `core: Core = Depends(get_core)`.
+Dialect routers stay thin: parse their request model, build a `JobSpec`, call `JobService.create_job`, and
+render the returned `JobRecord` in their own shape. Get the service in a route with
+`core: JobService = Depends(get_job_service)`.
 
-Core API (stable; the fal and AI/ML dialects build on it):
+JobService API (stable; the fal and AI/ML dialects build on it):
 
 * `require_auth` — FastAPI dependency; accepts `Authorization: Bearer <key>` and `Authorization: Key <key>`
   (constant-time compare against `Settings.api_keys`; no keys configured → open). Raises `ApiError(401)`.
   `request_owner(request)` is then the caller's owner id (a hash of the key, None without keys): pass it as
   `owner=` to `create_job`, `get_job` and `cancel_job`, so a job is seen only by the key that created it.
-* `Core.base_url(request)` — public base URL (setting, else derived from the request), no trailing slash.
-* `Core.create_job(spec, dialect=, model_id=, base_url=, webhook_url=None, extra=None, field_names=None,
+* `JobService.base_url(request)` — public base URL (setting, else derived from the request), no trailing slash.
+* `JobService.create_job(spec, dialect=, model_id=, base_url=, webhook_url=None, extra=None, field_names=None,
   logs=None, owner=None) -> JobRecord` — validates/rewrites inputs (data URIs stored as uploads, our own file
   URLs mapped to local files, URL hosts checked), applies tiny-mode caps, stores the job queued. `field_names` maps
   JobInputs/JobSpec names to the dialect's (e.g. `{"reference_images": "ref_image_urls"}`) so every error
   names the user's field. `extra` is free dialect JSON kept on the record (e.g. sub-endpoint, raw input).
   Raises `ApiError` (4xx) for bad input, 429 when the queue is full.
-* `await Core.create_job_async(spec, **same)` — `create_job` off the event loop (what async routes call).
-* `await Core.run_slow(fn, *args)` — blocking slow work (downloads, probes, data-URI decodes, cleanup) on the
+* `await JobService.create_job_async(spec, **same)` — `create_job` off the event loop (what async routes call).
+* `await JobService.run_slow(fn, *args)` — blocking slow work (downloads, probes, data-URI decodes, cleanup) on the
   core's own bounded pool (`Settings.slow_work_threads`), so `/ready` and quick store calls never queue
   behind it.
-* `Core.get_job(job_id, with_logs=False, owner=None) -> JobRecord | None` (None too for another key's job).
-* `Core.cancel_job(job_id, owner=None) -> JobRecord | None` — queued: cancelled at once; running: flagged, the
+* `JobService.get_job(job_id, with_logs=False, owner=None) -> JobRecord | None` (None too for another key's job).
+* `JobService.cancel_job(job_id, owner=None) -> JobRecord | None` — queued: cancelled at once; running: flagged, the
   worker stops at the next denoising step (poll `get_job`).
-* `Core.queue_position(job_id) -> int | None` — jobs ahead (0 = next), None when not queued.
-* `await Core.wait_for_job(job_id, timeout_s) -> JobRecord` — for sync modes; returns the record as it is
+* `JobService.queue_position(job_id) -> int | None` — jobs ahead (0 = next), None when not queued.
+* `await JobService.wait_for_job(job_id, timeout_s) -> JobRecord` — for sync modes; returns the record as it is
   when the timeout hits (check `.terminal`).
-* `Core.output_urls(job, base_url) -> list[dict]` — `{kind, url, file, content_type, size, …}` per output,
-  video first. `Core.output_path(job, output) -> Path`, `Core.file_url(base, kind, ident, name, owner)`:
-  with keys configured, file URLs are capability URLs (`…/<id>/<token>/<name>`, see `Core.file_token`).
-* `Core.resolve_input_reference(value, field, base_url, expected)` — the submit-time rule for one media
-  reference (used by create_job); `server.inputs` holds the download/sniff helpers the worker uses.
-* `Core.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
+* `JobService.output_urls(job, base_url) -> list[dict]` — `{kind, url, file, content_type, size, …}` per output,
+  video first. `JobService.output_path(job, output) -> Path`, `JobService.file_url(base, kind, ident, name, owner)`:
+  with keys configured, file URLs are capability URLs (`…/<id>/<token>/<name>`, see `JobService.file_token`).
+* `JobService.resolve_input_reference(value, field, base_url, expected)` — the submit-time rule for one media
+  reference (used by create_job); `server.media_refs` holds the download/sniff helpers the worker uses.
+* `JobService.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
 * `map_exception(exc) -> Failure` — the one exception-to-status mapper (worker side).
 * `validation_error(exc, field_names) -> ApiError` — pydantic errors → problems (`vace_local.errors`) and one
   message naming each field and rule; `ApiError.invalid(problems)` for a dialect's own field errors.
@@ -61,7 +62,7 @@ from urllib.parse import urlsplit
 from fastapi import Request
 from pydantic import ValidationError
 
-from server import inputs as safety
+from server import media_refs
 from server.settings import Settings
 from server.storage import make_storage
 from server.store import (
@@ -84,8 +85,8 @@ T = TypeVar("T")
 TINY_NOTE = "served by the tiny random-weight smoke model: the output is noise, not a real generation"
 
 __all__ = [
-    "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "ApiError", "Core", "Failure", "JobRecord",
-    "get_core", "iso_time", "map_exception", "owner_of_key", "read_body", "request_owner", "require_auth",
+    "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "ApiError", "JobService", "Failure", "JobRecord",
+    "get_job_service", "iso_time", "map_exception", "owner_of_key", "read_body", "request_owner", "require_auth",
     "user_field", "validation_error",
 ]
 
@@ -200,13 +201,13 @@ def iso_time(ts: float | None) -> str | None:
 # ---- FastAPI dependencies -----------------------------------------------------------------------------
 
 
-def get_core(request: Request) -> Core:
+def get_job_service(request: Request) -> JobService:
     return request.app.state.core
 
 
 def require_auth(request: Request) -> None:
     """Accept `Authorization: Bearer <key>` or `Key <key>` when keys are configured (constant-time)."""
-    core: Core = request.app.state.core
+    core: JobService = request.app.state.core
     if not core.settings.auth_enabled:
         return
     header = request.headers.get("authorization", "")
@@ -238,7 +239,7 @@ async def read_body(request: Request) -> bytearray:
     return buf
 
 
-# ---- the core -----------------------------------------------------------------------------------------
+# ---- the job service --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -252,7 +253,7 @@ class UploadInfo:
     token: str = field(default="", repr=False)
 
 
-class Core:
+class JobService:
     """Job submission and lookup shared by all dialects; one per API process (`app.state.core`)."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
@@ -334,7 +335,7 @@ class Core:
     def output_path(self, job: JobRecord, output: dict[str, Any]) -> Path:
         """This box's copy of a job output, fetched from the shared storage when another box wrote it (so
         base64 results and downloads work on every instance); the path may not exist if the file is gone."""
-        path = safety.safe_data_path(self.data_dir, "outputs", job.id, output["file"])
+        path = media_refs.safe_data_path(self.data_dir, "outputs", job.id, output["file"])
         if not path.is_file():
             self.storage.fetch(f"outputs/{job.id}/{output['file']}")
         return path
@@ -354,7 +355,7 @@ class Core:
 
     # -- inputs --
 
-    def resolve_input_reference(self, value: str, field_name: str, base: str, expected: safety.Kind,
+    def resolve_input_reference(self, value: str, field_name: str, base: str, expected: media_refs.Kind,
                                 owner: str | None = None) -> str:
         """Submit-time rule for one media reference; returns what the worker will resolve.
 
@@ -370,10 +371,10 @@ class Core:
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise InputError(field_name, "must be an http(s) URL, a data URI or a file uploaded to this server")
         if parts.netloc.lower() in self.own_netlocs(base):  # other hosts' /files/… (e.g. CDNs) are just URLs
-            ref = safety.parse_file_url_path(parts.path, field_name)
+            ref = media_refs.parse_file_url_path(parts.path, field_name)
             if ref is not None:
                 kind, ident, name, token = ref
-                path = safety.safe_data_path(self.data_dir, kind, ident, name)
+                path = media_refs.safe_data_path(self.data_dir, kind, ident, name)
                 present = self.storage.fetch(f"{kind}/{ident}/{name}") is not None  # another box's file too
                 readable = self.may_read_file(kind, ident, owner=owner, token=token)
                 if kind == "uploads":
@@ -382,9 +383,9 @@ class Core:
                         raise InputError(field_name, "uploaded file not found (expired or never completed)")
                 elif not present or not readable:
                     raise InputError(field_name, "file not found on this server")
-                safety.check_file(path, field_name, expected)
+                media_refs.check_file(path, field_name, expected)
                 return str(path)
-        problem = safety.literal_host_problem(parts.hostname, self.settings.allowed_hosts)
+        problem = media_refs.literal_host_problem(parts.hostname, self.settings.allowed_hosts)
         if problem:
             raise InputError(field_name, f"URL host '{parts.hostname}' {problem}; refused "
                              "(allow-list it with VACE_ALLOWED_HOSTS)")
@@ -393,7 +394,7 @@ class Core:
     def _prepare_inputs(self, spec_inputs: JobInputs, base: str, field_names: dict[str, str] | None,
                         owner: str | None = None) -> JobInputs:
         out: dict[str, Any] = {}
-        for name, expected in safety.FIELD_KINDS.items():
+        for name, expected in media_refs.FIELD_KINDS.items():
             val = getattr(spec_inputs, name)
             if name == "reference_images":
                 out[name] = [
@@ -472,7 +473,7 @@ class Core:
     async def create_job_async(self, spec: JobSpec, **kwargs: Any) -> JobRecord:
         """`create_job` off the event loop: on the slow pool when an input is a data URI (decoded and written
         there), otherwise on the default executor (a few store statements)."""
-        refs = [getattr(spec.inputs, name) for name in safety.FIELD_KINDS if name != "reference_images"]
+        refs = [getattr(spec.inputs, name) for name in media_refs.FIELD_KINDS if name != "reference_images"]
         refs += spec.inputs.reference_images
         if any(isinstance(r, str) and r.lstrip()[:5].lower() == "data:" for r in refs):
             return await self.run_slow(self.create_job, spec, **kwargs)
@@ -489,7 +490,7 @@ class Core:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ApiError.invalid(Problem(field_name, "must be an http(s) URL"), error_type="invalid_request")
-        problem = safety.literal_host_problem(parts.hostname, self.settings.allowed_hosts)
+        problem = media_refs.literal_host_problem(parts.hostname, self.settings.allowed_hosts)
         if problem:
             raise ApiError.invalid(Problem(field_name, f"URL host '{parts.hostname}' {problem}; refused "
                                            "(allow-list it with VACE_ALLOWED_HOSTS)"), error_type="invalid_request")
@@ -531,22 +532,22 @@ class Core:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _store_data_uri(self, uri: str, field_name: str, expected: safety.Kind, owner: str | None = None) -> Path:
+    def _store_data_uri(self, uri: str, field_name: str, expected: media_refs.Kind, owner: str | None = None) -> Path:
         """Decode a data URI straight into a new upload (streamed: never the whole payload decoded in memory);
         its content is checked against the field's kind before it is recorded."""
         uid = new_id()
         part = self._upload_dir(uid) / "data.part"
         try:
-            size = safety.write_data_uri(uri, field_name, self.settings.max_upload_bytes, part)
+            size = media_refs.write_data_uri(uri, field_name, self.settings.max_upload_bytes, part)
             with open(part, "rb") as f:
-                ext = safety.check_content(f.read(512), field_name, expected)
-            name = safety.sanitize_filename(f"{field_name.split('[')[0]}.{ext}")
+                ext = media_refs.check_content(f.read(512), field_name, expected)
+            name = media_refs.sanitize_filename(f"{field_name.split('[')[0]}.{ext}")
             path = part.replace(part.with_name(name))
         except BaseException:
             shutil.rmtree(part.parent, ignore_errors=True)
             raise
-        self.storage.publish(f"uploads/{uid}/{name}", safety.mime_of(ext))
-        self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=safety.mime_of(ext),
+        self.storage.publish(f"uploads/{uid}/{name}", media_refs.mime_of(ext))
+        self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=media_refs.mime_of(ext),
                                  size=size, path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return path
 
@@ -556,7 +557,7 @@ class Core:
         """Stream an upload to disk under the size limit (413 naming `field_name` beyond it; default: the upload
         limit); returns where it lives."""
         uid = new_id()
-        name = safety.sanitize_filename(filename or "upload")
+        name = media_refs.sanitize_filename(filename or "upload")
         path = self._upload_dir(uid) / name
         size = await self._write_stream(chunks, path, field_name, max_bytes)
         await asyncio.to_thread(self.storage.publish, f"uploads/{uid}/{name}", content_type)
@@ -589,7 +590,7 @@ class Core:
     @staticmethod
     def _media_kind(path: Path) -> str | None:
         with open(path, "rb") as f:
-            return safety.kind_of(safety.sniff(f.read(512)))
+            return media_refs.kind_of(media_refs.sniff(f.read(512)))
 
     def create_upload_ticket(self, filename: str, size: int | None, content_type: str | None,
                              owner: str | None = None) -> UploadInfo:
@@ -599,7 +600,7 @@ class Core:
                            field="size", error_type="too_large")
         uid = new_id()
         token = secrets.token_urlsafe(24)
-        name = safety.sanitize_filename(filename or "upload")
+        name = media_refs.sanitize_filename(filename or "upload")
         self.store.insert_upload(upload_id=uid, token=token, filename=name, content_type=content_type,
                                  size=size, path=f"uploads/{uid}/{name}", completed=False, owner=owner)
         return UploadInfo(uid, name, size or 0, content_type, self.data_dir / "uploads" / uid / name, token=token)

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from server.core import Core, get_core, iso_time, require_auth
+from server.core import JobService, get_job_service, iso_time, require_auth
 from server.dialects.wavespeed.render import envelope, render_data
 from server.dialects.wavespeed.schemas import NAME as WAVESPEED
 from server.dialects.wavespeed.serving import job_or_404
@@ -52,7 +52,7 @@ async def page() -> FileResponse:
 @api_router.get("/predictions/{request_id}/progress", dependencies=[Depends(require_auth)],
                 summary="vace-local extension: live progress, log lines and previews of a prediction")
 async def progress(request_id: str, request: Request, since: int = Query(0, ge=0),
-                   core: Core = Depends(get_core)) -> dict[str, Any]:
+                   core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     job = await asyncio.to_thread(job_or_404, core, request_id, request)
     full = await asyncio.to_thread(core.get_job, job.id, with_logs=True)
     job = full or job

@@ -1,7 +1,7 @@
-"""Durable job store on SQLAlchemy Core: one job record for every dialect, plus logs, workers and uploads.
+"""Durable job store on SQLAlchemy JobService: one job record for every dialect, plus logs, workers and uploads.
 
 SQLite (WAL) is the embedded default; any SQLAlchemy URL (e.g. `postgresql+psycopg://…`) works unchanged
-because every statement here is portable Core (the one PostgreSQL-specific statement is the claim's
+because every statement here is portable JobService (the one PostgreSQL-specific statement is the claim's
 `FOR UPDATE SKIP LOCKED`). Each write is its own short transaction of a single
 statement (no read-then-write upgrades), so concurrent API/worker writers never deadlock on SQLite. Every status
 change goes through `_transition`: it allows only the moves in `server.states.TRANSITIONS` and is a conditional

@@ -20,15 +20,15 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from server import inputs as safety
-from server.core import Core
+from server import media_refs
+from server.core import JobService
 from server.store import JobRecord
 from vace_local.errors import InputError
 from vace_local.http_guard import PinnedAsyncBackend, PinnedAsyncTransport
 
 log = logging.getLogger("vace.server.webhooks")
 
-Renderer = Callable[[JobRecord, Core], dict[str, Any]]
+Renderer = Callable[[JobRecord, JobService], dict[str, Any]]
 
 #: Deliveries in flight to one destination (scheme, host, port) at a time.
 PER_DESTINATION = 2
@@ -46,18 +46,18 @@ def destination(url: str) -> str:
     return f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
 
 
-def pinned_client(core: Core) -> httpx.AsyncClient:
+def pinned_client(core: JobService) -> httpx.AsyncClient:
     """A client that connects only to addresses `resolve_checked` approved for the "webhook" field."""
     allowed = core.settings.allowed_hosts
 
     def resolve(host: str, port: int) -> list[str]:
-        return safety.resolve_checked(host, port, "webhook", allowed)
+        return media_refs.resolve_checked(host, port, "webhook", allowed)
 
     return httpx.AsyncClient(transport=PinnedAsyncTransport(PinnedAsyncBackend(resolve)),
                              timeout=core.settings.webhook_timeout_s, trust_env=False, follow_redirects=False)
 
 
-async def deliver_once(core: Core, job: JobRecord, render: Renderer, client: httpx.AsyncClient) -> None:
+async def deliver_once(core: JobService, job: JobRecord, render: Renderer, client: httpx.AsyncClient) -> None:
     attempts = job.webhook_attempts + 1
     url = job.webhook_url or ""
     limit = core.settings.webhook_timeout_s
@@ -91,7 +91,7 @@ async def deliver_once(core: Core, job: JobRecord, render: Renderer, client: htt
 class _Dispatcher:
     """Starts one task per due webhook, capped per destination and overall; tracks what is in flight."""
 
-    def __init__(self, core: Core, client: httpx.AsyncClient) -> None:
+    def __init__(self, core: JobService, client: httpx.AsyncClient) -> None:
         self.core = core
         self.client = client
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -139,7 +139,9 @@ class _Dispatcher:
                 await t
 
 
-async def webhook_loop(core: Core, renderers: dict[str, Renderer], stop: asyncio.Event, interval: float = 0.5) -> None:
+async def webhook_loop(
+    core: JobService, renderers: dict[str, Renderer], stop: asyncio.Event, interval: float = 0.5
+) -> None:
     async with pinned_client(core) as client:
         dispatcher = _Dispatcher(core, client)
         try:

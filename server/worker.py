@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server import inputs as safety
+from server import media_refs
 from server.core import map_exception, user_field
 from server.settings import Settings
 from server.states import WorkerExit, WorkerStatus
@@ -188,21 +188,21 @@ class Worker:
         fraction of a second of a cancel)."""
         s = self.settings
 
-        def one(value: str, name: str, kind: safety.Kind, stem: str) -> str:
+        def one(value: str, name: str, kind: media_refs.Kind, stem: str) -> str:
             label = user_field(name, fields)
             if self.should_cancel():
                 raise JobCancelled("cancelled while fetching inputs")
             if value.startswith("data:"):
-                data = safety.decode_data_uri(value, label, s.max_upload_bytes)
-                ext = safety.check_content(data[:512], label, kind)
+                data = media_refs.decode_data_uri(value, label, s.max_upload_bytes)
+                ext = media_refs.check_content(data[:512], label, kind)
                 p = dest / f"{stem}.{ext}"
                 p.write_bytes(data)
                 return str(p)
             if value.lower().startswith(("http://", "https://")):
-                p = safety.download(value, dest / f"{stem}.download", label, allowed=s.allowed_hosts,
+                p = media_refs.download(value, dest / f"{stem}.download", label, allowed=s.allowed_hosts,
                                     max_bytes=s.max_download_bytes, timeout_s=s.download_timeout_s,
                                     should_cancel=self.should_cancel)
-                ext = safety.check_file(p, label, kind)
+                ext = media_refs.check_file(p, label, kind)
                 final = p.with_suffix(f".{ext}")
                 p.replace(final)
                 return str(final)
@@ -214,12 +214,12 @@ class Worker:
                 if fetched is None:
                     raise InputError(label, "file is not available on this server any more")
                 p = fetched
-            safety.check_file(p, label, kind)
+            media_refs.check_file(p, label, kind)
             return str(p)
 
         dest.mkdir(parents=True, exist_ok=True)
         upd: dict[str, Any] = {}
-        for name, kind in safety.FIELD_KINDS.items():
+        for name, kind in media_refs.FIELD_KINDS.items():
             val = getattr(spec.inputs, name)
             if name == "reference_images":
                 upd[name] = [one(v, f"{name}[{i}]", kind, f"ref{i}") for i, v in enumerate(val)]

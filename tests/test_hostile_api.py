@@ -306,17 +306,17 @@ def test_idle_connections_cannot_exhaust_descriptors(api):
 
 def test_streamed_data_uri_decode_matches_whole_decode(tmp_path):
     """`write_data_uri` decodes in 4 MiB steps: same bytes across step boundaries, same errors as decode_data_uri."""
-    from server import inputs as safety
+    from server import media_refs
     from vace_local.errors import InputError
 
     payload = os.urandom(7_000_001)  # ~9.3 MB of base64: three steps, padded tail
     uri = "data:video/mp4;base64," + base64.b64encode(payload).decode()
     dest = tmp_path / "out"
-    assert safety.write_data_uri(uri, "video_url", 10_000_000, dest) == len(payload)
-    assert dest.read_bytes() == payload == safety.decode_data_uri(uri, "video_url", 10_000_000)
+    assert media_refs.write_data_uri(uri, "video_url", 10_000_000, dest) == len(payload)
+    assert dest.read_bytes() == payload == media_refs.decode_data_uri(uri, "video_url", 10_000_000)
     bad_late = uri[:-100] + "@" + uri[-99:]  # an invalid character in the last step
     for bad, rule in [(bad_late, "not valid base64"), (uri, "larger than the 1000000 byte limit"),
                       ("data:video/mp4;base64,", "empty"), ("data:video/mp4;base64,QUJD=", "not valid base64")]:
         with pytest.raises(InputError, match=rule) as e:
-            safety.write_data_uri(bad, "video_url", 1_000_000 if bad is uri else 10_000_000, dest)
+            media_refs.write_data_uri(bad, "video_url", 1_000_000 if bad is uri else 10_000_000, dest)
         assert e.value.field == "video_url"

@@ -300,8 +300,8 @@ def test_databases_without_the_owner_column_are_migrated(tmp_path):
 
 
 def test_both_data_uri_decoders_read_percent_encoding_as_bytes(tmp_path):
-    """The CLI's decoder (vace_local.inputs) and the server's (server.inputs) share one set of rules."""
-    from server.inputs import decode_data_uri as server_decode
+    """The CLI's decoder (vace_local.inputs) and the server's (server.media_refs) share one set of rules."""
+    from server.media_refs import decode_data_uri as server_decode
     from vace_local.errors import InputError
     from vace_local.inputs import decode_data_uri as cli_decode
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server import inputs as safety
+from server import media_refs
 from vace_local.errors import InputError, JobCancelled
 
 Handler = Callable[[socket.socket, "RawServer"], None]
@@ -166,7 +166,7 @@ def test_download_deadline_holds_against_slow_senders(servers, tmp_path, handler
     srv = servers(handler)
     t = time.monotonic()
     with pytest.raises(InputError, match=r"^video: URL download took longer than 3 s"):
-        safety.download(f"{scheme}://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "v", "video",
+        media_refs.download(f"{scheme}://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "v", "video",
                         allowed=ALLOW_LOOPBACK, max_bytes=10**6, timeout_s=3)
     held = time.monotonic() - t
     assert held < 4.0, f"a {handler.__name__} server held the download {held:.1f} s past a 3 s deadline"
@@ -183,7 +183,7 @@ def test_slow_dns_answer_is_inside_the_deadline(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
     t = time.monotonic()
     with pytest.raises(InputError, match="took longer than 2 s"):
-        safety.download("http://slow.test/clip.mp4", tmp_path / "v", "video", allowed=[], max_bytes=10**6,
+        media_refs.download("http://slow.test/clip.mp4", tmp_path / "v", "video", allowed=[], max_bytes=10**6,
                         timeout_s=2)
     assert time.monotonic() - t < 3.0
 
@@ -193,7 +193,7 @@ def test_cancel_lands_during_a_drip_download(servers, tmp_path):
     cancel_at = time.monotonic() + 1.5
     t = time.monotonic()
     with pytest.raises(JobCancelled):
-        safety.download(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "v", "video", allowed=ALLOW_LOOPBACK,
+        media_refs.download(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "v", "video", allowed=ALLOW_LOOPBACK,
                         max_bytes=10**6, timeout_s=60, should_cancel=lambda: time.monotonic() >= cancel_at)
     assert time.monotonic() - t < 2.5
 
@@ -205,7 +205,7 @@ def test_cli_fetcher_has_a_wall_clock_deadline(servers, tmp_path, monkeypatch):
     srv = servers(drip)
     t = time.monotonic()
     with pytest.raises(InputError, match="took longer than 2 s"):
-        inputs.fetch_one(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "video", "video")
+        media_refs.fetch_one(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "video", "video")
     assert time.monotonic() - t < 3.0
 
 
@@ -223,7 +223,7 @@ def test_host_with_one_disallowed_address_is_refused(servers, fake_dns, tmp_path
     public, internal = _pair(servers)
     fake_dns["mixed.test"] = [["127.0.0.2", "127.0.0.1"]]
     with pytest.raises(InputError) as e:
-        safety.download(f"http://mixed.test:{public.port}/a.mp4", tmp_path / "v", "video_url",
+        media_refs.download(f"http://mixed.test:{public.port}/a.mp4", tmp_path / "v", "video_url",
                         allowed=["127.0.0.2/32"], max_bytes=1000, timeout_s=5)
     assert e.value.field == "video_url" and "host 'mixed.test' is not allowed" in e.value.message
     assert "127.0.0" not in str(e.value), "the error must not reveal internal addresses"
@@ -234,7 +234,7 @@ def test_rebinding_resolver_cannot_reach_loopback(servers, fake_dns, tmp_path):
     """The first answer (checked) is allowed, every later one is 127.0.0.1: the download uses the first."""
     public, internal = _pair(servers)
     fake_dns["rebind.test"] = [["127.0.0.2"], ["127.0.0.1"]]
-    p = safety.download(f"http://rebind.test:{public.port}/a.mp4", tmp_path / "v", "video",
+    p = media_refs.download(f"http://rebind.test:{public.port}/a.mp4", tmp_path / "v", "video",
                         allowed=["127.0.0.2/32"], max_bytes=1000, timeout_s=5)
     assert p.read_bytes() == b"public-ok"
     assert internal.accepted == 0 and len(public.requests) == 1
@@ -247,7 +247,7 @@ def test_redirect_hop_is_checked_and_pinned(servers, fake_dns, tmp_path):
         b"HTTP/1.1 302 Found\r\nLocation: http://rebind.test:%d/b.mp4\r\nContent-Length: 0\r\n\r\n" % public.port)),
         host="127.0.0.2")
     fake_dns["rebind.test"] = [["127.0.0.2"], ["127.0.0.1"]]
-    p = safety.download(f"http://127.0.0.2:{hop.port}/a.mp4", tmp_path / "v", "video", allowed=["127.0.0.2/32"],
+    p = media_refs.download(f"http://127.0.0.2:{hop.port}/a.mp4", tmp_path / "v", "video", allowed=["127.0.0.2/32"],
                         max_bytes=1000, timeout_s=5)
     assert p.read_bytes() == b"public-ok" and internal.accepted == 0
     fake_dns["mixed.test"] = [["127.0.0.2", "127.0.0.1"]]
@@ -255,7 +255,7 @@ def test_redirect_hop_is_checked_and_pinned(servers, fake_dns, tmp_path):
         b"HTTP/1.1 302 Found\r\nLocation: http://mixed.test:%d/b.mp4\r\nContent-Length: 0\r\n\r\n" % public.port)),
         host="127.0.0.2")
     with pytest.raises(InputError, match="video: URL host 'mixed.test' is not allowed"):
-        safety.download(f"http://127.0.0.2:{bad.port}/a.mp4", tmp_path / "w", "video", allowed=["127.0.0.2/32"],
+        media_refs.download(f"http://127.0.0.2:{bad.port}/a.mp4", tmp_path / "w", "video", allowed=["127.0.0.2/32"],
                         max_bytes=1000, timeout_s=5)
 
 
@@ -272,13 +272,13 @@ def test_pinned_tls_keeps_sni_and_verifies_the_name(servers, fake_dns, tmp_path,
     srv = servers(answer(b"over-tls"), host="127.0.0.2", tls=ctx)
     fake_dns["media.test"] = [["127.0.0.2"], ["127.0.0.1"]]
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    p = safety.download(f"https://media.test:{srv.port}/a.mp4", tmp_path / "v", "video", allowed=["127.0.0.2/32"],
+    p = media_refs.download(f"https://media.test:{srv.port}/a.mp4", tmp_path / "v", "video", allowed=["127.0.0.2/32"],
                         max_bytes=1000, timeout_s=10)
     assert p.read_bytes() == b"over-tls" and names == ["media.test"]
     # the certificate is checked against the name: a name it does not cover fails, naming the field
     fake_dns["other.test"] = [["127.0.0.2"]]
     with pytest.raises(InputError, match="video: URL download failed: ConnectError"):
-        safety.download(f"https://other.test:{srv.port}/a.mp4", tmp_path / "w", "video", allowed=["127.0.0.2/32"],
+        media_refs.download(f"https://other.test:{srv.port}/a.mp4", tmp_path / "w", "video", allowed=["127.0.0.2/32"],
                         max_bytes=1000, timeout_s=10)
 
 
@@ -321,7 +321,7 @@ def _run_webhooks(core, until: Callable[[], bool], limit_s: float) -> float:
 
 @pytest.fixture
 def core(tmp_path):
-    from server.core import Core
+    from server.core import JobService
     from server.settings import Settings
     from server.store import Store
 
@@ -330,7 +330,7 @@ def core(tmp_path):
     settings.prepare_dirs()
     store = Store(settings.db_url)
     store.create_all()
-    yield Core(settings, store)
+    yield JobService(settings, store)
     store.dispose()
 
 

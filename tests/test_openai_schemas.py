@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from starlette.datastructures import Headers, UploadFile
 
-from server.core import ApiError, Core
+from server.core import ApiError, JobService
 from server.dialects.openai.render import render_error, render_video
 from server.dialects.openai.schemas import NAME, InputReferenceObject
 from server.dialects.openai.serving import (
@@ -43,12 +43,12 @@ def _field_error(body: dict, ref: Reference | None = None) -> ApiError:
 
 
 @pytest.fixture
-def core(tmp_path: Path) -> Core:
+def core(tmp_path: Path) -> JobService:
     settings = Settings(model="wan2.1-vace-14b", data_dir=tmp_path, model_map={"veo-3": "wan2.1-vace-14b"})
     settings.prepare_dirs()
     store = Store(settings.db_url)
     store.create_all()
-    return Core(settings, store)
+    return JobService(settings, store)
 
 
 def test_seconds_become_4k_plus_1_frames_at_16_fps():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import inputs as safety
+from server import media_refs
 from server.settings import Settings
 from vace_local.errors import InputError
 
@@ -78,25 +78,25 @@ def test_settings_from_env(monkeypatch, tmp_path):
     (b"hello world, not media", None), (b"\x00\x00\x00\x18ftypheic", None),
 ])
 def test_sniff(head, kind):
-    assert safety.kind_of(safety.sniff(head)) == kind
+    assert media_refs.kind_of(media_refs.sniff(head)) == kind
 
 
 def test_animated_gif_is_accepted_as_video_and_as_image():
     gif = b"GIF89a" + b"\x00" * 20
-    assert safety.check_content(gif, "video", "video") == "gif"
-    assert safety.check_content(gif, "images[0]", "image") == "gif"
+    assert media_refs.check_content(gif, "video", "video") == "gif"
+    assert media_refs.check_content(gif, "images[0]", "image") == "gif"
     with pytest.raises(InputError, match="must be a video"):
-        safety.check_content(PNG, "video", "video")
+        media_refs.check_content(PNG, "video", "video")
 
 
 def test_real_fixtures_sniff():
     fx = ROOT.parent / "shared" / "fixtures" / "vace"
     if not fx.is_dir():
         pytest.skip("../shared/fixtures absent")
-    assert safety.check_file(fx / "test.mp4", "video", "video") == "mp4"
-    assert safety.check_file(fx / "test.jpg", "images[0]", "image") == "jpeg"
+    assert media_refs.check_file(fx / "test.mp4", "video", "video") == "mp4"
+    assert media_refs.check_file(fx / "test.jpg", "images[0]", "image") == "jpeg"
     with pytest.raises(InputError, match="must be a video, but the content is a JPEG image"):
-        safety.check_file(fx / "test.jpg", "video", "video")
+        media_refs.check_file(fx / "test.jpg", "video", "video")
 
 
 @pytest.mark.parametrize("host,refused", [
@@ -107,17 +107,17 @@ def test_real_fixtures_sniff():
     ("10.1", True), ("0xa9.254.169.254", True), ("localhost.", True), ("134744072", False), ("1e100.net", False),
 ])
 def test_literal_hosts(host, refused):
-    assert (safety.literal_host_problem(host, []) is not None) == refused
+    assert (media_refs.literal_host_problem(host, []) is not None) == refused
 
 
 def test_allow_list_by_name_ip_and_cidr():
-    assert safety.literal_host_problem("127.0.0.1", ["127.0.0.1"]) is None
-    assert safety.literal_host_problem("10.9.8.7", ["10.0.0.0/8"]) is None
-    assert safety.literal_host_problem("10.9.8.7", ["192.168.0.0/16"]) is not None
-    safety.check_host("localhost", 80, "video", ["localhost"])  # allowed by name
-    safety.check_host("localhost", 80, "video", ["127.0.0.0/8", "::1/128"])  # allowed by resolved address
+    assert media_refs.literal_host_problem("127.0.0.1", ["127.0.0.1"]) is None
+    assert media_refs.literal_host_problem("10.9.8.7", ["10.0.0.0/8"]) is None
+    assert media_refs.literal_host_problem("10.9.8.7", ["192.168.0.0/16"]) is not None
+    media_refs.check_host("localhost", 80, "video", ["localhost"])  # allowed by name
+    media_refs.check_host("localhost", 80, "video", ["127.0.0.0/8", "::1/128"])  # allowed by resolved address
     with pytest.raises(InputError, match="video: URL host 'localhost'"):
-        safety.check_host("localhost", 80, "video", [])
+        media_refs.check_host("localhost", 80, "video", [])
 
 
 @pytest.mark.parametrize("path", [
@@ -127,27 +127,27 @@ def test_allow_list_by_name_ip_and_cidr():
 ])
 def test_file_url_traversal_refused(path):
     with pytest.raises(InputError, match="path traversal refused"):
-        safety.parse_file_url_path(path, "video")
+        media_refs.parse_file_url_path(path, "video")
 
 
 def test_safe_data_path_stays_inside(tmp_path):
-    ok = safety.safe_data_path(tmp_path, "outputs", "0123456789abcdef0123456789abcdef", "output.mp4")
+    ok = media_refs.safe_data_path(tmp_path, "outputs", "0123456789abcdef0123456789abcdef", "output.mp4")
     assert ok.is_relative_to(tmp_path.resolve())
     for bad in [("outputs", "..", "jobs.db"), ("outputs", "0123456789abcdef0123456789abcdef", "../x"),
                 ("work", "0123456789abcdef0123456789abcdef", "x")]:
         with pytest.raises(ValueError):
-            safety.safe_data_path(tmp_path, *bad)
+            media_refs.safe_data_path(tmp_path, *bad)
 
 
 def test_data_uris():
     good = "data:image/png;base64," + base64.b64encode(PNG).decode()
-    assert safety.decode_data_uri(good, "images[0]", 1000) == PNG
+    assert media_refs.decode_data_uri(good, "images[0]", 1000) == PNG
     with pytest.raises(InputError, match="images\\[0\\]: malformed data URI"):
-        safety.decode_data_uri("data:nonsense", "images[0]", 1000)
+        media_refs.decode_data_uri("data:nonsense", "images[0]", 1000)
     with pytest.raises(InputError, match="not valid base64"):
-        safety.decode_data_uri("data:image/png;base64,@@@@", "video", 1000)
+        media_refs.decode_data_uri("data:image/png;base64,@@@@", "video", 1000)
     with pytest.raises(InputError, match="larger than"):
-        safety.decode_data_uri("data:image/png;base64," + "A" * 4000, "video", 1000)
+        media_refs.decode_data_uri("data:image/png;base64," + "A" * 4000, "video", 1000)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -185,19 +185,19 @@ def file_server():
 
 def test_download_rules(file_server, tmp_path):
     allow = ["127.0.0.1"]
-    p = safety.download(f"{file_server}/ok.mp4", tmp_path / "a", "video", allowed=allow, max_bytes=10_000,
+    p = media_refs.download(f"{file_server}/ok.mp4", tmp_path / "a", "video", allowed=allow, max_bytes=10_000,
                         timeout_s=10)
-    assert safety.check_file(p, "video", "video") == "mp4"
+    assert media_refs.check_file(p, "video", "video") == "mp4"
     with pytest.raises(InputError, match="video: URL host '127.0.0.1' is not allowed: it resolves to a loopback"):
-        safety.download(f"{file_server}/ok.mp4", tmp_path / "b", "video", allowed=[], max_bytes=10_000,
+        media_refs.download(f"{file_server}/ok.mp4", tmp_path / "b", "video", allowed=[], max_bytes=10_000,
                         timeout_s=10)
     with pytest.raises(InputError, match="over the 1000 byte limit"):
-        safety.download(f"{file_server}/big", tmp_path / "c", "video", allowed=allow, max_bytes=1000, timeout_s=10)
+        media_refs.download(f"{file_server}/big", tmp_path / "c", "video", allowed=allow, max_bytes=1000, timeout_s=10)
     with pytest.raises(InputError, match="URL host '10.0.0.1'"):
-        safety.download(f"{file_server}/redirect-private", tmp_path / "d", "video", allowed=allow,
+        media_refs.download(f"{file_server}/redirect-private", tmp_path / "d", "video", allowed=allow,
                         max_bytes=10_000, timeout_s=10)
     with pytest.raises(InputError, match="HTTP 404"):
-        safety.download(f"{file_server}/missing", tmp_path / "e", "mask_video", allowed=allow, max_bytes=10_000,
+        media_refs.download(f"{file_server}/missing", tmp_path / "e", "mask_video", allowed=allow, max_bytes=10_000,
                         timeout_s=10)
     assert not os.path.exists(tmp_path / "c") or os.path.getsize(tmp_path / "c") <= 1000
 
@@ -252,5 +252,5 @@ def test_engine_settings_build_engine_options(monkeypatch: pytest.MonkeyPatch) -
     ("猫.png", "upload.png"), (".htaccess", "upload.htaccess"), ("", "upload"), ("a.p!n@g", "a.png"),
 ])
 def test_sanitize_filename_keeps_a_servable_name_and_extension(name, want):
-    got = safety.sanitize_filename(name)
-    assert got == want and safety._NAME_RE.match(got)
+    got = media_refs.sanitize_filename(name)
+    assert got == want and media_refs._NAME_RE.match(got)

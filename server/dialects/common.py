@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from server import inputs
-from server.core import ApiError, Core, user_field
+from server import media_refs
+from server.core import ApiError, JobService, user_field
 from server.store import JobRecord
 from vace_local.errors import InputError, Problem, problems_from_pydantic
 from vace_local.media_limits import MediaLimits
@@ -44,7 +44,7 @@ class Dialect:
     router: APIRouter
     render_error: Callable[[Request, ApiError], Response] = default_render_error
     #: Builds the JSON body POSTed to the job's webhook when it finishes; None = no webhooks.
-    render_webhook: Callable[[JobRecord, Core], dict[str, Any]] | None = None
+    render_webhook: Callable[[JobRecord, JobService], dict[str, Any]] | None = None
     #: Path prefixes owned by this dialect, used to render errors for requests that matched no route.
     path_prefixes: tuple[str, ...] = ()
     #: True for dialects with a path catch-all route; included after all others.
@@ -85,7 +85,7 @@ class Translation:
 
 # ---- served model (fal, AI/ML and OpenAI ask for model ids) ---------------------------------------------
 
-def check_served_model(core: Core, model_id: str, family: str) -> str | None:
+def check_served_model(core: JobService, model_id: str, family: str) -> str | None:
     """None when the served model answers `model_id`, else the reason it does not. Returns a log note
     via `served_note`. `tiny` serves every id; `Settings.model_map` maps an id or family to the served model."""
     served = core.settings.model
@@ -98,7 +98,7 @@ def check_served_model(core: Core, model_id: str, family: str) -> str | None:
             f"VACE_MODEL_MAP='{{\"{family}\": \"{served}\"}}' to answer it with the served model")
 
 
-def served_note(core: Core, model_id: str, family: str) -> str:
+def served_note(core: JobService, model_id: str, family: str) -> str:
     served = core.settings.model
     if served == family:
         return f"model: {model_id} served by {served}"
@@ -107,7 +107,7 @@ def served_note(core: Core, model_id: str, family: str) -> str:
 
 # ---- input video probing at submit (fal and AI/ML: auto resolution / aspect, match_input_*) ----------------
 
-def _local_path_url(core: Core, base: str, path: str) -> str:
+def _local_path_url(core: JobService, base: str, path: str) -> str:
     """Our own file URL for a path under data_dir/uploads (what create_job accepts)."""
     p = Path(path).resolve()
     for kind in ("uploads", "outputs"):
@@ -128,7 +128,7 @@ async def _file_chunks(path: Path):  # noqa: ANN202 - async generator
 SUBMIT_PROBE_TIMEOUT_S = 30.0
 
 
-async def probe_source(core: Core, base: str, value: str, field: str,
+async def probe_source(core: JobService, base: str, value: str, field: str,
                        owner: str | None = None) -> tuple[SourceInfo | None, str, str | None]:
     """Make the input video local (stored as an upload), probe it; returns its facts, the reference to submit
     instead (our own file URL, so the worker does not download it again) and None.
@@ -147,15 +147,15 @@ async def probe_source(core: Core, base: str, value: str, field: str,
             dest = Path(tmp) / "video"
             s = core.settings
             try:
-                await core.run_slow(inputs.download, ref, dest, field, allowed=s.allowed_hosts,
+                await core.run_slow(media_refs.download, ref, dest, field, allowed=s.allowed_hosts,
                                     max_bytes=s.max_download_bytes,
                                     timeout_s=min(s.download_timeout_s, SUBMIT_PROBE_TIMEOUT_S))
             except InputError as e:
                 return None, value, (f"{field} could not be fetched at submit ({e.message}); the worker fetches "
                                      "it, and resolution/aspect_ratio 'auto' use the defaults")
-            ext = inputs.check_file(dest, field, "video")
+            ext = media_refs.check_file(dest, field, "video")
             # already bounded by the download limit: a video the client sent as a URL is not an upload
-            info = await core.save_upload(_file_chunks(dest), f"{field}.{ext}", inputs.mime_of(ext), owner=owner,
+            info = await core.save_upload(_file_chunks(dest), f"{field}.{ext}", media_refs.mime_of(ext), owner=owner,
                                           field_name=field, max_bytes=s.max_download_bytes)
         local = str(info.path)
     else:

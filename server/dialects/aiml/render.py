@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TINY_NOTE, ApiError, Core, JobRecord
+from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TINY_NOTE, ApiError, JobRecord, JobService
 from server.dialects.common import check_fields, prompt_used
 
 STATUS = {QUEUED: "queued", RUNNING: "generating", SUCCEEDED: "completed", FAILED: "error", CANCELLED: "error"}
@@ -35,7 +35,7 @@ def generation_id(job: JobRecord) -> str:
     return f"{job.id}:{job.model}"
 
 
-def render_generation(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
+def render_generation(job: JobRecord, core: JobService, base: str) -> dict[str, Any]:
     status = STATUS[job.status]
     body: dict[str, Any] = {"id": generation_id(job), "status": status, "video": None, "error": None, "meta": None}
     if job.status == SUCCEEDED:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import ApiError, Core, get_core, request_owner, require_auth
+from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.aiml.render import render_error, render_generation
 from server.dialects.aiml.schemas import NAME
 from server.dialects.aiml.serving import create_generation
@@ -23,13 +23,13 @@ authed = [Depends(require_auth)]
 
 
 @router.post("/video/generations", dependencies=authed, status_code=201, summary="Create a video generation task")
-async def create(request: Request, core: Core = Depends(get_core)) -> Response:
+async def create(request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = await create_generation(request, core)
     return JSONResponse(render_generation(job, core, core.base_url(request)), status_code=201)
 
 
 @router.get("/video/generations", dependencies=authed, summary="Fetch a video generation task")
-def fetch(request: Request, core: Core = Depends(get_core)) -> Response:
+def fetch(request: Request, core: JobService = Depends(get_job_service)) -> Response:
     gid = request.query_params.get("generation_id") or request.query_params.get("id")
     if not gid:
         raise ApiError.invalid(Problem("generation_id", "query parameter is required", "missing", "query"))

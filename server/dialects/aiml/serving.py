@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.core import ApiError, Core, JobRecord, read_body, request_owner
+from server.core import ApiError, JobRecord, JobService, read_body, request_owner
 from server.dialects.aiml.schemas import (
     AIML_MODEL_PREFIX,
     AIML_MODELS,
@@ -84,7 +84,7 @@ async def _read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-async def create_generation(request: Request, core: Core) -> JobRecord:
+async def create_generation(request: Request, core: JobService) -> JobRecord:
     """Validate a `POST /v2/video/generations` body, probe the input video when the size or timing follows it,
     translate and queue the job; refusals are 400s naming the field (404 for a model not served)."""
     body = await _read_json(request)

@@ -11,7 +11,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TINY_NOTE, ApiError, Core, JobRecord, iso_time
+from server.core import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TINY_NOTE,
+    ApiError,
+    JobRecord,
+    JobService,
+    iso_time,
+)
 from server.dialects.common import check_fields, prompt_used
 from server.dialects.fal.schemas import ALIAS, OWNER
 from vace_local.errors import Problem
@@ -69,7 +80,7 @@ def urls(base: str, job_id: str) -> dict[str, str]:
     return {"response_url": b, "status_url": f"{b}/status", "cancel_url": f"{b}/cancel"}
 
 
-def _file(job: JobRecord, core: Core, out: dict[str, Any], data_uri: bool) -> dict[str, Any]:
+def _file(job: JobRecord, core: JobService, out: dict[str, Any], data_uri: bool) -> dict[str, Any]:
     url = out["url"]
     if data_uri:
         raw = core.output_path(job, out).read_bytes()
@@ -78,7 +89,7 @@ def _file(job: JobRecord, core: Core, out: dict[str, Any], data_uri: bool) -> di
             "file_size": out.get("size")}
 
 
-def render_output(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
+def render_output(job: JobRecord, core: JobService, base: str) -> dict[str, Any]:
     """fal's output: {video: {url, content_type, file_name, file_size, width, height, fps, duration,
     num_frames}, seed, prompt, frames_zip?}; `sync_mode` returns the media as data URIs."""
     outs = core.output_urls(job, base)
@@ -130,7 +141,7 @@ def _log_items(job: JobRecord) -> list[dict[str, Any]]:
     return items
 
 
-def render_status(job: JobRecord, core: Core, base: str, with_logs: bool) -> tuple[int, dict[str, Any]]:
+def render_status(job: JobRecord, core: JobService, base: str, with_logs: bool) -> tuple[int, dict[str, Any]]:
     body: dict[str, Any] = {"request_id": job.id, **urls(base, job.id)}
     logs = _log_items(job) if with_logs else None
     if job.status == QUEUED:
@@ -147,7 +158,7 @@ def render_status(job: JobRecord, core: Core, base: str, with_logs: bool) -> tup
     return 200, body
 
 
-def render_webhook(job: JobRecord, core: Core) -> dict[str, Any]:
+def render_webhook(job: JobRecord, core: JobService) -> dict[str, Any]:
     """fal's webhook payload: status OK + payload (the output) or ERROR + error and detail."""
     base = core.settings.public_base_url or job.extra.get("base_url") or core.base_url()
     body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}

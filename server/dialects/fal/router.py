@@ -18,7 +18,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from server.core import SUCCEEDED, ApiError, Core, JobRecord, get_core, request_owner, require_auth
+from server.core import SUCCEEDED, ApiError, JobRecord, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.fal.render import (
     failure_error,
@@ -38,7 +38,7 @@ authed = [Depends(require_auth)]
 REQ = f"/{OWNER}/{ALIAS}/requests/{{request_id}}"
 
 
-def _job_or_404(core: Core, request_id: str, request: Request) -> JobRecord:
+def _job_or_404(core: JobService, request_id: str, request: Request) -> JobRecord:
     job = core.get_job(request_id, with_logs=True, owner=request_owner(request))
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"Request '{request_id}' not found", error_type="not_found")
@@ -56,25 +56,31 @@ def _check_endpoint(endpoint: str) -> None:
 
 
 @router.get(SUB_REQ + "/status", dependencies=authed, include_in_schema=False)
-def status_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def status_sub(
+    endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
+) -> Response:
     _check_endpoint(endpoint)
     return status(request_id, request, core)
 
 
 @router.get(SUB_REQ, dependencies=authed, include_in_schema=False)
-def result_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def result_sub(
+    endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
+) -> Response:
     _check_endpoint(endpoint)
     return result(request_id, request, core)
 
 
 @router.put(SUB_REQ + "/cancel", dependencies=authed, include_in_schema=False)
-def cancel_sub(endpoint: str, request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def cancel_sub(
+    endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
+) -> Response:
     _check_endpoint(endpoint)
     return cancel(request_id, request, core)
 
 
 @router.get(REQ + "/status", dependencies=authed, summary="fal queue status")
-def status(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def status(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = _job_or_404(core, request_id, request)
     with_logs = request.query_params.get("logs", "0").lower() in ("1", "true", "yes")
     code, body = render_status(job, core, core.base_url(request), with_logs)
@@ -82,7 +88,7 @@ def status(request_id: str, request: Request, core: Core = Depends(get_core)) ->
 
 
 @router.get(REQ, dependencies=authed, summary="fal queue result")
-def result(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def result(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = _job_or_404(core, request_id, request)
     if job.status == SUCCEEDED:
         return json_response(render_output(job, core, core.base_url(request)), job.id)
@@ -92,7 +98,7 @@ def result(request_id: str, request: Request, core: Core = Depends(get_core)) ->
 
 
 @router.put(REQ + "/cancel", dependencies=authed, summary="fal queue cancel")
-def cancel(request_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def cancel(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = core.get_job(request_id, owner=request_owner(request))
     if job is None or job.dialect != NAME:
         return json_response({"status": "NOT_FOUND"}, header_id(request_id), 404)
@@ -113,7 +119,7 @@ async def not_found(rest: str, request: Request) -> Response:
 
 
 @router.post("/run/{app_path:path}", dependencies=authed, summary="fal synchronous run")
-async def run_sync(app_path: str, request: Request, core: Core = Depends(get_core)) -> Response:
+async def run_sync(app_path: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = await create_fal_job(request, core, app_path)
     request.state.fal_request_id = job.id
     job = await core.wait_for_job(job.id)
@@ -126,7 +132,7 @@ async def run_sync(app_path: str, request: Request, core: Core = Depends(get_cor
 
 
 @router.post("/{app_path:path}", dependencies=authed, summary="fal queue submit (fal-ai/wan-vace-14b[/sub])")
-async def submit(app_path: str, request: Request, core: Core = Depends(get_core)) -> Response:
+async def submit(app_path: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = await create_fal_job(request, core, app_path)
     base = core.base_url(request)
     body = {"request_id": job.id, "gateway_request_id": job.id, "status": "IN_QUEUE",

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.core import ApiError, Core, JobRecord, read_body, request_owner
+from server.core import ApiError, JobRecord, JobService, read_body, request_owner
 from server.dialects.common import (
     FieldError,
     SourceInfo,
@@ -287,7 +287,7 @@ async def _read_json(request: Request) -> Any:
                        problems=[Problem("body", f"invalid JSON: {e}", "json_invalid")]) from None
 
 
-async def create_fal_job(request: Request, core: Core, app_path: str) -> JobRecord:
+async def create_fal_job(request: Request, core: JobService, app_path: str) -> JobRecord:
     """Validate a submit against its endpoint's schema, probe the input video when the size or timing follows
     it, translate, and queue the job; every refusal is fal's 422 naming the field (or a 404 for the app)."""
     endpoint = split_app_path(app_path)

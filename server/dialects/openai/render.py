@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TINY_NOTE, ApiError, Core, JobRecord
+from server.core import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TINY_NOTE, ApiError, JobRecord, JobService
 from server.dialects.openai.schemas import STATUS
 from server.dialects.openai.serving import seconds_text
 
@@ -30,7 +30,7 @@ def render_error(request: Request, err: ApiError) -> Response:
     return JSONResponse({"error": body}, status_code=status)
 
 
-def render_video(job: JobRecord, core: Core) -> dict[str, Any]:
+def render_video(job: JobRecord, core: JobService) -> dict[str, Any]:
     """The `Video` object of the SDK (openai/types/video.py) for one job."""
     spec = job.spec
     status = STATUS[job.status]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from server.core import ApiError, Core, get_core, request_owner, require_auth
+from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.openai.render import POLL_AFTER_MS, render_error, render_video
 from server.dialects.openai.schemas import NAME
@@ -33,7 +33,7 @@ authed = [Depends(require_auth)]
 
 
 @router.post("/videos", dependencies=authed, summary="Create a video (OpenAI videos API)")
-async def create_video(request: Request, core: Core = Depends(get_core)) -> Response:
+async def create_video(request: Request, core: JobService = Depends(get_job_service)) -> Response:
     body, upload = await read_request(request, core)
     try:
         job = await create_video_job(request, core, body, upload)
@@ -45,7 +45,7 @@ async def create_video(request: Request, core: Core = Depends(get_core)) -> Resp
 
 @router.get("/videos", dependencies=authed, summary="List videos (cursor pages)")
 def list_videos(request: Request, after: str | None = Query(None), limit: str = Query("20"),
-                order: str = Query("desc"), core: Core = Depends(get_core)) -> Response:
+                order: str = Query("desc"), core: JobService = Depends(get_job_service)) -> Response:
     page, has_more = list_page(core, after=after, limit=limit, order=order, owner=request_owner(request))
     data = [render_video(j, core) for j in page]
     return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
@@ -53,14 +53,14 @@ def list_videos(request: Request, after: str | None = Query(None), limit: str = 
 
 
 @router.get("/videos/{video_id}", dependencies=authed, summary="Retrieve a video")
-def retrieve_video(video_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def retrieve_video(video_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = job_or_404(core, video_id, request_owner(request))
     headers = {} if job.terminal else {"openai-poll-after-ms": str(POLL_AFTER_MS)}
     return JSONResponse(render_video(job, core), headers=headers)
 
 
 @router.delete("/videos/{video_id}", dependencies=authed, summary="Delete a video and its files")
-def delete_video(video_id: str, request: Request, core: Core = Depends(get_core)) -> Response:
+def delete_video(video_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     owner = request_owner(request)
     stop_and_delete(core, job_or_404(core, video_id, owner), owner)
     return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
@@ -68,7 +68,7 @@ def delete_video(video_id: str, request: Request, core: Core = Depends(get_core)
 
 @router.get("/videos/{video_id}/content", dependencies=authed, summary="Download the video (mp4)")
 def download_content(video_id: str, request: Request, variant: str = Query("video"),
-                     core: Core = Depends(get_core)) -> Response:
+                     core: JobService = Depends(get_job_service)) -> Response:
     return FileResponse(content_path(core, video_id, variant, request_owner(request)), media_type="video/mp4")
 
 

@@ -22,8 +22,8 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from server import inputs
-from server.core import SUCCEEDED, ApiError, Core, JobRecord, request_owner, validation_error
+from server import media_refs
+from server.core import SUCCEEDED, ApiError, JobRecord, JobService, request_owner, validation_error
 from server.dialects.common import check_served_model
 from server.dialects.openai.schemas import (
     FIELD_NAMES,
@@ -178,7 +178,7 @@ def form_to_dict(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], UploadFi
     return body, upload
 
 
-async def read_request(request: Request, core: Core) -> tuple[dict[str, Any], UploadFile | None]:
+async def read_request(request: Request, core: JobService) -> tuple[dict[str, Any], UploadFile | None]:
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         from server.app import max_request_bytes
@@ -203,7 +203,7 @@ def _data_uri_kind(value: str) -> str | None:
         return None
     head = "".join(payload[:1200].split())[:684]
     try:
-        return inputs.kind_of(inputs.sniff(base64.b64decode(head[: len(head) // 4 * 4])))
+        return media_refs.kind_of(media_refs.sniff(base64.b64decode(head[: len(head) // 4 * 4])))
     except (binascii.Error, ValueError):
         return None
 
@@ -222,7 +222,7 @@ def reference_of(value: InputReferenceObject | str) -> Reference:
     return Reference("video" if kind == "video" else "image", value.strip())
 
 
-def model_problem(core: Core, model: str) -> str | None:
+def model_problem(core: JobService, model: str) -> str | None:
     """None when the served model answers `model` (see the module docstring), else the reason."""
     if OPENAI_MODEL_RE.match(model) or model == core.settings.model:
         return None
@@ -234,12 +234,12 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def discard_upload(core: Core, upload_id: str) -> None:
+def discard_upload(core: JobService, upload_id: str) -> None:
     core.storage.delete_prefix(f"uploads/{upload_id}")
     core.store.delete_uploads([upload_id])
 
 
-def list_jobs(core: Core, *, after: str | None, limit: int, order: str,
+def list_jobs(core: JobService, *, after: str | None, limit: int, order: str,
               owner: str | None = None) -> tuple[list[JobRecord], bool]:
     """One page of this dialect's jobs visible to `owner` (its own and those made without keys) by
     (created_at, id), after the job `after`; returns (page, has_more)."""
@@ -263,7 +263,7 @@ def list_jobs(core: Core, *, after: str | None, limit: int, order: str,
     return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
 
 
-def delete_job(core: Core, job: JobRecord) -> None:
+def delete_job(core: JobService, job: JobRecord) -> None:
     """Remove the job, its outputs and the upload its input_reference became."""
     core.storage.delete_prefix(f"outputs/{job.id}")
     core.store.delete_jobs([job.id])
@@ -272,7 +272,9 @@ def delete_job(core: Core, job: JobRecord) -> None:
         discard_upload(core, upload_id)
 
 
-async def create_video_job(request: Request, core: Core, body: dict[str, Any], upload: UploadFile | None) -> JobRecord:
+async def create_video_job(
+    request: Request, core: JobService, body: dict[str, Any], upload: UploadFile | None
+) -> JobRecord:
     """Validate a create request (every field checked before anything is stored), store its file part as an
     upload and queue the job; the upload is removed again when queueing fails."""
     if upload is not None and "input_reference" in body:
@@ -285,7 +287,7 @@ async def create_video_job(request: Request, core: Core, body: dict[str, Any], u
     if upload is not None:
         head = await upload.read(512)
         await upload.seek(0)
-        kind = inputs.kind_of(inputs.sniff(head))
+        kind = media_refs.kind_of(media_refs.sniff(head))
         if kind is None:
             raise _bad("input_reference", "must be an image (PNG, JPEG, WEBP, …) or a video (MP4, WEBM, MOV, …); "
                        "the content is not a recognised format")
@@ -317,7 +319,7 @@ async def create_video_job(request: Request, core: Core, body: dict[str, Any], u
     return job
 
 
-def list_page(core: Core, *, after: str | None, limit: str, order: str,
+def list_page(core: JobService, *, after: str | None, limit: str, order: str,
               owner: str | None) -> tuple[list[JobRecord], bool]:
     """`GET /v1/videos`'s query checked (400 naming `limit` / `order`), then one page of `list_jobs`."""
     if not limit.strip().isdigit() or not 1 <= int(limit) <= LIST_LIMIT_MAX:
@@ -327,7 +329,7 @@ def list_page(core: Core, *, after: str | None, limit: str, order: str,
     return list_jobs(core, after=after or None, limit=int(limit), order=order, owner=owner)
 
 
-def stop_and_delete(core: Core, job: JobRecord, owner: str | None) -> None:
+def stop_and_delete(core: JobService, job: JobRecord, owner: str | None) -> None:
     """Delete a video; a running one is cancelled first and waited for (up to DELETE_WAIT_S) to stop."""
     video_id = job.id
     if not job.terminal:
@@ -342,14 +344,14 @@ def stop_and_delete(core: Core, job: JobRecord, owner: str | None) -> None:
     delete_job(core, job)
 
 
-def job_or_404(core: Core, video_id: str, owner: str | None) -> JobRecord:
+def job_or_404(core: JobService, video_id: str, owner: str | None) -> JobRecord:
     job = core.get_job(video_id, owner=owner)
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"video '{video_id}' not found", field="video_id", error_type="not_found")
     return job
 
 
-def content_path(core: Core, video_id: str, variant: str, owner: str | None) -> Path:
+def content_path(core: JobService, video_id: str, variant: str, owner: str | None) -> Path:
     """The mp4 of a completed video; 400/404 naming `variant` or `video_id` otherwise."""
     if variant not in VARIANTS:
         raise _bad("variant", f"must be one of {', '.join(VARIANTS)} (got {variant!r})")

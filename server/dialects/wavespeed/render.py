@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import CANCELLED, TINY_NOTE, ApiError, Core, JobRecord, iso_time, request_owner
+from server.core import CANCELLED, TINY_NOTE, ApiError, JobRecord, JobService, iso_time, request_owner
 from server.dialects.common import expansion_note, nsfw_flag, safety_note
 from server.dialects.wavespeed.schemas import STATUS, SYNC_TIMEOUT_CODE
 
@@ -17,7 +17,7 @@ def envelope(data: Any, code: int = 200, message: str = "success") -> dict[str, 
     return {"code": code, "message": message, "data": data}
 
 
-def render_data(job: JobRecord, core: Core, base: str, *, base64_output: bool | None = None) -> dict[str, Any]:
+def render_data(job: JobRecord, core: JobService, base: str, *, base64_output: bool | None = None) -> dict[str, Any]:
     """The `data` object for one job: id, model, outputs, urls.get, status, created_at, error, timings."""
     if base64_output is None:
         base64_output = bool(job.extra.get("enable_base64_output"))
@@ -59,7 +59,7 @@ def render_data(job: JobRecord, core: Core, base: str, *, base64_output: bool | 
     return data
 
 
-def render_webhook(job: JobRecord, core: Core) -> dict[str, Any]:
+def render_webhook(job: JobRecord, core: JobService) -> dict[str, Any]:
     base = core.settings.public_base_url or job.extra.get("base_url") or core.base_url()
     data = render_data(job, core, base, base64_output=False)
     data["input"] = job.extra.get("input", {})
@@ -75,7 +75,7 @@ def render_error(request: Request, err: ApiError) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-def sync_data(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
+def sync_data(job: JobRecord, core: JobService, base: str) -> dict[str, Any]:
     """`data` for `enable_sync_mode`: a job still running when the wait ends carries WaveSpeed's timeout code."""
     data = render_data(job, core, base)
     if not job.terminal:
@@ -85,7 +85,7 @@ def sync_data(job: JobRecord, core: Core, base: str) -> dict[str, Any]:
     return data
 
 
-def upload_data(core: Core, request: Request, info: Any) -> dict[str, Any]:
+def upload_data(core: JobService, request: Request, info: Any) -> dict[str, Any]:
     base = core.base_url(request)
     return {
         "type": info.media_kind or "file",

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
-from server.core import ApiError, Core, get_core, request_owner, require_auth
+from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.wavespeed.render import envelope, render_data, render_error, render_webhook, sync_data, upload_data
 from server.dialects.wavespeed.schemas import MODEL_ID, NAME, UploadTicketRequest, WanVaceInput
@@ -28,18 +28,18 @@ authed = [Depends(require_auth)]
 
 
 @router.get("/predictions/{request_id}/result", dependencies=authed, summary="Get a prediction's result")
-def get_result(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+def get_result(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     job = job_or_404(core, request_id, request)
     return envelope(render_data(job, core, core.base_url(request)))
 
 
 @router.get("/predictions/{request_id}", dependencies=authed, summary="Get a prediction")
-def get_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+def get_prediction(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     return get_result(request_id, request, core)
 
 
 @router.post("/predictions/{request_id}/cancel", dependencies=authed, summary="Cancel a prediction")
-def cancel_prediction(request_id: str, request: Request, core: Core = Depends(get_core)) -> dict[str, Any]:
+def cancel_prediction(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     job_or_404(core, request_id, request)
     job = core.cancel_job(request_id, request_owner(request))
     assert job is not None
@@ -48,7 +48,7 @@ def cancel_prediction(request_id: str, request: Request, core: Core = Depends(ge
 
 @router.post("/media/upload/binary", dependencies=authed, summary="Upload a file (multipart field `file`)")
 async def upload_binary(request: Request, file: UploadFile | str | None = File(None),
-                        core: Core = Depends(get_core)) -> dict[str, Any]:
+                        core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     if file is None:
         raise ApiError.invalid(Problem("file", "multipart form field 'file' is required"), error_type="invalid_request")
     if isinstance(file, str):  # a part without a filename arrives as a plain form value
@@ -66,7 +66,7 @@ async def upload_binary(request: Request, file: UploadFile | str | None = File(N
 
 @router.post("/media/uploads", dependencies=authed, summary="Create an upload URL (then PUT the bytes)")
 def create_upload(body: UploadTicketRequest, request: Request,
-                  core: Core = Depends(get_core)) -> dict[str, Any]:
+                  core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     info = core.create_upload_ticket(body.filename, body.size, body.content_type, request_owner(request))
     base = core.base_url(request)
     headers = {"Content-Type": body.content_type} if body.content_type else {}
@@ -79,14 +79,14 @@ def create_upload(body: UploadTicketRequest, request: Request,
 
 @router.put("/media/uploads/{upload_id}", summary="Receive the bytes of a ticketed upload (token-authorised)")
 async def put_upload(upload_id: str, request: Request, token: str = Query(""),
-                     core: Core = Depends(get_core)) -> dict[str, Any]:
+                     core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     info = await core.receive_upload(upload_id, token, request.stream())
     return envelope(upload_data(core, request, info))
 
 
 @router.post(f"/{MODEL_ID}", dependencies=authed, summary="Submit a Wan 2.1 VACE task")
 async def submit(body: WanVaceInput, request: Request, webhook: str | None = Query(None),
-                 core: Core = Depends(get_core)) -> Response:
+                 core: JobService = Depends(get_job_service)) -> Response:
     job = await submit_prediction(body, request, (webhook or "").strip() or None, core)
     base = core.base_url(request)
     if body.enable_sync_mode:

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.core import ApiError, Core, JobRecord, request_owner, validation_error
+from server.core import ApiError, JobRecord, JobService, request_owner, validation_error
 from server.dialects.wavespeed.schemas import (
     BASE64_WEBHOOK_ERROR,
     FIELD_NAMES,
@@ -72,7 +72,7 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     return spec, notes
 
 
-def job_or_404(core: Core, request_id: str, request: Request) -> JobRecord:
+def job_or_404(core: JobService, request_id: str, request: Request) -> JobRecord:
     job = core.get_job(request_id, owner=request_owner(request))
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"prediction '{request_id}' not found", error_type="not_found")
@@ -92,7 +92,7 @@ def stored_input(body: WanVaceInput) -> dict[str, Any]:
     return raw
 
 
-async def submit_prediction(body: WanVaceInput, request: Request, webhook: str | None, core: Core) -> JobRecord:
+async def submit_prediction(body: WanVaceInput, request: Request, webhook: str | None, core: JobService) -> JobRecord:
     """Check and translate a submit, then queue it (`?webhook=` empty means no webhook)."""
     if webhook and body.enable_base64_output:
         raise ApiError(400, BASE64_WEBHOOK_ERROR, error_type="base64_webhook")

@@ -1,4 +1,5 @@
-"""Input safety: turn a user's media reference into a local file we are willing to read.
+"""Media references: turn a user's media reference (URL, data URI, our file URL) into a local file we are
+willing to read, after the checks that keep it safe.
 
 Accepted references are http(s) URLs, `data:` URIs and files served by this server (`/files/uploads/…`,
 `/files/outputs/…`). Rules, applied in the API process at submit time (cheap checks, 4xx) and again in the
@@ -44,7 +45,7 @@ FIELD_KINDS: dict[str, Kind] = {
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FILE_KINDS = ("uploads", "outputs")
-#: The capability token a file URL carries when keys are configured (`Core.file_token`).
+#: The capability token a file URL carries when keys are configured (`JobService.file_token`).
 FILE_TOKEN_RE = re.compile(r"^[0-9a-f]{40}$")
 
 _EXT = {
