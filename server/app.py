@@ -29,7 +29,7 @@ from server.core import ApiError, JobService, request_owner, require_auth, valid
 from server.dialects import load_dialects
 from server.dialects.common import Dialect, default_render_error
 from server.metrics import make_registry
-from server.settings import Settings
+from server.settings import Settings, max_request_bytes
 from server.states import WORKER_LOADED
 from server.store import Store
 
@@ -47,11 +47,6 @@ def _dialect_for(request: Request, dialects: list[Dialect]) -> Dialect | None:
         if any(path.startswith(p) for p in d.path_prefixes):
             return d
     return None
-
-
-def max_request_bytes(settings: Settings) -> int:
-    """Largest request body accepted: one upload-sized data URI in base64 (4/3) plus 1 MiB of JSON."""
-    return settings.max_upload_bytes * 4 // 3 + (1 << 20)
 
 
 class BodyLimit:

@@ -235,3 +235,8 @@ class Settings(BaseSettings):
     def prepare_dirs(self) -> None:
         for sub in ("uploads", "outputs", "work", "cache"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+def max_request_bytes(settings: Settings) -> int:
+    """Largest request body accepted: one upload-sized data URI in base64 (4/3) plus 1 MiB of JSON."""
+    return settings.max_upload_bytes * 4 // 3 + (1 << 20)

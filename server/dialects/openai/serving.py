@@ -37,6 +37,7 @@ from server.dialects.openai.schemas import (
     VideoCreateRequest,
     parse_size,
 )
+from server.settings import max_request_bytes
 from server.store import jobs
 from vace_local.errors import Problem
 from vace_local.spec import ControlOptions, JobInputs, JobSpec, round_frames_4k1, task_needs_mask, task_needs_video
@@ -181,8 +182,6 @@ def form_to_dict(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], UploadFi
 async def read_request(request: Request, core: JobService) -> tuple[dict[str, Any], UploadFile | None]:
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        from server.app import max_request_bytes
-
         form = await request.form(max_files=2, max_fields=200, max_part_size=max_request_bytes(core.settings))
         return form_to_dict(form.multi_items())
     raw = await request.body()
