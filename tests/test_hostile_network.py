@@ -205,7 +205,7 @@ def test_cli_fetcher_has_a_wall_clock_deadline(servers, tmp_path, monkeypatch):
     srv = servers(drip)
     t = time.monotonic()
     with pytest.raises(InputError, match="took longer than 2 s"):
-        media_refs.fetch_one(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "video", "video")
+        inputs.fetch_one(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "video", "video")
     assert time.monotonic() - t < 3.0
 
 
