@@ -304,6 +304,30 @@ class Store:
                 ])
         return JobRecord(**row)
 
+    def page_jobs(self, dialect: str, *, after: str | None, limit: int, ascending: bool,
+                  owner: str | None = None) -> tuple[list[JobRecord], bool] | None:
+        """One page of `dialect`'s jobs visible to `owner` (its own and those made without keys), ordered by
+        (created_at, id), starting after the job `after`; returns (page, has_more), or None when `after` is
+        not such a job."""
+        t = jobs
+        mine = t.c.dialect == dialect
+        if owner is not None:
+            mine = sa.and_(mine, sa.or_(t.c.owner == owner, t.c.owner.is_(None)))
+        q = t.select().where(mine)
+        with self.engine.connect() as c:
+            if after:
+                row = c.execute(sa.select(t.c.created_at, t.c.id).where(t.c.id == after, mine)).first()
+                if row is None:
+                    return None
+                ts, jid = row
+                if ascending:
+                    q = q.where(sa.or_(t.c.created_at > ts, sa.and_(t.c.created_at == ts, t.c.id > jid)))
+                else:
+                    q = q.where(sa.or_(t.c.created_at < ts, sa.and_(t.c.created_at == ts, t.c.id < jid)))
+            keys = (t.c.created_at, t.c.id) if ascending else (t.c.created_at.desc(), t.c.id.desc())
+            rows = c.execute(q.order_by(*keys).limit(limit + 1)).all()
+        return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
     def get_job(self, job_id: str, *, with_logs: bool = False) -> JobRecord | None:
         with self.engine.connect() as c:
             row = c.execute(jobs.select().where(jobs.c.id == job_id)).first()

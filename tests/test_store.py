@@ -375,3 +375,21 @@ def test_every_move_to_a_final_status_makes_the_webhook_due(store):
                 assert job.finished_at is None and job.webhook_status is None, name
     assert taken == {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
     assert {j.id for j in store.due_webhooks(time.time() + 1, limit=100)} == due and len(due) == 6
+
+
+def test_job_pages_follow_creation_order_per_dialect_and_owner(store):
+    made = [store.insert_job(dialect="openai", model="m", spec={"prompt": f"p{i}"}, owner="alice" if i % 2 else None)
+            for i in range(5)]
+    store.insert_job(dialect="fal", model="m", spec={"prompt": "other"})
+    ids = [j.id for j in sorted(made, key=lambda j: (j.created_at, j.id))]
+    page, more = store.page_jobs("openai", after=None, limit=2, ascending=True)
+    assert [j.id for j in page] == ids[:2] and more
+    page, more = store.page_jobs("openai", after=page[-1].id, limit=10, ascending=True)
+    assert [j.id for j in page] == ids[2:] and not more
+    newest_first, _ = store.page_jobs("openai", after=None, limit=10, ascending=False)
+    assert [j.id for j in newest_first] == ids[::-1]
+    bob, _ = store.page_jobs("openai", after=None, limit=10, ascending=True, owner="bob")
+    keyless = {j.id for j in made if j.owner is None}
+    assert [j.id for j in bob] == [i for i in ids if i in keyless]  # only the jobs made without keys
+    assert store.page_jobs("openai", after="no-such-job", limit=10, ascending=True) is None
+    assert store.page_jobs("fal", after=ids[0], limit=10, ascending=True) is None  # another dialect's id

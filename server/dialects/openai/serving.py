@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import sqlalchemy as sa
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -38,7 +37,6 @@ from server.dialects.openai.schemas import (
     parse_size,
 )
 from server.settings import max_request_bytes
-from server.store import jobs
 from vace_local.errors import Problem
 from vace_local.spec import ControlOptions, JobInputs, JobSpec, round_frames_4k1, task_needs_mask, task_needs_video
 
@@ -242,24 +240,10 @@ def list_jobs(core: JobService, *, after: str | None, limit: int, order: str,
               owner: str | None = None) -> tuple[list[JobRecord], bool]:
     """One page of this dialect's jobs visible to `owner` (its own and those made without keys) by
     (created_at, id), after the job `after`; returns (page, has_more)."""
-    t = jobs
-    mine = t.c.dialect == NAME
-    if owner is not None:
-        mine = sa.and_(mine, sa.or_(t.c.owner == owner, t.c.owner.is_(None)))
-    q = t.select().where(mine)
-    with core.store.engine.connect() as c:
-        if after:
-            row = c.execute(sa.select(t.c.created_at, t.c.id).where(t.c.id == after, mine)).first()
-            if row is None:
-                raise _bad("after", f"no video with id '{after}'")
-            ts, jid = row
-            if order == "asc":
-                q = q.where(sa.or_(t.c.created_at > ts, sa.and_(t.c.created_at == ts, t.c.id > jid)))
-            else:
-                q = q.where(sa.or_(t.c.created_at < ts, sa.and_(t.c.created_at == ts, t.c.id < jid)))
-        keys = (t.c.created_at, t.c.id) if order == "asc" else (t.c.created_at.desc(), t.c.id.desc())
-        rows = c.execute(q.order_by(*keys).limit(limit + 1)).all()
-    return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+    page = core.store.page_jobs(NAME, after=after, limit=limit, ascending=order == "asc", owner=owner)
+    if page is None:
+        raise _bad("after", f"no video with id '{after}'")
+    return page
 
 
 def delete_job(core: JobService, job: JobRecord) -> None:
