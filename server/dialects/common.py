@@ -31,6 +31,13 @@ from vace_local.spec import JobSpec
 PROMPT_MAX_CHARS = 20_000
 
 
+def not_blank(cls: type, v: str) -> str:
+    """A `prompt` validator: the text must say something (not empty, not only whitespace)."""
+    if not v.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return v
+
+
 # ---- the dialect record -------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from server.dialects.common import PROMPT_MAX_CHARS
+from server.dialects.common import PROMPT_MAX_CHARS, not_blank
 from vace_local.spec import MAX_FRAMES, MAX_REFERENCE_IMAGES, MAX_SEED, MIN_FRAMES, Acceleration, Sampler, Task
 
 NAME = "openai"
@@ -81,12 +81,7 @@ class VideoCreateRequest(BaseModel):
     #: False: `video` already is the control signal (a depth / pose video), used as is.
     preprocess: bool | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty or only whitespace")
-        return v
+    _not_blank = field_validator("prompt")(not_blank)
 
     @field_validator("seconds", mode="before")
     @classmethod

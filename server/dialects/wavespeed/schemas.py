@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from server.dialects.common import PROMPT_MAX_CHARS
+from server.dialects.common import PROMPT_MAX_CHARS, not_blank
 
 NAME = "wavespeed"
 MODEL_ID = "wavespeed-ai/wan-2.1-14b-vace"
@@ -57,12 +57,7 @@ class WanVaceInput(BaseModel):
     save_previews: bool = Field(False, description="vace-local extension: also write the control video and mask "
                                 "the model saw (listed under `previews` by `GET /api/v3/predictions/{id}/progress`)")
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty or only whitespace")
-        return v
+    _not_blank = field_validator("prompt")(not_blank)
 
     @field_validator("negative_prompt", mode="before")
     @classmethod
