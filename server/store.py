@@ -535,12 +535,19 @@ class Store:
                 .order_by(jobs.c.webhook_next_at).limit(limit)
             )]
 
-    def webhook_attempted(self, job_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
+    def webhook_attempted(self, job_id: str, *, delivered: bool, attempts: int, next_at: float | None,
+                          log_line: str | None = None, level: str = "info") -> None:
+        """Record a delivery attempt, and its log line in the same transaction (a stop between the two would
+        leave the attempt counted but unexplained)."""
         status = (WebhookStatus.DELIVERED if delivered
                   else WebhookStatus.PENDING if next_at is not None else WebhookStatus.FAILED)
+        now = time.time()
         with self.engine.begin() as c:
             c.execute(jobs.update().where(jobs.c.id == job_id).values(
                 webhook_status=status, webhook_attempts=attempts, webhook_next_at=next_at))
+            if log_line:
+                c.execute(job_logs.insert().values(job_id=job_id, ts=now, level=level, source="server",
+                                                   message=log_line))
 
     # ---- retention -----------------------------------------------------------------------------------
 

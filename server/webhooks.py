@@ -77,14 +77,12 @@ async def deliver_once(core: JobService, job: JobRecord, render: Renderer, clien
         reason = f"{type(e).__name__}: {e}"
     if ok:
         await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=True, attempts=attempts,
-                                next_at=None)
-        await asyncio.to_thread(core.store.add_log, job.id, f"webhook delivered ({reason})")
+                                next_at=None, log_line=f"webhook delivered ({reason})")
         return
     next_at = time.time() + backoff(attempts) if attempts < core.settings.webhook_max_attempts else None
-    await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=False, attempts=attempts,
-                            next_at=next_at)
     tail = f"retrying in {backoff(attempts):g} s" if next_at else "giving up"
-    await asyncio.to_thread(core.store.add_log, job.id, f"webhook attempt {attempts} failed ({reason}); {tail}",
+    await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=False, attempts=attempts,
+                            next_at=next_at, log_line=f"webhook attempt {attempts} failed ({reason}); {tail}",
                             level="warning")
 
 

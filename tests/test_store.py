@@ -142,8 +142,10 @@ def test_webhook_state_machine(store):
     assert [j.id for j in due] == [jid]
     store.webhook_attempted(jid, delivered=False, attempts=1, next_at=time.time() + 100)
     assert store.due_webhooks(time.time() + 1) == []
-    store.webhook_attempted(jid, delivered=True, attempts=2, next_at=None)
-    assert store.get_job(jid).webhook_status == "delivered"
+    store.webhook_attempted(jid, delivered=True, attempts=2, next_at=None, log_line="webhook delivered (HTTP 200)")
+    job = store.get_job(jid, with_logs=True)
+    assert job.webhook_status == "delivered" and job.webhook_attempts == 2
+    assert job.logs[-1]["message"] == "webhook delivered (HTTP 200)"  # written with the attempt, not after it
 
 
 def test_stage_histograms_accumulate_per_slot(store):
