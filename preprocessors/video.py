@@ -13,17 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# Decoding lives in vace_local.media (the layer below the preprocessors, shared with the sandbox's vetting);
-# these names stay importable from here for existing callers.
-from vace_local.media import (  # noqa: F401
-    CHUNK,
-    VideoInfo,
-    iter_frames,
-    open_video,
-    parse_display_rotation,
-    probe,
-    read_frames,
-)
+from vace_local.timing import frames_from_clip
 
 
 def keep_last_indices(src_frames: int, count: int) -> list[int]:
@@ -38,11 +28,6 @@ def keep_last_indices(src_frames: int, count: int) -> list[int]:
     return np.clip(np.ceil(x - 1e-9) - 1, 0, src_frames - 1).astype(int).tolist()
 
 
-def frames_at_fps(src_frames: int, src_fps: float, job_fps: float) -> int:
-    """How many job frames the clip lasts when played at its real speed at `job_fps`."""
-    return max(1, int(np.ceil(src_frames / src_fps * job_fps - 1e-6)))
-
-
 def sample_indices(src_frames: int, src_fps: float, job_fps: float, num_frames: int) -> list[int]:
     """Source index for each job frame (len <= num_frames; the caller pads the rest).
 
@@ -50,5 +35,5 @@ def sample_indices(src_frames: int, src_fps: float, job_fps: float, num_frames: 
     nothing padded). Fewer: every source frame at least once — `max(src_frames, real-speed length)` frames,
     capped at `num_frames` — so a short clip is never thinned out while gray frames are added after it.
     """
-    count = min(num_frames, max(src_frames, frames_at_fps(src_frames, src_fps, job_fps)))
+    count = frames_from_clip(src_frames, src_fps, job_fps, num_frames)
     return keep_last_indices(src_frames, count)

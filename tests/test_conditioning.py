@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from preprocessors import build_bundle
-from preprocessors.video import parse_display_rotation, probe
 from tests.media_helpers import LocalInputs
-from vace_local.media import write_video
+from vace_local.media import parse_display_rotation, probe, write_video
 from vace_local.spec import JobSpec
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()

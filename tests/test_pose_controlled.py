@@ -15,10 +15,9 @@ import pytest
 
 from preprocessors import build_bundle
 from preprocessors.annotators import annotate
-from preprocessors.video import open_video, read_frames
 from tests import controlled_annotators as ca
 from tests.media_helpers import LocalInputs
-from vace_local.media import write_video
+from vace_local.media import open_video, read_frames, write_video
 from vace_local.spec import JobSpec
 
 BOX = (200.0, 40.0, 440.0, 340.0)  # where the firing detector reports a person, in detector-input pixels

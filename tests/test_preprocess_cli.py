@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 from typer.testing import CliRunner
 
-from preprocessors.video import probe
 from vace_local.cli import app
-from vace_local.media import write_video
+from vace_local.media import probe, write_video
 
 
 def test_preprocess_command(tmp_path):

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vace_local.errors import ModelNotFoundError
+from vace_local.model_cache import OptionalModelCache
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +111,12 @@ class PromptExpander:
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-_LOCK = threading.Lock()
-_EXPANDERS: dict[ExpanderOptions, PromptExpander] = {}
+_LOADED: OptionalModelCache[ExpanderOptions, PromptExpander] = OptionalModelCache(PromptExpander, NOT_INSTALLED)
 
 
 def get_expander(options: ExpanderOptions) -> PromptExpander | None:
     """The process's expander for `options` (loaded on first use); None when its weights are not installed."""
-    with _LOCK:
-        if options not in _EXPANDERS:
-            try:
-                _EXPANDERS[options] = PromptExpander(options)
-            except ModelNotFoundError as exc:
-                log.warning("%s: %s", NOT_INSTALLED, exc)
-                return None
-        return _EXPANDERS[options]
+    return _LOADED.get(options)
 
 
 def expand_prompt(prompt: str, options: ExpanderOptions) -> ExpansionReport:

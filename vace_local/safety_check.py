@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from vace_local.errors import ModelNotFoundError, VaceError
+from vace_local.errors import VaceError
+from vace_local.model_cache import OptionalModelCache
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +135,12 @@ class SafetyChecker:
         return out
 
 
-_LOCK = threading.Lock()
-_CHECKERS: dict[SafetyOptions, SafetyChecker] = {}
+_LOADED: OptionalModelCache[SafetyOptions, SafetyChecker] = OptionalModelCache(SafetyChecker, NOT_INSTALLED)
 
 
 def get_checker(options: SafetyOptions) -> SafetyChecker | None:
     """The process's checker for `options` (loaded on first use); None when its weights are not installed."""
-    with _LOCK:
-        if options not in _CHECKERS:
-            try:
-                _CHECKERS[options] = SafetyChecker(options)
-            except ModelNotFoundError as exc:
-                log.warning("%s: %s", NOT_INSTALLED, exc)
-                return None
-        return _CHECKERS[options]
+    return _LOADED.get(options)
 
 
 def check_output(frames: np.ndarray, input_images: list[tuple[str, Path]], options: SafetyOptions) -> SafetyReport:

@@ -14,6 +14,18 @@ from dataclasses import dataclass
 
 from vace_local.spec import MAX_FRAMES, JobSpec, round_frames_4k1
 
+
+def frames_at_fps(src_frames: int, src_fps: float, job_fps: float) -> int:
+    """How many job frames the clip lasts when played at its real speed at `job_fps`."""
+    return max(1, math.ceil(src_frames / src_fps * job_fps - 1e-6))
+
+
+def frames_from_clip(src_frames: int, src_fps: float, job_fps: float, num_frames: int) -> int:
+    """How many of a job's `num_frames` the control video draws from the clip: every source frame at least
+    once (a short clip is never thinned out), its real-speed length when longer, at most `num_frames`."""
+    return min(num_frames, max(src_frames, frames_at_fps(src_frames, src_fps, job_fps)))
+
+
 #: The fps range a matched input rate is clamped to (JobSpec.fps).
 MIN_FPS, MAX_FPS = 1, 60
 
@@ -48,7 +60,7 @@ def match_input_timing(num_frames: int, fps: int, *, match_frames: bool, match_f
     n = num_frames
     if match_frames and known:
         # The clip's duration at the job rate (the control video is resampled to that rate).
-        n = max(1, math.ceil(source_frames / source_fps * fps - 1e-6))
+        n = frames_at_fps(source_frames, source_fps, fps)
         notes.append(f"num_frames matched to the input: {n} frames at {fps} fps")
         if n > MAX_FRAMES:
             notes.append(f"input is longer than {MAX_FRAMES} frames; output capped at {MAX_FRAMES}")
@@ -57,7 +69,7 @@ def match_input_timing(num_frames: int, fps: int, *, match_frames: bool, match_f
         notes.append(f"num_frames {n} rounded to {n4} (the model needs 4k+1 frames)")
     keep = None
     if match_frames and known:
-        from_input = min(n4, max(source_frames, n))
+        from_input = frames_from_clip(source_frames, source_fps, fps, n4)
         keep = from_input if from_input < n4 else None
     if keep:
         notes.append(f"output trimmed back to the input's {keep} frames")

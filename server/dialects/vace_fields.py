@@ -20,6 +20,14 @@ FAL_NEGATIVE_PROMPT = (
     "background, walking backwards"
 )
 
+#: JobSpec / JobInputs names → the names both dialects give the shared fields (each adds its reference and
+#: first/last frame names), so every error names the user's field.
+VACE_FIELD_NAMES = {
+    "video": "video_url", "mask_video": "mask_video_url", "mask_image": "mask_image_url",
+    "flow_shift": "shift", "fps": "frames_per_second", "interpolator": "interpolator_model",
+    "width": "resolution", "height": "resolution",
+}
+
 Resolution = Literal["auto", "240p", "360p", "480p", "580p", "720p"]
 AspectRatio = Literal["auto", "16:9", "1:1", "9:16"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from server.dialects.vace_fields import OutpaintingFields, ReframeFields, VaceFields
+from server.dialects.vace_fields import VACE_FIELD_NAMES, OutpaintingFields, ReframeFields, VaceFields
 
 NAME = "aiml"
 REQUESTED_FAMILY = "wan2.2-vace-fun-a14b"
@@ -19,10 +19,7 @@ AIML_TASKS = ("pose", "depth", "inpainting", "outpainting", "reframe")
 AIML_MODELS = tuple(AIML_MODEL_PREFIX + t for t in AIML_TASKS)
 #: JobSpec / JobInputs names → AI/ML's, so every error names the user's field.
 FIELD_NAMES = {
-    "video": "video_url", "mask_video": "mask_video_url", "mask_image": "mask_image_url",
-    "reference_images": "image_list", "first_image": "image_url", "last_image": "last_image_url",
-    "flow_shift": "shift", "fps": "frames_per_second", "interpolator": "interpolator_model",
-    "width": "resolution", "height": "resolution",
+    **VACE_FIELD_NAMES, "reference_images": "image_list", "first_image": "image_url", "last_image": "last_image_url",
 }
 
 

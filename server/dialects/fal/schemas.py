@@ -11,7 +11,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from server.dialects.vace_fields import FAL_NEGATIVE_PROMPT, OutpaintingFields, ReframeFields, VaceFields
+from server.dialects.vace_fields import (
+    FAL_NEGATIVE_PROMPT,
+    VACE_FIELD_NAMES,
+    OutpaintingFields,
+    ReframeFields,
+    VaceFields,
+)
 
 __all__ = [  # fal's published negative-prompt default is part of its contract, declared with the shared fields
     "ALIAS", "FAL_APP_ID", "FAL_ENDPOINTS", "FAL_NEGATIVE_PROMPT", "FAL_SCHEMAS", "FIELD_NAMES", "NAME", "OWNER",
@@ -28,10 +34,8 @@ FAL_ENDPOINTS = ("", "depth", "pose", "inpainting", "outpainting", "reframe")
 REQUESTED_FAMILY = "wan2.1-vace-14b"
 #: JobSpec / JobInputs names → fal's, so every error names the user's field.
 FIELD_NAMES = {
-    "video": "video_url", "mask_video": "mask_video_url", "mask_image": "mask_image_url",
+    **VACE_FIELD_NAMES,
     "reference_images": "ref_image_urls", "first_image": "first_frame_url", "last_image": "last_frame_url",
-    "flow_shift": "shift", "fps": "frames_per_second", "interpolator": "interpolator_model",
-    "width": "resolution", "height": "resolution",
 }
 
 
