@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,96 @@ def test_lora_option_parsing_and_validation(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(FileNotFoundError, match="exactly one"):
         read_lora_file(tmp_path / "d")
+
+
+# -- `.alpha` on non-block modules (lightx2v / CausVid releases) and keys diffusers cannot map ---------------
+#: Wan original module → diffusers module, for the modules outside the main blocks that such releases train.
+NON_BLOCK = {"text_embedding.0": "condition_embedder.text_embedder.linear_1",
+             "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+             "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+             "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+             "time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out"}
+BLOCK = {"self_attn.q": "attn1.to_q", "cross_attn.v": "attn2.to_v", "ffn.0": "ffn.net.0.proj"}
+
+
+def alpha_everywhere_lora(transformer, rank: int = 4, alpha: float = 3.0, seed: int = 5) -> dict[str, torch.Tensor]:
+    """A `diffusion_model.*` LoRA (lora_down / lora_up / alpha) on every main block and on the embedders and
+    head, sized from `transformer`'s own layers (tiny or real width)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = {**NON_BLOCK, **{f"blocks.{i}.{o}": f"blocks.{i}.{d}" for i in range(len(transformer.blocks))
+                               for o, d in BLOCK.items()}}
+    sd: dict[str, torch.Tensor] = {}
+    for orig, module in targets.items():
+        out_f, in_f = transformer.get_submodule(module).weight.shape
+        key = f"diffusion_model.{orig}"
+        sd[f"{key}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
+        sd[f"{key}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.1
+        sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def expected_deltas(sd: dict[str, torch.Tensor], transformer, scale: float) -> dict[str, torch.Tensor]:
+    """module → up @ down · alpha / rank · scale (the LoRA definition, independent of any converter)."""
+    out = {}
+    for orig, module in {**NON_BLOCK, **{f"blocks.{i}.{o}": f"blocks.{i}.{d}" for i in range(len(transformer.blocks))
+                                         for o, d in BLOCK.items()}}.items():
+        key = f"diffusion_model.{orig}"
+        down, up = sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"]
+        out[module] = up @ down * (sd[f"{key}.alpha"].item() / down.shape[0]) * scale
+    return out
+
+
+def test_alpha_keys_on_embedders_and_head_are_applied(base: Engine, tmp_path: Path) -> None:
+    """diffusers alone fails on these files ("state_dict should be empty … text_embedding.0.alpha")."""
+    sd = alpha_everywhere_lora(base.pipe.transformer)
+    path = tmp_path / "lightx2v_style.safetensors"
+    save_file(sd, str(path))
+    eng = Engine("tiny", EngineOptions(loras=(LoraOption(str(path), scale=0.8),)))
+    t, t0 = eng.pipe.transformer, base.pipe.transformer
+    for module, delta in expected_deltas(sd, t0, 0.8).items():
+        got = t.get_submodule(module).weight.float() - t0.get_submodule(module).weight.float()
+        assert torch.allclose(got, delta, atol=1e-5), module
+
+
+def test_unmappable_lora_keys_fail_naming_the_file_and_the_key(base: Engine, tmp_path: Path) -> None:
+    sd = kijai_lora()
+    sd["diffusion_model.vace_blocks.0.self_attn.q.lora_down.weight"] = torch.zeros(RANK, D)
+    sd["diffusion_model.vace_blocks.0.self_attn.q.lora_up.weight"] = torch.zeros(D, RANK)
+    vace = tmp_path / "vace_blocks.safetensors"
+    save_file(sd, str(vace))
+    with pytest.raises(ValueError, match=r"vace_blocks\.safetensors.*vace_blocks\.0\.self_attn\.q.*VACE blocks"):
+        Engine("tiny", EngineOptions(loras=(LoraOption(str(vace)),)))
+    orphan = tmp_path / "orphan_alpha.safetensors"
+    save_file({**kijai_lora(), "diffusion_model.head.head.alpha": torch.tensor(1.0)}, str(orphan))
+    with pytest.raises(ValueError, match=r"orphan_alpha\.safetensors.*'diffusion_model\.head\.head\.alpha'"):
+        Engine("tiny", EngineOptions(loras=(LoraOption(str(orphan)),)))
+
+
+def test_real_width_lora_layouts_on_the_real_architecture_transformer() -> None:
+    """The same layouts at the real 1.3B width (12 heads × 128, ffn 8960, text_dim 4096), 2 layers + 1 VACE layer:
+    Kijai `diffusion_model.*` with alphas everywhere, and a diffusers/PEFT file, fused with the exact deltas."""
+    from diffusers import UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    from vace_local.lora import fuse_loras
+
+    torch.manual_seed(0)
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=2, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, vace_layers=[0], vace_in_channels=96)
+    base_t = WanVACETransformer3DModel(**cfg).eval()
+    pipe = WanVACEPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=UniPCMultistepScheduler(),
+                           transformer=copy.deepcopy(base_t))
+    kijai = alpha_everywhere_lora(base_t, rank=8, alpha=4.0)
+    g = torch.Generator().manual_seed(9)
+    peft = {"transformer.blocks.1.attn2.to_k.lora_A.weight": torch.randn(8, 1536, generator=g) / 40,
+            "transformer.blocks.1.attn2.to_k.lora_B.weight": torch.randn(1536, 8, generator=g) / 10}
+    fuse_loras(pipe, [(kijai, 0.5, "both", "kijai.safetensors"), (peft, 1.0, "both", "peft.safetensors")])
+    t = pipe.transformer
+    expected = expected_deltas(kijai, base_t, 0.5)
+    expected["blocks.1.attn2.to_k"] = peft["transformer.blocks.1.attn2.to_k.lora_B.weight"] @ \
+        peft["transformer.blocks.1.attn2.to_k.lora_A.weight"]
+    for module, delta in expected.items():
+        got = t.get_submodule(module).weight - base_t.get_submodule(module).weight
+        assert torch.allclose(got, delta, atol=2e-5, rtol=1e-4), module
+    for untouched in ("vace_blocks.0.attn1.to_q.weight", "vace_blocks.0.proj_out.weight"):  # `proj_out` = head too
+        assert torch.equal(t.state_dict()[untouched], base_t.state_dict()[untouched]), untouched
