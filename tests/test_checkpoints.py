@@ -258,3 +258,26 @@ def test_real_architecture_expert_with_original_keys_converts_exactly(tmp_path: 
         a = ours(x, t, text, control_hidden_states=ctrl, return_dict=False)[0]
         b = ref(x, t, text, control_hidden_states=ctrl, return_dict=False)[0]
     assert torch.equal(a, b)
+
+
+def test_real_architecture_two_expert_release_loads_as_its_diffusers_source(
+        realarch_wan22: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Wan 2.2 two-expert layout at the real 1.3B width (tests/realarch.py: real VAE / UMT5 / UniPC configs),
+    written as the official release (high_noise_model/, low_noise_model/ sharded, original keys), loaded through
+    `--model DIR` like any model: the engine holds exactly its diffusers-layout source's weights. (Frames are
+    compared on the tiny two-expert model above: on this CPU the real VAE makes each job cost minutes.)"""
+    from diffusers import WanVACEPipeline
+
+    ref = WanVACEPipeline.from_pretrained(realarch_wan22)
+    root = tmp_path / "Wan2.2-VACE-Fun-A14B"
+    write_original(ref.transformer, root / "high_noise_model")
+    write_original(ref.transformer_2, root / "low_noise_model", shards=2)
+    monkeypatch.setenv(BASE_MODEL_ENV, str(realarch_wan22))
+    ours = Engine(str(root), EngineOptions(offload="none", dtype="fp32"))
+    assert ours.two_experts and ours.pipe.config.boundary_ratio == 0.875
+    assert ours.describe()["path"] == str(root)
+    assert_same_weights(ours.pipe.transformer, ref.transformer)
+    assert_same_weights(ours.pipe.transformer_2, ref.transformer_2)
+    # the base's components, untouched (stored bf16, loaded at the engine's fp32)
+    assert torch.equal(ours.pipe.text_encoder.shared.weight, ref.text_encoder.shared.weight.float())
+    assert ours.vace_layers == [0] and ours.pipe.transformer.config.num_attention_heads == 12
