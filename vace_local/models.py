@@ -88,8 +88,8 @@ def resolve_model(name: str, *, allow_download: bool = False, cache_dir: Path | 
         info = BUILTIN_MODELS[name]
         if info.base is None:
             return ResolvedModel(name, _hub_snapshot(info.repo_id, name, allow_download), "builtin")
-        base = _base_snapshot(info.base, name, allow_download)
         root = _hub_snapshot(info.repo_id, name, allow_download, info.allow)
+        base = _base_snapshot(info.base, name, allow_download)
         return ResolvedModel(name, root, "builtin", _original_or_fail(root, name), base)
     path = Path(name).expanduser()
     if path.is_dir():
