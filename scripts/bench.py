@@ -17,9 +17,12 @@ Per-step time is the median interval between step callbacks after the first (war
 end-to-end figure is text + VAE encode + 30 × step + VAE decode from those measurements (`e2e_est_s`).
 The VAE (encode of the control video, decode of the latents) is timed once per size, not per mode: the
 denoising jobs reuse that encoded conditioning and stop after their last step, so a mode costs its build
-and its steps only. For a device with a time limit: `--budget-s` skips modes whose estimate (from the modes
-already measured) would not finish, `--append` adds to an earlier run's JSON (reusing its stock / bf16
-baselines, skipping modes already measured) and `--require-cuda` (or VACE_REQUIRE_CUDA=1) exits 2 at once
+and its steps only. For a device with a time limit: `--budget-s` skips modes whose estimate (the FLOP model
+and the measured matmul peak before anything is measured, then the modes already measured) would not
+finish, and a mode's timed job stops at the budget's end or after `--mode-limit-s` once one step interval is
+measured (s/step from fewer steps, `cut_short`); `--plan` prints the estimates without running; `--append`
+adds to an earlier run's JSON (reusing its stock / bf16 baselines and VAE times only from the same GPU
+model, skipping modes already measured there) and `--require-cuda` (or VACE_REQUIRE_CUDA=1) exits 2 at once
 when CUDA is missing instead of benchmarking the CPU.
 """
 
