@@ -116,6 +116,7 @@ def test_two_expert_release_loads_through_model_dir_and_matches_the_diffusers_la
     assert_same_weights(ours.pipe.transformer, ref.pipe.transformer)  # high noise → transformer
     assert_same_weights(ours.pipe.transformer_2, ref.pipe.transformer_2)  # low noise → transformer_2
     assert ours.two_experts and ours.pipe.config.boundary_ratio == 0.875
+    assert ours.describe()["format"] == "original" and ref.describe()["format"] == "diffusers"
     s = spec(guidance_scale_2=3.0)
     assert np.array_equal(ours.generate(s, bundle(), seed=4), ref.generate(s, bundle(), seed=4))
 
@@ -275,7 +276,7 @@ def test_real_architecture_two_expert_release_loads_as_its_diffusers_source(
     monkeypatch.setenv(BASE_MODEL_ENV, str(realarch_wan22))
     ours = Engine(str(root), EngineOptions(offload="none", dtype="fp32"))
     assert ours.two_experts and ours.pipe.config.boundary_ratio == 0.875
-    assert ours.describe()["path"] == str(root)
+    assert ours.describe()["path"] == str(root) and ours.describe()["format"] == "original"
     assert_same_weights(ours.pipe.transformer, ref.transformer)
     assert_same_weights(ours.pipe.transformer_2, ref.transformer_2)
     # the base's components, untouched (stored bf16, loaded at the engine's fp32)

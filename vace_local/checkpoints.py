@@ -199,16 +199,15 @@ def load_expert(files: tuple[Path, ...], base_dir: Path, dtype: Any, device: Any
 
     cfg = check_against_base(checkpoint_shape(files), base_dir, files)
     check_keys(files, cfg)
+    where = str(device) if device is not None else "cpu"
     state: dict[str, Any] = {}
-    for f in files:  # shards merged in memory (one copy of the expert, as a single-file load holds)
-        state.update(load_file(str(f)))
+    for f in files:  # shards merged (one copy of the expert, read straight onto `device`; the model adopts it)
+        state.update(load_file(str(f), device=where))
     original_keys = len(state)
     model = WanVACETransformer3DModel.from_single_file(state, config=str(base_dir), subfolder="transformer",
-                                                       local_files_only=True)
+                                                       local_files_only=True, device=where)
     del state
     cast_like_from_pretrained(model, dtype)
-    if device is not None:
-        model.to(device)
     log.info("converted %s (%d original keys, %d file(s)) with diffusers' single-file Wan converter",
              files[0].parent, original_keys, len(files))
     return model.eval()

@@ -265,6 +265,8 @@ class Engine:
             "name": self.model_name,
             "path": str(self.resolved.path),
             "kind": self.resolved.kind,
+            #: "original": an original-format checkpoint converted at load (vace_local.checkpoints).
+            "format": "original" if self.resolved.original is not None else "diffusers",
             "tiny": self.is_tiny,
             "device": self.device,
             "dtype": str(self.compute_dtype).removeprefix("torch."),
