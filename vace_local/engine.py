@@ -57,6 +57,8 @@ class EngineOptions:
     fp8_linear: bool = False
     #: LoRAs fused at load; distillation LoRAs carry step / guidance / shift overrides.
     loras: tuple[LoraOption, ...] = field(default_factory=tuple)
+    #: Per-request LoRAs (`JobSpec.loras`) kept loaded as adapters, least recently used dropped first.
+    lora_adapters: int = 4
     #: Bytes of helper models (prompt expander, safety checker) that `auto` must leave room for on the GPU.
     aux_bytes: int = 0
 
@@ -84,12 +86,16 @@ class SamplingStats:
     step_cache_threshold: float
     text_encode_s: float
     cache: StepStats | None = None
+    #: The job's LoRA adapters (`AdapterPool.activate`): adapter name, file, scale, experts.
+    loras: tuple[dict[str, Any], ...] = ()
+    lora_switch_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """The job metadata's "sampling" record."""
         return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
                 "flow_shift": self.flow_shift, "step_cache_threshold": self.step_cache_threshold,
-                "text_encode_s": round(self.text_encode_s, 4), **(self.cache.as_dict() if self.cache else {})}
+                "text_encode_s": round(self.text_encode_s, 4), "loras": list(self.loras),
+                "lora_switch_s": round(self.lora_switch_s, 4), **(self.cache.as_dict() if self.cache else {})}
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,9 @@ class Engine:
         self.lora_overrides: dict[str, float | int] = {}
         if self.options.loras:
             self.add_loras(self.options.loras)
+        from vace_local.lora import AdapterPool
+
+        self.adapters = AdapterPool(self.pipe, self.options.lora_adapters)
         if self.options.fp8_storage:
             from vace_local.fastpath import enable_fp8_storage
 
@@ -316,8 +325,28 @@ class Engine:
         return emb
 
     def effective_spec(self, spec: JobSpec) -> JobSpec:
-        """The spec as it will run: a fused distillation LoRA imposes its own steps / guidance / shift."""
-        return spec.model_copy(update=self.lora_overrides) if self.lora_overrides else spec
+        """The spec as it will run: a distillation LoRA imposes its own steps / guidance / shift — a fused one
+        on every job, one in `spec.loras` on this job only (it wins over a fused one)."""
+        update = dict(self.lora_overrides)
+        for lora in spec.loras:
+            update.update(lora.overrides())
+        return spec.model_copy(update=update) if update else spec
+
+    def _job_loras(self, spec: JobSpec) -> list[Any]:
+        """`spec.loras` as local files for the adapter pool; refused where adapters cannot run."""
+        from vace_local.lora import JobLora, lora_path
+
+        if spec.loras and (self.options.compile or self.options.fp8_storage or self.options.fp8_linear):
+            raise InputError("loras", "per-request LoRAs are not available with --compile or --fp8 (a swap would "
+                             "recompile / the adapters would not see fp8 weights); fuse them at start with --lora")
+        out = []
+        for i, lora in enumerate(spec.loras):
+            try:
+                path = lora_path(lora.path)
+            except (FileNotFoundError, ValueError) as exc:
+                raise InputError(f"loras[{i}].path", str(exc)) from None
+            out.append(JobLora(path, lora.scale, lora.transformer, f"loras[{i}].path"))
+        return out
 
     def _conditioning_scale(self, spec: JobSpec) -> float | list[float]:
         scale = spec.context_scale
@@ -378,7 +407,11 @@ class Engine:
         from PIL import Image
 
         scale = self.check_job(spec, bundle)
+        job_loras = self._job_loras(spec)
         spec = self.effective_spec(spec)
+        t_lora = time.perf_counter()
+        used = self.adapters.activate(job_loras)
+        t_lora = time.perf_counter() - t_lora
         self.pipe.scheduler = make_scheduler(spec.sampler, spec.flow_shift, self._base_scheduler_config)
         cfg = spec.guidance_scale > 1.0  # exactly the pipeline's rule (guidance_scale_2 does not count)
         t_text = time.perf_counter()
@@ -432,7 +465,7 @@ class Engine:
                 ) from exc
             finally:
                 stats = SamplingStats(total, spec.guidance_scale, spec.flow_shift, threshold, t_text,
-                                      self.fast.end_job())
+                                      self.fast.end_job(), tuple(used), t_lora)
                 self._last_stats = stats
                 self.pipe.maybe_free_model_hooks()  # also after a cancel: offload hooks back to the CPU
                 if self.device.startswith("cuda"):

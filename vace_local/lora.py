@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -199,3 +200,153 @@ def fuse_loras(pipe: Any, loras: list[LoraItem]) -> list[str]:
         model.unload_lora()
     log.info("fused %d LoRA(s)", len(loras))
     return names
+
+
+# -- per-request LoRAs: adapters on the resident model, switched per job -------------------------------------
+@dataclass(frozen=True)
+class JobLora:
+    """One LoRA a job asks for, its file already local (the worker / CLI resolved `path`)."""
+
+    file: Path
+    scale: float
+    experts: Experts
+    field: str  # the request field that named it, e.g. "loras[0].path"
+
+
+@dataclass
+class _Adapter:
+    name: str
+    components: tuple[str, ...]
+
+
+def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    import torch
+
+    # a layer holding adapters already is PEFT's wrapper around the original Linear (`X.base_layer`)
+    return {n.removesuffix(".base_layer"): (m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".lora_" not in n}
+
+
+def check_targets(state: dict[str, Any], model: Any, label: str) -> None:
+    """Refuse a converted (diffusers `transformer.*`) LoRA whose keys name no linear of `model` or whose shapes
+    do not fit it (a LoRA for another model family or size): PEFT would only warn and load part of it."""
+    shapes = _linear_shapes(model)
+    for key, value in state.items():
+        stem, sep, tail = key.removeprefix("transformer.").rpartition(".lora_")
+        if not sep:
+            raise LoraFormatError(f"lora file {label}: key {key!r} is not a LoRA weight")
+        base = stem.removesuffix(".base_layer")
+        if base not in shapes:
+            raise LoraFormatError(f"lora file {label}: key {key!r} names no linear layer of this model "
+                                  "(a LoRA for another model family?)")
+        out_f, in_f = shapes[base]
+        if tail.startswith("A.weight") and value.shape[-1] != in_f or tail.startswith("B.weight") and \
+                value.shape[0] != out_f:
+            raise LoraFormatError(f"lora file {label}: key {key!r} has shape {tuple(value.shape)}, but the layer is "
+                                  f"{out_f}x{in_f} (a LoRA for another model size or family)")
+
+
+class AdapterPool:
+    """LoRA adapters (PEFT layers) on the resident transformers, switched per job without touching the base
+    weights: an LRU of at most `capacity` adapters; `activate` loads what a job needs and enables exactly that.
+
+    Loads go through each transformer's `load_lora_adapter` (not the pipeline's `load_lora_weights`, which
+    removes and re-installs the pipeline's offload hooks — and fails doing so on a CPU-only machine); the keys are
+    converted by diffusers' Wan `lora_state_dict` after `fold_alphas`, as for fused LoRAs.
+    """
+
+    def __init__(self, pipe: Any, capacity: int = 4) -> None:
+        self.pipe = pipe
+        self.capacity = max(1, capacity)
+        self._loaded: OrderedDict[tuple[str, int, int, str], _Adapter] = OrderedDict()
+        self._counter = 0
+        self.loads = 0  # adapters loaded from disk (tests and benchmarks read it)
+
+    def _components(self, experts: Experts) -> tuple[str, ...]:
+        out = []
+        if experts in ("both", "high") and self.pipe.transformer is not None:
+            out.append("transformer")
+        if experts in ("both", "low") and getattr(self.pipe, "transformer_2", None) is not None:
+            out.append("transformer_2")
+        return tuple(out)
+
+    def _key(self, lora: JobLora) -> tuple[str, int, int, str]:
+        st = lora.file.stat()
+        return (str(lora.file.resolve()), st.st_size, st.st_mtime_ns, lora.experts)
+
+    def _load(self, lora: JobLora, keep: set[str]) -> _Adapter:
+        from vace_local.errors import InputError
+
+        components = self._components(lora.experts)
+        if not components:
+            raise InputError(lora.field.removesuffix(".path") + ".transformer",
+                             f"this model has no {lora.experts}-noise expert")
+        while len(self._loaded) >= self.capacity:
+            victim = next((k for k, a in self._loaded.items() if a.name not in keep), None)
+            if victim is None:
+                break
+            self._drop(self._loaded.pop(victim))
+        label = lora.file.name
+        try:
+            raw = read_lora_file(lora.file)
+            state = self.pipe.lora_state_dict(fold_alphas(raw, label))
+        except LoraFormatError as exc:
+            raise InputError(lora.field, str(exc)) from exc
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise InputError(lora.field, str(_mapping_error(label, exc))) from exc
+        if not state:
+            raise InputError(lora.field, f"lora file {label} holds no LoRA weights")
+        self._counter += 1
+        adapter = _Adapter(f"job{self._counter}", components)
+        done: list[str] = []
+        try:
+            for c in components:
+                model = getattr(self.pipe, c)
+                check_targets(state, model, label)
+                model.load_lora_adapter(dict(state), prefix="transformer", adapter_name=adapter.name,
+                                        low_cpu_mem_usage=True)
+                done.append(c)
+        except Exception as exc:
+            self._drop(_Adapter(adapter.name, tuple(done)))
+            err = exc if isinstance(exc, LoraFormatError) else _mapping_error(label, exc)
+            raise InputError(lora.field, str(err)) from exc
+        self.loads += 1
+        return adapter
+
+    def _drop(self, adapter: _Adapter) -> None:
+        for c in adapter.components:
+            model = getattr(self.pipe, c)
+            if adapter.name in getattr(model, "peft_config", {}):
+                model.delete_adapters(adapter.name)
+
+    def activate(self, loras: list[JobLora]) -> list[dict[str, Any]]:
+        """Load (or reuse) each LoRA and make exactly these adapters active at their scales; none → every
+        adapter off (the base weights were never changed). Returns the metadata of what is active."""
+        active: list[tuple[_Adapter, JobLora]] = []
+        keep: set[str] = set()
+        for lora in loras:
+            key = self._key(lora)
+            adapter = self._loaded.get(key)
+            if adapter is None:
+                adapter = self._load(lora, keep)
+                self._loaded[key] = adapter
+            self._loaded.move_to_end(key)
+            keep.add(adapter.name)
+            active.append((adapter, lora))
+        for c in ("transformer", "transformer_2"):
+            model = getattr(self.pipe, c, None)
+            if model is None or not getattr(model, "peft_config", None):
+                continue
+            names = [a.name for a, _ in active if c in a.components]
+            weights = [x.scale for a, x in active if c in a.components]
+            if names:
+                model.enable_lora()
+                model.set_adapters(names, weights=weights)
+            else:
+                model.disable_lora()
+        return [{"adapter": a.name, "file": x.file.name, "scale": x.scale, "transformer": x.experts,
+                 "experts": list(a.components)} for a, x in active]
+
+    @property
+    def loaded(self) -> list[str]:
+        return [a.name for a in self._loaded.values()]

@@ -159,6 +159,38 @@ class OutputOptions(BaseModel):
     save_control: bool = False
 
 
+MAX_JOB_LORAS = 4
+
+
+class LoraRef(BaseModel):
+    """One LoRA for one job (fal's Wan LoRA convention; a vace-local extension on every VACE endpoint).
+
+    Loaded as an adapter on the resident model and active for this job only (vace_local.lora.AdapterPool).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., min_length=1, max_length=2048, description=(
+        "http(s) URL of a .safetensors file, a Hugging Face `owner/repo/file.safetensors` (or `owner/repo` with "
+        "weight_name), or the name of a file in the server's LoRA folder (VACE_LORA_DIR); the CLI also takes a "
+        "local path"))
+    scale: float = Field(1.0, ge=0.0, le=4.0, description="LoRA strength (fal's range 0-4)")
+    transformer: Literal["high", "low", "both"] = Field(
+        "both", description="Wan 2.2 expert: high-noise (transformer), low-noise (transformer_2) or both; "
+        "single-expert models take high or both")
+    weight_name: str | None = Field(None, max_length=512, description="file inside a Hugging Face repo `path`")
+    #: Distillation LoRAs (CausVid, lightx2v): the schedule they need, for this job only.
+    num_inference_steps: int | None = Field(None, ge=1, le=100, description=(
+        "vace-local: steps this LoRA needs (distillation LoRAs); overrides the job's for this job only"))
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0, description=(
+        "vace-local: guidance this LoRA needs (distillation LoRAs: 1); this job only"))
+    flow_shift: float | None = Field(None, gt=0.0, le=30.0, description="vace-local: flow shift this LoRA needs")
+
+    def overrides(self) -> dict[str, float | int]:
+        return {k: v for k in ("num_inference_steps", "guidance_scale", "flow_shift")
+                if (v := getattr(self, k)) is not None}
+
+
 class JobSpec(BaseModel):
     """Everything needed to produce one video. Defaults follow the official VACE / WaveSpeed settings."""
 
@@ -193,6 +225,8 @@ class JobSpec(BaseModel):
     enable_safety_checker: bool = False
     #: Rewrite the prompt with the prompt-expander LM before text encoding (vace_local/prompt_expand.py).
     enable_prompt_expansion: bool = False
+    #: LoRAs for this job only, as adapters on the resident model (no reload); see LoraRef.
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_JOB_LORAS)
 
     @field_validator("width", "height")
     @classmethod
