@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     cfg_parallel: bool = True
     #: LoRAs fused at load, `PATH[:scale[:steps[:guidance[:shift]]]]` (comma-separated in env).
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Per-request LoRAs (`loras` on every endpoint): the folder a bare file name is looked up in, how many
+    #: adapters stay loaded per worker, and the size bound of the disk cache of downloaded LoRA files.
+    lora_dir: Path | None = None
+    lora_adapters: int = Field(4, ge=1, le=64)
+    lora_cache_bytes: int = Field(8 * 1024**3, gt=0)
     #: TEST/LAPTOP ONLY, effective only with `model=tiny`: cap width/height (keeping aspect) and frame count
     #: so hosted-API sizes (832*480, 81 frames) run quickly on CPU. 0 = no cap.
     tiny_max_side: int = Field(0, ge=0)
@@ -182,6 +187,7 @@ class Settings(BaseSettings):
             device=device, dtype=self.dtype, offload=self.offload, attention=self.attention,
             cfg_batch=self.cfg_batch, compile=self.compile, fp8_storage=self.fp8 == "storage",
             fp8_linear=self.fp8 == "linear", loras=tuple(LoraOption.parse(x) for x in self.loras),
+            lora_adapters=self.lora_adapters,
             aux_bytes=self.aux_gpu_bytes() if device != "cpu" else 0,
         )
 

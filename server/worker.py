@@ -218,6 +218,7 @@ class Worker:
             return str(p)
 
         dest.mkdir(parents=True, exist_ok=True)
+        spec = self.resolve_loras(spec, fields)
         upd: dict[str, Any] = {}
         for name, kind in media_refs.FIELD_KINDS.items():
             val = getattr(spec.inputs, name)
@@ -226,6 +227,29 @@ class Worker:
             elif val:
                 upd[name] = one(val, name, kind, name)
         return spec.model_copy(update={"inputs": spec.inputs.model_copy(update=upd)})
+
+    def resolve_loras(self, spec: JobSpec, fields: dict[str, str]) -> JobSpec:
+        """Each `loras[i].path` becomes a local file: from the LoRA folder, or downloaded (URL / Hugging Face)
+        with the input rules (allowed hosts, size limit, deadline, cancel) into the size-bounded LoRA cache."""
+        if not spec.loras:
+            return spec
+        from vace_local.lora_sources import LoraFiles
+
+        s = self.settings
+
+        def download(url: str, dest: Path, label: str) -> Path:
+            return media_refs.download(url, dest, label, allowed=s.allowed_hosts, max_bytes=s.max_download_bytes,
+                                       timeout_s=s.download_timeout_s, should_cancel=self.should_cancel)
+
+        files = LoraFiles(self.data_dir / "cache" / "loras", download, lora_dir=s.lora_dir,
+                          cache_bytes=s.lora_cache_bytes)
+        loras = []
+        for i, ref in enumerate(spec.loras):
+            if self.should_cancel():
+                raise JobCancelled("cancelled while fetching LoRAs")
+            path = files.resolve(ref, user_field(f"loras[{i}].path", fields))
+            loras.append(ref.model_copy(update={"path": str(path)}))
+        return spec.model_copy(update={"loras": loras})
 
     def run_one(self, job: JobRecord) -> None:
         from vace_local.run import run_job

@@ -141,6 +141,8 @@ class Engine:
             else:
                 self.pipe = WanVACEPipeline.from_pretrained(self.resolved.path, dtype=dtypes)
         self.pipe.set_progress_bar_config(disable=True)
+        #: When this engine's weights were loaded (job metadata: jobs on one loaded model share it).
+        self.loaded_at = time.time()
         self._text_cache: OrderedDict[str, Any] = OrderedDict()
         self._last_stats: SamplingStats | None = None
         #: Set by `vace_local.parallel` in a CFG-parallel group: computes (cond, uncond) for one step.
@@ -283,6 +285,9 @@ class Engine:
             "vae_tiling": self.vae_tiling,
             "two_experts": self.two_experts,
             "boundary_ratio": self.pipe.config.boundary_ratio,
+            "loaded_at": self.loaded_at,
+            "lora_adapters": {"loaded": self.adapters.loaded, "loads": self.adapters.loads,
+                              "capacity": self.adapters.capacity},
             "fast_path": {
                 "attention": self.attention.as_dict(),
                 "text_cache": self.options.text_cache,

@@ -155,6 +155,7 @@ def run_job(
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
     try:
         resolved = _fetch(stage, spec, work)
+        spec = _fetch_loras(stage, spec)
         job = _Job(_plan(stage, spec, resolved), resolved, seed)
         _preprocess(stage, job, engine)
         if spec.enable_prompt_expansion:
@@ -190,6 +191,31 @@ def _fetch(stage: Stages, spec: JobSpec, work: Path) -> Any:
         resolved = fetch_inputs(spec.inputs, work / "inputs")
         vet_inputs(resolved, should_cancel=stage.should_cancel)  # decoded first in a limited child: sandbox.py
     return resolved
+
+
+def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
+    """`spec.loras` paths as local files (CLI: a local path, VACE_LORA_DIR, a URL or a Hugging Face file; the
+    server's worker has already resolved them to files under its own rules)."""
+    if not spec.loras:
+        return spec
+    import os
+
+    from vace_local.inputs import FETCH_DEADLINE_S, FETCH_TIMEOUT_S, MAX_INPUT_BYTES
+    from vace_local.lora_sources import LoraFiles
+    from vace_local.tiny import default_cache_dir
+
+    def download(url: str, dest: Path, field: str) -> Path:
+        from vace_local.http_guard import fetch_url
+
+        return fetch_url(url, dest, field, max_bytes=MAX_INPUT_BYTES, timeout_s=FETCH_DEADLINE_S,
+                         read_timeout_s=FETCH_TIMEOUT_S, should_cancel=stage.should_cancel)
+
+    files = LoraFiles(default_cache_dir() / "loras", download, lora_dir=os.environ.get("VACE_LORA_DIR") or None,
+                      allow_local_paths=True)
+    with stage("fetch"):
+        loras = [ref.model_copy(update={"path": str(files.resolve(ref, f"loras[{i}].path"))})
+                 for i, ref in enumerate(spec.loras)]
+    return spec.model_copy(update={"loras": loras})
 
 
 def _plan(stage: Stages, spec: JobSpec, resolved: Any) -> JobPlan:

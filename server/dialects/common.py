@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from server import media_refs
 from server.core import ApiError, JobService, user_field
@@ -24,11 +24,37 @@ from server.store import JobRecord
 from vace_local.errors import InputError, Problem, problems_from_pydantic
 from vace_local.media_limits import MediaLimits
 from vace_local.sandbox import vet_file_async
-from vace_local.spec import JobSpec
+from vace_local.spec import MAX_JOB_LORAS, JobSpec, LoraRef
 
 #: Longest prompt / negative prompt any dialect accepts (the UMT5 text encoder reads only the first 512 tokens
 #: anyway); a longer one is a 4xx naming the field, so it is never stored, logged or polled back.
 PROMPT_MAX_CHARS = 20_000
+
+LORAS_DESCRIPTION = (
+    "vace-local extension (no hosted VACE endpoint has it): LoRAs for this job only, in fal's Wan LoRA form "
+    "`[{path, scale, transformer, weight_name}]`. They are loaded as adapters on the resident model and switched "
+    "per job, never by reloading it; the next job without them runs without. `path`: an http(s) URL, a Hugging "
+    "Face `owner/repo/file.safetensors`, or a file name in the server's LoRA folder (VACE_LORA_DIR). "
+    "Distillation LoRAs may carry num_inference_steps / guidance_scale / flow_shift, applied to this job only. "
+    f"At most {MAX_JOB_LORAS}."
+)
+
+
+def loras_field() -> list[LoraRef]:
+    """The `loras` field every dialect's request has (same type, limit and description)."""
+    return Field(default_factory=list, max_length=MAX_JOB_LORAS, description=LORAS_DESCRIPTION)
+
+
+def loras_from_text(v: Any) -> Any:
+    """A `loras` validator (mode="before") for form bodies: the list may arrive as one JSON text."""
+    if isinstance(v, str):
+        import json
+
+        try:
+            return json.loads(v) if v.strip() else []
+        except ValueError:
+            raise ValueError("must be a JSON list of {path, scale, transformer, weight_name} objects") from None
+    return v
 
 
 def not_blank(cls: type, v: str) -> str:

@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.dialects.common import PROMPT_MAX_CHARS
-from vace_local.spec import MAX_SEED
+from server.dialects.common import PROMPT_MAX_CHARS, loras_field
+from vace_local.spec import MAX_SEED, LoraRef
 
 FAL_NEGATIVE_PROMPT = (
     "letterboxing, borders, black bars, bright colors, overexposed, static, blurred details, subtitles, "
@@ -62,6 +62,7 @@ class VaceFields(BaseModel):
     auto_downsample_min_fps: float = Field(15.0, ge=1.0, le=60.0)
     interpolator_model: Literal["rife", "film"] = "film"
     sync_mode: bool = False
+    loras: list[LoraRef] = loras_field()
 
 
 class OutpaintingFields(BaseModel):

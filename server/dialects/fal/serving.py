@@ -250,6 +250,7 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
                              frames_zip=req.return_frames_zip),
         enable_safety_checker=req.enable_safety_checker,
         enable_prompt_expansion=req.enable_prompt_expansion,
+        loras=req.loras,
     )
     return Translation(spec=spec, sync_mode=req.sync_mode, notes=notes)
 

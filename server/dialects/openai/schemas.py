@@ -15,8 +15,17 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from server.dialects.common import PROMPT_MAX_CHARS, not_blank
-from vace_local.spec import MAX_FRAMES, MAX_REFERENCE_IMAGES, MAX_SEED, MIN_FRAMES, Acceleration, Sampler, Task
+from server.dialects.common import PROMPT_MAX_CHARS, loras_field, loras_from_text, not_blank
+from vace_local.spec import (
+    MAX_FRAMES,
+    MAX_REFERENCE_IMAGES,
+    MAX_SEED,
+    MIN_FRAMES,
+    Acceleration,
+    LoraRef,
+    Sampler,
+    Task,
+)
 
 NAME = "openai"
 #: Our statuses → the SDK's (a cancelled job is `failed` with code `cancelled`).
@@ -80,8 +89,11 @@ class VideoCreateRequest(BaseModel):
     acceleration: Acceleration | None = None
     #: False: `video` already is the control signal (a depth / pose video), used as is.
     preprocess: bool | None = None
+    #: In a multipart body: one JSON text.
+    loras: list[LoraRef] = loras_field()
 
     _not_blank = field_validator("prompt")(not_blank)
+    _loras_text = field_validator("loras", mode="before")(classmethod(lambda cls, v: loras_from_text(v)))
 
     @field_validator("seconds", mode="before")
     @classmethod

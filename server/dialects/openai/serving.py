@@ -135,7 +135,7 @@ def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, li
     try:
         spec = JobSpec(
             task=task, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height,
-            num_frames=num_frames, fps=FPS, seed=req.seed,
+            num_frames=num_frames, fps=FPS, seed=req.seed, loras=req.loras,
             inputs=JobInputs(video=video, mask_video=req.mask_video, mask_image=req.mask_image,
                              reference_images=list(req.reference_images), first_image=first_image,
                              last_image=req.last_image),

@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from server.dialects.common import PROMPT_MAX_CHARS, not_blank
+from server.dialects.common import PROMPT_MAX_CHARS, loras_field, not_blank
+from vace_local.spec import LoraRef
 
 NAME = "wavespeed"
 MODEL_ID = "wavespeed-ai/wan-2.1-14b-vace"
@@ -56,6 +57,7 @@ class WanVaceInput(BaseModel):
     enable_base64_output: bool = False
     save_previews: bool = Field(False, description="vace-local extension: also write the control video and mask "
                                 "the model saw (listed under `previews` by `GET /api/v3/predictions/{id}/progress`)")
+    loras: list[LoraRef] = loras_field()
 
     _not_blank = field_validator("prompt")(not_blank)
 

@@ -63,7 +63,7 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
             num_frames=inp.duration * FPS + 1, fps=FPS, num_inference_steps=inp.num_inference_steps,
             guidance_scale=inp.guidance_scale, flow_shift=flow_shift, context_scale=inp.context_scale,
             seed=inp.seed, output=OutputOptions(save_control=inp.save_previews),
-            enable_safety_checker=inp.enable_safety_checker,
+            enable_safety_checker=inp.enable_safety_checker, loras=inp.loras,
             inputs=JobInputs(video=inp.video, mask_video=inp.mask_video, mask_image=inp.mask_image,
                              reference_images=refs, first_image=inp.first_image, last_image=inp.last_image),
         )
