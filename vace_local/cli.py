@@ -99,6 +99,10 @@ def generate(
                                           "float8).")] = "none",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="PATH[:scale[:steps[:guidance[:shift]]]] "
                                                                   "(repeatable).")] = None,
+    job_lora: Annotated[list[str] | None, typer.Option(
+        "--job-lora", help="PATH_OR_URL[:scale[:high|low|both]]: a LoRA for this job only, loaded as an adapter "
+        "(repeatable; the spec file's `loras` takes the same). PATH: a local file, a name in VACE_LORA_DIR, an "
+        "http(s) URL or a Hugging Face owner/repo/file.safetensors.")] = None,
     safety_check: Annotated[bool, typer.Option(help="Classify the output with the safety checker "
                                                     "(`vace-local download safety`).")] = False,
     expand_prompt: Annotated[bool, typer.Option(help="Rewrite the prompt with the prompt expander first "
@@ -140,6 +144,8 @@ def generate(
         base["enable_safety_checker"] = True
     if expand_prompt:
         base["enable_prompt_expansion"] = True
+    if job_lora:
+        base["loras"] = [*base.get("loras", []), *(_parse_job_lora(x) for x in job_lora)]
     try:
         spec = JobSpec.model_validate(base)
     except ValidationError as exc:
@@ -163,6 +169,19 @@ def generate(
         raise
 
     _run_with_progress(spec, options, out, name, quiet)
+
+
+def _parse_job_lora(text: str) -> dict:
+    """`PATH[:scale[:high|low|both]]` → a `loras` entry (a ':' inside a URL or path stays in the path)."""
+    from vace_local.lora import is_number as _is_float
+
+    parts = text.rsplit(":", 2)
+    entry: dict = {"path": text}
+    if len(parts) == 3 and parts[2] in ("high", "low", "both") and _is_float(parts[1]):
+        entry = {"path": parts[0], "scale": float(parts[1]), "transformer": parts[2]}
+    elif len(parts) >= 2 and _is_float(parts[-1]):
+        entry = {"path": text.rsplit(":", 1)[0], "scale": float(parts[-1])}
+    return entry
 
 
 def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) -> None:  # noqa: ANN001

@@ -57,7 +57,7 @@ class LoraOption:
         """CLI form: `PATH[:scale[:steps[:guidance[:shift]]]]`, e.g. `causvid.safetensors:0.5:8:1`."""
         parts = text.rsplit(":", 4)
         path, nums = parts[0], parts[1:]
-        while nums and not _is_number(nums[0]):  # a Windows drive letter or a ':' in the path
+        while nums and not is_number(nums[0]):  # a Windows drive letter or a ':' in the path
             path, nums = f"{path}:{nums[0]}", nums[1:]
         vals = [float(x) for x in nums]
         return cls(
@@ -79,7 +79,7 @@ class LoraOption:
         return out
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
     try:
         float(s)
     except ValueError:
