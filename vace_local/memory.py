@@ -65,8 +65,9 @@ def choose_policy(free_vram: int | None, fp: Footprint, reserve: int | None = No
 
 # -- the load-time plan: dtype and policy from parameter counts, free VRAM and free host RAM -------------
 
-#: Host RAM the process needs beside the weights: torch / diffusers themselves and a CPU job's activations.
-HOST_RESERVE = 2 * GIB
+#: Host RAM needed beside the weights: a small job's activations and transient load buffers (the process's own
+#: imports are already outside the MemAvailable it is compared with).
+HOST_RESERVE = GIB
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
