@@ -8,6 +8,7 @@ global RNG is seeded too (stochastic schedulers ignore the generator).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -136,14 +137,26 @@ class Engine:
             self.pipe = pipeline
         else:
             self.resolved = resolve_model(model, allow_download=self.options.allow_download)
-            self.plan = self._plan(model_size(self.resolved.path))
+            original = self.resolved.original
+            # An original-format release sizes as its base model with its own expert count.
+            size = model_size(self.resolved.base if original is not None else self.resolved.path)
+            if original is not None:
+                size = dataclasses.replace(size, experts=len(original.experts))
+            self.plan = self._plan(size)
             self.compute_dtype = getattr(torch, TORCH_DTYPES[self.plan.dtype])
             # Resident: each weight goes from the file straight to the device; offloaded: one CPU copy.
             # fp8 storage casts the transformers on the CPU first, so their bf16 copy never sits on the GPU.
             here = self.device if self.plan.policy == "none" else None
             experts = None if self.options.fp8_storage else here
-            placement = {"transformer": experts, "transformer_2": experts, "text_encoder": here, "vae": here}
-            self.pipe = load_pipeline(self.resolved.path, self.compute_dtype, placement)
+            if original is not None:  # the official original-format release: converted here
+                from vace_local.checkpoints import load_original_pipeline
+
+                dtypes = {"transformer": self.compute_dtype, "transformer_2": self.compute_dtype,
+                          "text_encoder": self.compute_dtype, "default": torch.float32}
+                self.pipe = load_original_pipeline(original, self.resolved.base, dtypes, device=experts)
+            else:
+                placement = {"transformer": experts, "transformer_2": experts, "text_encoder": here, "vae": here}
+                self.pipe = load_pipeline(self.resolved.path, self.compute_dtype, placement)
         self.pipe.set_progress_bar_config(disable=True)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()
         self._last_stats: SamplingStats | None = None
@@ -202,16 +215,16 @@ class Engine:
 
         Call before anything else touches the weights (the engine does this for `options.loras`).
         """
-        from vace_local.lora import fuse_loras, read_lora_file
+        from vace_local.lora import fuse_loras, lora_path, read_lora_file
 
         items = []
-        for lora in loras:
+        for i, lora in enumerate(loras):
             if isinstance(lora, LoraOption):
-                items.append((read_lora_file(lora.source), lora.scale, lora.experts))
+                items.append((read_lora_file(lora.source), lora.scale, lora.experts, str(lora_path(lora.source))))
                 self.lora_overrides.update(lora.overrides())
             else:
                 state, scale = lora
-                items.append((state, float(scale), "both"))
+                items.append((state, float(scale), "both", f"<state dict {i}>"))
         fuse_loras(self.pipe, items)
 
     def _pick_device(self) -> str:
@@ -282,6 +295,8 @@ class Engine:
             "name": self.model_name,
             "path": str(self.resolved.path),
             "kind": self.resolved.kind,
+            #: "original": an original-format checkpoint converted at load (vace_local.checkpoints).
+            "format": "original" if self.resolved.original is not None else "diffusers",
             "tiny": self.is_tiny,
             "device": self.device,
             "dtype": str(self.compute_dtype).removeprefix("torch."),
