@@ -225,9 +225,10 @@ def model_size(path: Path) -> ModelSize:
     sizes: dict[str, ComponentSize] = {}
     for name in _SIZED:
         entry = index.get(name)
-        if not entry or entry[0] is None:
+        config_file = path / name / "config.json"
+        if not entry or entry[0] is None or not config_file.is_file():  # (an original-format base has no expert 2)
             continue
-        config = json.loads((path / name / "config.json").read_text())
+        config = json.loads(config_file.read_text())
         sizes[name] = component_size(meta_component(_component_class(*entry), config))
     experts = sum(1 for n in ("transformer", "transformer_2") if n in sizes)
     main = sizes.get("transformer") or sizes["transformer_2"]
