@@ -238,10 +238,15 @@ class Engine:
         """dtype and memory policy before any weight is loaded (see memory.plan_memory); warns when an explicit
         choice does not fit, raises InsufficientMemory when `auto` finds nothing that fits."""
         free_ram = self.options.host_ram if self.options.host_ram is not None else host_free_ram()
-        if prebuilt is not None:  # its weights already take host RAM: count them as available to it
-            free_ram += sum(p.numel() * p.element_size() for m in prebuilt.components.values()
-                            if hasattr(m, "parameters") for p in m.parameters() if p.device.type == "cpu")
-        plan = plan_memory(size, device=self.device, free_vram=self._free_vram(), free_ram=free_ram,
+        free_vram = self._free_vram()
+        if prebuilt is not None:  # its weights already take memory where they are: count them as available to it
+            held = {"cpu": 0, "cuda": 0}
+            for m in prebuilt.components.values():
+                for p in m.parameters() if hasattr(m, "parameters") else ():
+                    held[p.device.type] = held.get(p.device.type, 0) + p.numel() * p.element_size()
+            free_ram += held["cpu"]
+            free_vram = None if free_vram is None else free_vram + held["cuda"]
+        plan = plan_memory(size, device=self.device, free_vram=free_vram, free_ram=free_ram,
                            dtype=self.options.dtype, offload=self.options.offload, aux=self.options.aux_bytes,
                            fp8_storage=self.options.fp8_storage)
         if not plan.fits:
