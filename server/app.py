@@ -25,11 +25,12 @@ from starlette.routing import Match, Route
 
 import vace_local
 from server import media_refs, playground
+from server.body_guard import BodyRefused, RequestGuard
 from server.core import ApiError, JobService, request_owner, require_auth, validation_error
 from server.dialects import load_dialects
 from server.dialects.common import Dialect, default_render_error
 from server.metrics import make_registry
-from server.settings import Settings, max_request_bytes
+from server.settings import Settings
 from server.states import WORKER_LOADED
 from server.store import Store
 
@@ -47,39 +48,6 @@ def _dialect_for(request: Request, dialects: list[Dialect]) -> Dialect | None:
         if any(path.startswith(p) for p in d.path_prefixes):
             return d
     return None
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes (declared or streamed) becomes a 413 in the
-    owning dialect's error envelope, before it is buffered in memory or stored with a job."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit
-        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"")
-        too_big = declared.isdigit() and int(declared) > limit
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
-            if too_big:
-                raise StarletteHTTPException(413, f"request body of {int(declared)} bytes exceeds the {limit} "
-                                                  "byte limit (send large media as URLs or uploads)")
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise StarletteHTTPException(413, f"request body exceeds the {limit} byte limit (send "
-                                                      "large media as URLs or uploads)")
-            return msg
-
-        await self.app(scope, limited, send)
 
 
 def create_app(settings: Settings | None = None, *, start_workers: bool = True) -> FastAPI:
@@ -142,6 +110,10 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         return render(request, exc)
+
+    @app.exception_handler(BodyRefused)
+    async def _body_refused(request: Request, exc: BodyRefused) -> Response:
+        return render(request, exc.error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -265,7 +237,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
                 raise ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                                error_type="method_not_allowed")
         raise ApiError(404, f"{request.method} {request.url.path} not found", error_type="not_found")
-    app.add_middleware(BodyLimit, limit=max_request_bytes(settings))
+    app.add_middleware(RequestGuard, settings=settings, render=render)  # Host/Origin, body policies
     return app
 
 

@@ -86,7 +86,7 @@ TINY_NOTE = "served by the tiny random-weight smoke model: the output is noise, 
 
 __all__ = [
     "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "ApiError", "JobService", "Failure", "JobRecord",
-    "get_job_service", "iso_time", "map_exception", "owner_of_key", "read_body", "request_owner", "require_auth",
+    "get_job_service", "iso_time", "map_exception", "owner_of_key", "request_owner", "require_auth",
     "user_field", "validation_error",
 ]
 
@@ -228,15 +228,6 @@ def owner_of_key(key: str) -> str:
 def request_owner(request: Request) -> str | None:
     """The owner id `require_auth` found for this request (None when no keys are configured)."""
     return getattr(request.state, "owner", None)
-
-
-async def read_body(request: Request) -> bytearray:
-    """The request body in one buffer grown in place (Starlette's `request.body()` joins a list of chunks,
-    holding a ~400 MB data-URI body twice for a moment)."""
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-    return buf
 
 
 # ---- the job service --------------------------------------------------------------------------------------

@@ -52,6 +52,20 @@ class Settings(BaseSettings):
     #: Hosts / IPs / CIDRs that input URLs and webhooks may reach even when they are private or loopback.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_upload_bytes: int = Field(300 * 1024 * 1024, gt=0)
+    # -- request bodies (server/body_guard.py): JSON is counted as it arrives, refused past these (400/413) --
+    #: Deepest JSON nesting a request body may have (the deepest real one has 3 levels).
+    max_json_depth: int = Field(10, ge=2, le=1000)
+    #: Most JSON values (object members + array elements) in one request body.
+    max_json_values: int = Field(1000, ge=16)
+    #: Bytes of a JSON body besides its data-URI strings (prompts, URLs, numbers, names), and the whole body of
+    #: JSON-only routes; a text value over it is refused naming its field.
+    max_json_text_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    # -- a key-less server (no api_keys) answers only its own names and its own pages (CSRF, DNS rebinding) --
+    #: Host names it serves besides localhost, 127.0.0.1, [::1], the bound address and public_base_url's host
+    #: (comma-separated; `*` turns the Host check off).
+    server_names: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Web origins (`scheme://host[:port]`) whose pages may call it besides its own (`*`: any page may).
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_download_bytes: int = Field(500 * 1024 * 1024, gt=0)
     download_timeout_s: float = Field(120.0, gt=0)
     #: Finished jobs, their outputs and uploads are deleted after this many hours (0 = keep forever).
@@ -144,7 +158,8 @@ class Settings(BaseSettings):
     #: Keep the expander on the GPU between jobs (default: moved to the CPU after each use).
     prompt_expander_keep_on_gpu: bool = False
 
-    @field_validator("api_keys", "allowed_hosts", "loras", "safety_flagged_labels", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "loras", "safety_flagged_labels", "server_names", "allowed_origins",
+                     mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)

@@ -9,7 +9,7 @@ checked answers `None` (JSON null), never a guessed `false`.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,22 @@ from vace_local.spec import JobSpec
 #: Longest prompt / negative prompt any dialect accepts (the UMT5 text encoder reads only the first 512 tokens
 #: anyway); a longer one is a 4xx naming the field, so it is never stored, logged or polled back.
 PROMPT_MAX_CHARS = 20_000
+
+
+#: The unknown-fields note names at most this many fields, each cut to NOTE_NAME_CHARS.
+NOTE_MAX_NAMES = 8
+NOTE_NAME_CHARS = 40
+
+
+def unknown_fields_note(names: Iterable[str]) -> str | None:
+    """The job-log line for ignored unknown fields, bounded whatever the request sent (their values are never
+    kept): `ignored unknown fields: a, b, … (+N more)`; None when there are none."""
+    names = sorted(names)
+    if not names:
+        return None
+    shown = [n if len(n) <= NOTE_NAME_CHARS else n[:NOTE_NAME_CHARS] + "…" for n in names[:NOTE_MAX_NAMES]]
+    more = f" (+{len(names) - NOTE_MAX_NAMES} more)" if len(names) > NOTE_MAX_NAMES else ""
+    return f"ignored unknown fields: {', '.join(shown)}{more}"
 
 
 def not_blank(cls: type, v: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from server.body_guard import JSON_OR_FORM_MEDIA, accepts
 from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.openai.render import POLL_AFTER_MS, render_error, render_video
@@ -33,6 +34,7 @@ authed = [Depends(require_auth)]
 
 
 @router.post("/videos", dependencies=authed, summary="Create a video (OpenAI videos API)")
+@accepts(JSON_OR_FORM_MEDIA)
 async def create_video(request: Request, core: JobService = Depends(get_job_service)) -> Response:
     body, upload = await read_request(request, core)
     try:
