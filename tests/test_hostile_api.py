@@ -40,12 +40,13 @@ HEADER_TIMEOUT_S = 2.0
 class ApiProcess:
     """The API process alone (no workers: nothing here needs a model), with a capped descriptor table."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "VACE_API_KEYS": KEY, "VACE_ALLOWED_HOSTS": "127.0.0.1",
-               "VACE_MAX_CONNECTIONS": str(MAX_CONNECTIONS), "VACE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
+               "VACE_MAX_CONNECTIONS": str(MAX_CONNECTIONS), "VACE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+               **(extra_env or {})}
         self.log = data_dir.with_suffix(".log")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--model", "tiny", "--port", str(self.port), "--data-dir",
