@@ -113,9 +113,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
 
     @app.exception_handler(BodyRefused)
     async def _body_refused(request: Request, exc: BodyRefused) -> Response:
-        response = render(request, exc.error)
-        response.headers["connection"] = "close"  # the rest of the body is not read: no keep-alive
-        return response
+        return render(request, exc.error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
