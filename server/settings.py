@@ -81,7 +81,13 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(32 * 1024, ge=1024)
     #: Listen backlog (connections waiting to be accepted).
     backlog: int = Field(2048, ge=1)
+    #: Queued jobs in all; past it a submit gets 429 with `Retry-After`.
     max_queue: int = Field(10000, ge=1)
+    #: Queued jobs per API key (with keys configured; 0 = no per-key cap); past it that key's submits get 429
+    #: with `Retry-After` while other keys still submit. Workers take keys in turn either way (fair claiming).
+    max_queued_per_key: int = Field(1000, ge=0)
+    #: Seconds a queue-full 429 asks the client to wait before retrying (`Retry-After`).
+    queue_retry_after_s: int = Field(10, ge=1, le=3600)
     max_attempts: int = Field(2, ge=1)
     webhook_max_attempts: int = Field(6, ge=1)
     webhook_timeout_s: float = Field(10.0, gt=0)
