@@ -78,7 +78,8 @@ MIGRATIONS: list[Migration] = [
     Migration(5, "structured errors: jobs.error_detail (the failed field and rule as data)",
               lambda c, _: add_column(c, "jobs", sa.Column("error_detail", sa.JSON))),
     Migration(6, "fair queueing: queue_turns (when each key was last served), index jobs(owner, status)",
-              lambda c, md: (_create_table(c, md, "queue_turns"), _create_index(c, md, "jobs", "ix_jobs_owner_status"))),
+              lambda c, md: (_create_table(c, md, "queue_turns"),
+                             _create_index(c, md, "jobs", "ix_jobs_owner_status"))),
 ]
 LATEST = MIGRATIONS[-1].version
 

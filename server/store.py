@@ -256,6 +256,10 @@ def _same_owner(owner: str | None) -> sa.ColumnElement[bool]:
     return jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
 
 
+def _queued_count(owner: str | None) -> sa.Select[Any]:
+    return sa.select(sa.func.count()).select_from(jobs).where(_same_owner(owner), jobs.c.status == JobStatus.QUEUED)
+
+
 #: An owner's key in `queue_turns` ('' for jobs made without keys).
 _TURN_KEY = sa.func.coalesce(jobs.c.owner, "")
 #: When the owner of a queued job was last served (0: never), for the fair claim order.
@@ -351,9 +355,7 @@ class Store:
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
                           {"k": zlib.crc32(f"vace:queue:{owner or ''}".encode())})
             c.execute(jobs.insert(), row)
-            if owner_cap is not None and c.execute(
-                sa.select(sa.func.count()).select_from(jobs).where(_same_owner(owner), jobs.c.status == JobStatus.QUEUED)
-            ).scalar_one() > owner_cap:
+            if owner_cap is not None and c.execute(_queued_count(owner)).scalar_one() > owner_cap:
                 raise OwnerQueueFull(owner_cap)  # rolls the insert back
             if logs:
                 c.execute(job_logs.insert(), [
@@ -454,8 +456,7 @@ class Store:
     def queued_of(self, owner: str | None) -> int:
         """Jobs `owner` has queued (None: jobs made without keys)."""
         with self.engine.connect() as c:
-            return int(c.execute(sa.select(sa.func.count()).select_from(jobs).where(
-                _same_owner(owner), jobs.c.status == JobStatus.QUEUED)).scalar_one())
+            return int(c.execute(_queued_count(owner)).scalar_one())
 
     def add_log(self, job_id: str, message: str, *, level: str = "info", source: str = "server") -> None:
         with self.engine.begin() as c:
