@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(2, ge=1)
     webhook_max_attempts: int = Field(6, ge=1)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    #: Webhook deliveries in flight at once: per destination (scheme + host + port), per owner (API key; the
+    #: tenant isolation: one key's tarpits hold only its own slots) and in all (under the client's 100 connections).
+    webhook_per_destination: int = Field(2, ge=1)
+    webhook_per_owner: int = Field(8, ge=1)
+    webhook_max_in_flight: int = Field(32, ge=1, le=100)
     # -- where uploads and outputs live (server/storage.py) --
     #: `local`: the data dir (one box, or one directory every box mounts); `s3`: an S3-compatible bucket
     #: (credentials from the usual AWS_* variables / config files), with every box on the same data dir path.
