@@ -156,9 +156,24 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_cache):
-    srv = LiveServer(tmp_path_factory.mktemp("live"), tiny_cache).start()
+    data = tmp_path_factory.mktemp("live")
+    srv = LiveServer(data, tiny_cache, extra_env={"VACE_TINY_HOLD_FILE": str(data / "hold")}).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def hold(server):
+    """While the yielded file exists, the server's jobs hold after denoising step 1 until cancelled
+    (`VACE_TINY_HOLD_FILE`): a test acts mid-run for certain, whatever the machine's load."""
+    path = server.data_dir / "hold"
+    path.touch()
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def _held(row: dict) -> bool:
+    return row["status"] == "running" and row["stage"] == "generate" and row["step"] == 1
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
@@ -257,27 +272,28 @@ def test_broken_input_fails_job_naming_the_input(server, helper_http):
     assert httpx.get(f"{server.base}/health").status_code == 200
 
 
-def test_cancel_in_queue_and_mid_run(server):
+def test_cancel_in_queue_and_mid_run(server, hold):
     long = server.submit({"prompt": "long", "num_inference_steps": 40})
     queued = server.submit({"prompt": "queued", "num_inference_steps": 2})
     r = httpx.post(f"{server.base}/api/v3/predictions/{queued['id']}/cancel", headers=AUTH).json()["data"]
     assert r["status"] == "failed" and "cancelled" in r["error"]
-    server.wait(long["id"], _generating, 60, "denoising to start")
+    server.wait(long["id"], _held, 60, "denoising to hold after step 1")
     t = time.time()
     httpx.post(f"{server.base}/api/v3/predictions/{long['id']}/cancel", headers=AUTH)
     row = server.wait(long["id"], _terminal, 30, "cancel to take effect")
-    assert row["status"] == "cancelled" and row["step"] < 40, row
+    assert row["status"] == "cancelled" and row["step"] == 1, row  # stopped at the step it was on
     assert time.time() - t < 30
     assert server.get(long["id"])["status"] == "failed"
     assert server.row(queued["id"])["started_at"] is None  # never ran
     assert not (server.data_dir / "outputs" / long["id"] / "output.mp4").exists()
 
 
-def test_worker_crash_requeues_once_and_worker_restarts(server):
+def test_worker_crash_requeues_once_and_worker_restarts(server, hold):
     job = server.submit({"prompt": "crash", "num_inference_steps": 40})
-    server.wait(job["id"], _generating, 60, "denoising to start")
+    server.wait(job["id"], _held, 60, "denoising to hold after step 1")
     [pid] = server.worker_pids()
     os.kill(pid, signal.SIGKILL)
+    hold.unlink()  # the re-queued attempt runs through
     row = server.wait(job["id"], _terminal, 120, "the re-queued job to finish")
     assert row["status"] == "succeeded" and row["attempts"] == 2, row
     assert any("worker process died (killed by signal SIGKILL)" in m for m in server.logs(job["id"]))
@@ -307,19 +323,21 @@ def test_concurrent_submissions_none_lost(tmp_path, tiny_cache):
 
 
 def test_sigkill_server_mid_job_then_restart(tmp_path, tiny_cache):
-    # A job long enough (larger cap, 40 steps) that the kill lands while it is still denoising.
-    slow = {"VACE_TINY_MAX_SIDE": "256", "VACE_TINY_MAX_FRAMES": "33"}
-    srv = LiveServer(tmp_path / "restart", tiny_cache, extra_env=slow).start()
+    # The job holds after its first denoising step (VACE_TINY_HOLD_FILE), so the kill lands mid-run for certain.
+    hold = tmp_path / "hold"
+    hold.touch()
+    srv = LiveServer(tmp_path / "restart", tiny_cache, extra_env={"VACE_TINY_HOLD_FILE": str(hold)}).start()
     try:
         running = srv.submit({"prompt": "interrupted", "num_inference_steps": 40})
         waiting = [srv.submit({"prompt": f"w{i}", "num_inference_steps": 2}) for i in range(2)]
-        srv.wait(running["id"], _generating, 60, "denoising to start")
+        srv.wait(running["id"], _held, 60, "denoising to hold after step 1")
         [worker_pid] = srv.worker_pids()
         srv.kill9()
         assert _pid_gone(worker_pid, 10), "the worker outlived its SIGKILLed server"
         assert srv.row(running["id"])["status"] == "running"  # as left by the dead server
+        hold.unlink()
 
-        srv2 = LiveServer(srv.data_dir, tiny_cache, extra_env=slow)
+        srv2 = LiveServer(srv.data_dir, tiny_cache)
         srv.port, srv.base = srv2.port, srv2.base
         srv.start()
         rows = [srv.wait(j["id"], _terminal, 120, "jobs after restart") for j in [running, *waiting]]
