@@ -157,7 +157,8 @@ def tiny_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_cache):
     data = tmp_path_factory.mktemp("live")
-    srv = LiveServer(data, tiny_cache, extra_env={"VACE_TINY_HOLD_FILE": str(data / "hold")}).start()
+    env = {"VACE_TINY_HOLD_FILE": str(data / "hold"), "VACE_SAFETY_CHECK_INPUTS": "true"}
+    srv = LiveServer(data, tiny_cache, extra_env=env).start()
     yield srv
     srv.stop()
 
@@ -220,9 +221,9 @@ def test_official_sdk_upload_and_run(server):
     jid = out["outputs"][0].split("/files/outputs/")[1].split("/")[0]  # …/<id>/<token>/output.mp4 with keys
     full = client.get_result(jid)
     data = full["data"]
-    # no safety checker is installed here: nothing was checked, so null, never a guessed false
-    assert data["status"] == "completed" and data["has_nsfw_contents"] == [None]
-    assert "safety checker not installed" in data["safety_checker"]
+    # the tiny model's own safety classifier checked the output (noise: not flagged) and says it is tiny
+    assert data["status"] == "completed" and data["has_nsfw_contents"] == [False]
+    assert "TINY smoke-test classifier" in data["safety_checker"]
     assert data["timings"]["inference"] > 0 and "tiny" in data["note"]
     path = httpx.URL(data["urls"]["get"]).path
     again = httpx.get(server.base + path, headers=AUTH).json()["data"]
@@ -270,6 +271,53 @@ def test_broken_input_fails_job_naming_the_input(server, helper_http):
     server.wait(data["id"], _terminal, 60)
     assert "input 'images[0]'" in server.get(data["id"])["error"]
     assert httpx.get(f"{server.base}/health").status_code == 200
+
+
+def _png_uri(rgb: tuple[int, int, int]) -> str:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), rgb, np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_tiny_expander_and_classifier_in_every_dialect(server, tmp_path):
+    """`--model tiny` runs its tiny prompt expander and safety classifier (built locally, nothing downloaded)
+    through WaveSpeed (which has no expansion field), fal and AI/ML, and each response says they are tiny; the
+    classifier flags the one thing it knows, a magenta input image (the server checks inputs here)."""
+    import numpy as np
+
+    from vace_local.media import write_video
+    from vace_local.tiny import TINY_EXPANSION
+
+    ws = server.submit({"prompt": "a fox runs", "num_inference_steps": 2, "seed": 1})  # safety check: on by default
+    fal = httpx.post(f"{server.base}/fal-ai/wan-vace-14b", headers=AUTH, timeout=30, json={
+        "prompt": "a fox runs", "num_inference_steps": 2, "seed": 1, "enable_safety_checker": True,
+        "enable_prompt_expansion": True, "ref_image_urls": [_png_uri((255, 0, 255))]})
+    assert fal.status_code == 200, fal.text
+    fal_id = fal.json()["request_id"]
+    vid = write_video(np.full((17, 48, 64, 3), 90, np.uint8), tmp_path / "in.mp4", fps=16)
+    aiml = httpx.post(f"{server.base}/v2/video/generations", headers=AUTH, timeout=30, json={
+        "model": "alibaba/wan2.2-vace-fun-a14b-outpainting", "prompt": "a fox runs", "seed": 1, "expand_left": True,
+        "num_inference_steps": 2, "enable_safety_checker": True, "enable_prompt_expansion": True,
+        "video_url": "data:video/mp4;base64," + base64.b64encode(vid.read_bytes()).decode()})
+    assert aiml.status_code == 201, aiml.text
+    aiml_id = aiml.json()["id"]
+    for jid in (ws["id"], fal_id, aiml_id.split(":")[0]):  # AI/ML's id is `<job id>:<model>`
+        assert server.wait(jid, _terminal, 120, "the job")["status"] == "succeeded", server.logs(jid)
+
+    data = server.get(ws["id"])
+    assert data["has_nsfw_contents"] == [False] and "TINY smoke-test classifier" in data["safety_checker"]
+    res = httpx.get(f"{server.base}/fal-ai/wan-vace-14b/requests/{fal_id}", headers=AUTH, timeout=10).json()
+    assert res["prompt"] == TINY_EXPANSION and res["has_nsfw_concepts"] == [True], res
+    assert "TINY smoke-test classifier" in res["safety_checker"] and "TINY" in res["prompt_expansion"]
+    meta = httpx.get(f"{server.base}/v2/video/generations", params={"generation_id": aiml_id}, headers=AUTH,
+                     timeout=10).json()["meta"]
+    assert meta["prompt"] == TINY_EXPANSION and meta["has_nsfw_concepts"] == [False], meta
+    assert "TINY smoke-test classifier" in meta["safety_checker"]
 
 
 def test_cancel_in_queue_and_mid_run(server, hold):
