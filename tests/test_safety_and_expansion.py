@@ -173,19 +173,24 @@ def test_expansion_changes_what_the_text_encoder_sees(tmp_path: Path, aux_models
     assert "prompt expander not installed" in missing.notes[0]
 
 
-def test_cli_flags_use_the_configured_models(tmp_path: Path, aux_models, monkeypatch):
+def _generate_with_helpers(out: Path) -> tuple[str, dict]:
+    """`vace-local generate --model tiny --safety-check --expand-prompt`; returns its output and metadata."""
     from typer.testing import CliRunner
 
     from vace_local.cli import app
 
-    monkeypatch.setenv("VACE_SAFETY_MODEL", str(aux_models["flag_all"]))
-    monkeypatch.setenv("VACE_PROMPT_EXPANDER_MODEL", ABSENT)
     args = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--num-frames", "17", "--steps",
-            "1", "--seed", "2", "--out", str(tmp_path), "--name", "c", "--safety-check", "--expand-prompt", "-q"]
+            "1", "--seed", "2", "--out", str(out), "--name", "c", "--safety-check", "--expand-prompt", "-q"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "output flagged" in r.output and "prompt expander not installed" in r.output
-    meta = json.loads((tmp_path / "c.json").read_text())
+    return r.output, json.loads((out / "c.json").read_text())
+
+
+def test_cli_flags_use_the_configured_models(tmp_path: Path, aux_models, monkeypatch):
+    monkeypatch.setenv("VACE_SAFETY_MODEL", str(aux_models["flag_all"]))
+    monkeypatch.setenv("VACE_PROMPT_EXPANDER_MODEL", ABSENT)
+    output, meta = _generate_with_helpers(tmp_path)
+    assert "output flagged" in output and "prompt expander not installed" in output
     assert meta["safety_checker"]["flagged"] is True and meta["prompt_expansion"]["status"] == "not_installed"
 
 
@@ -219,19 +224,12 @@ def test_tiny_helpers_are_controlled_and_load_like_real_weights(fixtures_dir: Pa
 
 def test_tiny_model_runs_its_tiny_helpers_from_the_cli(tmp_path: Path, monkeypatch):
     """With the default helper ids, `--model tiny` expands and checks with the tiny helpers and says so."""
-    from typer.testing import CliRunner
-
-    from vace_local.cli import app
     from vace_local.tiny import TINY_EXPANSION
 
     monkeypatch.delenv("VACE_SAFETY_MODEL", raising=False)
     monkeypatch.delenv("VACE_PROMPT_EXPANDER_MODEL", raising=False)
-    args = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--num-frames", "17", "--steps",
-            "1", "--seed", "2", "--out", str(tmp_path), "--name", "t", "--safety-check", "--expand-prompt", "-q"]
-    r = CliRunner().invoke(app, args)
-    assert r.exit_code == 0, r.output
-    assert "TINY smoke-test classifier" in r.output and "TINY smoke-test expander" in r.output
-    meta = json.loads((tmp_path / "t.json").read_text())
+    output, meta = _generate_with_helpers(tmp_path)
+    assert "TINY smoke-test classifier" in output and "TINY smoke-test expander" in output
     assert meta["prompt_used"] == TINY_EXPANSION and meta["spec"]["prompt"] == "a cat"
     assert meta["prompt_expansion"]["tiny"] is True and meta["prompt_expansion"]["model"] == "tiny"
     assert meta["safety_checker"]["tiny"] is True and meta["safety_checker"]["flagged"] is False
