@@ -123,8 +123,8 @@ class _Dispatcher:
         before the task starts, so it can never overwrite the delivery's own result. If the process dies
         meanwhile, the webhook is retried once the lease ends. The write is a claim: conditional on the state read,
         so with several instances on one store exactly one of them delivers; False when another one won."""
-        waits = max(self.per_dest.rounds_ahead(destination(job.webhook_url or "")),
-                    self.per_owner.rounds_ahead(job.owner or ""))
+        waits = (self.per_dest.rounds_ahead(destination(job.webhook_url or ""))
+                 + self.per_owner.rounds_ahead(job.owner or ""))
         lease = time.time() + self.core.settings.webhook_timeout_s * (waits + 1) + 5.0
         return self.core.store.claim_webhook(job, lease)
 
@@ -167,7 +167,9 @@ async def webhook_loop(
         try:
             while not stop.is_set():
                 try:
-                    due = await asyncio.to_thread(core.store.due_webhooks, time.time())
+                    # past the ones still in flight (a lease can run out while its delivery waits for a slot),
+                    # so those can never fill the window and hide other owners' due webhooks
+                    due = await asyncio.to_thread(core.store.due_webhooks, time.time(), 20 + len(dispatcher.tasks))
                     for job in due:
                         if job.id in dispatcher.tasks:
                             continue
