@@ -350,7 +350,7 @@ def test_tarpit_webhooks_delay_only_their_own(servers, core):
     assert core.store.get_job(good_id).webhook_status == "delivered"
 
 
-def test_one_tenants_tarpits_on_many_destinations_do_not_delay_another(servers, fake_dns, core):
+def test_one_tenants_tarpit_webhooks_on_many_destinations_do_not_delay_another(servers, fake_dns, core):
     """Key A's 60 webhooks go to 20 tarpit ports and 20 wildcard-DNS names (each its own destination), queued
     first; key B's one webhook to a healthy receiver still arrives at once: A's deliveries share A's own cap."""
     per_owner = core.settings.webhook_per_owner
