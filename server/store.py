@@ -429,10 +429,12 @@ class Store:
             )).scalar_one()
             owners = c.execute(
                 sa.select(_TURN_KEY.label("owner"), sa.func.count().label("n"),
-                          sa.func.min(t.c.created_at).label("oldest"), sa.func.max(_LAST_SERVED).label("served"))
+                          sa.func.min(t.c.created_at).label("oldest"))
                 .where(same_prio).group_by(_TURN_KEY)
             ).all()
-        turn = {o.owner: (o.served, o.oldest, o.owner) for o in owners}
+            served = dict(c.execute(sa.select(queue_turns.c.owner, queue_turns.c.served)
+                                    .where(queue_turns.c.owner.in_([o.owner for o in owners]))).all())
+        turn = {o.owner: (served.get(o.owner, 0), o.oldest, o.owner) for o in owners}
         mine = row.owner or ""
         ahead = before + k
         for o in owners:
