@@ -321,7 +321,7 @@ def test_tiny_expander_and_classifier_in_every_dialect(server, tmp_path):
 
 
 def test_cancel_in_queue_and_mid_run(server, hold):
-    long = server.submit({"prompt": "long", "num_inference_steps": 40})
+    long = server.submit({"prompt": "long", "num_inference_steps": 4})  # held after step 1 until the cancel
     queued = server.submit({"prompt": "queued", "num_inference_steps": 2})
     r = httpx.post(f"{server.base}/api/v3/predictions/{queued['id']}/cancel", headers=AUTH).json()["data"]
     assert r["status"] == "failed" and "cancelled" in r["error"]
@@ -337,7 +337,7 @@ def test_cancel_in_queue_and_mid_run(server, hold):
 
 
 def test_worker_crash_requeues_once_and_worker_restarts(server, hold):
-    job = server.submit({"prompt": "crash", "num_inference_steps": 40})
+    job = server.submit({"prompt": "crash", "num_inference_steps": 4})
     server.wait(job["id"], _held, 60, "denoising to hold after step 1")
     [pid] = server.worker_pids()
     os.kill(pid, signal.SIGKILL)
@@ -376,7 +376,7 @@ def test_sigkill_server_mid_job_then_restart(tmp_path, tiny_cache):
     hold.touch()
     srv = LiveServer(tmp_path / "restart", tiny_cache, extra_env={"VACE_TINY_HOLD_FILE": str(hold)}).start()
     try:
-        running = srv.submit({"prompt": "interrupted", "num_inference_steps": 40})
+        running = srv.submit({"prompt": "interrupted", "num_inference_steps": 4})
         waiting = [srv.submit({"prompt": f"w{i}", "num_inference_steps": 2}) for i in range(2)]
         srv.wait(running["id"], _held, 60, "denoising to hold after step 1")
         [worker_pid] = srv.worker_pids()
