@@ -105,7 +105,9 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
 
     def render(request: Request, err: ApiError) -> Response:
         d = _dialect_for(request, dialects)
-        return (d.render_error if d else default_render_error)(request, err)
+        response = (d.render_error if d else default_render_error)(request, err)
+        response.headers.update(err.headers)
+        return response
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:

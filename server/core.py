@@ -16,7 +16,8 @@ JobService API (stable; the fal and AI/ML dialects build on it):
   URLs mapped to local files, URL hosts checked), applies tiny-mode caps, stores the job queued. `field_names` maps
   JobInputs/JobSpec names to the dialect's (e.g. `{"reference_images": "ref_image_urls"}`) so every error
   names the user's field. `extra` is free dialect JSON kept on the record (e.g. sub-endpoint, raw input).
-  Raises `ApiError` (4xx) for bad input, 429 when the queue is full.
+  Raises `ApiError` (4xx) for bad input, 429 with `Retry-After` when the queue is full (`max_queue`) or the key
+  has `max_queued_per_key` jobs queued.
 * `await JobService.create_job_async(spec, **same)` — `create_job` off the event loop (what async routes call).
 * `await JobService.run_slow(fn, *args)` — blocking slow work (downloads, probes, data-URI decodes, cleanup) on the
   core's own bounded pool (`Settings.slow_work_threads`), so `/ready` and quick store calls never queue
@@ -24,7 +25,8 @@ JobService API (stable; the fal and AI/ML dialects build on it):
 * `JobService.get_job(job_id, with_logs=False, owner=None) -> JobRecord | None` (None too for another key's job).
 * `JobService.cancel_job(job_id, owner=None) -> JobRecord | None` — queued: cancelled at once; running: flagged, the
   worker stops at the next denoising step (poll `get_job`).
-* `JobService.queue_position(job_id) -> int | None` — jobs ahead (0 = next), None when not queued.
+* `JobService.queue_position(job_id) -> int | None` — jobs ahead in the fair order (keys take turns; 0 = next),
+  None when not queued.
 * `await JobService.wait_for_job(job_id, timeout_s) -> JobRecord` — for sync modes; returns the record as it is
   when the timeout hits (check `.terminal`).
 * `JobService.output_urls(job, base_url) -> list[dict]` — `{kind, url, file, content_type, size, …}` per output,
@@ -72,6 +74,7 @@ from server.store import (
     RUNNING,
     SUCCEEDED,
     JobRecord,
+    OwnerQueueFull,
     Store,
     new_id,
 )
@@ -107,9 +110,12 @@ class ApiError(Exception):
     """
 
     def __init__(self, status_code: int, message: str, *, field: str | None = None,
-                 error_type: str = "invalid_request", problems: list[Problem] | None = None) -> None:
+                 error_type: str = "invalid_request", problems: list[Problem] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        #: Sent with the error whatever the dialect's envelope (e.g. `Retry-After` on 429).
+        self.headers = headers or {}
         self.message = message
         self.problems = problems or []
         self.field = field if field is not None else next((p.field for p in self.problems if p.field), None)
@@ -441,8 +447,10 @@ class JobService:
     ) -> JobRecord:
         """Validate inputs, store the job as queued and return its record (see module docstring)."""
         if self._queue_depth() >= self.settings.max_queue:
-            raise ApiError(429, f"the queue is full ({self.settings.max_queue} jobs); retry later",
-                           error_type="queue_full")
+            raise self._queue_full(f"the queue is full ({self.settings.max_queue} jobs, VACE_MAX_QUEUE)")
+        cap = self.settings.max_queued_per_key if owner is not None and self.settings.max_queued_per_key else None
+        if cap is not None and self.store.queued_of(owner) >= cap:  # before any input work; exact at the insert
+            raise self._queue_full(f"this API key already has {cap} jobs queued (VACE_MAX_QUEUED_PER_KEY)")
         lines = list(logs)
         try:
             resolved = self._prepare_inputs(spec.inputs, base_url, field_names, owner)
@@ -456,8 +464,12 @@ class JobService:
         ex["fields"] = field_names or {}
         ex["base_url"] = base_url
         lines.insert(0, f"queued via {dialect} as '{model_id}' (served by {self.settings.model})")
-        job = self.store.insert_job(dialect=dialect, model=model_id, spec=spec.model_dump(mode="json"),
-                                    extra=ex, webhook_url=webhook_url, priority=priority, logs=lines, owner=owner)
+        try:
+            job = self.store.insert_job(dialect=dialect, model=model_id, spec=spec.model_dump(mode="json"),
+                                        extra=ex, webhook_url=webhook_url, priority=priority, logs=lines,
+                                        owner=owner, owner_cap=cap)
+        except OwnerQueueFull as e:
+            raise self._queue_full(f"this API key already has {e.cap} jobs queued (VACE_MAX_QUEUED_PER_KEY)") from None
         self._depth = (self._depth[0], self._depth[1] + 1)
         return job
 
@@ -469,6 +481,12 @@ class JobService:
         if any(isinstance(r, str) and r.lstrip()[:5].lower() == "data:" for r in refs):
             return await self.run_slow(self.create_job, spec, **kwargs)
         return await asyncio.to_thread(self.create_job, spec, **kwargs)
+
+    def _queue_full(self, why: str) -> ApiError:
+        """429 naming the limit, with `Retry-After` (every dialect sends the header with its own envelope)."""
+        after = self.settings.queue_retry_after_s
+        return ApiError(429, f"{why}; retry after {after} s", error_type="queue_full",
+                        headers={"Retry-After": str(after)})
 
     def _queue_depth(self) -> int:
         """Queue depth for the queue-full check, re-counted at most once a second (submit is hot)."""

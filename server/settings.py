@@ -95,10 +95,21 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(32 * 1024, ge=1024)
     #: Listen backlog (connections waiting to be accepted).
     backlog: int = Field(2048, ge=1)
+    #: Queued jobs in all; past it a submit gets 429 with `Retry-After`.
     max_queue: int = Field(10000, ge=1)
+    #: Queued jobs per API key (with keys configured; 0 = no per-key cap); past it that key's submits get 429
+    #: with `Retry-After` while other keys still submit. Workers take keys in turn either way (fair claiming).
+    max_queued_per_key: int = Field(1000, ge=0)
+    #: Seconds a queue-full 429 asks the client to wait before retrying (`Retry-After`).
+    queue_retry_after_s: int = Field(10, ge=1, le=3600)
     max_attempts: int = Field(2, ge=1)
     webhook_max_attempts: int = Field(6, ge=1)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    #: Webhook deliveries in flight at once: per destination (scheme + host + port), per owner (API key; the
+    #: tenant isolation: one key's tarpits hold only its own slots) and in all (under the client's 100 connections).
+    webhook_per_destination: int = Field(2, ge=1)
+    webhook_per_owner: int = Field(8, ge=1)
+    webhook_max_in_flight: int = Field(32, ge=1, le=100)
     # -- where uploads and outputs live (server/storage.py) --
     #: `local`: the data dir (one box, or one directory every box mounts); `s3`: an S3-compatible bucket
     #: (credentials from the usual AWS_* variables / config files), with every box on the same data dir path.
@@ -137,6 +148,9 @@ class Settings(BaseSettings):
     tiny_max_side: int = Field(0, ge=0)
     tiny_max_frames: int = Field(0, ge=0)
     tiny_max_steps: int = Field(0, ge=0)
+    #: TEST ONLY, effective only with `model=tiny`: while this file exists, each job's denoising holds after its
+    #: first step until the job is cancelled or the file is removed, so tests act mid-run deterministically.
+    tiny_hold_file: Path | None = None
     #: API model id or family → served model, e.g. `{"wan2.2-vace-fun-a14b": "wan2.1-vace-14b"}` to answer the
     #: AI/ML Wan 2.2 ids with Wan 2.1 VACE (env `VACE_MODEL_MAP` as JSON). Unmapped ids of another model → 4xx.
     model_map: dict[str, str] = Field(default_factory=dict)

@@ -288,6 +288,8 @@ def test_databases_without_the_owner_column_are_migrated(tmp_path):
     old.create_all()
     job = old.insert_job(dialect="wavespeed", model=MODEL, spec={"prompt": "old"})
     with sqlite3.connect(tmp_path / "jobs.db") as c:  # the schema as it was before owners existed (version 2)
+        c.execute("DROP INDEX ix_jobs_owner_status")
+        c.execute("DROP TABLE queue_turns")
         c.execute("ALTER TABLE jobs DROP COLUMN owner")
         c.execute("ALTER TABLE uploads DROP COLUMN owner")
         c.execute("DELETE FROM schema_version WHERE version >= 3")

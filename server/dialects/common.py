@@ -215,9 +215,10 @@ def safety_requested(job: JobRecord) -> bool:
 
 
 def safety_note(job: JobRecord) -> str | None:
-    """The checker's one-line outcome when it did not check (not installed) or changed the output."""
+    """The checker's one-line outcome when it did not check (not installed), changed the output, or was the tiny
+    smoke-test classifier."""
     s = _safety(job)
-    if s.get("status") == "not_installed" or s.get("action") == "replaced_with_black":
+    if s.get("status") == "not_installed" or s.get("action") == "replaced_with_black" or s.get("tiny"):
         return str(s.get("message") or "")
     return None
 
@@ -228,9 +229,10 @@ def prompt_used(job: JobRecord) -> str:
 
 
 def expansion_note(job: JobRecord) -> str | None:
-    """The expander's outcome when it was asked for but did not expand (not installed / empty output)."""
+    """The expander's outcome when it was asked for but did not expand (not installed / empty output), or was the
+    tiny smoke-test expander."""
     e = (job.result or {}).get("prompt_expansion") or {}
-    return str(e.get("message")) if e and e.get("status") != "expanded" else None
+    return str(e.get("message")) if e and (e.get("status") != "expanded" or e.get("tiny")) else None
 
 
 def check_fields(job: JobRecord) -> dict[str, Any]:
