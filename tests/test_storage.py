@@ -72,7 +72,7 @@ def test_written_once_readable_everywhere_deleted_everywhere(two_boxes):
     key = "outputs/job1/output.mp4"
     a.local(key).parent.mkdir(parents=True, exist_ok=True)
     a.local(key).write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 5000)
-    a.publish(key, "video/mp4")
+    a.publish(key)
     assert b.fetch("outputs/job1/missing.mp4") is None
     got = b.fetch(key)
     assert got is not None and got.read_bytes() == a.local(key).read_bytes() and got.is_relative_to(b.root)
