@@ -17,7 +17,8 @@ from server import media_refs
 from tests.test_server_live import AUTH, KEY, MODEL, LiveServer
 from tests.test_storage import BUCKET, S3_ENV, s3_endpoint  # noqa: F401 - the moto server fixture
 
-HTML = b"<!doctype html><html><body><script>document.title = localStorage.getItem('vace-key')</script></body></html>"
+HTML = (b"<!doctype html><html><body><script>document.title = localStorage.getItem('vace.playground.apiKey')"
+        b"</script></body></html>")
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.domain)</script></svg>'
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
 
@@ -81,6 +82,34 @@ def test_upload_is_never_served_as_a_page_by_any_box(boxes, s3_endpoint, name, b
     obj = boto3.client("s3", endpoint_url=s3_endpoint).head_object(Bucket=BUCKET, Key=f"hostile/{key}")
     assert obj["ContentType"] == "application/octet-stream", obj
     assert obj["ContentDisposition"].startswith("attachment"), obj
+
+
+def test_chromium_on_the_api_origin_never_runs_an_uploaded_page(boxes):
+    """The attack as measured: the playground's key in `localStorage`, an uploaded page opened on the API origin
+    (from the box that streams it from the bucket). It must arrive as a download, never run."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the `dev` extra)")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium executable on PATH")
+    x, y = boxes
+    urls = [_upload(x, n, b, t).replace(x.base, y.base) for n, b, t in (("x.html", HTML, "text/html"),
+                                                                          ("x.svg", SVG, "image/svg+xml"))]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_context(accept_downloads=True).new_page()
+            page.goto(f"{y.base}/playground")
+            page.evaluate(f"() => localStorage.setItem('vace.playground.apiKey', {KEY!r})")
+            for url in urls:
+                with page.expect_download(timeout=15_000) as download:
+                    with pytest.raises(sync_api.Error):  # "Download is starting": no document was loaded
+                        page.goto(url)
+                assert download.value.suggested_filename in ("x.html", "x.svg")
+                assert KEY not in page.title() and page.url.endswith("/playground"), (page.url, page.title())
+        finally:
+            browser.close()
 
 
 def test_a_real_image_keeps_its_type_inline_and_nosniff(boxes):
