@@ -283,7 +283,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
                 raise ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                                error_type="method_not_allowed")
         raise ApiError(404, f"{request.method} {request.url.path} not found", error_type="not_found")
-    allow_head(app.router.routes)
+    allow_head(app)
     app.add_middleware(BodyLimit, limit=max_request_bytes(settings))
     app.add_middleware(SecurityHeaders, settings=settings)
     return app

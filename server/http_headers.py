@@ -7,9 +7,11 @@ Also: HEAD is answered wherever GET is (FastAPI registers GET routes for GET onl
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 from urllib.parse import urlsplit
 
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from server.playground import PUBLIC_PREFIXES
@@ -56,11 +58,28 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def allow_head(routes: list[Any]) -> None:
-    """Every GET route answers HEAD too (Starlette drops the body; file routes send headers only)."""
+def allow_head(app: FastAPI) -> None:
+    """Every GET route answers HEAD too (Starlette sends the headers only). The OpenAPI schema keeps listing GET
+    alone: a HEAD twin of every operation would only repeat it (and its operation id)."""
+    _add_head(app.router.routes)
+    default_openapi = app.openapi
+
+    def openapi_without_head() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+                schema = default_openapi()
+            for operations in schema.get("paths", {}).values():
+                operations.pop("head", None)
+        return app.openapi_schema
+
+    app.openapi = openapi_without_head  # type: ignore[method-assign]
+
+
+def _add_head(routes: list[Any]) -> None:
     for route in routes:
         if isinstance(route, APIRoute) and "GET" in route.methods:
             route.methods.add("HEAD")
         included = getattr(route, "original_router", None)  # FastAPI keeps an included router as one route
         if included is not None:
-            allow_head(included.routes)
+            _add_head(included.routes)

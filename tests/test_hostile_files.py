@@ -190,14 +190,17 @@ def test_a_token_opens_one_file_and_head_works_on_the_content(live):
 
 def test_client_hanging_up_mid_body_is_one_info_line(live):
     """Bodies read by the route itself (fal, AI/ML, OpenAI, upload PUT), hung up half-way after a slow start."""
-    paths = ["/fal-ai/wan-vace-14b", "/v2/video/generations", "/v1/videos",
-             f"/api/v3/{MODEL}"]
+    form = "multipart/form-data; boundary=b0"
+    part = b'--b0\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + PNG
+    sends = [("/fal-ai/wan-vace-14b", "application/json"), ("/v2/video/generations", "application/json"),
+             ("/v1/videos", "application/json"), (f"/api/v3/{MODEL}", "application/json"), ("/v1/videos", form),
+             ("/api/v3/media/upload/binary", form)]
     before = len(live.log.read_bytes())
-    for i, path in enumerate(paths * 2):
+    for i, (path, ctype) in enumerate(sends * 2):
         with socket.create_connection(("127.0.0.1", live.port), timeout=5) as s:
             head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
-                    "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
-            s.sendall(head.encode() + b'{"prompt": "' + b"x" * 2000)
+                    f"Content-Type: {ctype}\r\nContent-Length: 100000\r\n\r\n")
+            s.sendall(head.encode() + (part if ctype == form else b'{"prompt": "' + b"x" * 2000))
             time.sleep(0.3 if i % 2 else 0.1)
             s.sendall(b"x" * 1000)
     time.sleep(1.0)
