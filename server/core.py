@@ -31,7 +31,8 @@ JobService API (stable; the fal and AI/ML dialects build on it):
   when the timeout hits (check `.terminal`).
 * `JobService.output_urls(job, base_url) -> list[dict]` — `{kind, url, file, content_type, size, …}` per output,
   video first. `JobService.output_path(job, output) -> Path`, `JobService.file_url(base, kind, ident, name, owner)`:
-  with keys configured, file URLs are capability URLs (`…/<id>/<token>/<name>`, see `JobService.file_token`).
+  with keys configured, file URLs are capability URLs (`…/<id>/<token>/<name>`, one token per file, see
+  `JobService.file_token`).
 * `JobService.resolve_input_reference(value, field, base_url, expected)` — the submit-time rule for one media
   reference (used by create_job); `server.media_refs` holds the download/sniff helpers the worker uses.
 * `JobService.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
@@ -292,16 +293,17 @@ class JobService:
         plain GET may fetch, because the hosted APIs' clients download results without an Authorization header.
         The token is a path segment, so the URL still ends with the file name (clients take the extension)."""
         if self.settings.auth_enabled:
-            return f"{base}/files/{kind}/{ident}/{self.file_token(kind, ident, owner)}/{name}"
+            return f"{base}/files/{kind}/{ident}/{self.file_token(kind, ident, name, owner)}/{name}"
         return f"{base}/files/{kind}/{ident}/{name}"
 
-    def file_token(self, kind: str, ident: str, owner: str | None) -> str:
-        """Unguessable token for one job's outputs or one upload, bound to its owner (HMAC with a secret kept
-        in the job store, so URLs survive restarts and work on every instance; delete its `server_secrets` row
-        `file-url` and restart to revoke every file URL)."""
+    def file_token(self, kind: str, ident: str, name: str, owner: str | None) -> str:
+        """Unguessable token for ONE file (a job's video does not open its `output.json`, which holds the spec
+        and server paths), bound to its owner (HMAC with a secret kept in the job store, so URLs survive
+        restarts and work on every instance; delete its `server_secrets` row `file-url` and restart to revoke
+        every file URL)."""
         if self._file_secret is None:
             self._file_secret = self._load_file_secret()
-        msg = f"{kind}/{ident}/{owner or '-'}".encode()
+        msg = f"{kind}/{ident}/{name}/{owner or '-'}".encode()
         return hmac.new(self._file_secret, msg, hashlib.sha256).hexdigest()[:40]
 
     def _load_file_secret(self) -> bytes:
@@ -317,15 +319,15 @@ class JobService:
         job = self.store.get_job(ident)
         return job is not None, job.owner if job else None
 
-    def may_read_file(self, kind: str, ident: str, *, owner: str | None, token: str | None) -> bool:
-        """Whether a request may read a served file: always without keys; else with the file's capability
+    def may_read_file(self, kind: str, ident: str, name: str, *, owner: str | None, token: str | None) -> bool:
+        """Whether a request may read a served file: always without keys; else with that file's capability
         token, or as the key that owns it (files made without keys: any key)."""
         if not self.settings.auth_enabled:
             return True
         exists, file_owner = self._file_owner(kind, ident)
         if not exists:
             return False
-        if token and hmac.compare_digest(token.encode(), self.file_token(kind, ident, file_owner).encode()):
+        if token and hmac.compare_digest(token.encode(), self.file_token(kind, ident, name, file_owner).encode()):
             return True
         return owner is not None and file_owner in (None, owner)
 
@@ -373,7 +375,7 @@ class JobService:
                 kind, ident, name, token = ref
                 path = media_refs.safe_data_path(self.data_dir, kind, ident, name)
                 present = self.storage.fetch(f"{kind}/{ident}/{name}") is not None  # another box's file too
-                readable = self.may_read_file(kind, ident, owner=owner, token=token)
+                readable = self.may_read_file(kind, ident, name, owner=owner, token=token)
                 if kind == "uploads":
                     up = self.store.get_upload(ident)
                     if up is None or up["completed_at"] is None or not present or not readable:
@@ -555,7 +557,7 @@ class JobService:
         except BaseException:
             shutil.rmtree(part.parent, ignore_errors=True)
             raise
-        self.storage.publish(f"uploads/{uid}/{name}", media_refs.mime_of(ext))
+        self.storage.publish(f"uploads/{uid}/{name}")
         self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=media_refs.mime_of(ext),
                                  size=size, path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return path
@@ -569,7 +571,7 @@ class JobService:
         name = media_refs.sanitize_filename(filename or "upload")
         path = self._upload_dir(uid) / name
         size = await self._write_stream(chunks, path, field_name, max_bytes)
-        await asyncio.to_thread(self.storage.publish, f"uploads/{uid}/{name}", content_type)
+        await asyncio.to_thread(self.storage.publish, f"uploads/{uid}/{name}")
         self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=content_type, size=size,
                                  path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return UploadInfo(uid, name, size, content_type, path, self._media_kind(path))
@@ -622,7 +624,7 @@ class JobService:
             raise ApiError(409, "this upload URL was already used", error_type="conflict")
         path = self._upload_dir(upload_id) / up["filename"]
         size = await self._write_stream(chunks, path)
-        await asyncio.to_thread(self.storage.publish, f"uploads/{upload_id}/{up['filename']}", up["content_type"])
+        await asyncio.to_thread(self.storage.publish, f"uploads/{upload_id}/{up['filename']}")
         self.store.complete_upload(upload_id, size)
         return UploadInfo(upload_id, up["filename"], size, up["content_type"], path, self._media_kind(path))
 

@@ -279,7 +279,7 @@ class Worker:
                     "tiny": result.tiny, "prompt": result.prompt, "safety": result.safety,
                     "prompt_expansion": result.prompt_expansion}
             for o in outputs:  # written once, then any box can serve them
-                self.storage.publish(f"outputs/{job.id}/{o['file']}", o["content_type"])
+                self.storage.publish(f"outputs/{job.id}/{o['file']}")
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
             if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
                                      timings=timings):

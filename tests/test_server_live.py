@@ -38,8 +38,9 @@ def _free_port() -> int:
 
 class LiveServer:
     def __init__(self, data_dir: Path, cache_dir: Path, workers: str = "1", extra_env: dict | None = None,
-                 model: str = "tiny") -> None:
+                 model: str = "tiny", log_level: str = "warning") -> None:
         self.data_dir = data_dir
+        self.log_level = log_level
         self.model = model
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -54,7 +55,7 @@ class LiveServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--model", self.model, "--port", str(self.port), "--data-dir",
-             str(self.data_dir), "--workers", self.workers, "--log-level", "warning"],
+             str(self.data_dir), "--workers", self.workers, "--log-level", self.log_level],
             cwd=ROOT, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.time() + ready_timeout
