@@ -16,7 +16,7 @@ from typing import Any
 from vace_local.checkpoints import BASE_PATTERNS, EXPERT_DIRS, OriginalCheckpoint, find_original
 from vace_local.errors import ModelNotFoundError
 from vace_local.memory import ComponentSize, ModelSize
-from vace_local.tiny import TINY_MODELS, ensure_tiny_model
+from vace_local.tiny import TINY_HELPER, TINY_MODELS, ensure_tiny_helper, ensure_tiny_model
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,11 @@ def download_model(name: str) -> Path:
 
 def resolve_aux_model(model_id: str, download_name: str, *, allow_download: bool = False) -> Path:
     """A transformers model (safety checker, prompt expander) as a local directory: a directory holding a
-    `config.json`, or a Hub repo id from the cache (downloaded only with `allow_download`). A missing model
-    raises ModelNotFoundError naming `vace-local download <download_name>`."""
+    `config.json`, or a Hub repo id from the cache (downloaded only with `allow_download`), or `tiny` (built
+    here: `vace_local.tiny.ensure_tiny_helper`). A missing model raises ModelNotFoundError naming
+    `vace-local download <download_name>`."""
+    if model_id == TINY_HELPER:
+        return ensure_tiny_helper(download_name)
     path = Path(model_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
