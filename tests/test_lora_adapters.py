@@ -8,6 +8,7 @@ different float summation order: x·W + s·(x·A)·B vs x·(W + s·B·A); measur
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 from pathlib import Path
 
@@ -202,3 +203,40 @@ def test_real_architecture_switching_matches_fresh_fused_engines(realarch_wan21_
     assert np.abs(refs[0] - refs[2]).max() > 1e-3
     assert [[x["file"] for x in g.stats.loras] for g in got] == [["kijai.safetensors"], ["musubi.safetensors"], []]
     assert eng.policy == offload
+
+
+def test_every_dialect_takes_loras_and_names_a_bad_one() -> None:
+    """fal, AI/ML, WaveSpeed and OpenAI (JSON list, or one JSON text as the SDK's multipart sends it)."""
+    from pydantic import ValidationError
+
+    from server.dialects.aiml.serving import aiml_to_jobspec, parse_aiml_request
+    from server.dialects.fal.serving import fal_to_jobspec, parse_fal_request
+    from server.dialects.openai.serving import parse_request
+    from server.dialects.openai.serving import to_spec as openai_spec
+    from server.dialects.wavespeed.schemas import WanVaceInput
+    from server.dialects.wavespeed.serving import to_spec as wavespeed_spec
+    from vace_local.errors import problems_from_pydantic
+
+    loras = [{"path": "style_a", "scale": 0.5}, {"path": "o/r", "weight_name": "low.safetensors",
+                                                 "transformer": "low", "num_inference_steps": 4}]
+    video = "https://example.invalid/v.mp4"
+    specs = [
+        fal_to_jobspec("pose", parse_fal_request("pose", {"prompt": "p", "video_url": video, "loras": loras}),
+                       model="tiny").spec,
+        aiml_to_jobspec(parse_aiml_request({"model": "alibaba/wan2.2-vace-fun-a14b-pose", "video_url": video,
+                                            "prompt": "p", "loras": loras}), model="tiny").spec,
+        wavespeed_spec(WanVaceInput(prompt="p", loras=loras))[0],
+        openai_spec(parse_request({"prompt": "p", "loras": loras}), None)[0],
+        openai_spec(parse_request({"prompt": "p", "loras": json.dumps(loras)}), None)[0],
+    ]
+    for s in specs:
+        assert [x.model_dump(exclude_none=True) for x in s.loras] == [
+            {"path": "style_a", "scale": 0.5, "transformer": "both"},
+            {"path": "o/r", "scale": 1.0, "transformer": "low", "weight_name": "low.safetensors",
+             "num_inference_steps": 4}]
+    with pytest.raises(ValidationError) as e:
+        parse_fal_request("depth", {"prompt": "p", "video_url": video, "loras": [{"path": "a", "scale": 9}]})
+    assert [p.field for p in problems_from_pydantic(e.value.errors())] == ["loras[0].scale"]
+    with pytest.raises(ValidationError) as e:
+        WanVaceInput(prompt="p", loras=[{"path": "a", "transformer": "middle"}])
+    assert [p.field for p in problems_from_pydantic(e.value.errors())] == ["loras[0].transformer"]
