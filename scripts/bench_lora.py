@@ -25,7 +25,7 @@ from tests.realarch import build_wan21_vace
 from vace_local.bundle import ControlBundle
 from vace_local.engine import Engine, EngineOptions
 from vace_local.lora import JobLora, LoraOption
-from vace_local.spec import JobSpec
+from vace_local.spec import JobSpec, LoraRef
 
 BLOCK = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
          "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
@@ -80,16 +80,19 @@ def main() -> None:
                            masks=np.ones((17, 48, 64), dtype=np.float32))
     fused = Engine(model, EngineOptions(offload="none", dtype="fp32", loras=(LoraOption(str(paths[0])),)))
 
-    def step_time(e: Engine, loras: list) -> float:  # noqa: ANN001
-        if loras:
-            e.adapters.activate(loras)
-            e.adapters.activate = lambda _x, _f=e.adapters.activate: _f(loras)  # keep them active for the job
-        e.sample(job, bundle, seed=1, decode=False)  # warm-up
-        return statistics.median(timed(lambda: e.sample(job, bundle, seed=1, decode=False))
-                                 for _ in range(args.repeat)) / args.steps
+    def run(e: Engine, loras: list[LoraRef], steps: int) -> float:
+        return timed(lambda: e.sample(job.model_copy(update={"num_inference_steps": steps, "loras": loras}),
+                                      bundle, seed=1, decode=False))
 
-    per_step_fused = step_time(fused, [])
-    per_step_adapter = step_time(eng, [a])
+    # per step = (time of `steps` steps - time of 1 step) / (steps - 1): the VAE encode and the other fixed
+    # costs cancel; fused and adapter runs interleaved so a busy machine slows both alike.
+    lora_a = [LoraRef(path=str(paths[0]))]
+    run(fused, [], 1), run(eng, lora_a, 1)  # warm-up
+    fused_s, adapter_s = [], []
+    for _ in range(args.repeat):
+        fused_s.append((run(fused, [], args.steps) - run(fused, [], 1)) / (args.steps - 1))
+        adapter_s.append((run(eng, lora_a, args.steps) - run(eng, lora_a, 1)) / (args.steps - 1))
+    per_step_fused, per_step_adapter = statistics.median(fused_s), statistics.median(adapter_s)
     out = {
         "command": "PYTHONPATH=. .venv/bin/python scripts/bench_lora.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
