@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from vace_local.bundle import ControlBundle
     from vace_local.engine import Engine
+    from vace_local.long_video import WindowStore
     from vace_local.prompt_expand import ExpanderOptions
     from vace_local.safety_check import SafetyOptions
 
@@ -127,6 +128,21 @@ class _Job:
     expansion: Any = None  # ExpansionReport
     safety: Any = None  # SafetyReport
     notes: list[str] = field(default_factory=list)
+    #: One record per window (plan, resumed or denoised, its sampling) for a windowed job.
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    _extended: np.ndarray | None = None
+
+    def extend_frames(self) -> np.ndarray:
+        """The clip being extended at the job's size and fps (uint8), decoded once."""
+        if self._extended is None:
+            from preprocessors.geometry import cover_crop
+            from vace_local.media import open_video, read_frames
+
+            spec, ext = self.plan.spec, self.plan.extend
+            info, reader = open_video(ext.source, "extend")
+            self._extended = read_frames(info, reader, ext.source_ids,
+                                         lambda f: cover_crop(f, spec.height, spec.width))
+        return self._extended
 
 
 def run_job(
@@ -139,27 +155,31 @@ def run_job(
     name: str = "output",
     safety: SafetyOptions | None = None,
     expander: ExpanderOptions | None = None,
+    window_store: WindowStore | None = None,
 ) -> RunResult:
     """Run one job end to end and write `<out_dir>/<name>.mp4` and `<name>.json`.
 
     `engine` is the process's loaded model (the worker keeps one); when None it is loaded (and cached)
     for `spec.model`. `safety` / `expander` configure the safety checker and prompt expander a job may ask
-    for (defaults: their default model ids, looked up in the local cache only). Raises `InputError` for bad
-    inputs, `JobCancelled` when `should_cancel` turned true.
+    for (defaults: their default model ids, looked up in the local cache only). `window_store` keeps the
+    finished windows of a long job: run again with the same store, the job resumes at its first unfinished
+    window (a random seed is taken from the store). Raises `InputError` for bad inputs, `JobCancelled` when
+    `should_cancel` turned true.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Stages(on_progress, should_cancel)
-    seed = resolve_seed(spec.seed)
+    stored_seed = window_store.stored_seed() if window_store is not None and spec.seed < 0 else None
+    seed = stored_seed if stored_seed is not None else resolve_seed(spec.seed)
     engine = _load(stage, spec.model, engine)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
     try:
         resolved = _fetch(stage, spec, work)
-        job = _Job(_plan(stage, spec, resolved), resolved, seed)
+        job = _Job(_plan(stage, spec, resolved, seed), resolved, seed)
         _preprocess(stage, job, engine)
         if spec.enable_prompt_expansion:
             _expand_prompt(stage, job, expander, engine.device)
-        _generate(stage, job, engine)
+        _generate(stage, job, engine, window_store)
         _restore(stage, job)
         if spec.enable_safety_checker:
             _check_safety(stage, job, safety, engine.device)
@@ -192,10 +212,10 @@ def _fetch(stage: Stages, spec: JobSpec, work: Path) -> Any:
     return resolved
 
 
-def _plan(stage: Stages, spec: JobSpec, resolved: Any) -> JobPlan:
-    """match_input_* and the temporal plan (timed with preprocessing, as before: the keys stay the same)."""
+def _plan(stage: Stages, spec: JobSpec, resolved: Any, seed: int) -> JobPlan:
+    """match_input_*, the temporal and the window plan (timed with preprocessing, as before: the keys stay)."""
     with stage("preprocess"):
-        return plan_job(spec, resolved.video)
+        return plan_job(spec, resolved.video, seed=seed, extend=resolved.extend)
 
 
 def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
@@ -216,19 +236,53 @@ def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
 
 
 def _expand_prompt(stage: Stages, job: _Job, options: ExpanderOptions | None, device: str) -> None:
+    """The job's prompt, and each window's own prompt of a schedule, expanded once each."""
     with stage("prompt_expansion", Progress("preprocess", message="prompt expansion")):
         job.expansion = _expand(job.plan.spec.prompt, options, device)
         job.notes.append(job.expansion.message)
-        job.plan = replace(job.plan, generation=job.plan.generation.model_copy(
+        expanded = {job.plan.spec.prompt: job.expansion.prompt}
+        windows = []
+        for w in job.plan.windows:
+            if w.prompt not in expanded:
+                report = _expand(w.prompt, options, device)
+                expanded[w.prompt] = report.prompt
+                job.notes.append(f"window {w.index + 1}: {report.message}")
+            windows.append(replace(w, prompt=expanded[w.prompt]))
+        job.plan = replace(job.plan, windows=tuple(windows), generation=job.plan.generation.model_copy(
             update={"prompt": job.expansion.prompt}))
 
 
-def _generate(stage: Stages, job: _Job, engine: Engine) -> None:
+def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | None) -> None:
+    gen, plan = job.plan.generation, job.plan
+    steps = engine.effective_spec(gen).num_inference_steps
+    if not plan.windowed:
+        with stage("generate", Progress("generate", 0, steps)):
+            out = engine.sample(gen, job.bundle, seed=job.seed, on_progress=stage.on_progress,
+                                should_cancel=stage.should_cancel)
+        job.frames, job.sampling = out.uint8(), out.stats.as_dict()
+        return
+    from vace_local.long_video import run_windows
+
+    prefix = job.extend_frames()[-plan.extend.prefix:] if plan.extend else None
+    if store is not None:
+        store.begin(_store_plan(job))
+    message = f"{len(plan.windows)} windows of {gen.window_frames} frames"
+    with stage("generate", Progress("generate", 0, steps * len(plan.windows), message=message)):
+        run = run_windows(engine, gen, job.bundle, list(plan.windows), timeline_frames=plan.timeline_frames,
+                          offset=plan.extend.prefix if plan.extend else 0, prefix=prefix,
+                          on_progress=stage.on_progress, should_cancel=stage.should_cancel, store=store)
+    job.frames, job.sampling, job.windows = run.frames, run.sampling, run.windows
+    resumed = run.sampling["windows_resumed"]
+    if resumed:
+        job.notes.append(f"resumed: {resumed} of {len(plan.windows)} windows taken from storage, not denoised "
+                         "again")
+
+
+def _store_plan(job: _Job) -> dict[str, Any]:
+    """What a stored window must have been made under to be reused (JSON-native: compared after a round trip)."""
     gen = job.plan.generation
-    with stage("generate", Progress("generate", 0, engine.effective_spec(gen).num_inference_steps)):
-        out = engine.sample(gen, job.bundle, seed=job.seed, on_progress=stage.on_progress,
-                            should_cancel=stage.should_cancel)
-    job.frames, job.sampling = out.uint8(), out.stats.as_dict()
+    return json.loads(json.dumps({"seed": job.seed, "windows": job.plan.windows_info(),
+                                  "spec": gen.model_dump(mode="json", exclude={"seed", "inputs"})}))
 
 
 def _restore(stage: Stages, job: _Job) -> None:
@@ -239,6 +293,10 @@ def _restore(stage: Stages, job: _Job) -> None:
         with stage("interpolate", Progress("encode", message=message)):
             job.frames = temporal.restore(job.frames, job.plan.spec.temporal.interpolator)
     job.frames = job.plan.trim(job.frames)
+    if job.plan.extend is not None and job.plan.extend.output == "full":
+        import numpy as np
+
+        job.frames = np.concatenate([job.extend_frames(), job.frames])
 
 
 def _check_safety(stage: Stages, job: _Job, options: SafetyOptions | None, device: str) -> None:
@@ -291,6 +349,8 @@ def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_
         "model": engine.describe(),
         "sampling": job.sampling,  # effective steps, cache skips, overrides
         "control": job.bundle.info,
+        "windows": _windows_metadata(job),
+        "extend": job.plan.extend.as_dict() if job.plan.extend else None,
         "safety_checker": result.safety if result.safety else {"status": "not_requested"},
         "prompt_expansion": result.prompt_expansion if result.prompt_expansion else {"status": "not_requested"},
         "result": result.to_dict(),
@@ -302,6 +362,11 @@ def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_
     files["video"].replace(result.video_path)
     meta_tmp.replace(result.metadata_path)
     return result
+
+
+def _windows_metadata(job: _Job) -> list[dict[str, Any]]:
+    """Each window's plan (start, end, overlap, seed, prompt) and, once run, whether it was resumed."""
+    return job.windows or [dict(w.as_dict(), resumed=False) for w in job.plan.windows]
 
 
 def _expand(prompt: str, options: ExpanderOptions | None, device: str):  # noqa: ANN202 - ExpansionReport

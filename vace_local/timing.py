@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vace_local.spec import MAX_FRAMES, JobSpec, round_frames_4k1
+from vace_local.spec import JobSpec, max_job_frames, round_frames_4k1
 
 
 def frames_at_fps(src_frames: int, src_fps: float, job_fps: float) -> int:
@@ -62,9 +62,11 @@ def match_input_timing(num_frames: int, fps: int, *, match_frames: bool, match_f
         # The clip's duration at the job rate (the control video is resampled to that rate).
         n = frames_at_fps(source_frames, source_fps, fps)
         notes.append(f"num_frames matched to the input: {n} frames at {fps} fps")
-        if n > MAX_FRAMES:
-            notes.append(f"input is longer than {MAX_FRAMES} frames; output capped at {MAX_FRAMES}")
-    n4 = round_frames_4k1(n)
+        if n > max_job_frames():
+            notes.append(f"input is longer than {max_job_frames()} frames (VACE_MAX_FRAMES); output capped at "
+                         f"{max_job_frames()}")
+    # A long input is generated whole, in windows (vace_local/windows.py), up to the job maximum.
+    n4 = round_frames_4k1(n, hi=max_job_frames() if match_frames and known else None)
     if n4 != n:
         notes.append(f"num_frames {n} rounded to {n4} (the model needs 4k+1 frames)")
     keep = None
