@@ -72,7 +72,8 @@ def delta_e(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def correct_window(frames: np.ndarray, overlap: int, reference: LabStats, anchor: LabStats | None,
-                   strength: float, anchor_frames: int = ANCHOR_FRAMES) -> np.ndarray:
+                   strength: float, anchor_frames: int = ANCHOR_FRAMES,
+                   anchor_weight: float = ANCHOR_WEIGHT) -> np.ndarray:
     """Match a new window's colours to what came before; returns float frames in [0, 1].
 
     Frame j is mapped channel by channel from its window's statistics to target statistics
@@ -88,7 +89,7 @@ def correct_window(frames: np.ndarray, overlap: int, reference: LabStats, anchor
     n = len(lab)
     src_o = LabStats.of(lab[:overlap])
     src_t = LabStats.of(lab[max(overlap, n - anchor_frames):])
-    tgt_t = reference.lerp(anchor, ANCHOR_WEIGHT) if anchor is not None else reference
+    tgt_t = reference.lerp(anchor, anchor_weight) if anchor is not None else reference
     span = max(1, n - overlap)
     out = np.empty_like(lab)
     for j in range(n):
@@ -187,7 +188,7 @@ def window_bundle(bundle: ControlBundle, w: Window, made: np.ndarray, offset: in
     masks[: w.overlap] = 0.0
     frames[w.overlap:] = bundle.frames[keep_end - offset: w.end - offset]
     masks[w.overlap:] = bundle.masks[keep_end - offset: w.end - offset]
-    return ControlBundle(frames, masks, bundle.reference_images, dict(bundle.info))
+    return ControlBundle(frames, masks, bundle.reference_images, dict(bundle.info, window=w.as_dict()))
 
 
 def _uint8(frames: np.ndarray) -> np.ndarray:
@@ -205,12 +206,14 @@ class WindowRun:
 
 def run_windows(engine: Any, gen: JobSpec, bundle: ControlBundle, windows: list[Window], *, timeline_frames: int,
                 offset: int = 0, prefix: np.ndarray | None = None, on_progress: ProgressFn,
-                should_cancel: CancelFn, store: WindowStore | None = None) -> WindowRun:
+                should_cancel: CancelFn, store: WindowStore | None = None, anchor_weight: float = ANCHOR_WEIGHT,
+                blend: bool = False) -> WindowRun:
     """Generate `windows` in order on `engine` (an Engine or a parallel GroupEngine) and join them.
 
     `prefix`: the frames the timeline starts with (the tail of a clip being extended; the anchor of the colour
     correction). Windows found in `store` (same plan) are taken from it and not denoised again; each new one is
-    saved there as soon as it is made. Progress is one bar over every window's steps.
+    saved there as soon as it is made. Progress is one bar over every window's steps. `blend` cross-fades the
+    overlap instead of keeping the earlier frames (measured against it in tests/test_long_video.py).
     """
     made = np.zeros((timeline_frames, gen.height, gen.width, 3), dtype=np.uint8)
     if prefix is not None:
@@ -244,13 +247,18 @@ def run_windows(engine: Any, gen: JobSpec, bundle: ControlBundle, windows: list[
             if w.overlap and strength > 0:
                 reference = LabStats.of(to_lab(made[w.start: w.start + w.overlap]))
                 frames = correct_window(frames, w.overlap, reference,
-                                        anchor if w.prompt == anchor_prompt else None, strength)
+                                        anchor if w.prompt == anchor_prompt else None, strength,
+                                        anchor_weight=anchor_weight)
             frames_u8 = _uint8(frames)
             if store is not None:
                 store.save(w.index, frames_u8)
             record["resumed"] = False
             record["sampling"] = out.stats.as_dict()
             _add_sampling(sampling, record["sampling"])
+        if blend and w.overlap:
+            ramp = (np.arange(1, w.overlap + 1, dtype=np.float32) / (w.overlap + 1))[:, None, None, None]
+            old = made[w.start: w.start + w.overlap].astype(np.float32)
+            made[w.start: w.start + w.overlap] = (old + (frames_u8[: w.overlap] - old) * ramp + 0.5).astype(np.uint8)
         made[w.start + w.overlap: w.end] = frames_u8[w.overlap:]
         if anchor is None or w.prompt != anchor_prompt:  # the first window (or a new prompt) sets the anchor
             anchor, anchor_prompt = LabStats.of(to_lab(made[max(0, w.end - ANCHOR_FRAMES): w.end])), w.prompt
