@@ -300,6 +300,7 @@ def worker_main(args: WorkerArgs) -> None:
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     settings = Settings.model_validate_json(args.settings_json)
+    settings.export_limits()
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s worker{args.slot} %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("VACE_CACHE_DIR", str((settings.data_dir / "cache").resolve()))

@@ -44,14 +44,16 @@ class InputTiming:
 
 
 def match_input_timing(num_frames: int, fps: int, *, match_frames: bool, match_fps: bool, source_frames: int,
-                       source_fps: float) -> InputTiming:
+                       source_fps: float, max_frames: int | None = None, cap_hint: str = "") -> InputTiming:
     """Apply the switches against an input video of `source_frames` at `source_fps` (0 fps: no video facts).
 
     fps: the input's rate rounded and clamped to 1..60. Frames: how long the clip lasts at the job fps, rounded
     up to 4k+1 (the preprocessors pad with gray / mask 1) and clamped to the model's range. Returned: the frames
     the control video draws from the input (a short clip is never thinned out, as `sample_indices` builds it),
-    when that is fewer than the generated count.
+    when that is fewer than the generated count. A long input is generated whole, in windows, up to
+    `max_frames` (default: the job maximum, VACE_MAX_FRAMES); `cap_hint` is added to the note when it is cut.
     """
+    cap = max_frames or max_job_frames()
     notes: list[str] = []
     known = source_fps > 0
     if match_fps and known:
@@ -62,11 +64,9 @@ def match_input_timing(num_frames: int, fps: int, *, match_frames: bool, match_f
         # The clip's duration at the job rate (the control video is resampled to that rate).
         n = frames_at_fps(source_frames, source_fps, fps)
         notes.append(f"num_frames matched to the input: {n} frames at {fps} fps")
-        if n > max_job_frames():
-            notes.append(f"input is longer than {max_job_frames()} frames (VACE_MAX_FRAMES); output capped at "
-                         f"{max_job_frames()}")
-    # A long input is generated whole, in windows (vace_local/windows.py), up to the job maximum.
-    n4 = round_frames_4k1(n, hi=max_job_frames() if match_frames and known else None)
+        if n > cap:
+            notes.append(f"input is longer than {cap} frames; output capped at {cap}{cap_hint}")
+    n4 = round_frames_4k1(n, hi=cap if match_frames and known else None)
     if n4 != n:
         notes.append(f"num_frames {n} rounded to {n4} (the model needs 4k+1 frames)")
     keep = None
