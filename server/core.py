@@ -635,6 +635,7 @@ class JobService:
         ids = self.store.expired_jobs(cutoff)
         for jid in ids:
             self.storage.delete_prefix(f"outputs/{jid}")
+            self.storage.delete_prefix(f"windows/{jid}")  # a long job's finished windows (kept for a resume)
         self.store.delete_jobs(ids)
         n += len(ids)
         ups = self.store.expired_uploads(cutoff)

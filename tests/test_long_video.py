@@ -322,3 +322,78 @@ def test_store_of_another_plan_is_not_reused(tmp_path: Path) -> None:
     assert store.load(0) is not None and store.stored_seed() == 1
     store.begin({"seed": 2, "windows": []})
     assert store.load(0) is None and store.stored_seed() == 2
+
+
+# -- every dialect: hosted limits by default, long video as an opt-in extension -----------------------------------
+def test_dialects_take_long_video_as_an_opt_in_extension() -> None:
+    from server.dialects.aiml.serving import aiml_to_jobspec, parse_aiml_request
+    from server.dialects.common import SourceInfo
+    from server.dialects.fal.serving import fal_to_jobspec, parse_fal_request
+    from server.dialects.openai.schemas import VideoCreateRequest
+    from server.dialects.openai.serving import frames_for
+    from server.dialects.wavespeed.schemas import WanVaceInput
+    from server.dialects.wavespeed.serving import to_spec
+
+    for body in ({"prompt": "x", "duration": 16}, {"prompt": "x", "duration": 61, "long_video": True}):
+        with pytest.raises(ValidationError) as err:
+            WanVaceInput.model_validate(body)
+        assert "duration" in str(err.value) and "VACE_MAX_FRAMES" in str(err.value)
+    assert to_spec(WanVaceInput.model_validate({"prompt": "x", "duration": 16, "long_video": True}))[0].num_frames \
+        == 257
+    src = SourceInfo(num_frames=81, fps=16.0, width=1280, height=720)
+    with pytest.raises(ValidationError, match="long_video"):
+        parse_fal_request("pose", {"prompt": "x", "video_url": "https://a.invalid/v.mp4", "num_frames": 257})
+    fal = parse_fal_request("", {"prompt": "x", "num_frames": 257, "long_video": True})
+    assert fal_to_jobspec("", fal, model="tiny", source=src).spec.num_frames == 257
+    aiml = {"model": "alibaba/wan2.2-vace-fun-a14b-depth", "video_url": "https://a.invalid/v.mp4", "prompt": "x",
+            "num_frames": 257}
+    with pytest.raises(ValidationError, match="long_video"):
+        parse_aiml_request(aiml)
+    tr = aiml_to_jobspec(parse_aiml_request({**aiml, "long_video": True}), model="tiny", source=src)
+    assert tr.spec.num_frames == 257
+    assert frames_for(VideoCreateRequest(prompt="x", seconds="16").seconds) == 257  # OpenAI: no opt-in needed
+    assert len(spec_windows(JobSpec(**SMALL, num_frames=257))) == 4
+
+
+def test_cli_writes_a_257_frame_video_whose_metadata_lists_its_windows(tmp_path: Path) -> None:
+    """The issue's command (at 16×16, one step)."""
+    from typer.testing import CliRunner
+
+    from vace_local.cli import app
+    from vace_local.media import probe_video
+
+    result = CliRunner().invoke(app, [
+        "generate", "--model", "tiny", "--num-frames", "257", "--window-frames", "81", "--overlap-frames", "16",
+        "--size", "16x16", "--steps", "1", "--seed", "9", "--prompt", "a cat", "--prompt-schedule", "150:a dog",
+        "--color-correction", "0.5", "--out", str(tmp_path), "--name", "long", "-q"])
+    assert result.exit_code == 0, result.output
+    assert probe_video(tmp_path / "long.mp4")[0] == 257
+    meta = json.loads((tmp_path / "long.json").read_text())
+    assert [(w["start"], w["end"], w["overlap"], w["seed"], w["prompt"]) for w in meta["windows"]] == [
+        (0, 81, 0, 9, "a cat"), (65, 146, 16, 10, "a cat"), (130, 211, 16, 11, "a cat"), (176, 257, 35, 12, "a dog")]
+    assert meta["spec"]["color_correction"] == 0.5 and meta["result"]["num_frames"] == 257
+
+
+def test_clip_extension_keeps_the_clip_tail_and_adds_frames(tmp_path: Path, tiny_engine: Any,
+                                                            fixtures_dir: Path) -> None:
+    """`inputs.extend` + `extend_frames`: the first window keeps the clip's last `overlap_frames` frames (at the
+    pipeline's input, mask 0); `full` returns clip + continuation, `continuation` only the new frames."""
+    from vace_local.media import probe_video
+    from vace_local.run import run_job
+
+    clip = str(fixtures_dir / "vace" / "test2.mp4")  # 25 frames at 25 fps → 16 frames at 16 fps
+    rec = _Recorder(tiny_engine.pipe)
+    try:
+        spec = JobSpec(**{**SMALL, "width": 16, "height": 16}, seed=1, window_frames=17, overlap_frames=4,
+                       inputs={"extend": clip}, extend_frames=20)
+        full = run_job(spec, tmp_path / "full", engine=tiny_engine)
+        cont = run_job(spec.model_copy(update={"extend_output": "continuation"}), tmp_path / "cont",
+                       engine=tiny_engine)
+    finally:
+        tiny_engine.pipe.prepare_video_latents = rec.original
+    meta = json.loads(full.metadata_path.read_text())
+    assert meta["extend"] == {"source_frames": 16, "kept_frames": 4, "new_frames": 20, "output": "full"}
+    assert [(w["start"], w["end"], w["overlap"]) for w in meta["windows"]] == [(0, 17, 4), (7, 24, 10)]
+    first = rec.calls[0]
+    assert (first["mask"][:4] == 0).all() and (first["mask"][4:] == 1).all()
+    assert probe_video(full.video_path)[0] == 36 and probe_video(cont.video_path)[0] == 20

@@ -69,6 +69,8 @@ class RunResult:
     prompt_expansion: dict[str, Any] | None = None
     #: Lines for the job log (safety / expansion outcomes).
     notes: list[str] = field(default_factory=list)
+    #: A long job's windows: start, end, overlap, seed, prompt, resumed (empty for a one-window job).
+    windows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[OutputFile]:
@@ -272,6 +274,8 @@ def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | Non
                           offset=plan.extend.prefix if plan.extend else 0, prefix=prefix,
                           on_progress=stage.on_progress, should_cancel=stage.should_cancel, store=store)
     job.frames, job.sampling, job.windows = run.frames, run.sampling, run.windows
+    job.notes.append(f"long video: {len(plan.windows)} windows of {gen.window_frames} frames, each keeping "
+                     f"{gen.overlap_frames}+ frames of the one before, colour correction {gen.color_correction:g}")
     resumed = run.sampling["windows_resumed"]
     if resumed:
         job.notes.append(f"resumed: {resumed} of {len(plan.windows)} windows taken from storage, not denoised "
@@ -340,6 +344,7 @@ def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_
         model=engine.model_name, tiny=engine.is_tiny, timings=timings, extras=extras, prompt=gen.prompt,
         notes=job.notes, safety=job.safety.as_dict() if job.safety else None,
         prompt_expansion=job.expansion.as_dict() if job.expansion else None,
+        windows=[{k: v for k, v in w.items() if k != "sampling"} for w in job.windows],
     )
     metadata = {
         "spec": spec.model_dump(mode="json"),
