@@ -340,6 +340,8 @@ def test_dialects_take_long_video_as_an_opt_in_extension() -> None:
         assert "duration" in str(err.value) and "VACE_MAX_FRAMES" in str(err.value)
     assert to_spec(WanVaceInput.model_validate({"prompt": "x", "duration": 16, "long_video": True}))[0].num_frames \
         == 257
+    ext = to_spec(WanVaceInput.model_validate({"prompt": "x", "duration": 5, "extend": "https://a.invalid/c.mp4"}))[0]
+    assert (ext.inputs.extend, ext.extend_frames, ext.extend_output) == ("https://a.invalid/c.mp4", 80, "full")
     src = SourceInfo(num_frames=81, fps=16.0, width=1280, height=720)
     with pytest.raises(ValidationError, match="long_video"):
         parse_fal_request("pose", {"prompt": "x", "video_url": "https://a.invalid/v.mp4", "num_frames": 257})

@@ -45,6 +45,9 @@ class WanVaceInput(BaseModel):
     first_image: str | None = None
     last_image: str | None = None
     long_video: bool = Field(False, description=LONG_VIDEO_DESCRIPTION + " (`duration` beyond 10 s)")
+    extend: str | None = Field(None, description="vace-local extension: a clip to continue; `duration` seconds are "
+                               "generated after it (its last 16 frames are kept as the first window's start) and "
+                               "the output is the clip followed by the continuation")
     duration: int = Field(5, ge=5, le=(HARD_MAX_FRAMES - 1) // FPS,
                           description="Seconds at 16 fps (duration*16+1 frames); 5..10, more with `long_video`.")
     size: Literal["832*480", "480*832", "1280*720", "720*1280"] = "832*480"
@@ -76,7 +79,8 @@ class WanVaceInput(BaseModel):
             return ", ".join(x.strip() for x in v if x.strip())
         return v
 
-    @field_validator("video", "mask_video", "mask_image", "image", "first_image", "last_image", mode="before")
+    @field_validator("video", "mask_video", "mask_image", "image", "first_image", "last_image", "extend",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
