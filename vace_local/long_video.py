@@ -177,18 +177,70 @@ class DirWindowStore:
 
 
 # -- the window loop -----------------------------------------------------------------------------------------
-def window_bundle(bundle: ControlBundle, w: Window, made: np.ndarray, offset: int) -> ControlBundle:
-    """Window `w`'s conditioning: its first `overlap` frames are the frames already made (mask 0, kept), the
-    rest its slice of the job's control video and mask; the job's reference images. `bundle` holds timeline
-    frames from `offset` on (an extended clip's kept tail comes before it)."""
+@dataclass
+class LazyBundle:
+    """A job's control built window by window (`build(a, b)`: its frames a..b as a ControlBundle), so a long
+    job never holds its whole control video; used where that is exact (no input video to sample over time)."""
+
+    build: Callable[[int, int], ControlBundle]
+    reference_images: list[np.ndarray]
+    info: dict[str, Any]
+
+    def slice(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        part = self.build(a, b)
+        return part.frames, part.masks
+
+
+def _control_slice(bundle: ControlBundle | LazyBundle, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(bundle, LazyBundle):
+        return bundle.slice(a, b)
+    return bundle.frames[a:b], bundle.masks[a:b]
+
+
+def window_bundle(bundle: ControlBundle | LazyBundle, w: Window, kept: np.ndarray, offset: int) -> ControlBundle:
+    """Window `w`'s conditioning: its first `overlap` frames are `kept`, the frames already made there (mask 0),
+    the rest its slice of the job's control video and mask; the job's reference images. `bundle` holds
+    timeline frames from `offset` on (an extended clip's kept tail comes before it)."""
     keep_end = w.start + w.overlap
-    frames = np.empty((w.frames, *bundle.frames.shape[1:]), dtype=np.float32)
-    masks = np.empty((w.frames, *bundle.masks.shape[1:]), dtype=np.float32)
-    frames[: w.overlap] = made[w.start:keep_end].astype(np.float32) / 255.0
-    masks[: w.overlap] = 0.0
-    frames[w.overlap:] = bundle.frames[keep_end - offset: w.end - offset]
-    masks[w.overlap:] = bundle.masks[keep_end - offset: w.end - offset]
+    control, control_masks = _control_slice(bundle, keep_end - offset, w.end - offset)
+    frames = np.empty((w.frames, *control.shape[1:]), dtype=np.float32)
+    masks = np.empty((w.frames, *control_masks.shape[1:]), dtype=np.float32)
+    if w.overlap:
+        frames[: w.overlap] = kept.astype(np.float32) / 255.0
+        masks[: w.overlap] = 0.0
+    frames[w.overlap:] = control
+    masks[w.overlap:] = control_masks
     return ControlBundle(frames, masks, bundle.reference_images, dict(bundle.info, window=w.as_dict()))
+
+
+class _Timeline:
+    """The frames made so far. With a `sink`, frames no later window reads are handed on in order and dropped,
+    so memory holds about one window whatever the job's length; without one, all are kept."""
+
+    def __init__(self, sink: Callable[[np.ndarray], None] | None) -> None:
+        self.sink = sink
+        self.frames: dict[int, np.ndarray] = {}
+        self.flushed = 0
+
+    def get(self, a: int, b: int) -> np.ndarray:
+        return np.stack([self.frames[i] for i in range(a, b)])
+
+    def put(self, a: int, frames: np.ndarray) -> None:
+        for i, f in enumerate(frames):
+            self.frames[a + i] = f
+
+    def flush(self, upto: int) -> None:
+        """Frames before `upto` are final: hand them to the sink."""
+        if self.sink is None or upto <= self.flushed:
+            return
+        self.sink(np.stack([self.frames.pop(i) for i in range(self.flushed, upto)]))
+        self.flushed = upto
+
+    def all(self, total: int) -> np.ndarray | None:
+        if self.sink is not None:
+            self.flush(total)
+            return None
+        return self.get(0, total)
 
 
 def _uint8(frames: np.ndarray) -> np.ndarray:
@@ -199,25 +251,27 @@ def _uint8(frames: np.ndarray) -> np.ndarray:
 class WindowRun:
     """What the window loop made: the timeline's frames and a record per window for the metadata."""
 
-    frames: np.ndarray
+    #: (T, H, W, 3) uint8, or None when the frames went to a sink.
+    frames: np.ndarray | None
     windows: list[dict[str, Any]]
     sampling: dict[str, Any]
 
 
-def run_windows(engine: Any, gen: JobSpec, bundle: ControlBundle, windows: list[Window], *, timeline_frames: int,
-                offset: int = 0, prefix: np.ndarray | None = None, on_progress: ProgressFn,
+def run_windows(engine: Any, gen: JobSpec, bundle: ControlBundle | LazyBundle, windows: list[Window], *,
+                timeline_frames: int, offset: int = 0, prefix: np.ndarray | None = None, on_progress: ProgressFn,
                 should_cancel: CancelFn, store: WindowStore | None = None, anchor_weight: float = ANCHOR_WEIGHT,
-                blend: bool = False) -> WindowRun:
+                blend: bool = False, sink: Callable[[np.ndarray], None] | None = None) -> WindowRun:
     """Generate `windows` in order on `engine` (an Engine or a parallel GroupEngine) and join them.
 
     `prefix`: the frames the timeline starts with (the tail of a clip being extended; the anchor of the colour
     correction). Windows found in `store` (same plan) are taken from it and not denoised again; each new one is
     saved there as soon as it is made. Progress is one bar over every window's steps. `blend` cross-fades the
-    overlap instead of keeping the earlier frames (measured against it in tests/test_long_video.py).
+    overlap instead of keeping the earlier frames (measured against it in tests/test_long_video.py). `sink`
+    receives the timeline's frames in order as soon as no later window needs them (then `frames` is None).
     """
-    made = np.zeros((timeline_frames, gen.height, gen.width, 3), dtype=np.uint8)
+    made = _Timeline(sink)
     if prefix is not None:
-        made[: len(prefix)] = prefix
+        made.put(0, prefix)
     steps = engine.effective_spec(gen).num_inference_steps
     total = steps * len(windows)
     strength = gen.color_correction
@@ -241,11 +295,12 @@ def run_windows(engine: Any, gen: JobSpec, bundle: ControlBundle, windows: list[
 
             on_progress(Progress("generate", done, total, message=f"{label}, step 0/{steps}"))
             spec_w = gen.model_copy(update={"num_frames": w.frames, "prompt": w.prompt})
-            out = engine.sample(spec_w, window_bundle(bundle, w, made, offset), seed=w.seed,
+            kept = made.get(w.start, w.start + w.overlap) if w.overlap else np.zeros((0,), np.uint8)
+            out = engine.sample(spec_w, window_bundle(bundle, w, kept, offset), seed=w.seed,
                                 on_progress=window_progress, should_cancel=should_cancel)
             frames = out.frames
             if w.overlap and strength > 0:
-                reference = LabStats.of(to_lab(made[w.start: w.start + w.overlap]))
+                reference = LabStats.of(to_lab(kept))
                 frames = correct_window(frames, w.overlap, reference,
                                         anchor if w.prompt == anchor_prompt else None, strength,
                                         anchor_weight=anchor_weight)
@@ -257,15 +312,17 @@ def run_windows(engine: Any, gen: JobSpec, bundle: ControlBundle, windows: list[
             _add_sampling(sampling, record["sampling"])
         if blend and w.overlap:
             ramp = (np.arange(1, w.overlap + 1, dtype=np.float32) / (w.overlap + 1))[:, None, None, None]
-            old = made[w.start: w.start + w.overlap].astype(np.float32)
-            made[w.start: w.start + w.overlap] = (old + (frames_u8[: w.overlap] - old) * ramp + 0.5).astype(np.uint8)
-        made[w.start + w.overlap: w.end] = frames_u8[w.overlap:]
+            old = made.get(w.start, w.start + w.overlap).astype(np.float32)
+            made.put(w.start, (old + (frames_u8[: w.overlap] - old) * ramp + 0.5).astype(np.uint8))
+        made.put(w.start + w.overlap, frames_u8[w.overlap:])
         if anchor is None or w.prompt != anchor_prompt:  # the first window (or a new prompt) sets the anchor
-            anchor, anchor_prompt = LabStats.of(to_lab(made[max(0, w.end - ANCHOR_FRAMES): w.end])), w.prompt
+            anchor, anchor_prompt = LabStats.of(to_lab(made.get(max(0, w.end - ANCHOR_FRAMES), w.end))), w.prompt
         records.append(record)
+        if w.index + 1 < len(windows):
+            made.flush(windows[w.index + 1].start)
     sampling["windows_denoised"] = sum(1 for r in records if not r["resumed"])
     sampling["windows_resumed"] = sum(1 for r in records if r["resumed"])
-    return WindowRun(made, records, sampling)
+    return WindowRun(made.all(timeline_frames), records, sampling)
 
 
 def _add_sampling(total: dict[str, Any], one: dict[str, Any]) -> None:

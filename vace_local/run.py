@@ -132,7 +132,16 @@ class _Job:
     notes: list[str] = field(default_factory=list)
     #: One record per window (plan, resumed or denoised, its sampling) for a windowed job.
     windows: list[dict[str, Any]] = field(default_factory=list)
+    #: A long job encoded window by window: the encoder its frames went to (then `frames` is None).
+    streamed: Any = None  # vace_local.media.VideoWriter
     _extended: np.ndarray | None = None
+
+    @property
+    def streams(self) -> bool:
+        """A long job whose frames go straight to the encoder: nothing after generation needs them all."""
+        spec = self.plan.spec
+        return (self.plan.windowed and not self.plan.temporal.active and not spec.enable_safety_checker
+                and not spec.output.frames_zip)
 
     def extend_frames(self) -> np.ndarray:
         """The clip being extended at the job's size and fps (uint8), decoded once."""
@@ -181,7 +190,7 @@ def run_job(
         _preprocess(stage, job, engine)
         if spec.enable_prompt_expansion:
             _expand_prompt(stage, job, expander, engine.device)
-        _generate(stage, job, engine, window_store)
+        _generate(stage, job, engine, window_store, work / f"{name}.mp4")
         _restore(stage, job)
         if spec.enable_safety_checker:
             _check_safety(stage, job, safety, engine.device)
@@ -231,10 +240,32 @@ def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
             from vace_local.tiny import default_cache_dir
 
             annotators_dir = tiny_annotators_dir(default_cache_dir())  # smoke mode: tiny random-weight annotators
+        if job.streams and job.resolved.video is None and not spec.output.save_control:
+            job.bundle = _lazy_bundle(job, annotators_dir)  # built window by window: memory stays flat
+            return
         bundle = build_bundle(job.plan.bundle_spec, job.resolved, annotators_dir)
         job.bundle = job.plan.temporal.subsample(bundle)
         gen = job.plan.generation
         job.bundle.check(gen.num_frames, gen.height, gen.width)
+
+
+def _lazy_bundle(job: _Job, annotators_dir: Path | None) -> Any:
+    """A control without an input video, built per window: gray / mask 1 with the first and last images where
+    they fall (exact: nothing is sampled over the job's length)."""
+    from preprocessors import build_bundle
+    from vace_local.long_video import LazyBundle
+
+    spec, total = job.plan.bundle_spec, job.plan.bundle_spec.num_frames
+
+    def build(a: int, b: int) -> Any:
+        resolved = replace(job.resolved, first_image=job.resolved.first_image if a == 0 else None,
+                           last_image=job.resolved.last_image if b == total else None)
+        return build_bundle(spec.model_copy(update={"num_frames": b - a}), resolved, annotators_dir)
+
+    first = build(0, min(total, 1))
+    info = dict(first.info, first_image=bool(job.resolved.first_image), last_image=bool(job.resolved.last_image),
+                built="per window")
+    return LazyBundle(build, first.reference_images, info)
 
 
 def _expand_prompt(stage: Stages, job: _Job, options: ExpanderOptions | None, device: str) -> None:
@@ -254,7 +285,7 @@ def _expand_prompt(stage: Stages, job: _Job, options: ExpanderOptions | None, de
             update={"prompt": job.expansion.prompt}))
 
 
-def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | None) -> None:
+def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | None, video: Path) -> None:
     gen, plan = job.plan.generation, job.plan
     steps = engine.effective_spec(gen).num_inference_steps
     if not plan.windowed:
@@ -268,11 +299,17 @@ def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | Non
     prefix = job.extend_frames()[-plan.extend.prefix:] if plan.extend else None
     if store is not None:
         store.begin(_store_plan(job))
+    sink = _encoder_sink(job, video) if job.streams else None
     message = f"{len(plan.windows)} windows of {gen.window_frames} frames"
-    with stage("generate", Progress("generate", 0, steps * len(plan.windows), message=message)):
-        run = run_windows(engine, gen, job.bundle, list(plan.windows), timeline_frames=plan.timeline_frames,
-                          offset=plan.extend.prefix if plan.extend else 0, prefix=prefix,
-                          on_progress=stage.on_progress, should_cancel=stage.should_cancel, store=store)
+    try:
+        with stage("generate", Progress("generate", 0, steps * len(plan.windows), message=message)):
+            run = run_windows(engine, gen, job.bundle, list(plan.windows), timeline_frames=plan.timeline_frames,
+                              offset=plan.extend.prefix if plan.extend else 0, prefix=prefix,
+                              on_progress=stage.on_progress, should_cancel=stage.should_cancel, store=store,
+                              sink=sink)
+    finally:
+        if job.streamed is not None:  # also on a cancel: the encoder process ends, the work dir is removed
+            job.streamed.close()
     job.frames, job.sampling, job.windows = run.frames, run.sampling, run.windows
     job.notes.append(f"long video: {len(plan.windows)} windows of {gen.window_frames} frames, each keeping "
                      f"{gen.overlap_frames}+ frames of the one before, colour correction {gen.color_correction:g}")
@@ -280,6 +317,29 @@ def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | Non
     if resumed:
         job.notes.append(f"resumed: {resumed} of {len(plan.windows)} windows taken from storage, not denoised "
                          "again")
+
+
+def _encoder_sink(job: _Job, video: Path) -> Any:
+    """Frames of the timeline → the output encoder, as they become final: the clip first for an extension's
+    `full` output, its kept tail skipped, the match_input / 4k+1 padding trimmed off."""
+    from vace_local.media import VideoWriter
+
+    spec, plan = job.plan.spec, job.plan
+    job.streamed = VideoWriter(video, plan.output_fps, spec.output.video_quality, spec.output.video_write_mode)
+    if plan.extend is not None and plan.extend.output == "full":
+        job.streamed.write(job.extend_frames())
+    first = plan.extend.prefix if plan.extend else 0
+    end = plan.keep_frames or plan.timeline_frames
+    state = {"at": 0}
+
+    def sink(frames: np.ndarray) -> None:
+        a = state["at"]
+        state["at"] += len(frames)
+        part = frames[max(0, first - a): max(0, end - a)]
+        if len(part):
+            job.streamed.write(part)
+
+    return sink
 
 
 def _store_plan(job: _Job) -> dict[str, Any]:
@@ -291,6 +351,8 @@ def _store_plan(job: _Job) -> dict[str, Any]:
 
 def _restore(stage: Stages, job: _Job) -> None:
     """Interpolate back to the job's frame count (and num_interpolated_frames), then trim match_input padding."""
+    if job.streamed is not None:  # encoded window by window, already trimmed
+        return
     temporal = job.plan.temporal
     if temporal.active:
         message = f"interpolating {len(job.frames)} → {temporal.output_frames} frames"
@@ -317,8 +379,9 @@ def _encode(stage: Stages, job: _Job, work: Path, name: str) -> dict[str, Path]:
     spec, gen_fps = job.plan.spec, job.plan.generation.fps
     with stage("encode", Progress("encode")):
         files = {"video": work / f"{name}.mp4"}
-        write_video(job.frames, files["video"], fps=job.plan.output_fps, quality=spec.output.video_quality,
-                    write_mode=spec.output.video_write_mode)
+        if job.streamed is None:
+            write_video(job.frames, files["video"], fps=job.plan.output_fps, quality=spec.output.video_quality,
+                        write_mode=spec.output.video_write_mode)
         if spec.output.frames_zip:
             files["frames_zip"] = write_frames_zip(job.frames, work / f"{name}.frames.zip")
         if spec.output.save_control:
@@ -340,7 +403,8 @@ def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_
             tmp.replace(extras[kind])
     result = RunResult(
         video_path=out_dir / f"{name}.mp4", metadata_path=out_dir / f"{name}.json", seed=job.seed,
-        width=spec.width, height=spec.height, num_frames=int(job.frames.shape[0]), fps=job.plan.output_fps,
+        width=spec.width, height=spec.height, fps=job.plan.output_fps,
+        num_frames=job.streamed.frames if job.streamed is not None else int(job.frames.shape[0]),
         model=engine.model_name, tiny=engine.is_tiny, timings=timings, extras=extras, prompt=gen.prompt,
         notes=job.notes, safety=job.safety.as_dict() if job.safety else None,
         prompt_expansion=job.expansion.as_dict() if job.expansion else None,
