@@ -399,3 +399,18 @@ def test_clip_extension_keeps_the_clip_tail_and_adds_frames(tmp_path: Path, tiny
     first = rec.calls[0]
     assert (first["mask"][:4] == 0).all() and (first["mask"][4:] == 1).all()
     assert probe_video(full.video_path)[0] == 36 and probe_video(cont.video_path)[0] == 20
+
+
+def test_schedule_entries_no_window_uses_are_refused() -> None:
+    """A prompt no window would take (inside a one-window job, or shadowed by the next entry) is an error naming
+    it and the windows' first new frames, never accepted and silently unused."""
+    from vace_local.errors import InputError
+    from vace_local.plan import plan_job
+
+    with pytest.raises(InputError, match=r"prompts\[0\].*first new frame.*0 \(window_frames 81"):
+        plan_job(JobSpec(**SMALL, prompts=[{"start_frame": 40, "prompt": "b"}]), None)
+    with pytest.raises(InputError, match=r"prompts\[0\].*0, 81, 146, 211"):
+        plan_job(JobSpec(**SMALL, num_frames=257, prompts=[{"start_frame": 100, "prompt": "b"},
+                                                           {"start_frame": 120, "prompt": "c"}]), None)
+    with pytest.raises(ValidationError, match="extend_output"):
+        JobSpec(**SMALL, extend_output="continuation")

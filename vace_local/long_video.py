@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vace_local.bundle import ControlBundle
+from vace_local.errors import JobCancelled
 from vace_local.events import CancelFn, Progress, ProgressFn
 from vace_local.spec import JobSpec
 from vace_local.windows import Window
@@ -280,6 +281,8 @@ def run_windows(engine: Any, gen: JobSpec, bundle: ControlBundle | LazyBundle, w
     records: list[dict[str, Any]] = []
     sampling: dict[str, Any] = {}
     for w in windows:
+        if should_cancel():  # a cancel between windows lands before the next window's work
+            raise JobCancelled("job cancelled between windows")
         done = w.index * steps
         label = f"window {w.index + 1}/{len(windows)}"
         record = w.as_dict()

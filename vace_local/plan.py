@@ -104,7 +104,22 @@ def plan_job(spec: JobSpec, video: Path | None, *, seed: int | None = None, exte
         generation = generation.model_copy(update={"prompts": [
             PromptAt(start_frame=-(-p.start_frame // temporal.stride), prompt=p.prompt) for p in spec.prompts]})
     windows = spec_windows(generation, seed=seed)
+    _check_schedule(spec, windows, temporal.stride)
     return JobPlan(spec, temporal, generation, keep, tuple(windows), generation.num_frames)
+
+
+def _check_schedule(spec: JobSpec, windows: list[Window], stride: int = 1, prefix: int = 0) -> None:
+    """Every prompt-schedule entry must be the prompt of some window (else it would be accepted and unused)."""
+    starts = [max(0, (w.start + w.overlap - prefix) * stride) for w in windows]
+    at = [p.start_frame for p in spec.prompts]
+    used = {max((i for i, a in enumerate(at) if a <= s), key=lambda i: at[i], default=-1) for s in starts}
+    for i, p in enumerate(spec.prompts):
+        if i not in used:
+            raise InputError(f"prompts[{i}]", f"no window would use this prompt (start_frame {p.start_frame}): each "
+                                              "window takes the entry in force at its first new frame, and this "
+                                              f"job's windows start new frames at {', '.join(map(str, starts))} "
+                                              f"(window_frames {spec.window_frames}, overlap_frames "
+                                              f"{spec.overlap_frames})")
 
 
 def _plan_extend(spec: JobSpec, video: Path | None, extend: Path, seed: int | None) -> JobPlan:
@@ -134,5 +149,6 @@ def _plan_extend(spec: JobSpec, video: Path | None, extend: Path, seed: int | No
     spec = spec.model_copy(update={"num_frames": cont, "fps": fps})
     temporal = plan_for_spec(spec)
     windows = spec_windows(spec, gen_timeline, seed=seed, prefix=prefix)
+    _check_schedule(spec, windows, prefix=prefix)
     ext = ExtendPlan(extend, ids, prefix, new, spec.extend_output)
     return JobPlan(spec, temporal, spec, timeline, tuple(windows), gen_timeline, ext)

@@ -54,6 +54,7 @@ def match_input_timing(num_frames: int, fps: int, *, match_frames: bool, match_f
     `max_frames` (default: the job maximum, VACE_MAX_FRAMES); `cap_hint` is added to the note when it is cut.
     """
     cap = max_frames or max_job_frames()
+    cap_hint = cap_hint or ("" if max_frames else " (VACE_MAX_FRAMES)")
     notes: list[str] = []
     known = source_fps > 0
     if match_fps and known:
