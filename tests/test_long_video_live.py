@@ -63,6 +63,7 @@ def test_257_frames_resume_after_kill9_in_window_3(server: LiveServer) -> None:
     video = next((server.data_dir / "outputs" / jid).glob("*.mp4"))
     assert probe_video(video)[0] == 257
     assert not (server.data_dir / "windows" / jid).exists()  # finished: the stored windows are gone
+    assert [w["start"] for w in server.get(jid)["windows"]] == [0, 65, 130, 176]  # in the response too
 
 
 def test_hosted_limits_stay_the_default(server: LiveServer) -> None:

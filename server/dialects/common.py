@@ -235,10 +235,17 @@ def expansion_note(job: JobRecord) -> str | None:
     return str(e.get("message")) if e and e.get("status") != "expanded" else None
 
 
+def windows_field(job: JobRecord) -> dict[str, Any]:
+    """vace-local extension on a long job's result: `windows`, the plan it was made of (start, end, overlap,
+    seed, prompt, resumed of each window); absent for a one-window job."""
+    windows = (job.result or {}).get("windows")
+    return {"windows": windows} if windows else {}
+
+
 def check_fields(job: JobRecord) -> dict[str, Any]:
     """Extra output fields for the safety check / prompt expansion (fal's name `has_nsfw_concepts`, null where
     nothing was checked), present only when the request asked; shared with the AI/ML dialect's `meta`."""
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = dict(windows_field(job))
     if safety_requested(job):
         fields["has_nsfw_concepts"] = [nsfw_flag(job)]
     if note := safety_note(job):
