@@ -84,6 +84,8 @@ def generate(
     extend_frames: Annotated[int | None, typer.Option(help="Frames to add after --extend.")] = None,
     extend_output: Annotated[str | None, typer.Option(help="full (the clip + its continuation, default) | "
                                                            "continuation")] = None,
+    resume_dir: Annotated[Path | None, typer.Option(help="Keep a long job's finished windows here; the same "
+                                                         "command again resumes at the first unfinished one.")] = None,
     fps: Annotated[int | None, typer.Option(help="Output frames per second.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps.")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (0..20).")] = None,
@@ -186,10 +188,11 @@ def generate(
         _fail(str(exc))
         raise
 
-    _run_with_progress(spec, options, out, name, quiet)
+    _run_with_progress(spec, options, out, name, quiet, resume_dir)
 
 
-def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) -> None:  # noqa: ANN001
+def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool,  # noqa: ANN001
+                       resume_dir: Path | None = None) -> None:
     import time
 
     from tqdm import tqdm
@@ -224,7 +227,12 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) 
         engine = get_engine(spec.model, options)
         if engine.is_tiny:
             typer.secho("note: 'tiny' is a random-weight smoke model; its output is noise.", fg="yellow", err=True)
-        result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem)
+        store = None
+        if resume_dir is not None:
+            from vace_local.long_video import DirWindowStore
+
+            store = DirWindowStore(resume_dir)
+        result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem, window_store=store)
     except VaceError as exc:
         if bar is not None:
             bar.close()
