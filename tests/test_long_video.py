@@ -414,3 +414,10 @@ def test_schedule_entries_no_window_uses_are_refused() -> None:
                                                            {"start_frame": 120, "prompt": "c"}]), None)
     with pytest.raises(ValidationError, match="extend_output"):
         JobSpec(**SMALL, extend_output="continuation")
+
+
+def test_stored_specs_validate_again() -> None:
+    """The worker validates the stored spec (every field set): long-video fields must survive the round trip."""
+    for spec in (JobSpec(**SMALL, num_frames=257, prompts=[{"start_frame": 100, "prompt": "b"}]),
+                 JobSpec(**SMALL, inputs={"extend": "a.mp4"}, extend_frames=20, extend_output="continuation")):
+        assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec

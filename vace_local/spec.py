@@ -292,7 +292,7 @@ class JobSpec(BaseModel):
         if (self.extend_frames is None) != (self.inputs.extend is None):
             raise ValueError("inputs.extend and extend_frames go together: the clip to continue and how many "
                              "frames to add")
-        if "extend_output" in self.model_fields_set and self.inputs.extend is None:
+        if self.extend_output != "full" and self.inputs.extend is None:  # (a stored spec carries every field)
             raise ValueError("extend_output: only with inputs.extend (a clip to continue)")
         if self.inputs.extend and "num_frames" in self.model_fields_set and self.num_frames != 81:
             raise ValueError("num_frames: with inputs.extend the length is extend_frames; leave num_frames out")
