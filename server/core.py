@@ -422,7 +422,7 @@ class JobService:
                 nw, nh = max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
                 upd.update(width=nw, height=nh)
                 logs.append(f"tiny mode cap (VACE_TINY_MAX_SIDE): size {w}x{h} → {nw}x{nh}")
-            if s.tiny_max_frames and spec.num_frames > s.tiny_max_frames:
+            if s.tiny_max_frames and spec.num_frames > s.tiny_max_frames and not spec.inputs.extend:
                 nf = round_frames_4k1(s.tiny_max_frames, "down")
                 upd["num_frames"] = nf
                 logs.append(f"tiny mode cap (VACE_TINY_MAX_FRAMES): {spec.num_frames} → {nf} frames")
