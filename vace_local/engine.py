@@ -128,7 +128,12 @@ class Engine:
                 "text_encoder": self.compute_dtype,
                 "default": torch.float32,  # VAE stays fp32 (diffusers docs)
             }
-            self.pipe = WanVACEPipeline.from_pretrained(self.resolved.path, dtype=dtypes)
+            if self.resolved.original is not None:  # the official original-format release: converted here
+                from vace_local.checkpoints import load_original_pipeline
+
+                self.pipe = load_original_pipeline(self.resolved.original, self.resolved.base, dtypes)
+            else:
+                self.pipe = WanVACEPipeline.from_pretrained(self.resolved.path, dtype=dtypes)
         self.pipe.set_progress_bar_config(disable=True)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()
         self._last_stats: SamplingStats | None = None
@@ -188,16 +193,16 @@ class Engine:
 
         Call before anything else touches the weights (the engine does this for `options.loras`).
         """
-        from vace_local.lora import fuse_loras, read_lora_file
+        from vace_local.lora import fuse_loras, lora_path, read_lora_file
 
         items = []
-        for lora in loras:
+        for i, lora in enumerate(loras):
             if isinstance(lora, LoraOption):
-                items.append((read_lora_file(lora.source), lora.scale, lora.experts))
+                items.append((read_lora_file(lora.source), lora.scale, lora.experts, str(lora_path(lora.source))))
                 self.lora_overrides.update(lora.overrides())
             else:
                 state, scale = lora
-                items.append((state, float(scale), "both"))
+                items.append((state, float(scale), "both", f"<state dict {i}>"))
         fuse_loras(self.pipe, items)
 
     def _pick_device(self) -> str:
@@ -260,6 +265,8 @@ class Engine:
             "name": self.model_name,
             "path": str(self.resolved.path),
             "kind": self.resolved.kind,
+            #: "original": an original-format checkpoint converted at load (vace_local.checkpoints).
+            "format": "original" if self.resolved.original is not None else "diffusers",
             "tiny": self.is_tiny,
             "device": self.device,
             "dtype": str(self.compute_dtype).removeprefix("torch."),

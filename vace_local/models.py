@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vace_local.checkpoints import BASE_PATTERNS, EXPERT_DIRS, OriginalCheckpoint, find_original
 from vace_local.errors import ModelNotFoundError
 from vace_local.tiny import TINY_MODELS, ensure_tiny_model
 
@@ -20,14 +21,24 @@ class ModelInfo:
     """What we know about a built-in model before loading it."""
 
     repo_id: str
+    #: An original-format release (vace_local.checkpoints): the built-in diffusers model that supplies the
+    #: text encoder, tokenizer, VAE, scheduler and transformer config; only `allow` is fetched from `repo_id`.
+    base: str | None = None
+    allow: tuple[str, ...] | None = None
 
 
 # Repos and expert layout from the published configs (see shared/reference/diffusers-wan-notes.md §2, §8).
+# Wan 2.2 VACE-Fun A14B is the official release in its original format (two expert folders), converted at
+# load; its other components are Wan 2.1 VACE 14B's (same UMT5-XXL, VAE and transformer config).
 BUILTIN_MODELS: dict[str, ModelInfo] = {
     "wan2.1-vace-14b": ModelInfo("Wan-AI/Wan2.1-VACE-14B-diffusers"),
     "wan2.1-vace-1.3b": ModelInfo("Wan-AI/Wan2.1-VACE-1.3B-diffusers"),
-    "wan2.2-vace-fun-a14b": ModelInfo("linoyts/Wan2.2-VACE-Fun-14B-diffusers"),
+    "wan2.2-vace-fun-a14b": ModelInfo("alibaba-pai/Wan2.2-VACE-Fun-A14B", base="wan2.1-vace-14b",
+                                      allow=tuple(f"{d}/*" for d in EXPERT_DIRS)),
 }
+#: Environment variable naming the base model (built-in name or diffusers directory) of a local
+#: original-format checkpoint; default: the official diffusers model of the checkpoint's width.
+BASE_MODEL_ENV = "VACE_BASE_MODEL"
 DEFAULT_MODEL = "wan2.1-vace-14b"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -37,20 +48,25 @@ class ResolvedModel:
     name: str
     path: Path
     kind: str  # "tiny" | "builtin" | "hub" | "local"
+    #: Set for an original-format checkpoint: its transformer files, converted at load (vace_local.checkpoints).
+    original: OriginalCheckpoint | None = None
+    #: The diffusers-layout model that supplies the other components of an original-format checkpoint.
+    base: Path | None = None
 
     @property
     def is_tiny(self) -> bool:
         return self.kind == "tiny"
 
 
-def _hub_snapshot(repo_id: str, name: str, allow_download: bool) -> Path:
+def _hub_snapshot(repo_id: str, name: str, allow_download: bool, allow: tuple[str, ...] | None = None) -> Path:
     import os
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=not allow_download))
+        return Path(snapshot_download(repo_id, local_files_only=not allow_download,
+                                      allow_patterns=list(allow) if allow else None))
     except LocalEntryNotFoundError as exc:
         if not allow_download:
             raise ModelNotFoundError(
@@ -69,18 +85,63 @@ def resolve_model(name: str, *, allow_download: bool = False, cache_dir: Path | 
     if name in TINY_MODELS:
         return ResolvedModel(name, ensure_tiny_model(name, cache_dir), "tiny")
     if name in BUILTIN_MODELS:
-        return ResolvedModel(name, _hub_snapshot(BUILTIN_MODELS[name].repo_id, name, allow_download), "builtin")
+        info = BUILTIN_MODELS[name]
+        if info.base is None:
+            return ResolvedModel(name, _hub_snapshot(info.repo_id, name, allow_download), "builtin")
+        root = _hub_snapshot(info.repo_id, name, allow_download, info.allow)
+        base = _base_snapshot(info.base, name, allow_download)
+        return ResolvedModel(name, root, "builtin", _original_or_fail(root, name), base)
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelNotFoundError(f"model directory {path} has no model_index.json (not a diffusers pipeline)")
-        return ResolvedModel(name, path, "local")
+        if (path / "model_index.json").is_file():
+            return ResolvedModel(name, path, "local")
+        original = find_original(path)
+        if original is None:
+            raise ModelNotFoundError(
+                f"model directory {path} has no model_index.json (not a diffusers pipeline) and no original-format "
+                f"Wan transformer (*.safetensors at its top level, or {' and '.join(EXPERT_DIRS)} folders)")
+        return ResolvedModel(name, path, "local", original, _local_base(original, allow_download))
     if _REPO_ID.match(name) and not name.startswith((".", "/", "~")):
         return ResolvedModel(name, _hub_snapshot(name, name, allow_download), "hub")
     raise ModelNotFoundError(
         f"model '{name}' not found: not a built-in name ({', '.join([*BUILTIN_MODELS, *TINY_MODELS])}), "
         "not an existing local directory, not a Hugging Face repo id"
     )
+
+
+def _base_snapshot(base: str, name: str, allow_download: bool) -> Path:
+    """The diffusers components of built-in `base` (all but its transformer weights) for model `name`."""
+    info = BUILTIN_MODELS[base]
+    path = _hub_snapshot(info.repo_id, name, allow_download, BASE_PATTERNS)
+    if not (path / "transformer" / "config.json").is_file() and not allow_download:
+        raise ModelNotFoundError(f"model '{name}' needs the components of '{base}' ({info.repo_id}), which are not "
+                                 f"complete in the Hugging Face cache. Fetch them with: vace-local download {name}")
+    return path
+
+
+def _original_or_fail(root: Path, name: str) -> OriginalCheckpoint:
+    original = find_original(root)
+    if original is None:
+        raise ModelNotFoundError(f"model '{name}' at {root} holds no {' and '.join(EXPERT_DIRS)} weights (an "
+                                 f"interrupted download?). Fetch it again with: vace-local download {name}")
+    return original
+
+
+def _local_base(original: OriginalCheckpoint, allow_download: bool) -> Path:
+    """The base of a local original-format checkpoint: $VACE_BASE_MODEL, else the official model of its width."""
+    import os
+
+    from vace_local.checkpoints import checkpoint_shape, default_base
+
+    shape = checkpoint_shape(original.experts[0])  # a non-VACE or non-Wan file fails here, before any weight
+    base = os.environ.get(BASE_MODEL_ENV) or default_base(shape)
+    if base in BUILTIN_MODELS:
+        return _base_snapshot(base, base, allow_download)
+    resolved = resolve_model(base, allow_download=allow_download)
+    if resolved.original is not None:
+        raise ModelNotFoundError(f"{BASE_MODEL_ENV}={base}: the base must be a diffusers-layout model "
+                                 "(a directory with model_index.json, or a built-in name)")
+    return resolved.path
 
 
 def download_model(name: str) -> Path:
