@@ -7,13 +7,16 @@ command that fetches it.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vace_local.checkpoints import BASE_PATTERNS, EXPERT_DIRS, OriginalCheckpoint, find_original
 from vace_local.errors import ModelNotFoundError
-from vace_local.tiny import TINY_MODELS, ensure_tiny_model
+from vace_local.memory import ComponentSize, ModelSize
+from vace_local.tiny import TINY_HELPER, TINY_MODELS, ensure_tiny_helper, ensure_tiny_model
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,11 @@ def download_model(name: str) -> Path:
 
 def resolve_aux_model(model_id: str, download_name: str, *, allow_download: bool = False) -> Path:
     """A transformers model (safety checker, prompt expander) as a local directory: a directory holding a
-    `config.json`, or a Hub repo id from the cache (downloaded only with `allow_download`). A missing model
-    raises ModelNotFoundError naming `vace-local download <download_name>`."""
+    `config.json`, or a Hub repo id from the cache (downloaded only with `allow_download`), or `tiny` (built
+    here: `vace_local.tiny.ensure_tiny_helper`). A missing model raises ModelNotFoundError naming
+    `vace-local download <download_name>`."""
+    if model_id == TINY_HELPER:
+        return ensure_tiny_helper(download_name)
     path = Path(model_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -166,3 +172,107 @@ def resolve_aux_model(model_id: str, download_name: str, *, allow_download: bool
 def weights_bytes(path: Path) -> int:
     """Bytes of the weight files in a model directory (what the memory policy budgets for it)."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+
+
+# -- sizes before loading: the real configs instantiated on the meta device ------------------------------
+
+_SIZED = ("transformer", "transformer_2", "text_encoder", "vae")
+
+
+def _component_class(library: str, class_name: str) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(library), class_name)
+
+
+def meta_component(cls: Any, config: dict[str, Any]) -> Any:
+    """`cls` built from `config` on the meta device: parameter shapes without memory or init time."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers ModelMixin
+            return cls.from_config(config)
+        model = cls(cls.config_class(**config))  # transformers PreTrainedModel
+    model.tie_weights()  # as a real load does (UMT5's encoder.embed_tokens is `shared`): count it once
+    return model
+
+
+def component_size(module: Any) -> ComponentSize:
+    """Parameter counts of a (meta) module: in total, kept fp32 by the loader under bf16 / fp16, and stored in
+    fp8 by layerwise casting (applied to the module — pass a meta copy, never loaded weights)."""
+    import torch
+
+    named = [(n, p.numel()) for n, p in module.named_parameters()]
+
+    def kept(patterns: Any) -> int:  # the loaders' rule: a module name equal to a pattern anywhere in the path
+        pats = set(patterns or ())
+        return sum(k for n, k in named if pats.intersection(n.split(".")))
+
+    diffusers_model = hasattr(module, "enable_layerwise_casting")
+    keep = getattr(module, "_keep_in_fp32_modules", None)
+    strict = getattr(module, "_keep_in_fp32_modules_strict", None)
+    # diffusers keeps its list in fp32 under any 16-bit dtype; transformers only under fp16 (strict: both)
+    at_bf16 = kept(keep) if diffusers_model else kept(strict)
+    at_fp16 = kept(keep) if diffusers_model else kept(set(keep or ()) | set(strict or ()))
+    fp8 = 0
+    if diffusers_model and hasattr(module, "vace_blocks"):
+        module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        fp8 = sum(p.numel() for p in module.parameters() if p.dtype == torch.float8_e4m3fn)
+    return ComponentSize(sum(k for _, k in named), at_bf16, at_fp16, fp8)
+
+
+def model_size(path: Path) -> ModelSize:
+    """Parameter counts of a diffusers-layout pipeline directory, from its configs on the meta device."""
+    path = Path(path)
+    index = json.loads((path / "model_index.json").read_text())
+    sizes: dict[str, ComponentSize] = {}
+    for name in _SIZED:
+        entry = index.get(name)
+        config_file = path / name / "config.json"
+        if not entry or entry[0] is None or not config_file.is_file():  # (an original-format base has no expert 2)
+            continue
+        config = json.loads(config_file.read_text())
+        sizes[name] = component_size(meta_component(_component_class(*entry), config))
+    experts = sum(1 for n in ("transformer", "transformer_2") if n in sizes)
+    main = sizes.get("transformer") or sizes["transformer_2"]
+    return ModelSize(main, sizes["text_encoder"], sizes["vae"], experts)
+
+
+def pipeline_size(pipe: Any) -> ModelSize:
+    """`model_size` of an already built pipeline: each component's class and config again on the meta device."""
+
+    def size(module: Any) -> ComponentSize:
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        return component_size(meta_component(type(module), config))
+
+    experts = [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
+    return ModelSize(size(experts[0]), size(pipe.text_encoder), size(pipe.vae), len(experts))
+
+
+def load_pipeline(path: Path, dtype: Any, placement: dict[str, str | None]) -> Any:
+    """Load a `WanVACEPipeline` with every component read from safetensors straight to where it will live.
+
+    `placement[name]` is a device for a component that stays resident there (loaded with `device_map`: each
+    tensor goes from the memory-mapped file to the device, no full host copy), or None for one that stays on
+    the CPU (an offload policy's single host copy; memory-mapped when the file dtype is the load dtype). The
+    VAE loads in fp32 (diffusers docs), the transformers and the text encoder in `dtype`.
+    """
+    import torch
+    from diffusers import WanVACEPipeline
+
+    path = Path(path)
+    index = json.loads((path / "model_index.json").read_text())
+    components: dict[str, Any] = {}
+    for name in _SIZED:
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            continue
+        cls = _component_class(*entry)
+        kw: dict[str, Any] = {"dtype": torch.float32 if name == "vae" else dtype}
+        if placement.get(name):
+            kw["device_map"] = placement[name]
+        if hasattr(cls, "load_config"):  # diffusers ModelMixin
+            components[name] = cls.from_pretrained(path, subfolder=name, **kw)
+        else:  # transformers PreTrainedModel
+            components[name] = cls.from_pretrained(path / name, **kw)
+    return WanVACEPipeline.from_pretrained(path, **components)

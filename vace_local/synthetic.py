@@ -88,12 +88,17 @@ def build_transformer(size: str, device: Any, dtype: Any, seed: int = 0) -> Any:
     return model.eval()
 
 
+def text_encoder_config(size: str) -> dict[str, Any]:
+    """The `UMT5EncoderModel` config of `size` (xxl: the Wan repos' text_encoder/config.json widths)."""
+    return dict(**UMT5_CONFIGS[size], num_decoder_layers=0, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                pad_token_id=0, eos_token_id=1)
+
+
 def build_text_encoder(size: str, device: Any, dtype: Any, seed: int = 1) -> Any:
     from accelerate import init_empty_weights
     from transformers import UMT5Config, UMT5EncoderModel
 
-    cfg = UMT5Config(**UMT5_CONFIGS[size], num_decoder_layers=0, feed_forward_proj="gated-gelu",
-                     dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    cfg = UMT5Config(**text_encoder_config(size))
     with init_empty_weights(include_buffers=False):
         model = UMT5EncoderModel(cfg)
     materialize(model, device, dtype, seed)
