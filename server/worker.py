@@ -256,8 +256,7 @@ class Worker:
 
         prefix = f"windows/{job.id}"
         return DirWindowStore(self.data_dir / prefix, fetch=lambda name: self.storage.fetch(f"{prefix}/{name}"),
-                              published=lambda p: self.storage.publish(f"{prefix}/{p.name}",
-                                                                       "application/octet-stream"))
+                              published=lambda p: self.storage.publish(f"{prefix}/{p.name}"))
 
     def run_one(self, job: JobRecord) -> None:
         from vace_local.run import run_job

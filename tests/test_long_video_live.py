@@ -41,7 +41,7 @@ def test_257_frames_resume_after_kill9_in_window_3(server: LiveServer) -> None:
         row = server.row(jid)
         if row["status"] == "running" and row["stage"] == "generate" and row["total"] == 8 and row["step"] >= 5:
             break
-        assert not _terminal(row), row
+        assert not _terminal(row), (row["status"], row["error"], server.logs(jid))
         time.sleep(0.05)
     assert row["step"] in (5, 6), row  # still inside window 3
     pid = next(w["pid"] for w in httpx.get(f"{server.base}/ready", headers=AUTH, timeout=5).json()["workers"]
