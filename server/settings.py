@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from vace_local.spec import DtypeName, Fp8Mode, OffloadPolicy
 
 TINY_MODEL = "tiny"
+#: The tiny random-weight smoke models (`vace_local.tiny.TINY_MODELS`; the API process does not import it).
+TINY_MODELS = (TINY_MODEL, "tiny-two-expert")
 
 
 def _split_list(v: Any) -> Any:
@@ -213,7 +215,7 @@ class Settings(BaseSettings):
 
     @property
     def is_tiny(self) -> bool:
-        return self.model == TINY_MODEL
+        return self.model in TINY_MODELS
 
     @property
     def db_url(self) -> str:
