@@ -55,3 +55,27 @@ def pg_cluster():
     cluster = PgCluster().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def realarch_wan21() -> Path:
+    """Wan2.1-VACE-1.3B architecture at 2 layers / 1 VACE layer, real VAE and UMT5 widths (tests/realarch.py)."""
+    from tests.realarch import build_wan21_vace
+
+    return build_wan21_vace()
+
+
+@pytest.fixture(scope="session")
+def realarch_wan21_narrow_vae() -> Path:
+    """As `realarch_wan21` with a narrower VAE (same class): for tests that run many jobs on CPU."""
+    from tests.realarch import build_wan21_vace
+
+    return build_wan21_vace(vae_base_dim=16)
+
+
+@pytest.fixture(scope="session")
+def realarch_wan22() -> Path:
+    """The Wan2.2-VACE-Fun two-expert layout at the 1.3B width, 2 layers per expert (tests/realarch.py)."""
+    from tests.realarch import build_wan22_vace
+
+    return build_wan22_vace(vae_base_dim=16)
