@@ -237,11 +237,7 @@ def _stored_input(server, job_id: str, field: str):  # noqa: ANN202 - PIL image
 
 def _run_to_completion(page) -> str:
     page.get_by_role("button", name="Generate").click()
-    page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
-                           timeout=60_000)
-    status = page.locator("#status").inner_text()
-    assert status.startswith("Completed"), f"{status}\n{page.locator('#logs').inner_text()}"
-    return page.locator("#run-title").inner_text().removeprefix("Run ").strip()
+    return _run_to_completion_wait(page)
 
 
 def test_mask_painter(server, browser):
@@ -332,3 +328,57 @@ def test_mask_painter(server, browser):
     page.screenshot(path=str(ARTIFACTS / "7-mask-painter-still.png"), full_page=True)
     assert not page_errors, page_errors
     page.close()
+
+
+def test_live_preview(server, browser):
+    """While a job denoises, the progress route hands out the worker's live preview (an animated WebP of x0 at
+    latent resolution, a new URL per preview) and the page shows it, step by step."""
+    import io
+
+    from PIL import Image
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.goto(f"{server.base}/playground")
+    page.evaluate("k => localStorage.setItem('vace.playground.apiKey', k)", KEY)
+    page.evaluate("""() => { window.__live = [];
+        new MutationObserver(() => window.__live.push([document.querySelector('#live-caption').textContent,
+                                                       document.querySelector('#status').textContent]))
+          .observe(document.querySelector('#live-caption'),
+                   {childList: true, characterData: true, subtree: true}); }""")
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
+    page.get_by_label("Task").select_option("none")
+    page.locator("#advanced summary").click()
+    page.get_by_label("Steps").fill("40")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("#live-figure:not([hidden])", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "8-live-preview.png"), full_page=True)
+    job_id = _run_to_completion_wait(page)
+    page.wait_for_function("() => /step 40\\/40$/.test(document.querySelector('#live-caption').textContent)")
+    page.screenshot(path=str(ARTIFACTS / "9-live-preview-done.png"), full_page=True)
+    seen = page.evaluate("window.__live")
+    running = [c for c, status in seen if status.startswith("Running")]
+    steps = [int(re.search(r"step (\d+)/40", c).group(1)) for c, _ in seen]
+    assert running and min(steps) < 40 and steps == sorted(steps), seen  # shown live, in order
+    assert all(s % 5 == 0 for s in steps), steps  # VACE_PREVIEW_EVERY's default: every 5 steps
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    p = httpx.get(f"{server.base}/api/v3/predictions/{job_id}/progress", headers=auth, timeout=10).json()["data"]
+    pv = p["preview"]
+    assert (pv["step"], pv["total"]) == (40, 40) and pv["url"].endswith(".webp")
+    r = httpx.get(pv["url"], timeout=10)  # a capability URL, like the outputs
+    assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert im.n_frames == pv["frames"] == 5 and im.size == (pv["width"], pv["height"])  # 17 frames → 5 latent
+    assert not page_errors, page_errors
+    page.close()
+
+
+def _run_to_completion_wait(page) -> str:
+    page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
+                           timeout=120_000)
+    status = page.locator("#status").inner_text()
+    assert status.startswith("Completed"), f"{status}\n{page.locator('#logs').inner_text()}"
+    return page.locator("#run-title").inner_text().removeprefix("Run ").strip()

@@ -24,6 +24,7 @@ from vace_local.events import CancelFn, Progress, ProgressFn, never_cancel, no_p
 from vace_local.lora import LoraOption
 from vace_local.memory import POLICIES, Footprint, Policy, apply_policy, choose_policy, wants_vae_tiling
 from vace_local.models import ResolvedModel, resolve_model
+from vace_local.preview import attach_preview
 from vace_local.samplers import make_scheduler
 from vace_local.spec import DtypeName as Dtype
 from vace_local.spec import JobSpec, OffloadPolicy
@@ -393,6 +394,8 @@ class Engine:
                 raise JobCancelled("job cancelled during denoising")
             return {}
 
+        if decode:  # live previews of x0 (vace_local.preview), when the run asked for them; refs are skipped
+            attach_preview(self.pipe.scheduler, total, len(refs))
         generator = torch.Generator(device="cpu").manual_seed(seed)
         threshold = self.step_cache_threshold(spec)
         self.fast.begin_job(total_steps=total, cache=StepCacheConfig(threshold=threshold),

@@ -516,6 +516,7 @@ async function watch(id) {
   const live = () => seq === runSeq;
   resetRun();
   $("#painted-figure").hidden = true;
+  $("#live-figure").hidden = true; livePreviewUrl = null;
   if (paintedForNext) { showPainted(paintedForNext); paintedForNext = null; }
   current = { id };
   $("#cancel").disabled = false;
@@ -535,6 +536,7 @@ async function watch(id) {
       }
       if (!live()) return;
       next = p.next;
+      showLivePreview(p.preview, live);
       appendLogs(p.logs);
       setStatus(describe(p));
       $("#progress").value = p.progress;
@@ -557,6 +559,27 @@ async function watch(id) {
     if (live() && p.previews[kind]) await playInto($(`#preview-${kind}`), p.previews[kind]);
   }
   if (live() && !p.previews.control) links.append(" · no previews for this job (tick “Show the control video and mask”)");
+}
+
+// The worker's live preview of the denoised estimate: a new URL each time it changes (fetched with the key).
+let livePreviewUrl = null;
+let liveFetching = false;
+
+function showLivePreview(preview, live) {
+  if (!preview || preview.url === livePreviewUrl || liveFetching) return;
+  liveFetching = true;
+  (async () => {
+    const u = new URL(preview.url, location.href);
+    const res = await api(u.origin === location.origin ? u.href : u.pathname + u.search);
+    if (!res.ok || !live()) return; // replaced meanwhile (the worker keeps the two newest): the next poll has it
+    const blobUrl = URL.createObjectURL(await res.blob());
+    blobUrls.push(blobUrl);
+    livePreviewUrl = preview.url;
+    $("#live-preview").src = blobUrl;
+    $("#live-caption").textContent = `Live preview — step ${preview.step}/${preview.total}`;
+    $("#live-figure").hidden = false;
+  })().catch(() => { /* a missed preview is not an error: the next one comes with the next poll */ })
+    .finally(() => { liveFetching = false; });
 }
 
 async function cancel() {
