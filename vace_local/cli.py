@@ -103,6 +103,9 @@ def generate(
                                                     "(`vace-local download safety`).")] = False,
     expand_prompt: Annotated[bool, typer.Option(help="Rewrite the prompt with the prompt expander first "
                                                      "(`vace-local download prompt-expander`).")] = False,
+    preview_every: Annotated[int, typer.Option(min=0, help="Every N denoising steps (and after the last), save a "
+                                                          "live preview of the denoised estimate as "
+                                                          "<out>/<name>.preview.webp (0: none).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate one video and write <out>/<name>.mp4 plus <name>.json metadata."""
@@ -162,16 +165,18 @@ def generate(
         _fail(str(exc))
         raise
 
-    _run_with_progress(spec, options, out, name, quiet)
+    _run_with_progress(spec, options, out, name, quiet, preview_every)
 
 
-def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) -> None:  # noqa: ANN001
+def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool,  # noqa: ANN001
+                       preview_every: int = 0) -> None:
     import time
 
     from tqdm import tqdm
 
     from vace_local.engine import get_engine
     from vace_local.events import Progress
+    from vace_local.preview import Preview, preview_scope, write_strip
     from vace_local.run import run_job
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
@@ -198,7 +203,13 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) 
         engine = get_engine(spec.model, options)
         if engine.is_tiny:
             typer.secho("note: 'tiny' is a random-weight smoke model; its output is noise.", fg="yellow", err=True)
-        result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem)
+        preview_path = Path(out) / f"{stem}.preview.webp"
+
+        def on_preview(p: Preview) -> None:
+            write_strip(p.frames, preview_path)
+
+        with preview_scope(preview_every, on_preview):
+            result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem)
     except VaceError as exc:
         if bar is not None:
             bar.close()
@@ -208,6 +219,8 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) 
     typer.echo(f"metadata: {result.metadata_path}")
     for key, path in result.extras.items():
         typer.echo(f"{key + ':':9} {path}")
+    if preview_every and preview_path.is_file():
+        typer.echo(f"preview:  {preview_path}")
     typer.echo(f"seed:     {result.seed}")
     for note in result.notes:
         typer.echo(f"note:     {note}")
