@@ -378,7 +378,7 @@ def test_live_preview(server, browser):
 
 def _run_to_completion_wait(page) -> str:
     page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
-                           timeout=120_000)
+                           timeout=300_000)  # a loaded CI box: the inpainting preprocess alone took 60 s
     status = page.locator("#status").inner_text()
     assert status.startswith("Completed"), f"{status}\n{page.locator('#logs').inner_text()}"
     return page.locator("#run-title").inner_text().removeprefix("Run ").strip()
