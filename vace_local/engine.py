@@ -149,6 +149,11 @@ class Engine:
         self.policy: Policy = (
             choose_policy(free, self.footprint()) if self.options.offload == "auto" else self.options.offload
         )
+        # Our denoiser hook goes on before the memory policy's: accelerate's model offload restores, after every
+        # pipeline call, the forward it wrapped first, so a hook added after it would be dropped from job 2 on.
+        self.fast = DenoiserForward()
+        for t in self._transformers():
+            self.fast.install(t)
         apply_policy(self.pipe, self.policy, self.device)
         tiling = self.options.vae_tiling
         self.vae_tiling = wants_vae_tiling(self.policy, free) if tiling is None else tiling
@@ -180,9 +185,6 @@ class Engine:
         if self.options.compile:
             for t in models:
                 fastpath.compile_blocks(t, self.options.compile_backend)
-        self.fast = DenoiserForward()
-        for t in models:
-            self.fast.install(t)
 
     def add_loras(self, loras: Any) -> None:
         """Fuse LoRAs (`LoraOption`s, or `(state_dict, scale)` pairs) into the weights; record overrides.
@@ -421,6 +423,7 @@ class Engine:
                     output_type="np" if decode else "latent",
                     callback_on_step_end=on_step,
                 )
+                self.fast.check_ran(total)
             except torch.OutOfMemoryError as exc:
                 raise OutOfMemory(
                     f"GPU out of memory at {spec.width}x{spec.height}x{spec.num_frames} "

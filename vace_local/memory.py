@@ -2,7 +2,8 @@
 
 - `none`: everything resident on the GPU (fastest).
 - `model`: diffusers model CPU offload — one component on the GPU at a time.
-- `group`: group offload with CUDA streams — transformer leaf groups prefetched while the previous runs.
+- `group`: group offload — transformer leaf groups (prefetched on a CUDA stream while the previous one runs),
+  text-encoder blocks a few at a time.
 - `sequential`: sequential CPU offload — lowest VRAM, slowest.
 `auto` picks from free VRAM and the model's footprint. Each policy is a removable diffusers hook.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vace_local.errors import InputError
 from vace_local.spec import OFFLOAD_POLICIES as POLICIES
 from vace_local.spec import MemoryPolicy as Policy
 
@@ -63,29 +65,78 @@ def wants_vae_tiling(policy: Policy, free_vram: int | None) -> bool:
     return policy != "none" or free_vram < 24 * GIB
 
 
+def has_streams(device: str) -> bool:
+    """Whether `device`'s backend has the async copy streams group offload can overlap transfers with."""
+    return device.split(":")[0] in ("cuda", "xpu")
+
+
 def apply_policy(pipe, policy: Policy, device: str) -> None:  # noqa: ANN001 - WanVACEPipeline
-    """Install the hooks for `policy` on a pipeline that currently lives on the CPU."""
+    """Install the hooks for `policy` on a pipeline that currently lives on the CPU.
+
+    Hooks of our own on the denoiser must be registered before this (see `DenoiserForward.install`): accelerate's
+    model offload re-installs its hooks after every pipeline call and restores the forward it found first.
+    Any policy runs on the CPU too (onload device = CPU), so the same hook code a GPU runs is tested without one.
+    A policy diffusers / accelerate refuse for this device or pipeline raises one `InputError` on `offload`.
+    """
+    if policy not in POLICIES or policy == "auto":
+        raise ValueError(f"unknown memory policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    try:
+        _APPLY[policy](pipe, device)
+    except Exception as exc:  # diffusers / accelerate refusing this policy here: one line, no traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError("offload", f"'{policy}' cannot be used on {device}: {first}") from exc
+
+
+def _resident(pipe, device: str) -> None:  # noqa: ANN001
+    pipe.to(device)
+
+
+def _model_offload(pipe, device: str) -> None:  # noqa: ANN001
+    pipe.enable_model_cpu_offload(device=device)
+
+
+def _sequential_offload(pipe, device: str) -> None:  # noqa: ANN001
+    pipe.enable_sequential_cpu_offload(device=device)
+    if device.split(":")[0] == "cpu":
+        _plain_cpu_execution_device(pipe)
+
+
+def _plain_cpu_execution_device(pipe) -> None:  # noqa: ANN001
+    """diffusers makes the execution device `cpu:0`; `Parameter.to("cpu:0")` then copies into a plain Tensor, which
+    accelerate's next offload to `meta` cannot rewrap (`TypeError: new() received an invalid combination`). On the
+    CPU the hooks execute on plain `cpu` instead: the same hooks, moving weights meta <-> CPU without a copy."""
     import torch
 
-    if policy == "none":
-        pipe.to(device)
-    elif policy == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif policy == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    elif policy == "group":
-        onload = torch.device(device)
-        for name in ("transformer", "transformer_2"):
-            model = getattr(pipe, name, None)
-            if model is not None:
-                model.enable_group_offload(
-                    onload_device=onload, offload_device=torch.device("cpu"), offload_type="leaf_level",
-                    use_stream=True, low_cpu_mem_usage=True,
-                )
-        pipe.text_encoder.enable_group_offload(
-            onload_device=onload, offload_device=torch.device("cpu"), offload_type="block_level",
-            num_blocks_per_group=4,
-        )
-        pipe.vae.to(device)
-    else:
-        raise ValueError(f"unknown memory policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    cpu = torch.device("cpu")
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for module in component.modules():
+            hook = getattr(module, "_hf_hook", None)
+            for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+                if getattr(h, "execution_device", None) is not None and torch.device(h.execution_device).type == "cpu":
+                    h.execution_device = cpu
+    pipe._offload_device = cpu
+
+
+def _group_offload(pipe, device: str) -> None:  # noqa: ANN001
+    """Transformer(s) leaf by leaf, the text encoder's blocks a few at a time, the VAE resident. diffusers'
+    `apply_group_offloading` works on any module (transformers' UMT5 encoder has no `enable_group_offload`).
+    Streams (prefetching the next group while one runs) only where the device has them."""
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    onload, cpu, streams = torch.device(device), torch.device("cpu"), has_streams(device)
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            apply_group_offloading(model, onload, offload_device=cpu, offload_type="leaf_level", use_stream=streams,
+                                   low_cpu_mem_usage=streams)
+    # UMT5's blocks sit one level down (`encoder.block`): without block_modules the whole encoder is one group.
+    apply_group_offloading(pipe.text_encoder, onload, offload_device=cpu, offload_type="block_level",
+                           num_blocks_per_group=1 if streams else 4, block_modules=["encoder"], use_stream=streams,
+                           low_cpu_mem_usage=streams)
+    pipe.vae.to(device)
+
+
+_APPLY = {"none": _resident, "model": _model_offload, "sequential": _sequential_offload, "group": _group_offload}

@@ -163,6 +163,9 @@ class DenoiserForward:
         self._models: list[Any] = []
 
     def install(self, model: Any) -> None:
+        """Hook `model`'s forward through diffusers' hook registry. Install before any memory policy: accelerate
+        (model / sequential offload) then wraps this forward and restores it, not the bare one, each time it
+        re-installs its hooks (after every pipeline call); diffusers' group-offload hooks chain around it."""
         from diffusers.hooks import HookRegistry
 
         registry = HookRegistry.check_if_exists_or_initialize(model)
@@ -182,6 +185,15 @@ class DenoiserForward:
         """Arm the hooks for one job. `negative`: the negative embeddings the pipeline will pass (for CFG);
         `pair_forward(fwd, kwargs, negative) -> (cond, uncond)` replaces the batch-2 CFG forward."""
         self._job = _JobState(cache or StepCacheConfig(), total_steps, negative, cfg_batch, pair_forward)
+
+    def check_ran(self, steps: int) -> None:
+        """After a completed denoising loop: every step must have gone through a hook. Fewer means something
+        (an offload hook re-installed around the model, a forward swapped in) bypassed it, and the job's
+        batched CFG / step cache / pair forward silently did not run: fail loudly instead."""
+        job = self._job
+        if job is not None and self._models and job.stats.computed + job.stats.skipped != steps:
+            raise RuntimeError(f"the denoiser hook saw {job.stats.computed + job.stats.skipped} of {steps} steps: "
+                               "something installed after it bypasses it")
 
     def end_job(self) -> StepStats | None:
         job, self._job = self._job, None
