@@ -79,3 +79,15 @@ def test_strip_is_an_animated_webp(tmp_path):
         im.seek(3)
         assert abs(int(np.asarray(im.convert("RGB"))[3, 5, 0]) - 120) <= 4
     assert not list(tmp_path.glob(".*"))  # the temporary file was renamed
+
+
+def test_two_experts_share_the_tap():
+    """Wan 2.2's two experts step one scheduler: every step is previewed across the expert switch, and the last
+    Euler x0 is still the final latent."""
+    eng = Engine("tiny-two-expert")
+    got: list[Preview] = []
+    with preview_scope(1, got.append):
+        eng.generate(spec(model="tiny-two-expert", sampler="euler", num_inference_steps=6, flow_shift=3.0),
+                     control_bundle(), seed=2)
+    assert [p.step for p in got] == list(range(1, 7))
+    torch.testing.assert_close(got[-1].x0, got[-1].latents, rtol=0, atol=1e-5)
