@@ -339,7 +339,7 @@ class _PreviewWriter:
         try:
             name = f"preview-{len(self.files) + 1:04d}.webp"
             path = write_strip(preview.frames, self.out_dir / name)
-            self.worker.storage.publish(f"outputs/{self.job.id}/{name}", "image/webp")
+            self.worker.storage.publish(f"outputs/{self.job.id}/{name}")
             f, h, w = preview.frames.shape[:3]
             self.last = {"kind": "preview", "file": name, "content_type": "image/webp", "size": path.stat().st_size,
                          "step": preview.step, "total": preview.total, "frames": f, "width": w, "height": h}
