@@ -22,7 +22,15 @@ from vace_local.bundle import ControlBundle
 from vace_local.errors import InputError, JobCancelled, OutOfMemory
 from vace_local.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
 from vace_local.lora import LoraOption
-from vace_local.memory import POLICIES, Footprint, Policy, apply_policy, choose_policy, wants_vae_tiling
+from vace_local.memory import (
+    POLICIES,
+    Footprint,
+    Policy,
+    apply_policy,
+    before_call,
+    choose_policy,
+    wants_vae_tiling,
+)
 from vace_local.models import ResolvedModel, resolve_model
 from vace_local.samplers import make_scheduler
 from vace_local.spec import DtypeName as Dtype
@@ -374,6 +382,7 @@ class Engine:
 
         scale = self.check_job(spec, bundle)
         spec = self.effective_spec(spec)
+        before_call(self.pipe, self.policy, self.device)
         self.pipe.scheduler = make_scheduler(spec.sampler, spec.flow_shift, self._base_scheduler_config)
         cfg = spec.guidance_scale > 1.0  # exactly the pipeline's rule (guidance_scale_2 does not count)
         t_text = time.perf_counter()
