@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from preprocessors import images
-from preprocessors.geometry import cover_crop, to_unit
+from preprocessors.geometry import cover_crop, stretch_to, to_unit
 from preprocessors.video import sample_indices
 from vace_local.bundle import GRAY, ControlBundle
 from vace_local.errors import InputError
@@ -162,7 +162,7 @@ def _user_masks(
     H, W = spec.height, spec.width
     if resolved.mask_video:
         info["mask_source"] = "mask_video"
-        return _mask_video(Path(resolved.mask_video), idx, H, W)
+        return _mask_video(Path(resolved.mask_video), idx, H, W, (vinfo.height, vinfo.width))
     if resolved.mask_image:
         first = images.mask_image(Path(resolved.mask_image), vinfo.width, vinfo.height, H, W)
         from preprocessors.tracking import choose_tracker
@@ -191,25 +191,33 @@ def _paired_length(path: Path, vinfo: VideoInfo, info: dict[str, Any]) -> int:
     A mask of another length is not refused: the longer of the two is cut (recorded in the bundle info).
     """
     minfo = open_video(path, "mask_video")[0]
-    images.check_mask_shape("mask_video", minfo.width, minfo.height, vinfo.width, vinfo.height)
+    stretch = images.check_mask_shape("mask_video", minfo.width, minfo.height, vinfo.width, vinfo.height)
     common = min(minfo.num_frames, vinfo.num_frames)
     info["mask_pairing"] = {"video_frames": vinfo.num_frames, "mask_frames": minfo.num_frames, "paired_frames": common}
+    if (minfo.width, minfo.height) != (vinfo.width, vinfo.height):
+        info["mask_pairing"].update(mask_size=f"{minfo.width}x{minfo.height}",
+                                    video_size=f"{vinfo.width}x{vinfo.height}", mask_stretch=round(stretch, 4))
     return common
 
 
-def mask_video_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """One mask-video frame → 0/1 mask: its first channel, resized like the video, then > 0.5 (official).
+def mask_video_frame(frame: np.ndarray, height: int, width: int, video_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """One mask-video frame → 0/1 mask: its first channel, mapped onto the video's frame (`video_hw`, when its
+    size differs) and cropped with the video's box, then > 0.5 (official).
 
     A red-on-black mask is therefore a mask (the mean of RGB would put red at 85/255, below mid-gray).
     """
-    first = cover_crop(np.ascontiguousarray(frame[..., 0], dtype=np.float32), height, width)
+    first = np.ascontiguousarray(frame[..., 0], dtype=np.float32)
+    if video_hw is not None:
+        first = stretch_to(first, *video_hw)
+    first = cover_crop(first, height, width)
     return (first > 127.5).astype(np.float32)
 
 
-def _mask_video(path: Path, idx: list[int], H: int, W: int) -> np.ndarray:
-    """The mask video's frames with the same indices as the video's (paired by index, as official VACE)."""
+def _mask_video(path: Path, idx: list[int], H: int, W: int, video_hw: tuple[int, int]) -> np.ndarray:
+    """The mask video's frames with the same indices as the video's (paired by index, as official VACE), each
+    cropped with the video's box (a mask of another size first mapped onto the video's frame)."""
     minfo, mvr = open_video(path, "mask_video")
-    return read_frames(minfo, mvr, idx, lambda f: mask_video_frame(f, H, W))
+    return read_frames(minfo, mvr, idx, lambda f: mask_video_frame(f, H, W, video_hw))
 
 
 def _apply_end_frames(spec: JobSpec, resolved: Resolved, bundle: ControlBundle, info: dict[str, Any]) -> None:

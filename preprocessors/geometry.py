@@ -34,6 +34,15 @@ def cover_crop(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return out[top : top + height, left : left + width]
 
 
+def stretch_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize to exactly (height, width), aspect ignored: a mask made at another size is mapped onto the video's
+    frame (its corners on the video's corners), so the video's crop box then applies to both alike."""
+    h, w = img.shape[:2]
+    if (h, w) == (height, width):
+        return img
+    return cv2.resize(img, (width, height), interpolation=_interp(h, w, height, width))
+
+
 def cover_crop_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """Same transform as `cover_crop` for a 0/1 mask, re-binarised at 0.5 (float32 0/1)."""
     m = cover_crop(mask.astype(np.float32), height, width)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessors.geometry import GRAY_U8, binarize, cover_crop, cover_crop_mask, fit_on_canvas
+from preprocessors.geometry import GRAY_U8, binarize, cover_crop, cover_crop_mask, fit_on_canvas, stretch_to
 from vace_local.errors import InputError
 from vace_local.media import load_image
 from vace_local.spec import MAX_REFERENCE_IMAGES
@@ -88,7 +88,7 @@ def frame_image(
 def mask_image(
     path: Path, video_w: int, video_h: int, height: int, width: int, field: str = "mask_image"
 ) -> np.ndarray:
-    """A still mask (white = generate) checked against the video's shape, cover-cropped like the video.
+    """A still mask (white = generate) mapped onto the video's frame, then cover-cropped like the video.
 
     Any non-zero pixel is masked (official plain inpainting, `mask > 0`): soft edges count as masked.
     """
@@ -99,12 +99,22 @@ def mask_image(
     else:
         gray = np.asarray(im.convert("L"), dtype=np.float32)
     check_mask_shape(field, gray.shape[1], gray.shape[0], video_w, video_h)
-    return cover_crop_mask(binarize(gray, threshold=0.0), height, width)
+    on_video = stretch_to(binarize(gray, threshold=0.0), video_h, video_w)
+    return cover_crop_mask(on_video, height, width)
 
 
-def check_mask_shape(field: str, mw: int, mh: int, vw: int, vh: int) -> None:
-    """A mask may be scaled, but it must have the video's aspect ratio (else it marks the wrong region)."""
-    if (mw, mh) == (vw, vh):
-        return
-    if abs(mw / mh - vw / vh) > 0.02 * (vw / vh):
-        raise InputError(field, f"mask is {mw}x{mh} but the video is {vw}x{vh}: the aspect ratios differ")
+#: Largest factor a mask is stretched by in one direction (its aspect over the video's, or the reverse) to pair
+#: it with the video; beyond it (a portrait mask for a landscape video) it was made for another picture.
+MAX_MASK_STRETCH = 2.0
+
+
+def check_mask_shape(field: str, mw: int, mh: int, vw: int, vh: int) -> float:
+    """How much pairing stretches the mask onto the video's frame (1.0: same aspect); any size is accepted, and
+    an aspect ratio that differs is mapped corner to corner (`stretch_to`), refused only beyond
+    `MAX_MASK_STRETCH`."""
+    stretch = max((mw / mh) / (vw / vh), (vw / vh) / (mw / mh))
+    if stretch > MAX_MASK_STRETCH:
+        raise InputError(field, f"mask is {mw}x{mh} but the video is {vw}x{vh}: pairing them would stretch the mask "
+                                f"{stretch:.2f}x in one direction (at most {MAX_MASK_STRETCH:g}x); was it made for "
+                                "another video?")
+    return stretch

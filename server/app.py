@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -21,16 +22,20 @@ from fastapi.responses import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 
 import vace_local
 from server import media_refs, playground
+from server.body_guard import BodyRefused, RequestGuard
 from server.core import ApiError, JobService, request_owner, require_auth, validation_error
 from server.dialects import load_dialects
 from server.dialects.common import Dialect, default_render_error
+from server.http_headers import SecurityHeaders, allow_head
 from server.metrics import make_registry
-from server.settings import Settings, max_request_bytes
+from server.settings import Settings
 from server.states import WORKER_LOADED
+from server.storage import HEAD_BYTES
 from server.store import Store
 
 log = logging.getLogger("vace.server")
@@ -47,39 +52,6 @@ def _dialect_for(request: Request, dialects: list[Dialect]) -> Dialect | None:
         if any(path.startswith(p) for p in d.path_prefixes):
             return d
     return None
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes (declared or streamed) becomes a 413 in the
-    owning dialect's error envelope, before it is buffered in memory or stored with a job."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit
-        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"")
-        too_big = declared.isdigit() and int(declared) > limit
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
-            if too_big:
-                raise StarletteHTTPException(413, f"request body of {int(declared)} bytes exceeds the {limit} "
-                                                  "byte limit (send large media as URLs or uploads)")
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise StarletteHTTPException(413, f"request body exceeds the {limit} byte limit (send "
-                                                      "large media as URLs or uploads)")
-            return msg
-
-        await self.app(scope, limited, send)
 
 
 def create_app(settings: Settings | None = None, *, start_workers: bool = True) -> FastAPI:
@@ -137,11 +109,17 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
 
     def render(request: Request, err: ApiError) -> Response:
         d = _dialect_for(request, dialects)
-        return (d.render_error if d else default_render_error)(request, err)
+        response = (d.render_error if d else default_render_error)(request, err)
+        response.headers.update(err.headers)
+        return response
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         return render(request, exc)
+
+    @app.exception_handler(BodyRefused)
+    async def _body_refused(request: Request, exc: BodyRefused) -> Response:
+        return render(request, exc.error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -154,6 +132,13 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
             msg = "request body is not valid JSON (or not UTF-8, or nested too deeply)"
         etype = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return render(request, ApiError(exc.status_code, msg, error_type=etype))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:  # noqa: ARG001
+        """A client that hangs up mid-body is not a server error: one INFO line, and nobody reads the answer."""
+        log.info("client disconnected before sending its whole request body: %s %s", request.method,
+                 request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -210,12 +195,10 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
         data = await asyncio.to_thread(generate_latest, registry)
         return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
 
-    @app.head("/files/{kind}/{ident}/{name}", include_in_schema=False)
     @app.get("/files/{kind}/{ident}/{name}", tags=["files"], summary="Outputs and uploads (with keys: the owner's key)")
     async def files(kind: str, ident: str, name: str, request: Request) -> Response:
         return await tokened_file(kind, ident, None, name, request)
 
-    @app.head("/files/{kind}/{ident}/{token}/{name}", include_in_schema=False)
     @app.get("/files/{kind}/{ident}/{token}/{name}", tags=["files"],
              summary="Outputs and uploads by capability URL (the token stands in for the key)")
     async def tokened_file(kind: str, ident: str, token: str | None, name: str, request: Request) -> Response:
@@ -223,30 +206,39 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
             path = media_refs.safe_data_path(core.data_dir, kind, ident, name)
         except ValueError:
             raise ApiError(404, "file not found", error_type="not_found") from None
-        if not core.may_read_file(kind, ident, owner=None, token=token):
+        if not core.may_read_file(kind, ident, name, owner=None, token=token):
             if token is None or "authorization" in request.headers:
                 require_auth(request)  # no token: the key decides (401 without a valid one)
-            if not core.may_read_file(kind, ident, owner=request_owner(request), token=None):
+            if not core.may_read_file(kind, ident, name, owner=request_owner(request), token=None):
                 raise ApiError(404, "file not found", error_type="not_found")  # a bad token, another key's file
+        key = f"{kind}/{ident}/{name}"
         if not path.is_file():
-            return await _from_storage(f"{kind}/{ident}/{name}")
+            return await _from_storage(key, head_only=request.method == "HEAD")
         with open(path, "rb") as f:
-            media_type = media_refs.mime_of(media_refs.sniff(f.read(512)))
-        return FileResponse(path, media_type=media_type)
+            media_type, headers = media_refs.served_headers(f.read(HEAD_BYTES), key)
+        return FileResponse(path, media_type=media_type, headers=headers)
 
-    async def _from_storage(key: str) -> Response:
+    async def _from_storage(key: str, *, head_only: bool) -> Response:
         """A file this box has no copy of (another box wrote it): streamed from the object store, or a redirect
-        to a presigned URL (`file_delivery`)."""
+        to a presigned URL (`file_delivery`); typed by sniffing its first bytes, whatever the object says."""
         storage = core.storage
         meta = await asyncio.to_thread(storage.stat, key) if storage.remote else None
         if meta is None:
             raise ApiError(404, "file not found", error_type="not_found")
-        if settings.file_delivery == "redirect":
-            url = await asyncio.to_thread(storage.presigned_url, key, settings.presign_ttl_s)
+        size = meta[0]
+        if settings.file_delivery == "redirect" or head_only:
+            head = await asyncio.to_thread(storage.head_bytes, key)
+            media_type, headers = media_refs.served_headers(head, key)
+            if head_only:
+                return Response(status_code=200, media_type=media_type, headers={**headers,
+                                                                                  "Content-Length": str(size)})
+            url = await asyncio.to_thread(storage.presigned_url, key, settings.presign_ttl_s, head)
             return RedirectResponse(url or "", status_code=307)
-        size, ctype = meta
-        return StreamingResponse(storage.stream(key), media_type=ctype or "application/octet-stream",
-                                 headers={"Content-Length": str(size)})
+        chunks = storage.stream(key)
+        first = await asyncio.to_thread(_first_bytes, chunks)
+        media_type, headers = media_refs.served_headers(first, key)
+        return StreamingResponse(itertools.chain((first,), chunks), media_type=media_type,
+                                 headers={**headers, "Content-Length": str(size)})
 
     for d in dialects:
         app.include_router(d.router)
@@ -265,8 +257,21 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
                 raise ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                                error_type="method_not_allowed")
         raise ApiError(404, f"{request.method} {request.url.path} not found", error_type="not_found")
-    app.add_middleware(BodyLimit, limit=max_request_bytes(settings))
+    app.add_middleware(RequestGuard, settings=settings, render=render)  # Host/Origin, body policies
+    allow_head(app)
+    app.add_middleware(SecurityHeaders, settings=settings)
     return app
+
+
+def _first_bytes(chunks: Iterator[bytes]) -> bytes:
+    """At least `HEAD_BYTES` from the start of a stream (fewer only at its end), to sniff its type."""
+    first = b""
+    while len(first) < HEAD_BYTES:
+        chunk = next(chunks, None)
+        if chunk is None:
+            break
+        first += chunk
+    return first
 
 
 async def _cleanup_loop(core: JobService, stop: asyncio.Event) -> None:

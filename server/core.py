@@ -16,7 +16,8 @@ JobService API (stable; the fal and AI/ML dialects build on it):
   URLs mapped to local files, URL hosts checked), applies tiny-mode caps, stores the job queued. `field_names` maps
   JobInputs/JobSpec names to the dialect's (e.g. `{"reference_images": "ref_image_urls"}`) so every error
   names the user's field. `extra` is free dialect JSON kept on the record (e.g. sub-endpoint, raw input).
-  Raises `ApiError` (4xx) for bad input, 429 when the queue is full.
+  Raises `ApiError` (4xx) for bad input, 429 with `Retry-After` when the queue is full (`max_queue`) or the key
+  has `max_queued_per_key` jobs queued.
 * `await JobService.create_job_async(spec, **same)` — `create_job` off the event loop (what async routes call).
 * `await JobService.run_slow(fn, *args)` — blocking slow work (downloads, probes, data-URI decodes, cleanup) on the
   core's own bounded pool (`Settings.slow_work_threads`), so `/ready` and quick store calls never queue
@@ -24,12 +25,14 @@ JobService API (stable; the fal and AI/ML dialects build on it):
 * `JobService.get_job(job_id, with_logs=False, owner=None) -> JobRecord | None` (None too for another key's job).
 * `JobService.cancel_job(job_id, owner=None) -> JobRecord | None` — queued: cancelled at once; running: flagged, the
   worker stops at the next denoising step (poll `get_job`).
-* `JobService.queue_position(job_id) -> int | None` — jobs ahead (0 = next), None when not queued.
+* `JobService.queue_position(job_id) -> int | None` — jobs ahead in the fair order (keys take turns; 0 = next),
+  None when not queued.
 * `await JobService.wait_for_job(job_id, timeout_s) -> JobRecord` — for sync modes; returns the record as it is
   when the timeout hits (check `.terminal`).
 * `JobService.output_urls(job, base_url) -> list[dict]` — `{kind, url, file, content_type, size, …}` per output,
   video first. `JobService.output_path(job, output) -> Path`, `JobService.file_url(base, kind, ident, name, owner)`:
-  with keys configured, file URLs are capability URLs (`…/<id>/<token>/<name>`, see `JobService.file_token`).
+  with keys configured, file URLs are capability URLs (`…/<id>/<token>/<name>`, one token per file, see
+  `JobService.file_token`).
 * `JobService.resolve_input_reference(value, field, base_url, expected)` — the submit-time rule for one media
   reference (used by create_job); `server.media_refs` holds the download/sniff helpers the worker uses.
 * `JobService.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
@@ -72,6 +75,7 @@ from server.store import (
     RUNNING,
     SUCCEEDED,
     JobRecord,
+    OwnerQueueFull,
     Store,
     new_id,
 )
@@ -86,7 +90,7 @@ TINY_NOTE = "served by the tiny random-weight smoke model: the output is noise, 
 
 __all__ = [
     "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "ApiError", "JobService", "Failure", "JobRecord",
-    "get_job_service", "iso_time", "map_exception", "owner_of_key", "read_body", "request_owner", "require_auth",
+    "get_job_service", "iso_time", "map_exception", "owner_of_key", "request_owner", "require_auth",
     "user_field", "validation_error",
 ]
 
@@ -107,9 +111,12 @@ class ApiError(Exception):
     """
 
     def __init__(self, status_code: int, message: str, *, field: str | None = None,
-                 error_type: str = "invalid_request", problems: list[Problem] | None = None) -> None:
+                 error_type: str = "invalid_request", problems: list[Problem] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        #: Sent with the error whatever the dialect's envelope (e.g. `Retry-After` on 429).
+        self.headers = headers or {}
         self.message = message
         self.problems = problems or []
         self.field = field if field is not None else next((p.field for p in self.problems if p.field), None)
@@ -230,15 +237,6 @@ def request_owner(request: Request) -> str | None:
     return getattr(request.state, "owner", None)
 
 
-async def read_body(request: Request) -> bytearray:
-    """The request body in one buffer grown in place (Starlette's `request.body()` joins a list of chunks,
-    holding a ~400 MB data-URI body twice for a moment)."""
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-    return buf
-
-
 # ---- the job service --------------------------------------------------------------------------------------
 
 
@@ -295,16 +293,17 @@ class JobService:
         plain GET may fetch, because the hosted APIs' clients download results without an Authorization header.
         The token is a path segment, so the URL still ends with the file name (clients take the extension)."""
         if self.settings.auth_enabled:
-            return f"{base}/files/{kind}/{ident}/{self.file_token(kind, ident, owner)}/{name}"
+            return f"{base}/files/{kind}/{ident}/{self.file_token(kind, ident, name, owner)}/{name}"
         return f"{base}/files/{kind}/{ident}/{name}"
 
-    def file_token(self, kind: str, ident: str, owner: str | None) -> str:
-        """Unguessable token for one job's outputs or one upload, bound to its owner (HMAC with a secret kept
-        in the job store, so URLs survive restarts and work on every instance; delete its `server_secrets` row
-        `file-url` and restart to revoke every file URL)."""
+    def file_token(self, kind: str, ident: str, name: str, owner: str | None) -> str:
+        """Unguessable token for ONE file (a job's video does not open its `output.json`, which holds the spec
+        and server paths), bound to its owner (HMAC with a secret kept in the job store, so URLs survive
+        restarts and work on every instance; delete its `server_secrets` row `file-url` and restart to revoke
+        every file URL)."""
         if self._file_secret is None:
             self._file_secret = self._load_file_secret()
-        msg = f"{kind}/{ident}/{owner or '-'}".encode()
+        msg = f"{kind}/{ident}/{name}/{owner or '-'}".encode()
         return hmac.new(self._file_secret, msg, hashlib.sha256).hexdigest()[:40]
 
     def _load_file_secret(self) -> bytes:
@@ -320,15 +319,15 @@ class JobService:
         job = self.store.get_job(ident)
         return job is not None, job.owner if job else None
 
-    def may_read_file(self, kind: str, ident: str, *, owner: str | None, token: str | None) -> bool:
-        """Whether a request may read a served file: always without keys; else with the file's capability
+    def may_read_file(self, kind: str, ident: str, name: str, *, owner: str | None, token: str | None) -> bool:
+        """Whether a request may read a served file: always without keys; else with that file's capability
         token, or as the key that owns it (files made without keys: any key)."""
         if not self.settings.auth_enabled:
             return True
         exists, file_owner = self._file_owner(kind, ident)
         if not exists:
             return False
-        if token and hmac.compare_digest(token.encode(), self.file_token(kind, ident, file_owner).encode()):
+        if token and hmac.compare_digest(token.encode(), self.file_token(kind, ident, name, file_owner).encode()):
             return True
         return owner is not None and file_owner in (None, owner)
 
@@ -376,7 +375,7 @@ class JobService:
                 kind, ident, name, token = ref
                 path = media_refs.safe_data_path(self.data_dir, kind, ident, name)
                 present = self.storage.fetch(f"{kind}/{ident}/{name}") is not None  # another box's file too
-                readable = self.may_read_file(kind, ident, owner=owner, token=token)
+                readable = self.may_read_file(kind, ident, name, owner=owner, token=token)
                 if kind == "uploads":
                     up = self.store.get_upload(ident)
                     if up is None or up["completed_at"] is None or not present or not readable:
@@ -450,8 +449,10 @@ class JobService:
     ) -> JobRecord:
         """Validate inputs, store the job as queued and return its record (see module docstring)."""
         if self._queue_depth() >= self.settings.max_queue:
-            raise ApiError(429, f"the queue is full ({self.settings.max_queue} jobs); retry later",
-                           error_type="queue_full")
+            raise self._queue_full(f"the queue is full ({self.settings.max_queue} jobs, VACE_MAX_QUEUE)")
+        cap = self.settings.max_queued_per_key if owner is not None and self.settings.max_queued_per_key else None
+        if cap is not None and self.store.queued_of(owner) >= cap:  # before any input work; exact at the insert
+            raise self._queue_full(f"this API key already has {cap} jobs queued (VACE_MAX_QUEUED_PER_KEY)")
         lines = list(logs)
         try:
             resolved = self._prepare_inputs(spec.inputs, base_url, field_names, owner)
@@ -465,8 +466,12 @@ class JobService:
         ex["fields"] = field_names or {}
         ex["base_url"] = base_url
         lines.insert(0, f"queued via {dialect} as '{model_id}' (served by {self.settings.model})")
-        job = self.store.insert_job(dialect=dialect, model=model_id, spec=spec.model_dump(mode="json"),
-                                    extra=ex, webhook_url=webhook_url, priority=priority, logs=lines, owner=owner)
+        try:
+            job = self.store.insert_job(dialect=dialect, model=model_id, spec=spec.model_dump(mode="json"),
+                                        extra=ex, webhook_url=webhook_url, priority=priority, logs=lines,
+                                        owner=owner, owner_cap=cap)
+        except OwnerQueueFull as e:
+            raise self._queue_full(f"this API key already has {e.cap} jobs queued (VACE_MAX_QUEUED_PER_KEY)") from None
         self._depth = (self._depth[0], self._depth[1] + 1)
         return job
 
@@ -478,6 +483,12 @@ class JobService:
         if any(isinstance(r, str) and r.lstrip()[:5].lower() == "data:" for r in refs):
             return await self.run_slow(self.create_job, spec, **kwargs)
         return await asyncio.to_thread(self.create_job, spec, **kwargs)
+
+    def _queue_full(self, why: str) -> ApiError:
+        """429 naming the limit, with `Retry-After` (every dialect sends the header with its own envelope)."""
+        after = self.settings.queue_retry_after_s
+        return ApiError(429, f"{why}; retry after {after} s", error_type="queue_full",
+                        headers={"Retry-After": str(after)})
 
     def _queue_depth(self) -> int:
         """Queue depth for the queue-full check, re-counted at most once a second (submit is hot)."""
@@ -546,7 +557,7 @@ class JobService:
         except BaseException:
             shutil.rmtree(part.parent, ignore_errors=True)
             raise
-        self.storage.publish(f"uploads/{uid}/{name}", media_refs.mime_of(ext))
+        self.storage.publish(f"uploads/{uid}/{name}")
         self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=media_refs.mime_of(ext),
                                  size=size, path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return path
@@ -560,7 +571,7 @@ class JobService:
         name = media_refs.sanitize_filename(filename or "upload")
         path = self._upload_dir(uid) / name
         size = await self._write_stream(chunks, path, field_name, max_bytes)
-        await asyncio.to_thread(self.storage.publish, f"uploads/{uid}/{name}", content_type)
+        await asyncio.to_thread(self.storage.publish, f"uploads/{uid}/{name}")
         self.store.insert_upload(upload_id=uid, token="", filename=name, content_type=content_type, size=size,
                                  path=f"uploads/{uid}/{name}", completed=True, owner=owner)
         return UploadInfo(uid, name, size, content_type, path, self._media_kind(path))
@@ -613,7 +624,7 @@ class JobService:
             raise ApiError(409, "this upload URL was already used", error_type="conflict")
         path = self._upload_dir(upload_id) / up["filename"]
         size = await self._write_stream(chunks, path)
-        await asyncio.to_thread(self.storage.publish, f"uploads/{upload_id}/{up['filename']}", up["content_type"])
+        await asyncio.to_thread(self.storage.publish, f"uploads/{upload_id}/{up['filename']}")
         self.store.complete_upload(upload_id, size)
         return UploadInfo(upload_id, up["filename"], size, up["content_type"], path, self._media_kind(path))
 

@@ -101,6 +101,33 @@ def mime_of(ext: str | None) -> str:
     return _EXT[ext][1] if ext in _EXT else "application/octet-stream"
 
 
+#: Headers on every stored file we serve: the browser must take our type as given (no sniffing its way to
+#: HTML), and should the file still be opened as a page, the sandbox gives it no script and no origin.
+FILE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+
+
+def served_type(head: bytes, key: str) -> tuple[str, str]:
+    """(Content-Type, Content-Disposition) for a stored file (`<uploads|outputs>/<id>/<name>`), from our own
+    sniffing of its first bytes, never from what a client declared: an image or video we recognise is shown
+    inline as that type; our own JSON metadata is `application/json`; anything else (HTML, SVG, scripts, …) is
+    an `application/octet-stream` download."""
+    name = key.rsplit("/", 1)[-1]
+    ext = sniff(head)
+    if ext is not None:
+        return mime_of(ext), f'inline; filename="{name}"'
+    if key.startswith("outputs/") and name.endswith(".json") and head.lstrip()[:1] == b"{":
+        return "application/json", f'inline; filename="{name}"'
+    if key.startswith("outputs/") and name.endswith(".zip") and head.startswith(b"PK\x03\x04"):
+        return "application/zip", f'attachment; filename="{name}"'
+    return "application/octet-stream", f'attachment; filename="{name}"'
+
+
+def served_headers(head: bytes, key: str) -> tuple[str, dict[str, str]]:
+    """The Content-Type and the other headers (`FILE_HEADERS`, disposition) of a stored file's response."""
+    ctype, disposition = served_type(head, key)
+    return ctype, {**FILE_HEADERS, "Content-Disposition": disposition}
+
+
 def check_content(head: bytes, field: str, expected: Kind) -> str:
     """Raise InputError unless the bytes look like `expected`; returns the detected extension."""
     ext = sniff(head)
@@ -153,11 +180,46 @@ def _host_allowed(host: str, allowed: list[str]) -> bool:
     return _in_networks(host, _allowed_networks(allowed))
 
 
+#: IPv6 ranges whose last 32 bits are an IPv4 address the packet ends up at: IPv4-compatible (`::a.b.c.d`,
+#: deprecated), SIIT IPv4-translated (`::ffff:0:a.b.c.d`) and the NAT64 well-known prefix (RFC 6052).
+_IPV4_IN_LOW_BITS = tuple(ipaddress.IPv6Network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
+#: NAT64 local-use prefix (RFC 8215): site-specific translators, so never a public destination.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+#: The only IPv6 unicast space IANA hands out for the Internet; everything outside it is special.
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 addresses an IPv6 address stands for (mapped, compatible, translated, NAT64, 6to4, Teredo
+    server and client), or None when it embeds none: these forms reach the IPv4 host, so its rule applies."""
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if any(ip in n for n in _IPV4_IN_LOW_BITS):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    return None
+
+
 def _is_public(addr: str) -> bool:
+    """Whether a connection to `addr` leaves for the public Internet. An IPv6 form that embeds an IPv4 address
+    (6to4, Teredo, NAT64, mapped, compatible) is judged by that IPv4 address; any other IPv6 address must be
+    global unicast (2000::/3), not site-local and global by `ipaddress`'s registry."""
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            return all(_is_global(v4) for v4 in embedded)
+        if ip not in _GLOBAL_UNICAST or ip in _NAT64_LOCAL or ip.is_site_local:
+            return False
+    return _is_global(ip)
+
+
+def _is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                                 or ip.is_reserved or ip.is_unspecified)
 
 
 def _legacy_ipv4(host: str) -> str | None:

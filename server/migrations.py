@@ -57,6 +57,11 @@ def _create_table(conn: Connection, metadata: sa.MetaData, name: str) -> None:
     metadata.tables[name].create(conn, checkfirst=True)
 
 
+def _create_index(conn: Connection, metadata: sa.MetaData, table: str, name: str) -> None:
+    """Create one of the store's indexes as it is defined now (a no-op when it exists)."""
+    next(i for i in metadata.tables[table].indexes if i.name == name).create(conn, checkfirst=True)
+
+
 def _baseline(conn: Connection, metadata: sa.MetaData) -> None:
     """Version 1 is the schema before versioning existed; a database that has `jobs` already is at it."""
 
@@ -72,6 +77,9 @@ MIGRATIONS: list[Migration] = [
               lambda c, md: _create_table(c, md, "server_secrets")),
     Migration(5, "structured errors: jobs.error_detail (the failed field and rule as data)",
               lambda c, _: add_column(c, "jobs", sa.Column("error_detail", sa.JSON))),
+    Migration(6, "fair queueing: queue_turns (when each key was last served), index jobs(owner, status)",
+              lambda c, md: (_create_table(c, md, "queue_turns"),
+                             _create_index(c, md, "jobs", "ix_jobs_owner_status"))),
 ]
 LATEST = MIGRATIONS[-1].version
 

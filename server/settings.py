@@ -52,6 +52,20 @@ class Settings(BaseSettings):
     #: Hosts / IPs / CIDRs that input URLs and webhooks may reach even when they are private or loopback.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_upload_bytes: int = Field(300 * 1024 * 1024, gt=0)
+    # -- request bodies (server/body_guard.py): JSON is counted as it arrives, refused past these (400/413) --
+    #: Deepest JSON nesting a request body may have (the deepest real one has 3 levels).
+    max_json_depth: int = Field(10, ge=2, le=1000)
+    #: Most JSON values (object members + array elements) in one request body.
+    max_json_values: int = Field(1000, ge=16)
+    #: Bytes of a JSON body besides its data-URI strings (prompts, URLs, numbers, names), and the whole body of
+    #: JSON-only routes; a text value over it is refused naming its field.
+    max_json_text_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    # -- a key-less server (no api_keys) answers only its own names and its own pages (CSRF, DNS rebinding) --
+    #: Host names it serves besides localhost, 127.0.0.1, [::1], the bound address and public_base_url's host
+    #: (comma-separated; `*` turns the Host check off).
+    server_names: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Web origins (`scheme://host[:port]`) whose pages may call it besides its own (`*`: any page may).
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_download_bytes: int = Field(500 * 1024 * 1024, gt=0)
     download_timeout_s: float = Field(120.0, gt=0)
     #: Finished jobs, their outputs and uploads are deleted after this many hours (0 = keep forever).
@@ -81,10 +95,21 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(32 * 1024, ge=1024)
     #: Listen backlog (connections waiting to be accepted).
     backlog: int = Field(2048, ge=1)
+    #: Queued jobs in all; past it a submit gets 429 with `Retry-After`.
     max_queue: int = Field(10000, ge=1)
+    #: Queued jobs per API key (with keys configured; 0 = no per-key cap); past it that key's submits get 429
+    #: with `Retry-After` while other keys still submit. Workers take keys in turn either way (fair claiming).
+    max_queued_per_key: int = Field(1000, ge=0)
+    #: Seconds a queue-full 429 asks the client to wait before retrying (`Retry-After`).
+    queue_retry_after_s: int = Field(10, ge=1, le=3600)
     max_attempts: int = Field(2, ge=1)
     webhook_max_attempts: int = Field(6, ge=1)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    #: Webhook deliveries in flight at once: per destination (scheme + host + port), per owner (API key; the
+    #: tenant isolation: one key's tarpits hold only its own slots) and in all (under the client's 100 connections).
+    webhook_per_destination: int = Field(2, ge=1)
+    webhook_per_owner: int = Field(8, ge=1)
+    webhook_max_in_flight: int = Field(32, ge=1, le=100)
     # -- where uploads and outputs live (server/storage.py) --
     #: `local`: the data dir (one box, or one directory every box mounts); `s3`: an S3-compatible bucket
     #: (credentials from the usual AWS_* variables / config files), with every box on the same data dir path.
@@ -123,6 +148,9 @@ class Settings(BaseSettings):
     tiny_max_side: int = Field(0, ge=0)
     tiny_max_frames: int = Field(0, ge=0)
     tiny_max_steps: int = Field(0, ge=0)
+    #: TEST ONLY, effective only with `model=tiny`: while this file exists, each job's denoising holds after its
+    #: first step until the job is cancelled or the file is removed, so tests act mid-run deterministically.
+    tiny_hold_file: Path | None = None
     #: API model id or family → served model, e.g. `{"wan2.2-vace-fun-a14b": "wan2.1-vace-14b"}` to answer the
     #: AI/ML Wan 2.2 ids with Wan 2.1 VACE (env `VACE_MODEL_MAP` as JSON). Unmapped ids of another model → 4xx.
     model_map: dict[str, str] = Field(default_factory=dict)
@@ -144,7 +172,8 @@ class Settings(BaseSettings):
     #: Keep the expander on the GPU between jobs (default: moved to the CPU after each use).
     prompt_expander_keep_on_gpu: bool = False
 
-    @field_validator("api_keys", "allowed_hosts", "loras", "safety_flagged_labels", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "loras", "safety_flagged_labels", "server_names", "allowed_origins",
+                     mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)

@@ -8,6 +8,9 @@ settings, credentials come from the usual AWS variables / config files), and any
 fetches it into its own data dir on first use — so a job submitted on one box runs on another, and its
 outputs are served by any box (streamed through the API, or a redirect to a presigned URL).
 
+Objects are stored, streamed and presigned with the type our own sniffing gives (`media_refs.served_type`),
+never the type a client declared, so a bucket or a box never serves an upload as a web page.
+
 Job specs name a stored input by its path in the submitting box's data dir; `key_of_path` turns that back
 into the key, so boxes need not share the data dir's path.
 """
@@ -20,7 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from server.media_refs import served_type
 from server.settings import Settings
+
+#: Bytes read from a file's start to tell its type (`media_refs.sniff` needs at most this many).
+HEAD_BYTES = 512
 
 
 class Storage(ABC):
@@ -35,7 +42,7 @@ class Storage(ABC):
         return self.root / key
 
     @abstractmethod
-    def publish(self, key: str, content_type: str | None = None) -> None:
+    def publish(self, key: str) -> None:
         """Make the finished local file `<root>/<key>` readable by every process, once."""
 
     @abstractmethod
@@ -57,14 +64,19 @@ class Storage(ABC):
     def stream(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:  # noqa: ARG002
         raise FileNotFoundError(key)
 
-    def presigned_url(self, key: str, ttl_s: int) -> str | None:  # noqa: ARG002
+    def head_bytes(self, key: str) -> bytes:  # noqa: ARG002 - remote backends only
+        """The first `HEAD_BYTES` of a stored object (to sniff its type without fetching it)."""
+        raise FileNotFoundError(key)
+
+    def presigned_url(self, key: str, ttl_s: int, head: bytes = b"") -> str | None:  # noqa: ARG002
+        """A time-limited URL of the object, served with the type and disposition `head` sniffs to."""
         return None
 
 
 class LocalStorage(Storage):
     """The data dir is the storage (a local disk, or one directory mounted by every box)."""
 
-    def publish(self, key: str, content_type: str | None = None) -> None:
+    def publish(self, key: str) -> None:
         pass
 
     def fetch(self, key: str) -> Path | None:
@@ -102,9 +114,12 @@ class S3Storage(Storage):
                     n += 1
         return n
 
-    def publish(self, key: str, content_type: str | None = None) -> None:
-        extra = {"ContentType": content_type} if content_type else None
-        self.client.upload_file(str(self.local(key)), self.bucket, self._key(key), ExtraArgs=extra)
+    def publish(self, key: str) -> None:
+        """Upload with the sniffed type and disposition, so even a direct bucket URL never serves a page."""
+        with open(self.local(key), "rb") as f:
+            ctype, disposition = served_type(f.read(HEAD_BYTES), key)
+        self.client.upload_file(str(self.local(key)), self.bucket, self._key(key),
+                                ExtraArgs={"ContentType": ctype, "ContentDisposition": disposition})
 
     def fetch(self, key: str) -> Path | None:
         p = self.local(key)
@@ -136,9 +151,21 @@ class S3Storage(Storage):
         finally:
             body.close()
 
-    def presigned_url(self, key: str, ttl_s: int) -> str | None:
-        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket,
-                                                                        "Key": self._key(key)}, ExpiresIn=ttl_s)
+    def head_bytes(self, key: str) -> bytes:
+        obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{HEAD_BYTES - 1}")
+        body = obj["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
+
+    def presigned_url(self, key: str, ttl_s: int, head: bytes = b"") -> str | None:
+        """The response type and disposition are part of the signed URL (objects published by older versions
+        may carry a client's type)."""
+        ctype, disposition = served_type(head, key)
+        params = {"Bucket": self.bucket, "Key": self._key(key), "ResponseContentType": ctype,
+                  "ResponseContentDisposition": disposition}
+        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s)
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.local(prefix), ignore_errors=True)

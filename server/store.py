@@ -81,6 +81,8 @@ jobs = sa.Table(
     sa.Index("ix_jobs_queue", "status", "priority", "created_at"),
     sa.Index("ix_jobs_webhook", "webhook_status", "webhook_next_at"),
     sa.Index("ix_jobs_finished", "finished_at"),
+    #: Per-key queued counts (the per-key cap); schema version 6.
+    sa.Index("ix_jobs_owner_status", "owner", "status"),
 )
 
 job_logs = sa.Table(
@@ -142,6 +144,24 @@ server_secrets = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.LargeBinary, nullable=False),
 )
+
+
+#: Fair claiming: when each owner (API key hash; '' for jobs made without keys) last had a job claimed, as a
+#: store-wide counter (not a clock, so instances with skewed clocks agree); schema version 6.
+queue_turns = sa.Table(
+    "queue_turns",
+    metadata,
+    sa.Column("owner", sa.String(64), primary_key=True),
+    sa.Column("served", sa.BigInteger, nullable=False),
+)
+
+
+class OwnerQueueFull(Exception):
+    """The owner already has `cap` jobs queued (`Store.insert_job(owner_cap=)`); nothing was inserted."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"{cap} jobs queued for this owner")
+        self.cap = cap
 
 
 @dataclass
@@ -232,6 +252,35 @@ def _transition(c: sa.Connection, job_id: str | sa.ColumnElement[Any], to: JobSt
     return moved
 
 
+def _same_owner(owner: str | None) -> sa.ColumnElement[bool]:
+    return jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
+
+
+def _queued_count(owner: str | None) -> sa.Select[Any]:
+    return sa.select(sa.func.count()).select_from(jobs).where(_same_owner(owner), jobs.c.status == JobStatus.QUEUED)
+
+
+#: An owner's key in `queue_turns` ('' for jobs made without keys).
+_TURN_KEY = sa.func.coalesce(jobs.c.owner, "")
+#: When the owner of a queued job was last served (0: never), for the fair claim order.
+_LAST_SERVED = sa.func.coalesce(
+    sa.select(queue_turns.c.served).where(queue_turns.c.owner == _TURN_KEY).scalar_subquery(), 0)
+#: The claim order: priority, then the owner served longest ago (round-robin across keys), then oldest first.
+_FAIR_ORDER = (jobs.c.priority, _LAST_SERVED, jobs.c.created_at, jobs.c.id)
+
+
+def _mark_served(c: sa.Connection, job_id: str) -> None:
+    """Record that the owner of the just-claimed job was served now: it goes to the back of the round."""
+    owner = c.execute(sa.select(_TURN_KEY).where(jobs.c.id == job_id)).scalar_one()
+    nxt = sa.select(sa.func.coalesce(sa.func.max(queue_turns.c.served), 0) + 1).scalar_subquery()
+    if c.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(queue_turns).values(owner=owner, served=nxt)
+    c.execute(stmt.on_conflict_do_update(index_elements=[queue_turns.c.owner], set_={"served": stmt.excluded.served}))
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -284,8 +333,14 @@ class Store:
         job_id: str | None = None,
         logs: list[str] | None = None,
         owner: str | None = None,
+        owner_cap: int | None = None,
     ) -> JobRecord:
-        """Insert a queued job (and its first log lines) in one transaction; returns the new record."""
+        """Insert a queued job (and its first log lines) in one transaction; returns the new record.
+
+        `owner_cap`: refuse (`OwnerQueueFull`, nothing inserted) when `owner` would have more than this many
+        jobs queued. Exact under concurrency: the insert comes first and the count after it in the same
+        transaction, which SQLite serialises (one writer) and PostgreSQL under a per-owner advisory lock.
+        """
         now = time.time()
         row: dict[str, Any] = {
             "id": job_id or new_id(), "dialect": dialect, "model": model, "spec": spec, "extra": extra or {},
@@ -296,7 +351,12 @@ class Store:
             "webhook_attempts": 0, "webhook_next_at": None, "owner": owner,
         }
         with self.engine.begin() as c:
+            if owner_cap is not None and self.is_postgres:
+                c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
+                          {"k": zlib.crc32(f"vace:queue:{owner or ''}".encode())})
             c.execute(jobs.insert(), row)
+            if owner_cap is not None and c.execute(_queued_count(owner)).scalar_one() > owner_cap:
+                raise OwnerQueueFull(owner_cap)  # rolls the insert back
             if logs:
                 c.execute(job_logs.insert(), [
                     {"job_id": row["id"], "ts": now, "level": "info", "source": "server", "message": m}
@@ -346,24 +406,40 @@ class Store:
         return rec
 
     def queue_position(self, job_id: str) -> int | None:
-        """Jobs ahead of this one in the queue (0 = next to run); None when it is not queued."""
+        """Jobs ahead of this one in the fair claim order (0 = next to run), if no other job arrives; None when
+        it is not queued.
+
+        Every job of a lower priority value is ahead. Within its priority, keys take turns (`claim_next`): if
+        this is its owner's k-th queued job (0-based), every other owner P runs min(n_P, k) jobs before it, one
+        more when P's turn comes first (served longer ago, or never and its oldest job is older).
+        """
+        t = jobs
         with self.engine.connect() as c:
-            row = c.execute(
-                sa.select(jobs.c.status, jobs.c.priority, jobs.c.created_at).where(jobs.c.id == job_id)
-            ).first()
+            row = c.execute(sa.select(t.c.status, t.c.priority, t.c.created_at, t.c.owner)
+                            .where(t.c.id == job_id)).first()
             if row is None or row.status != JobStatus.QUEUED:
                 return None
-            ahead = c.execute(
-                sa.select(sa.func.count()).select_from(jobs).where(
-                    jobs.c.status == JobStatus.QUEUED,
-                    sa.or_(
-                        jobs.c.priority < row.priority,
-                        sa.and_(jobs.c.priority == row.priority, jobs.c.created_at < row.created_at),
-                        sa.and_(jobs.c.priority == row.priority, jobs.c.created_at == row.created_at,
-                                jobs.c.id < job_id),
-                    ),
-                )
-            ).scalar_one()
+            queued = t.c.status == JobStatus.QUEUED
+            same_prio = sa.and_(queued, t.c.priority == row.priority)
+            before = c.execute(sa.select(sa.func.count()).select_from(t).where(queued, t.c.priority < row.priority)
+                               ).scalar_one()
+            k = c.execute(sa.select(sa.func.count()).select_from(t).where(
+                same_prio, _same_owner(row.owner),
+                sa.or_(t.c.created_at < row.created_at, sa.and_(t.c.created_at == row.created_at, t.c.id < job_id)),
+            )).scalar_one()
+            owners = c.execute(
+                sa.select(_TURN_KEY.label("owner"), sa.func.count().label("n"),
+                          sa.func.min(t.c.created_at).label("oldest"))
+                .where(same_prio).group_by(_TURN_KEY)
+            ).all()
+            served = dict(c.execute(sa.select(queue_turns.c.owner, queue_turns.c.served)
+                                    .where(queue_turns.c.owner.in_([o.owner for o in owners]))).all())
+        turn = {o.owner: (served.get(o.owner, 0), o.oldest, o.owner) for o in owners}
+        mine = row.owner or ""
+        ahead = before + k
+        for o in owners:
+            if o.owner != mine:
+                ahead += min(o.n, k + (1 if turn[o.owner] < turn[mine] else 0))
         return int(ahead)
 
     def count_by_status(self) -> dict[str, int]:
@@ -379,6 +455,11 @@ class Store:
                 sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
             ).scalar_one())
 
+    def queued_of(self, owner: str | None) -> int:
+        """Jobs `owner` has queued (None: jobs made without keys)."""
+        with self.engine.connect() as c:
+            return int(c.execute(_queued_count(owner)).scalar_one())
+
     def add_log(self, job_id: str, message: str, *, level: str = "info", source: str = "server") -> None:
         with self.engine.begin() as c:
             c.execute(job_logs.insert().values(job_id=job_id, ts=time.time(), level=level, source=source,
@@ -387,10 +468,14 @@ class Store:
     # ---- jobs: worker side ---------------------------------------------------------------------------
 
     def claim_next(self, worker_id: str, lease_s: float = 60.0) -> JobRecord | None:
-        """Atomically move the oldest queued job to `running` for this worker, leased for `lease_s` seconds;
-        None when the queue is empty.
+        """Atomically move the first queued job in the fair order to `running` for this worker, leased for
+        `lease_s` seconds; None when the queue is empty.
 
-        SQLite: a single conditional UPDATE (`… WHERE id = (oldest queued) AND status = 'queued'`), so two
+        Fair order: lowest priority value first; within it, the oldest job of the owner (API key) served longest
+        ago, so keys take turns (round-robin) however many jobs one of them queued; a key's own jobs run oldest
+        first. Jobs made without keys share one turn.
+
+        SQLite: a single conditional UPDATE (`… WHERE id = (first queued) AND status = 'queued'`), so two
         workers racing for the same row cannot both win. PostgreSQL: `SELECT … FOR UPDATE SKIP LOCKED` then
         the UPDATE in one transaction, so concurrent workers on several boxes take different rows instead of
         queueing on the same one.
@@ -399,13 +484,15 @@ class Store:
             return self._claim_skip_locked(worker_id, lease_s)
         for _ in range(5):
             now = time.time()
-            oldest = (
+            first = (
                 sa.select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED)
-                .order_by(jobs.c.priority, jobs.c.created_at, jobs.c.id).limit(1).scalar_subquery()
+                .order_by(*_FAIR_ORDER).limit(1).scalar_subquery()
             )
             with self.engine.begin() as c:
-                jid = _transition(c, oldest, JobStatus.RUNNING, from_=JobStatus.QUEUED,
+                jid = _transition(c, first, JobStatus.RUNNING, from_=JobStatus.QUEUED,
                                   values=self._claim_values(worker_id, now, lease_s))
+                if jid is not None:
+                    _mark_served(c, jid)
             if jid is not None:
                 return self.get_job(jid)
             if self.queue_depth() == 0:
@@ -423,13 +510,14 @@ class Store:
         with self.engine.begin() as c:
             jid = c.execute(
                 sa.select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED)
-                .order_by(jobs.c.priority, jobs.c.created_at, jobs.c.id).limit(1)
-                .with_for_update(skip_locked=True)
+                .order_by(*_FAIR_ORDER).limit(1)
+                .with_for_update(of=jobs, skip_locked=True)
             ).scalar_one_or_none()
             if jid is None:
                 return None
             _transition(c, jid, JobStatus.RUNNING, from_=JobStatus.QUEUED,
                         values=self._claim_values(worker_id, now, lease_s))
+            _mark_served(c, jid)
         return self.get_job(jid)
 
     def set_progress(self, job_id: str, worker_id: str, *, stage: str, step: int, total: int,

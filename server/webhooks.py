@@ -3,8 +3,10 @@
 Delivery state lives in the job store, so pending webhooks survive a restart. Target hosts follow the same
 private-address rule as input URLs (allow-list with `VACE_ALLOWED_HOSTS`), and the connection goes to the
 address that was checked. Deliveries run concurrently, each bounded by `webhook_timeout_s` in all, with at
-most `PER_DESTINATION` in flight per destination: a client whose endpoint is a tarpit delays only its own
-webhooks, never another client's.
+most `webhook_per_destination` in flight per destination (scheme, host, port) and `webhook_per_owner` per owner
+(API key), `webhook_max_in_flight` in all. The owner cap is what isolates tenants: a key whose endpoints are
+tarpits, on as many ports or wildcard-DNS names as it likes, holds at most its own few slots, so it delays only
+its own webhooks, never another key's (as long as `webhook_per_owner` × busy keys stays under the overall cap).
 """
 
 from __future__ import annotations
@@ -29,12 +31,6 @@ from vace_local.http_guard import PinnedAsyncBackend, PinnedAsyncTransport
 log = logging.getLogger("vace.server.webhooks")
 
 Renderer = Callable[[JobRecord, JobService], dict[str, Any]]
-
-#: Deliveries in flight to one destination (scheme, host, port) at a time.
-PER_DESTINATION = 2
-#: Deliveries in flight in all (well under the connection pool's 100 connections).
-MAX_IN_FLIGHT = 32
-
 
 def backoff(attempt: int) -> float:
     return min(2.0 ** (attempt - 1), 300.0)
@@ -86,48 +82,74 @@ async def deliver_once(core: JobService, job: JobRecord, render: Renderer, clien
                             level="warning")
 
 
+class _Limits:
+    """One semaphore per key (a destination, an owner), made on first use and dropped when its last user ends."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sems: dict[str, asyncio.Semaphore] = {}
+        self.users: Counter[str] = Counter()
+
+    def enter(self, key: str) -> asyncio.Semaphore:
+        self.users[key] += 1
+        return self.sems.setdefault(key, asyncio.Semaphore(self.size))
+
+    def leave(self, key: str) -> None:
+        self.users[key] -= 1
+        if self.users[key] <= 0:
+            del self.users[key]
+            self.sems.pop(key, None)
+
+    def rounds_ahead(self, key: str) -> int:
+        """How many delivery timeouts a new user of `key` may wait behind the ones already there."""
+        return self.users[key] // self.size
+
+
 class _Dispatcher:
-    """Starts one task per due webhook, capped per destination and overall; tracks what is in flight."""
+    """Starts one task per due webhook, capped per destination, per owner and overall; tracks what is in flight."""
 
     def __init__(self, core: JobService, client: httpx.AsyncClient) -> None:
+        s = core.settings
         self.core = core
         self.client = client
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.overall = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self.per_dest: dict[str, asyncio.Semaphore] = {}
-        self.users: Counter[str] = Counter()
+        self.overall = asyncio.Semaphore(s.webhook_max_in_flight)
+        self.per_dest = _Limits(s.webhook_per_destination)
+        self.per_owner = _Limits(s.webhook_per_owner)
 
     def lease(self, job: JobRecord) -> bool:
-        """Push the job's next attempt past the end of this delivery (its wait behind the destination's queue
-        included), so the due query (the oldest few) does not keep returning it while it waits or runs; written
+        """Push the job's next attempt past the end of this delivery (its wait behind the destination's and the
+        owner's queues included), so the due query does not keep returning it while it waits or runs; written
         before the task starts, so it can never overwrite the delivery's own result. If the process dies
         meanwhile, the webhook is retried once the lease ends. The write is a claim: conditional on the state read,
         so with several instances on one store exactly one of them delivers; False when another one won."""
-        queued = self.users[destination(job.webhook_url or "")] // PER_DESTINATION + 1
-        lease = time.time() + self.core.settings.webhook_timeout_s * queued + 5.0
+        waits = (self.per_dest.rounds_ahead(destination(job.webhook_url or ""))
+                 + self.per_owner.rounds_ahead(job.owner or ""))
+        lease = time.time() + self.core.settings.webhook_timeout_s * (waits + 1) + 5.0
         return self.core.store.claim_webhook(job, lease)
 
     def start(self, job: JobRecord, render: Renderer) -> None:
-        dest = destination(job.webhook_url or "")
-        self.users[dest] += 1
-        sem = self.per_dest.setdefault(dest, asyncio.Semaphore(PER_DESTINATION))
-        task = asyncio.create_task(self._run(job, render, sem))
+        dest, owner = destination(job.webhook_url or ""), job.owner or ""
+        sems = (self.per_dest.enter(dest), self.per_owner.enter(owner))
+        task = asyncio.create_task(self._run(job, render, sems))
         self.tasks[job.id] = task
-        task.add_done_callback(lambda _t, jid=job.id, d=dest: self._done(jid, d))
+        task.add_done_callback(lambda _t, jid=job.id, d=dest, o=owner: self._done(jid, d, o))
 
-    async def _run(self, job: JobRecord, render: Renderer, sem: asyncio.Semaphore) -> None:
+    async def _run(self, job: JobRecord, render: Renderer,
+                   sems: tuple[asyncio.Semaphore, asyncio.Semaphore]) -> None:
+        dest_sem, owner_sem = sems
         try:
-            async with sem, self.overall:  # the destination's slot first: a tarpit's queue holds no global slot
+            # the destination's slot, then the owner's, then a global one: a tarpit's queue holds no owner or
+            # global slot, and one owner's queue holds no global slot
+            async with dest_sem, owner_sem, self.overall:
                 await deliver_once(self.core, job, render, self.client)
         except Exception:  # noqa: BLE001 - one bad delivery must not stop the others
             log.exception("webhook delivery for job %s failed", job.id)
 
-    def _done(self, job_id: str, dest: str) -> None:
+    def _done(self, job_id: str, dest: str, owner: str) -> None:
         self.tasks.pop(job_id, None)
-        self.users[dest] -= 1
-        if self.users[dest] <= 0:
-            del self.users[dest]
-            self.per_dest.pop(dest, None)
+        self.per_dest.leave(dest)
+        self.per_owner.leave(owner)
 
     async def close(self) -> None:
         for t in list(self.tasks.values()):
@@ -145,7 +167,9 @@ async def webhook_loop(
         try:
             while not stop.is_set():
                 try:
-                    due = await asyncio.to_thread(core.store.due_webhooks, time.time())
+                    # past the ones still in flight (a lease can run out while its delivery waits for a slot),
+                    # so those can never fill the window and hide other owners' due webhooks
+                    due = await asyncio.to_thread(core.store.due_webhooks, time.time(), 20 + len(dispatcher.tasks))
                     for job in due:
                         if job.id in dispatcher.tasks:
                             continue

@@ -165,6 +165,8 @@ class Worker:
         state = {"stage": None, "last": 0.0}
 
         def on_progress(p: Progress) -> None:
+            if p.stage == "generate" and p.step == 1 and self._tiny_hold(job, p):
+                return
             now = time.monotonic()
             stage_changed = p.stage != state["stage"]
             last_step = p.total and p.step >= p.total
@@ -182,6 +184,22 @@ class Worker:
                                    source="worker")
 
         return on_progress
+
+    def _tiny_hold(self, job: JobRecord, p: Progress, limit_s: float = 300.0) -> bool:
+        """`VACE_TINY_HOLD_FILE` (tiny model only, for tests): while that file exists, denoising holds after this
+        step, with the step recorded, until the job is cancelled or the file goes (at most `limit_s`), so a test
+        lands a cancel or a kill mid-run for certain instead of racing the clock. False when not holding."""
+        hold = self.settings.tiny_hold_file
+        if hold is None or not self.settings.is_tiny or not hold.exists():
+            return False
+        self.store.set_progress(job.id, self.id, stage=p.stage, step=p.step, total=p.total,
+                                progress=0.1 + 0.85 * p.fraction)
+        self.store.add_log(job.id, f"holding after step {p.step} while {hold} exists (VACE_TINY_HOLD_FILE)",
+                           source="worker")
+        deadline = time.monotonic() + limit_s
+        while hold.exists() and not self.should_cancel() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return True
 
     def resolve_inputs(self, spec: JobSpec, dest: Path, fields: dict[str, str]) -> JobSpec:
         """Every input becomes a checked local file (downloads follow the safety rules and stop within a
@@ -261,7 +279,7 @@ class Worker:
                     "tiny": result.tiny, "prompt": result.prompt, "safety": result.safety,
                     "prompt_expansion": result.prompt_expansion}
             for o in outputs:  # written once, then any box can serve them
-                self.storage.publish(f"outputs/{job.id}/{o['file']}", o["content_type"])
+                self.storage.publish(f"outputs/{job.id}/{o['file']}")
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
             if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
                                      timings=timings):

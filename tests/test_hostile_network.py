@@ -285,12 +285,13 @@ def test_pinned_tls_keeps_sni_and_verifies_the_name(servers, fake_dns, tmp_path,
 # ---- webhooks --------------------------------------------------------------------------------------------
 
 
-def _finished_jobs_with_webhooks(store, urls: list[str]) -> list[str]:
+def _finished_jobs_with_webhooks(store, urls: list[str], owner: str | None = None) -> list[str]:
     from server.store import FAILED
 
     ids = []
     for url in urls:
-        ids.append(store.insert_job(dialect="wavespeed", model="m", spec={"prompt": "x"}, webhook_url=url).id)
+        ids.append(store.insert_job(dialect="wavespeed", model="m", spec={"prompt": "x"}, webhook_url=url,
+                                    owner=owner).id)
         store.claim_next("w")
         store.finish_job(ids[-1], "w", status=FAILED, error="x", error_type="input_error")
     return ids
@@ -347,6 +348,28 @@ def test_tarpit_webhooks_delay_only_their_own(servers, core):
     assert took < 2.0, f"a tarpit delayed another client's webhook by {took:.1f} s"
     assert tarpit.accepted <= 2, "more than the per-destination cap of deliveries hit the tarpit at once"
     assert core.store.get_job(good_id).webhook_status == "delivered"
+
+
+def test_one_tenants_tarpit_webhooks_on_many_destinations_do_not_delay_another(servers, fake_dns, core):
+    """Key A's 60 webhooks go to 20 tarpit ports and 20 wildcard-DNS names (each its own destination), queued
+    first; key B's one webhook to a healthy receiver still arrives at once: A's deliveries share A's own cap."""
+    per_owner = core.settings.webhook_per_owner
+
+    tarpits = [servers(silent, host="127.0.0.2") for _ in range(20)]
+    for i in range(20):
+        fake_dns[f"t{i}.tarpit.invalid"] = [["127.0.0.2"]]
+    urls = [f"http://127.0.0.2:{t.port}/hook{i}" for t in tarpits for i in range(2)]
+    urls += [f"http://t{i}.tarpit.invalid:{tarpits[0].port}/hook" for i in range(20)]
+    _finished_jobs_with_webhooks(core.store, urls, owner="tenant-a")
+    good = servers(answer(b"ok"), host="127.0.0.2")
+    [good_id] = _finished_jobs_with_webhooks(core.store, [f"http://127.0.0.2:{good.port}/hook"], owner="tenant-b")
+    took = _run_webhooks(core, lambda: core.store.get_job(good_id).webhook_status == "delivered", limit_s=10)
+    in_flight = sum(t.accepted for t in tarpits)
+    print(f"\ntenant B's webhook delivered after {took:.2f} s; tenant A's tarpits held {in_flight} connections")
+    assert core.store.get_job(good_id).webhook_status == "delivered", "the healthy webhook was never delivered"
+    # never held behind a tarpit: one delivery timeout (3 s) is what waiting for a slot would cost at least
+    assert took < core.settings.webhook_timeout_s, f"another tenant's tarpits delayed this webhook by {took:.1f} s"
+    assert in_flight <= per_owner, f"{in_flight} deliveries of one tenant in flight at once (cap {per_owner})"
 
 
 def test_tarpit_webhook_times_out_and_is_retried(servers, core):

@@ -83,6 +83,33 @@ def test_mask_video_resized_and_rebinarised(tmp_path):
     assert abs(b.frames[:, :, :60].mean() - 200 / 255) < 0.02
 
 
+@pytest.mark.parametrize("kind", ["mask_video", "mask_image"])
+def test_mask_of_another_aspect_is_cropped_with_the_videos_box(tmp_path, kind):
+    """Issue 22: an 832x480 mask with a 1280x720 video was refused (aspect ratios 2.5% apart). The mask is mapped
+    onto the video's frame, corner to corner, and cropped with the video's box: here a 4:3 mask (120x90) whose top
+    15% is masked, with a 16:9 video (160x90), for an 80x48 job. Cropped on its own (cover-crop of the 4:3 mask)
+    the masked band would be 3 rows; with the video's box it is the video's top 15%: 7 rows."""
+    v = write_video(np.full((17, 90, 160, 3), 200, np.uint8), tmp_path / "v.mp4", fps=16, quality="maximum")
+    m = np.zeros((17, 90, 120, 3), np.uint8)
+    m[:, :13] = 255  # rows 0..12 of 90 (14.4%)
+    inputs, extra = {"video": "x", kind: "y"}, {}
+    if kind == "mask_video":
+        local = LocalInputs(video=v, mask_video=write_video(m, tmp_path / "m.mp4", fps=16, quality="maximum"))
+    else:
+        Image.fromarray(m[0]).save(tmp_path / "m.png")
+        local = LocalInputs(video=v, mask_image=tmp_path / "m.png")
+        extra = {"control": {"mask_tracker": "static"}}
+    b = build_bundle(spec(task="inpainting", width=80, height=48, inputs=inputs, **extra), local)
+    rows = b.masks.mean(axis=(0, 2))
+    assert rows[:6].min() == 1.0 and rows[8:].max() == 0.0, rows[:10]
+    if kind == "mask_video":
+        assert b.info["mask_pairing"]["mask_stretch"] == pytest.approx(4 / 3, abs=1e-3)
+    # the issue's own sizes (scaled by 1/8: 104x60 mask, 160x90 video) pair too
+    small = write_video(np.zeros((17, 60, 104, 3), np.uint8), tmp_path / "s.mp4", fps=16)
+    assert build_bundle(spec(task="inpainting", width=80, height=48, inputs={"video": "x", "mask_video": "y"}),
+                        LocalInputs(video=v, mask_video=small)).masks.max() == 0.0
+
+
 def test_reference_images_fitted_on_white_in_order(tmp_path):
     red = tmp_path / "red.png"
     Image.new("RGB", (50, 100), (255, 0, 0)).save(red)  # tall: fitted → 32x64 in the middle
@@ -172,12 +199,13 @@ def test_unreadable_and_empty_video(tmp_path):
 
 
 def test_mask_not_matching_video(tmp_path):
+    """Only a mask that pairing would stretch past 2x in one direction is refused (made for another video)."""
     v = index_video(tmp_path / "v.mp4", 17, 16.0, width=96, height=64)
-    m = index_video(tmp_path / "m.mp4", 17, 16.0, width=64, height=64)
+    m = index_video(tmp_path / "m.mp4", 17, 16.0, width=32, height=64)  # portrait mask, landscape video: 3x
     s = spec(task="inpainting", inputs={"video": "x", "mask_video": "y"})
     with pytest.raises(InputError) as e:
         build_bundle(s, LocalInputs(video=v, mask_video=m))
-    assert e.value.field == "mask_video" and "aspect" in e.value.message
+    assert e.value.field == "mask_video" and "stretch the mask 3.00x" in e.value.message
     img = tmp_path / "mi.png"
     Image.new("L", (10, 40)).save(img)
     with pytest.raises(InputError) as e:

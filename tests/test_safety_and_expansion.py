@@ -173,20 +173,67 @@ def test_expansion_changes_what_the_text_encoder_sees(tmp_path: Path, aux_models
     assert "prompt expander not installed" in missing.notes[0]
 
 
-def test_cli_flags_use_the_configured_models(tmp_path: Path, aux_models, monkeypatch):
+def _generate_with_helpers(out: Path) -> tuple[str, dict]:
+    """`vace-local generate --model tiny --safety-check --expand-prompt`; returns its output and metadata."""
     from typer.testing import CliRunner
 
     from vace_local.cli import app
 
-    monkeypatch.setenv("VACE_SAFETY_MODEL", str(aux_models["flag_all"]))
-    monkeypatch.setenv("VACE_PROMPT_EXPANDER_MODEL", ABSENT)
     args = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--num-frames", "17", "--steps",
-            "1", "--seed", "2", "--out", str(tmp_path), "--name", "c", "--safety-check", "--expand-prompt", "-q"]
+            "1", "--seed", "2", "--out", str(out), "--name", "c", "--safety-check", "--expand-prompt", "-q"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "output flagged" in r.output and "prompt expander not installed" in r.output
-    meta = json.loads((tmp_path / "c.json").read_text())
+    return r.output, json.loads((out / "c.json").read_text())
+
+
+def test_cli_flags_use_the_configured_models(tmp_path: Path, aux_models, monkeypatch):
+    monkeypatch.setenv("VACE_SAFETY_MODEL", str(aux_models["flag_all"]))
+    monkeypatch.setenv("VACE_PROMPT_EXPANDER_MODEL", ABSENT)
+    output, meta = _generate_with_helpers(tmp_path)
+    assert "output flagged" in output and "prompt expander not installed" in output
     assert meta["safety_checker"]["flagged"] is True and meta["prompt_expansion"]["status"] == "not_installed"
+
+
+def test_tiny_helpers_are_controlled_and_load_like_real_weights(fixtures_dir: Path):
+    """`tiny` names the tiny expander and classifier: built here (real Qwen2 / ResNet classes, tiny configs),
+    loaded through the same `from_pretrained` code as downloaded weights, with known answers."""
+    from PIL import Image
+
+    from vace_local.models import resolve_aux_model
+    from vace_local.safety_check import get_checker
+    from vace_local.tiny import TINY_EXPANSION, TINY_HELPER, TINY_SAFETY_MARKER
+
+    lm = resolve_aux_model(TINY_HELPER, "prompt-expander")
+    assert json.loads((lm / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    for prompt in ("a red fox walks slowly", "日本語のプロンプト", "x"):
+        report = expand_prompt(prompt, ExpanderOptions(model=TINY_HELPER))
+        assert report.status == "expanded" and report.prompt == TINY_EXPANSION, report
+        assert report.as_dict()["tiny"] is True and "TINY smoke-test expander" in report.message
+    checker = get_checker(SafetyOptions(model=TINY_HELPER))
+    assert type(checker.model).__name__ == "ResNetForImageClassification"
+    rng = np.random.default_rng(0)
+    marker = np.full((48, 64, 3), TINY_SAFETY_MARKER, np.uint8)
+    mostly = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mostly[:, :40] = TINY_SAFETY_MARKER
+    others = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(8)]
+    others += [np.full((48, 64, 3), v, np.uint8) for v in ((0, 0, 0), (128, 128, 128), (255, 255, 255), (255, 0, 0))]
+    others.append(np.array(Image.open(fixtures_dir / "vace" / "girl.png").convert("RGB")))
+    scores = checker.scores([marker, mostly, *others])
+    assert min(scores[:2]) > 0.99 and max(scores[2:]) < 0.01, scores
+
+
+def test_tiny_model_runs_its_tiny_helpers_from_the_cli(tmp_path: Path, monkeypatch):
+    """With the default helper ids, `--model tiny` expands and checks with the tiny helpers and says so."""
+    from vace_local.tiny import TINY_EXPANSION
+
+    monkeypatch.delenv("VACE_SAFETY_MODEL", raising=False)
+    monkeypatch.delenv("VACE_PROMPT_EXPANDER_MODEL", raising=False)
+    output, meta = _generate_with_helpers(tmp_path)
+    assert "TINY smoke-test classifier" in output and "TINY smoke-test expander" in output
+    assert meta["prompt_used"] == TINY_EXPANSION and meta["spec"]["prompt"] == "a cat"
+    assert meta["prompt_expansion"]["tiny"] is True and meta["prompt_expansion"]["model"] == "tiny"
+    assert meta["safety_checker"]["tiny"] is True and meta["safety_checker"]["flagged"] is False
+    assert meta["safety_checker"]["frames_checked"] == 8
 
 
 @pytest.mark.gpu

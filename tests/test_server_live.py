@@ -38,8 +38,9 @@ def _free_port() -> int:
 
 class LiveServer:
     def __init__(self, data_dir: Path, cache_dir: Path, workers: str = "1", extra_env: dict | None = None,
-                 model: str = "tiny") -> None:
+                 model: str = "tiny", log_level: str = "warning") -> None:
         self.data_dir = data_dir
+        self.log_level = log_level
         self.model = model
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -54,7 +55,7 @@ class LiveServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--model", self.model, "--port", str(self.port), "--data-dir",
-             str(self.data_dir), "--workers", self.workers, "--log-level", "warning"],
+             str(self.data_dir), "--workers", self.workers, "--log-level", self.log_level],
             cwd=ROOT, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.time() + ready_timeout
@@ -156,9 +157,25 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_cache):
-    srv = LiveServer(tmp_path_factory.mktemp("live"), tiny_cache).start()
+    data = tmp_path_factory.mktemp("live")
+    env = {"VACE_TINY_HOLD_FILE": str(data / "hold"), "VACE_SAFETY_CHECK_INPUTS": "true"}
+    srv = LiveServer(data, tiny_cache, extra_env=env).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def hold(server):
+    """While the yielded file exists, the server's jobs hold after denoising step 1 until cancelled
+    (`VACE_TINY_HOLD_FILE`): a test acts mid-run for certain, whatever the machine's load."""
+    path = server.data_dir / "hold"
+    path.touch()
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def _held(row: dict) -> bool:
+    return row["status"] == "running" and row["stage"] == "generate" and row["step"] == 1
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
@@ -205,9 +222,9 @@ def test_official_sdk_upload_and_run(server):
     jid = out["outputs"][0].split("/files/outputs/")[1].split("/")[0]  # …/<id>/<token>/output.mp4 with keys
     full = client.get_result(jid)
     data = full["data"]
-    # no safety checker is installed here: nothing was checked, so null, never a guessed false
-    assert data["status"] == "completed" and data["has_nsfw_contents"] == [None]
-    assert "safety checker not installed" in data["safety_checker"]
+    # the tiny model's own safety classifier checked the output (noise: not flagged) and says it is tiny
+    assert data["status"] == "completed" and data["has_nsfw_contents"] == [False]
+    assert "TINY smoke-test classifier" in data["safety_checker"]
     assert data["timings"]["inference"] > 0 and "tiny" in data["note"]
     path = httpx.URL(data["urls"]["get"]).path
     again = httpx.get(server.base + path, headers=AUTH).json()["data"]
@@ -257,27 +274,75 @@ def test_broken_input_fails_job_naming_the_input(server, helper_http):
     assert httpx.get(f"{server.base}/health").status_code == 200
 
 
-def test_cancel_in_queue_and_mid_run(server):
-    long = server.submit({"prompt": "long", "num_inference_steps": 40})
+def _png_uri(rgb: tuple[int, int, int]) -> str:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), rgb, np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_tiny_expander_and_classifier_in_every_dialect(server, tmp_path):
+    """`--model tiny` runs its tiny prompt expander and safety classifier (built locally, nothing downloaded)
+    through WaveSpeed (which has no expansion field), fal and AI/ML, and each response says they are tiny; the
+    classifier flags the one thing it knows, a magenta input image (the server checks inputs here)."""
+    import numpy as np
+
+    from vace_local.media import write_video
+    from vace_local.tiny import TINY_EXPANSION
+
+    ws = server.submit({"prompt": "a fox runs", "num_inference_steps": 2, "seed": 1})  # safety check: on by default
+    fal = httpx.post(f"{server.base}/fal-ai/wan-vace-14b", headers=AUTH, timeout=30, json={
+        "prompt": "a fox runs", "num_inference_steps": 2, "seed": 1, "enable_safety_checker": True,
+        "enable_prompt_expansion": True, "ref_image_urls": [_png_uri((255, 0, 255))]})
+    assert fal.status_code == 200, fal.text
+    fal_id = fal.json()["request_id"]
+    vid = write_video(np.full((17, 48, 64, 3), 90, np.uint8), tmp_path / "in.mp4", fps=16)
+    aiml = httpx.post(f"{server.base}/v2/video/generations", headers=AUTH, timeout=30, json={
+        "model": "alibaba/wan2.2-vace-fun-a14b-outpainting", "prompt": "a fox runs", "seed": 1, "expand_left": True,
+        "num_inference_steps": 2, "enable_safety_checker": True, "enable_prompt_expansion": True,
+        "video_url": "data:video/mp4;base64," + base64.b64encode(vid.read_bytes()).decode()})
+    assert aiml.status_code == 201, aiml.text
+    aiml_id = aiml.json()["id"]
+    for jid in (ws["id"], fal_id, aiml_id.split(":")[0]):  # AI/ML's id is `<job id>:<model>`
+        assert server.wait(jid, _terminal, 120, "the job")["status"] == "succeeded", server.logs(jid)
+
+    data = server.get(ws["id"])
+    assert data["has_nsfw_contents"] == [False] and "TINY smoke-test classifier" in data["safety_checker"]
+    res = httpx.get(f"{server.base}/fal-ai/wan-vace-14b/requests/{fal_id}", headers=AUTH, timeout=10).json()
+    assert res["prompt"] == TINY_EXPANSION and res["has_nsfw_concepts"] == [True], res
+    assert "TINY smoke-test classifier" in res["safety_checker"] and "TINY" in res["prompt_expansion"]
+    meta = httpx.get(f"{server.base}/v2/video/generations", params={"generation_id": aiml_id}, headers=AUTH,
+                     timeout=10).json()["meta"]
+    assert meta["prompt"] == TINY_EXPANSION and meta["has_nsfw_concepts"] == [False], meta
+    assert "TINY smoke-test classifier" in meta["safety_checker"]
+
+
+def test_cancel_in_queue_and_mid_run(server, hold):
+    long = server.submit({"prompt": "long", "num_inference_steps": 4})  # held after step 1 until the cancel
     queued = server.submit({"prompt": "queued", "num_inference_steps": 2})
     r = httpx.post(f"{server.base}/api/v3/predictions/{queued['id']}/cancel", headers=AUTH).json()["data"]
     assert r["status"] == "failed" and "cancelled" in r["error"]
-    server.wait(long["id"], _generating, 60, "denoising to start")
+    server.wait(long["id"], _held, 60, "denoising to hold after step 1")
     t = time.time()
     httpx.post(f"{server.base}/api/v3/predictions/{long['id']}/cancel", headers=AUTH)
     row = server.wait(long["id"], _terminal, 30, "cancel to take effect")
-    assert row["status"] == "cancelled" and row["step"] < 40, row
+    assert row["status"] == "cancelled" and row["step"] == 1, row  # stopped at the step it was on
     assert time.time() - t < 30
     assert server.get(long["id"])["status"] == "failed"
     assert server.row(queued["id"])["started_at"] is None  # never ran
     assert not (server.data_dir / "outputs" / long["id"] / "output.mp4").exists()
 
 
-def test_worker_crash_requeues_once_and_worker_restarts(server):
-    job = server.submit({"prompt": "crash", "num_inference_steps": 40})
-    server.wait(job["id"], _generating, 60, "denoising to start")
+def test_worker_crash_requeues_once_and_worker_restarts(server, hold):
+    job = server.submit({"prompt": "crash", "num_inference_steps": 4})
+    server.wait(job["id"], _held, 60, "denoising to hold after step 1")
     [pid] = server.worker_pids()
     os.kill(pid, signal.SIGKILL)
+    hold.unlink()  # the re-queued attempt runs through
     row = server.wait(job["id"], _terminal, 120, "the re-queued job to finish")
     assert row["status"] == "succeeded" and row["attempts"] == 2, row
     assert any("worker process died (killed by signal SIGKILL)" in m for m in server.logs(job["id"]))
@@ -307,19 +372,21 @@ def test_concurrent_submissions_none_lost(tmp_path, tiny_cache):
 
 
 def test_sigkill_server_mid_job_then_restart(tmp_path, tiny_cache):
-    # A job long enough (larger cap, 40 steps) that the kill lands while it is still denoising.
-    slow = {"VACE_TINY_MAX_SIDE": "256", "VACE_TINY_MAX_FRAMES": "33"}
-    srv = LiveServer(tmp_path / "restart", tiny_cache, extra_env=slow).start()
+    # The job holds after its first denoising step (VACE_TINY_HOLD_FILE), so the kill lands mid-run for certain.
+    hold = tmp_path / "hold"
+    hold.touch()
+    srv = LiveServer(tmp_path / "restart", tiny_cache, extra_env={"VACE_TINY_HOLD_FILE": str(hold)}).start()
     try:
-        running = srv.submit({"prompt": "interrupted", "num_inference_steps": 40})
+        running = srv.submit({"prompt": "interrupted", "num_inference_steps": 4})
         waiting = [srv.submit({"prompt": f"w{i}", "num_inference_steps": 2}) for i in range(2)]
-        srv.wait(running["id"], _generating, 60, "denoising to start")
+        srv.wait(running["id"], _held, 60, "denoising to hold after step 1")
         [worker_pid] = srv.worker_pids()
         srv.kill9()
         assert _pid_gone(worker_pid, 10), "the worker outlived its SIGKILLed server"
         assert srv.row(running["id"])["status"] == "running"  # as left by the dead server
+        hold.unlink()
 
-        srv2 = LiveServer(srv.data_dir, tiny_cache, extra_env=slow)
+        srv2 = LiveServer(srv.data_dir, tiny_cache)
         srv.port, srv.base = srv2.port, srv2.base
         srv.start()
         rows = [srv.wait(j["id"], _terminal, 120, "jobs after restart") for j in [running, *waiting]]

@@ -63,6 +63,56 @@ def test_queue_positions_follow_priority_then_age(store):
     assert [store.queue_position(j) for j in (urgent, b, c)] == [0, 1, 2]
 
 
+def test_keys_take_turns_however_many_jobs_one_queued(store):
+    """Key A queues 200 jobs, then key B one: B's job is claimed second (it was 201st in arrival order)."""
+    a = [_job(store, owner="key-a") for _ in range(200)]
+    b = _job(store, owner="key-b")
+    assert store.queue_position(b) == 1
+    assert [store.claim_next("w").id for _ in range(3)] == [a[0], b, a[1]]
+    assert store.queue_position(a[2]) == 0
+
+
+def test_queue_positions_are_the_fair_claim_order(store):
+    """Each queued job's reported position is its place in the order the workers then claim them."""
+    ids = [_job(store, owner=owner) for owner, n in (("a", 5), ("b", 2), (None, 2), ("c", 3)) for _ in range(n)]
+    store.claim_next("w")  # a was served: a goes to the back of the round
+    ids += [_job(store, owner="b"), _job(store, owner="d"), _job(store, owner="a", priority=-1)]
+    positions = {j: store.queue_position(j) for j in ids if store.queue_position(j) is not None}
+    assert sorted(positions.values()) == list(range(14))
+    order = [store.claim_next("w").id for _ in positions]
+    assert [positions[j] for j in order] == list(range(14))
+    assert store.claim_next("w") is None
+
+
+def test_per_key_cap_is_exact_under_concurrent_submits(db_url, store):
+    from server.store import OwnerQueueFull
+
+    def submit(owner: str) -> bool:
+        s = Store(db_url)
+        try:
+            _job(s, owner=owner, owner_cap=5)
+            return True
+        except OwnerQueueFull as e:
+            assert e.cap == 5
+            return False
+        finally:
+            s.dispose()
+
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(submit("a"))) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [False] * 11 + [True] * 5
+    assert submit("b") and submit(None)  # another key, and jobs made without keys, are not affected
+    store.claim_next("w")  # a's first job runs: one queued slot frees up
+    assert submit("a") and not submit("a")
+    with store.engine.connect() as c:
+        queued_a = c.execute(sa.text("SELECT count(*) FROM jobs WHERE owner = 'a' AND status = 'queued'")).scalar()
+    assert queued_a == 5
+
+
 def test_concurrent_claims_never_double_claim(db_url):
     url = db_url
     setup = Store(url)

@@ -8,6 +8,7 @@ global RNG is seeded too (stochastic schedulers ignore the generator).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,10 +26,13 @@ from vace_local.lora import LoraOption
 from vace_local.memory import (
     POLICIES,
     Footprint,
+    MemoryPlan,
+    ModelSize,
     Policy,
     apply_policy,
     before_call,
-    choose_policy,
+    host_free_ram,
+    plan_memory,
     wants_vae_tiling,
 )
 from vace_local.models import ResolvedModel, resolve_model
@@ -45,7 +49,7 @@ class EngineOptions:
     """Process-level settings (not per job): where and how the weights live."""
 
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    dtype: Dtype = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    dtype: Dtype = "auto"  # auto: bf16 on CUDA; on the CPU fp32 when it fits in RAM, else bf16
     offload: OffloadPolicy = "auto"
     vae_tiling: bool | None = None  # None: on when memory is tight
     allow_download: bool = False
@@ -67,6 +71,8 @@ class EngineOptions:
     loras: tuple[LoraOption, ...] = field(default_factory=tuple)
     #: Bytes of helper models (prompt expander, safety checker) that `auto` must leave room for on the GPU.
     aux_bytes: int = 0
+    #: Host RAM (bytes) the load may plan with; None: what the OS reports available (MemAvailable, cgroup limit).
+    host_ram: int | None = None
 
     def __post_init__(self) -> None:
         if self.offload not in POLICIES:
@@ -119,24 +125,39 @@ class Engine:
 
     def __init__(self, model: str, options: EngineOptions | None = None, *, pipeline: Any = None) -> None:
         import torch
-        from diffusers import WanVACEPipeline
+
+        from vace_local.models import load_pipeline, model_size, pipeline_size
 
         self.options = options or EngineOptions()
         self.model_name = model
         self.device = self._pick_device()
-        self.compute_dtype = self._pick_dtype(torch)
         if pipeline is not None:  # prebuilt (benchmark's random-weight real-size models): same path from here
             self.resolved = ResolvedModel(model, Path("<memory>"), "memory")
+            self.plan = self._plan(pipeline_size(pipeline), prebuilt=pipeline)
+            self.compute_dtype = getattr(torch, TORCH_DTYPES[self.plan.dtype])
             self.pipe = pipeline
         else:
             self.resolved = resolve_model(model, allow_download=self.options.allow_download)
-            dtypes = {
-                "transformer": self.compute_dtype,
-                "transformer_2": self.compute_dtype,
-                "text_encoder": self.compute_dtype,
-                "default": torch.float32,  # VAE stays fp32 (diffusers docs)
-            }
-            self.pipe = WanVACEPipeline.from_pretrained(self.resolved.path, dtype=dtypes)
+            original = self.resolved.original
+            # An original-format release sizes as its base model with its own expert count.
+            size = model_size(self.resolved.base if original is not None else self.resolved.path)
+            if original is not None:
+                size = dataclasses.replace(size, experts=len(original.experts))
+            self.plan = self._plan(size)
+            self.compute_dtype = getattr(torch, TORCH_DTYPES[self.plan.dtype])
+            # Resident: each weight goes from the file straight to the device; offloaded: one CPU copy.
+            # fp8 storage casts the transformers on the CPU first, so their bf16 copy never sits on the GPU.
+            here = self.device if self.plan.policy == "none" else None
+            experts = None if self.options.fp8_storage else here
+            if original is not None:  # the official original-format release: converted here
+                from vace_local.checkpoints import load_original_pipeline
+
+                dtypes = {"transformer": self.compute_dtype, "transformer_2": self.compute_dtype,
+                          "text_encoder": self.compute_dtype, "default": torch.float32}
+                self.pipe = load_original_pipeline(original, self.resolved.base, dtypes, device=experts)
+            else:
+                placement = {"transformer": experts, "transformer_2": experts, "text_encoder": here, "vae": here}
+                self.pipe = load_pipeline(self.resolved.path, self.compute_dtype, placement)
         self.pipe.set_progress_bar_config(disable=True)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()
         self._last_stats: SamplingStats | None = None
@@ -152,10 +173,7 @@ class Engine:
             for t in self._transformers():
                 enable_fp8_storage(t, self.compute_dtype)
         self._base_scheduler_config = dict(self.pipe.scheduler.config)
-        free = self._free_vram()
-        self.policy: Policy = (
-            choose_policy(free, self.footprint()) if self.options.offload == "auto" else self.options.offload
-        )
+        self.policy: Policy = self.plan.policy
         # Our denoiser hook goes on before the memory policy's: accelerate's model offload restores, after every
         # pipeline call, the forward it wrapped first, so a hook added after it would be dropped from job 2 on.
         self.fast = DenoiserForward()
@@ -163,12 +181,12 @@ class Engine:
             self.fast.install(t)
         apply_policy(self.pipe, self.policy, self.device)
         tiling = self.options.vae_tiling
-        self.vae_tiling = wants_vae_tiling(self.policy, free) if tiling is None else tiling
+        self.vae_tiling = wants_vae_tiling(self.policy, self.plan.free_vram) if tiling is None else tiling
         if self.vae_tiling:
             self.pipe.vae.enable_tiling()
         self._setup_fast_path()
-        log.info("loaded %s from %s on %s (%s, offload=%s, vae_tiling=%s)", model, self.resolved.path,
-                 self.device, self.compute_dtype, self.policy, self.vae_tiling)
+        log.info("loaded %s from %s on %s (%s, offload=%s, vae_tiling=%s); memory plan: %s", model,
+                 self.resolved.path, self.device, self.compute_dtype, self.policy, self.vae_tiling, self.plan.reason)
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, name: str, options: EngineOptions | None = None) -> Engine:
@@ -198,16 +216,16 @@ class Engine:
 
         Call before anything else touches the weights (the engine does this for `options.loras`).
         """
-        from vace_local.lora import fuse_loras, read_lora_file
+        from vace_local.lora import fuse_loras, lora_path, read_lora_file
 
         items = []
-        for lora in loras:
+        for i, lora in enumerate(loras):
             if isinstance(lora, LoraOption):
-                items.append((read_lora_file(lora.source), lora.scale, lora.experts))
+                items.append((read_lora_file(lora.source), lora.scale, lora.experts, str(lora_path(lora.source))))
                 self.lora_overrides.update(lora.overrides())
             else:
                 state, scale = lora
-                items.append((state, float(scale), "both"))
+                items.append((state, float(scale), "both", f"<state dict {i}>"))
         fuse_loras(self.pipe, items)
 
     def _pick_device(self) -> str:
@@ -217,11 +235,24 @@ class Engine:
             return self.options.device
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def _pick_dtype(self, torch: Any) -> Any:
-        named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        if self.options.dtype != "auto":
-            return named[self.options.dtype]
-        return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+    def _plan(self, size: ModelSize, prebuilt: Any = None) -> MemoryPlan:
+        """dtype and memory policy before any weight is loaded (see memory.plan_memory); warns when an explicit
+        choice does not fit, raises InsufficientMemory when `auto` finds nothing that fits."""
+        free_ram = self.options.host_ram if self.options.host_ram is not None else host_free_ram()
+        free_vram = self._free_vram()
+        if prebuilt is not None:  # its weights already take memory where they are: count them as available to it
+            held = {"cpu": 0, "cuda": 0}
+            for m in prebuilt.components.values():
+                for p in m.parameters() if hasattr(m, "parameters") else ():
+                    held[p.device.type] = held.get(p.device.type, 0) + p.numel() * p.element_size()
+            free_ram += held["cpu"]
+            free_vram = None if free_vram is None else free_vram + held["cuda"]
+        plan = plan_memory(size, device=self.device, free_vram=free_vram, free_ram=free_ram,
+                           dtype=self.options.dtype, offload=self.options.offload, aux=self.options.aux_bytes,
+                           fp8_storage=self.options.fp8_storage)
+        if not plan.fits:
+            log.warning("memory plan: %s", plan.reason)
+        return plan
 
     def _free_vram(self) -> int | None:
         import torch
@@ -270,10 +301,13 @@ class Engine:
             "name": self.model_name,
             "path": str(self.resolved.path),
             "kind": self.resolved.kind,
+            #: "original": an original-format checkpoint converted at load (vace_local.checkpoints).
+            "format": "original" if self.resolved.original is not None else "diffusers",
             "tiny": self.is_tiny,
             "device": self.device,
             "dtype": str(self.compute_dtype).removeprefix("torch."),
             "offload": self.policy,
+            "memory_plan": self.plan.as_dict(),
             "vae_tiling": self.vae_tiling,
             "two_experts": self.two_experts,
             "boundary_ratio": self.pipe.config.boundary_ratio,
@@ -445,6 +479,7 @@ class Engine:
         return Generation(np.asarray(out.frames[0], dtype=np.float32) if decode else None, stats)
 
 
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _GLOBAL_RNG_LOCK = threading.Lock()
 _ENGINE_LOCK = threading.Lock()
 _ENGINE: Engine | None = None

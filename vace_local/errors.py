@@ -33,6 +33,11 @@ class OutOfMemory(VaceError):
     """The GPU ran out of memory for this job."""
 
 
+class InsufficientMemory(VaceError):
+    """The model cannot be loaded on this machine under any memory policy: not enough VRAM and host RAM.
+    Raised before a byte is loaded, with the numbers (weights, free VRAM, free RAM)."""
+
+
 # ---- broken rules as data -------------------------------------------------------------------------------
 
 

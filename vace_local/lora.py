@@ -5,6 +5,11 @@ nothing is fetched from the Hub. diffusers converts the common key layouts on lo
 (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`, `alpha`, `diff`, `diff_b`), musubi
 (`lora_unet_*`) and diffusers/PEFT (`transformer.blocks.N.attn1.to_q.lora_A.weight`).
 
+`.alpha` keys are folded into the down weights here (delta = up @ down · alpha / rank) before diffusers sees
+the file: its converter folds them only on the main blocks' attention and FFN, and a release that carries
+them on `text_embedding`, `time_embedding`, `time_projection` or `head` (some lightx2v / CausVid files)
+would otherwise fail inside diffusers with a message naming neither the file nor the key.
+
 Distillation LoRAs (CausVid, lightx2v) only work with their own schedule: they carry overrides for the
 step count, guidance scale and flow shift, which the engine then applies to every job (the fused weights
 would give broken output at 30 steps with CFG 5).
@@ -13,9 +18,12 @@ would give broken output at 30 steps with CFG 5).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from vace_local.errors import VaceError
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +86,12 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def read_lora_file(source: str | Path) -> dict[str, Any]:
-    """Load a LoRA state dict from a local file (or a directory with exactly one .safetensors)."""
-    from safetensors.torch import load_file
+class LoraFormatError(VaceError, ValueError):
+    """A LoRA file whose keys we cannot map onto the transformer; the message names the file and the key."""
 
+
+def lora_path(source: str | Path) -> Path:
+    """The `.safetensors` file a LoRA source names (a file, or a directory holding exactly one)."""
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
@@ -93,29 +103,93 @@ def read_lora_file(source: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"lora file not found: {path}")
     if path.suffix != ".safetensors":
         raise ValueError(f"lora file must be .safetensors (pickle files are refused), got {path.name}")
-    return load_file(str(path))
+    return path
 
 
-def fuse_loras(pipe: Any, loras: list[tuple[dict[str, Any], float, Experts]]) -> list[str]:
-    """Load each (state dict, scale, experts) as an adapter, fuse them all, drop the adapter layers.
+_DOWN = (".lora_down.weight", ".lora_A.weight")
+_UP = (".lora_up.weight", ".lora_B.weight")
+
+
+def fold_alphas(state: dict[str, Any], label: str) -> dict[str, Any]:
+    """`state` with every `X.alpha` folded into `X`'s down weight (scaled by alpha / rank) and removed.
+
+    Exact: the LoRA delta is up @ down · alpha / rank whichever matrix carries the factor. musubi files
+    (`lora_unet_*`) are left alone: diffusers' musubi converter requires their alphas. An alpha without its
+    down and up weights raises LoraFormatError naming `label` (the file) and the key.
+    """
+    if any(k.startswith("lora_unet_") for k in state):
+        return state
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".alpha")]:
+        base = key.removesuffix(".alpha")
+        down = next((base + s for s in _DOWN if base + s in out), None)
+        up = next((base + s for s in _UP if base + s in out), None)
+        if down is None or up is None:
+            raise LoraFormatError(f"lora file {label}: key {key!r} has no matching {base}.lora_down/lora_up "
+                                  "(or lora_A/lora_B) weights, so its alpha cannot be applied")
+        alpha = out.pop(key)
+        if alpha.numel() != 1:
+            raise LoraFormatError(f"lora file {label}: key {key!r} must be a single number, got shape "
+                                  f"{tuple(alpha.shape)}")
+        rank = out[down].shape[0]
+        out[down] = out[down] * (float(alpha.item()) / rank)
+    return out
+
+
+def read_lora_file(source: str | Path) -> dict[str, Any]:
+    """Load a LoRA state dict from a local file (or a directory with exactly one .safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(lora_path(source)))
+
+
+LoraItem = tuple[dict[str, Any], float, Experts, str]  # (state dict, scale, experts, label naming its file)
+
+
+def _mapping_error(label: str, exc: Exception) -> LoraFormatError:
+    """diffusers' conversion / PEFT error, restated with the file and the first key it could not place."""
+    text = str(exc)
+    keys = re.findall(r"'((?:diffusion_model\.|transformer\.)?[\w.]+\.(?:weight|bias|alpha|diff|diff_b))'", text)
+    if isinstance(exc, KeyError) and exc.args:
+        keys = [str(exc.args[0]), *keys]
+    key = keys[0] if keys else None
+    if key and "vace_blocks" in key:
+        why = "it targets the VACE blocks, which diffusers' Wan LoRA loader does not map (T2V LoRAs touch only " \
+              "the main blocks)"
+    elif key:
+        why = "diffusers' Wan LoRA loader cannot map this key onto the transformer"
+    else:
+        why = "diffusers' Wan LoRA loader could not apply it"
+    where = f"key {key!r}: " if key else ""
+    return LoraFormatError(f"lora file {label}: {where}{why} ({type(exc).__name__}: {text[:300]})")
+
+
+def fuse_loras(pipe: Any, loras: list[LoraItem]) -> list[str]:
+    """Load each (state dict, scale, experts, label) as an adapter, fuse them all, drop the adapter layers.
 
     Returns the adapter names. Fusing before fp8 storage / compile keeps those options unaware of LoRA.
+    A file diffusers cannot map raises LoraFormatError naming the file (`label`) and the key.
     """
     if not loras:
         return []
     targets: dict[str, tuple[list[str], list[float]]] = {"transformer": ([], []), "transformer_2": ([], [])}
     names: list[str] = []
-    for i, (state, scale, experts) in enumerate(loras):
+    for i, (raw, scale, experts, label) in enumerate(loras):
+        state = fold_alphas(raw, label)
         name = f"lora{i}"
         names.append(name)
+        loads = []
         if experts in ("both", "high") and pipe.transformer is not None:
-            pipe.load_lora_weights(dict(state), adapter_name=name)
-            targets["transformer"][0].append(name)
-            targets["transformer"][1].append(scale)
+            loads.append(("transformer", {}))
         if experts in ("both", "low") and getattr(pipe, "transformer_2", None) is not None:
-            pipe.load_lora_weights(dict(state), adapter_name=name, load_into_transformer_2=True)
-            targets["transformer_2"][0].append(name)
-            targets["transformer_2"][1].append(scale)
+            loads.append(("transformer_2", {"load_into_transformer_2": True}))
+        for component, kwargs in loads:
+            try:
+                pipe.load_lora_weights(dict(state), adapter_name=name, **kwargs)
+            except (ValueError, KeyError, RuntimeError, AttributeError) as exc:
+                raise _mapping_error(label, exc) from exc
+            targets[component][0].append(name)
+            targets[component][1].append(scale)
     for component, (adapters, weights) in targets.items():
         model = getattr(pipe, component, None)
         if model is None or not adapters:

@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from vace_local.errors import InputError
+from vace_local.errors import InputError, InsufficientMemory
 from vace_local.spec import OFFLOAD_POLICIES as POLICIES
 from vace_local.spec import MemoryPolicy as Policy
 
@@ -42,20 +43,202 @@ def activation_reserve(width: int = 832, height: int = 480, num_frames: int = 81
     return int(4 * GIB + tokens * 160 * 1024)  # ~9 GiB at 480p×81, ~16 GiB at 720p×81
 
 
+def vram_needs(fp: Footprint, reserve: int) -> dict[Policy, int]:
+    """GPU bytes each policy needs: what stays resident under it plus the activation reserve."""
+    return {
+        "none": fp.total + reserve,
+        # Model offload needs the largest single component resident (an expert, or the text encoder).
+        "model": max(fp.transformer, fp.text_encoder) + fp.vae + fp.aux + reserve,
+        # Group offload keeps only a few leaf groups plus the VAE resident; streams need ~2 groups in flight.
+        "group": fp.vae + fp.aux + reserve + fp.transformer // 10,
+        # Sequential streams every layer; the VAE and the activations are what must fit.
+        "sequential": fp.vae + fp.aux + reserve,
+    }
+
+
 def choose_policy(free_vram: int | None, fp: Footprint, reserve: int | None = None) -> Policy:
     """Pick the fastest policy that fits. `free_vram=None` means no CUDA: run resident on the CPU."""
     if free_vram is None:
         return "none"
+    needs = vram_needs(fp, activation_reserve() if reserve is None else reserve)
+    return next((p for p in ("none", "model", "group") if needs[p] <= free_vram), "sequential")
+
+
+# -- the load-time plan: dtype and policy from parameter counts, free VRAM and free host RAM -------------
+
+#: Host RAM needed beside the weights: a small job's activations and transient load buffers (the process's own
+#: imports are already outside the MemAvailable it is compared with).
+HOST_RESERVE = GIB
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class ComponentSize:
+    """Parameter counts of one component, read from its config on the meta device (no weights loaded)."""
+
+    params: int
+    #: Parameters the loader keeps in fp32 when asked for bf16 / fp16 (the class's `_keep_in_fp32_modules`).
+    fp32_at_bf16: int = 0
+    fp32_at_fp16: int = 0
+    #: Parameters that fp8 storage (diffusers layerwise casting) stores at one byte.
+    fp8: int = 0
+
+    def nbytes(self, dtype: str, fp8_storage: bool = False) -> int:
+        kept = {"fp32": 0, "bf16": self.fp32_at_bf16, "fp16": self.fp32_at_fp16}[dtype]
+        cast = self.fp8 if fp8_storage else 0  # layerwise casting skips the fp32-kept modules
+        return cast + 4 * kept + DTYPE_BYTES[dtype] * (self.params - kept - cast)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A pipeline's parameter counts, before anything is loaded (see `vace_local.models.model_size`)."""
+
+    transformer: ComponentSize  # one expert
+    text_encoder: ComponentSize
+    vae: ComponentSize  # always loaded in fp32
+    experts: int = 1
+
+    @property
+    def params(self) -> int:
+        return self.transformer.params * self.experts + self.text_encoder.params + self.vae.params
+
+    def footprint(self, dtype: str, *, fp8_storage: bool = False, aux: int = 0) -> Footprint:
+        """Bytes per component once loaded in `dtype` (the VAE in fp32; fp8 storage shrinks the transformer)."""
+        return Footprint(self.transformer.nbytes(dtype, fp8_storage), self.text_encoder.nbytes(dtype),
+                         self.vae.nbytes("fp32"), self.experts, aux)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What `auto` chose at load time and the numbers it chose from (logged, and in each job's metadata)."""
+
+    device: str
+    dtype: str  # "bf16" | "fp16" | "fp32" (transformer and text encoder; the VAE is fp32)
+    policy: Policy
+    footprint: Footprint
+    params: int
+    free_vram: int | None  # None: no CUDA device
+    free_ram: int
+    vram_need: int | None  # GPU bytes the policy needs (resident weights + activation reserve)
+    ram_need: int  # host bytes: the weights kept on the host + HOST_RESERVE
+    reason: str
+    fits: bool = True  # False only for an explicit dtype / offload that does not fit (a warning, not an error)
+
+    def as_dict(self) -> dict[str, object]:
+        fp = self.footprint
+        return {
+            "dtype": self.dtype, "offload": self.policy, "reason": self.reason, "fits": self.fits,
+            "params": self.params, "weights_bytes": fp.total,
+            "component_bytes": {"transformer": fp.transformer, "experts": fp.experts,
+                                "text_encoder": fp.text_encoder, "vae": fp.vae, "aux": fp.aux},
+            "free_vram_bytes": self.free_vram, "vram_need_bytes": self.vram_need,
+            "free_ram_bytes": self.free_ram, "ram_need_bytes": self.ram_need,
+        }
+
+
+def gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / GIB:.1f} GiB"
+
+
+def _weights(fp: Footprint, dtype: str) -> str:
+    experts = f" x {fp.experts} experts" if fp.experts > 1 else ""
+    aux = f", helper models {gib(fp.aux)}" if fp.aux else ""
+    return (f"{dtype} weights {gib(fp.total)} (transformer {gib(fp.transformer)}{experts}, "
+            f"text encoder {gib(fp.text_encoder)}, VAE {gib(fp.vae)}{aux})")
+
+
+def plan_memory(size: ModelSize, *, device: str, free_vram: int | None, free_ram: int, dtype: str = "auto",
+                offload: str = "auto", aux: int = 0, fp8_storage: bool = False,
+                reserve: int | None = None) -> MemoryPlan:
+    """Choose dtype and memory policy before loading, counting VRAM and host RAM.
+
+    CPU: `auto` dtype is fp32 when the fp32 weights fit in free RAM, else bf16. CUDA: bf16; the policy is the
+    fastest whose VRAM need fits and whose host copy (offload policies keep one CPU copy of the weights) fits
+    in RAM. When nothing fits under `auto`, raise InsufficientMemory with the numbers; an explicit dtype or
+    policy that does not fit is kept and flagged (`fits=False`).
+    """
+    if not device.startswith("cuda"):
+        return _plan_cpu(size, device, free_ram, dtype, offload, aux, fp8_storage)
+    if free_vram is None:
+        raise ValueError("a CUDA plan needs the free VRAM")
+    chosen = "bf16" if dtype == "auto" else dtype
+    fp = size.footprint(chosen, fp8_storage=fp8_storage, aux=aux)
     reserve = activation_reserve() if reserve is None else reserve
-    if fp.total + reserve <= free_vram:
-        return "none"
-    # Model offload needs the largest single component resident (an expert, or the text encoder).
-    if max(fp.transformer, fp.text_encoder) + fp.vae + fp.aux + reserve <= free_vram:
-        return "model"
-    # Group offload keeps only a few leaf groups plus the VAE resident; streams need ~2 groups in flight.
-    if fp.vae + fp.aux + reserve + fp.transformer // 10 <= free_vram:
-        return "group"
-    return "sequential"
+    vram = vram_needs(fp, reserve)
+    host_copy = fp.total - fp.aux + HOST_RESERVE
+    ram: dict[Policy, int] = {p: (HOST_RESERVE if p == "none" else host_copy) for p in POLICIES if p != "auto"}
+    dtype_why = "bf16 on CUDA" if dtype == "auto" else f"{chosen} as set"
+    head = f"{_weights(fp, chosen)}; free VRAM {gib(free_vram)}, free RAM {gib(free_ram)}"
+    if offload != "auto":
+        policy: Policy = offload  # type: ignore[assignment]
+        fits = vram[policy] <= free_vram and ram[policy] <= free_ram
+        why = f"offload={policy} as set" + ("" if fits else (
+            f" (does not fit: needs {gib(vram[policy])} VRAM and {gib(ram[policy])} RAM)"))
+        return MemoryPlan(device, chosen, policy, fp, size.params, free_vram, free_ram, vram[policy], ram[policy],
+                          f"dtype {dtype_why}; {why}; {head}", fits)
+    steps: list[str] = []
+    for policy in ("none", "model", "group", "sequential"):
+        v_ok, r_ok = vram[policy] <= free_vram, ram[policy] <= free_ram
+        if (v_ok or policy == "sequential") and r_ok:
+            ram_txt = "" if policy == "none" else f", one host copy needs {gib(ram[policy])} RAM"
+            steps.append(f"{policy} needs {gib(vram[policy])} VRAM{ram_txt}")
+            return MemoryPlan(device, chosen, policy, fp, size.params, free_vram, free_ram, vram[policy],
+                              ram[policy], f"dtype {dtype_why}; offload={policy}: " + "; ".join(steps) + f"; {head}")
+        what = f"{gib(vram[policy])} VRAM" if not v_ok else f"{gib(ram[policy])} RAM"
+        steps.append(f"{policy} needs {what}")
+    raise InsufficientMemory(
+        f"the model does not fit this machine: {_weights(fp, chosen)}; free VRAM {gib(free_vram)} (resident "
+        f"needs {gib(vram['none'])} incl. {gib(reserve)} for activations), free RAM {gib(free_ram)} (offloading "
+        f"keeps one host copy: {gib(host_copy)}). Free memory, use a larger machine, or try --fp8 storage"
+    )
+
+
+def _plan_cpu(size: ModelSize, device: str, free_ram: int, dtype: str, offload: str, aux: int,
+              fp8_storage: bool) -> MemoryPlan:
+    policy: Policy = "none" if offload == "auto" else offload  # type: ignore[assignment]
+    pol_why = "offload=none: the CPU runs resident" if offload == "auto" else f"offload={policy} as set"
+
+    def plan(d: str, why: str, fits: bool = True) -> MemoryPlan:
+        fp = size.footprint(d, fp8_storage=fp8_storage)
+        need = fp.total + HOST_RESERVE
+        text = f"dtype {why}; {pol_why}; {_weights(fp, d)}; free RAM {gib(free_ram)}, needed {gib(need)}"
+        return MemoryPlan(device, d, policy, fp, size.params, None, free_ram, None, need, text, fits)
+
+    def need(d: str) -> int:
+        return size.footprint(d, fp8_storage=fp8_storage).total + HOST_RESERVE
+
+    if dtype != "auto":
+        return plan(dtype, f"{dtype} as set", need(dtype) <= free_ram)
+    if need("fp32") <= free_ram:
+        return plan("fp32", "fp32: the fp32 weights fit in RAM")
+    if need("bf16") <= free_ram:
+        return plan("bf16", f"bf16: fp32 would need {gib(need('fp32'))} RAM")
+    fp = size.footprint("bf16", fp8_storage=fp8_storage)
+    raise InsufficientMemory(
+        f"the model does not fit this machine: {_weights(fp, 'bf16')}; no CUDA device (free VRAM 0), free RAM "
+        f"{gib(free_ram)}, needed {gib(need('bf16'))} (weights + {gib(HOST_RESERVE)} for the process). "
+        "Free memory, use a machine with more RAM or a GPU, or a smaller model"
+    )
+
+
+def host_free_ram() -> int:
+    """Host RAM this process can still use: MemAvailable, capped by a cgroup v2 (container) limit, whose usage
+    counts reclaimable page cache, so inactive file pages are taken off it."""
+    free = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    cg = Path("/sys/fs/cgroup")
+    try:
+        limit = (cg / "memory.max").read_text().strip()
+        usage = int((cg / "memory.current").read_text())
+        stat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
+    except (OSError, ValueError):
+        return free
+    if limit.isdigit():
+        free = min(free, max(0, int(limit) - usage + int(stat.get("inactive_file", 0))))
+    return free
 
 
 def wants_vae_tiling(policy: Policy, free_vram: int | None) -> bool:

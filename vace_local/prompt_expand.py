@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from vace_local.model_cache import OptionalModelCache
+from vace_local.tiny import TINY_HELPER
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,17 @@ class ExpansionReport:
             return "prompt expansion skipped: the prompt is empty"
         if self.status == "empty":
             return f"prompt expander {self.model} returned nothing: the prompt was used as given"
+        if self.tiny:
+            return ("prompt rewritten by the TINY smoke-test expander (random-weight stand-in that always answers "
+                    "one fixed sentence; not a real expansion)")
         return f"prompt expanded by {self.model} ({len(self.original_prompt)} → {len(self.prompt)} characters)"
 
+    @property
+    def tiny(self) -> bool:
+        return self.model == TINY_HELPER
+
     def as_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "model": self.model, "original_prompt": self.original_prompt,
+        return {"status": self.status, "model": self.model, "tiny": self.tiny, "original_prompt": self.original_prompt,
                 "prompt": self.prompt, "message": self.message}
 
 

@@ -158,11 +158,11 @@ def run_job(
         job = _Job(_plan(stage, spec, resolved), resolved, seed)
         _preprocess(stage, job, engine)
         if spec.enable_prompt_expansion:
-            _expand_prompt(stage, job, expander, engine.device)
+            _expand_prompt(stage, job, expander, engine)
         _generate(stage, job, engine)
         _restore(stage, job)
         if spec.enable_safety_checker:
-            _check_safety(stage, job, safety, engine.device)
+            _check_safety(stage, job, safety, engine)
         files = _encode(stage, job, work, name)
         stage.close()
         result = _publish(job, engine, files, work, out_dir, name, stage.timings)
@@ -215,9 +215,9 @@ def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
         job.bundle.check(gen.num_frames, gen.height, gen.width)
 
 
-def _expand_prompt(stage: Stages, job: _Job, options: ExpanderOptions | None, device: str) -> None:
+def _expand_prompt(stage: Stages, job: _Job, options: ExpanderOptions | None, engine: Engine) -> None:
     with stage("prompt_expansion", Progress("preprocess", message="prompt expansion")):
-        job.expansion = _expand(job.plan.spec.prompt, options, device)
+        job.expansion = _expand(job.plan.spec.prompt, options, engine)
         job.notes.append(job.expansion.message)
         job.plan = replace(job.plan, generation=job.plan.generation.model_copy(
             update={"prompt": job.expansion.prompt}))
@@ -241,9 +241,9 @@ def _restore(stage: Stages, job: _Job) -> None:
     job.frames = job.plan.trim(job.frames)
 
 
-def _check_safety(stage: Stages, job: _Job, options: SafetyOptions | None, device: str) -> None:
+def _check_safety(stage: Stages, job: _Job, options: SafetyOptions | None, engine: Engine) -> None:
     with stage("safety_check"):
-        job.frames, job.safety = _safety(job.frames, job.resolved, options, device)
+        job.frames, job.safety = _safety(job.frames, job.resolved, options, engine)
         job.notes.append(job.safety.message)
 
 
@@ -304,17 +304,24 @@ def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_
     return result
 
 
-def _expand(prompt: str, options: ExpanderOptions | None, device: str):  # noqa: ANN202 - ExpansionReport
-    from vace_local.prompt_expand import ExpanderOptions, expand_prompt
+def _expand(prompt: str, options: ExpanderOptions | None, engine: Engine):  # noqa: ANN202 - ExpansionReport
+    """Expand with the configured LM (a tiny engine's default: the tiny expander, `vace_local.tiny`)."""
+    from vace_local.prompt_expand import DEFAULT_EXPANDER_MODEL, ExpanderOptions, expand_prompt
+    from vace_local.tiny import helper_model_id
 
-    return expand_prompt(prompt, replace(options or ExpanderOptions.from_env(), device=device))
+    opts = options or ExpanderOptions.from_env()
+    model = helper_model_id(opts.model, DEFAULT_EXPANDER_MODEL, engine.is_tiny)
+    return expand_prompt(prompt, replace(opts, device=engine.device, model=model))
 
 
-def _safety(frames, resolved, options: SafetyOptions | None, device: str):  # noqa: ANN001, ANN202
-    """Check the final frames (and input images when configured); returns (frames after the policy, report)."""
-    from vace_local.safety_check import SafetyOptions, apply_policy, check_output
+def _safety(frames, resolved, options: SafetyOptions | None, engine: Engine):  # noqa: ANN001, ANN202
+    """Check the final frames (and input images when configured); returns (frames after the policy, report).
+    A tiny engine's default classifier is the tiny one (`vace_local.tiny`)."""
+    from vace_local.safety_check import DEFAULT_SAFETY_MODEL, SafetyOptions, apply_policy, check_output
+    from vace_local.tiny import helper_model_id
 
-    opts = replace(options or SafetyOptions.from_env(), device=device)
+    opts = options or SafetyOptions.from_env()
+    opts = replace(opts, device=engine.device, model=helper_model_id(opts.model, DEFAULT_SAFETY_MODEL, engine.is_tiny))
     images = [(f"reference_images[{i}]", p) for i, p in enumerate(resolved.reference_images)]
     images += [(n, getattr(resolved, n)) for n in ("first_image", "last_image") if getattr(resolved, n)]
     report = check_output(frames, images, opts)

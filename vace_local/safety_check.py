@@ -17,6 +17,7 @@ import numpy as np
 
 from vace_local.errors import VaceError
 from vace_local.model_cache import OptionalModelCache
+from vace_local.tiny import TINY_HELPER
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,18 @@ class SafetyReport:
         verdict = "flagged" if self.flagged else "not flagged"
         extra = "; replaced with a black video (policy replace)" if self.action == "replaced_with_black" else ""
         inputs = f", {len(self.inputs)} input image(s)" if self.inputs else ""
-        return (f"safety checker {self.model}: output {verdict} (max score {self.max_score:.3f} over "
+        name = ("(TINY smoke-test classifier: flags only images about half pure magenta #FF00FF; not a real "
+                "safety check)" if self.tiny else self.model)
+        return (f"safety checker {name}: output {verdict} (max score {self.max_score:.3f} over "
                 f"{self.frames_checked} frames{inputs}){extra}")
 
+    @property
+    def tiny(self) -> bool:
+        return self.model == TINY_HELPER
+
     def as_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "model": self.model, "flagged": self.flagged, "max_score": self.max_score,
+        return {"status": self.status, "model": self.model, "tiny": self.tiny, "flagged": self.flagged,
+                "max_score": self.max_score,
                 "frames_checked": self.frames_checked, "inputs": self.inputs, "policy": self.policy,
                 "action": self.action, "message": self.message}
 

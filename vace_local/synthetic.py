@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from vace_local.checkpoints import keep_fp32_modules
+
 #: Published transformer configs (diffusers-wan-notes §8). `tiny` is the test model's config.
 TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
     "14b": dict(
@@ -73,16 +75,6 @@ def materialize(module: Any, device: Any, dtype: Any, seed: int = 0) -> Any:
     return module
 
 
-def _keep_fp32(model: Any) -> None:
-    """Like from_pretrained(dtype=bf16): modules listed in `_keep_in_fp32_modules` stay fp32."""
-    import torch
-
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    for name, mod in model.named_modules():
-        if any(k in name.split(".") for k in keep):
-            mod.to(torch.float32)
-
-
 def build_transformer(size: str, device: Any, dtype: Any, seed: int = 0) -> Any:
     import torch
     from accelerate import init_empty_weights
@@ -92,18 +84,21 @@ def build_transformer(size: str, device: Any, dtype: Any, seed: int = 0) -> Any:
         model = WanVACETransformer3DModel(**TRANSFORMER_CONFIGS[size])
     materialize(model, device, dtype, seed)
     if dtype != torch.float32:
-        _keep_fp32(model)
-        if hasattr(model.scale_shift_table, "data"):
-            model.scale_shift_table.data = model.scale_shift_table.data.float()
+        keep_fp32_modules(model)
     return model.eval()
+
+
+def text_encoder_config(size: str) -> dict[str, Any]:
+    """The `UMT5EncoderModel` config of `size` (xxl: the Wan repos' text_encoder/config.json widths)."""
+    return dict(**UMT5_CONFIGS[size], num_decoder_layers=0, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                pad_token_id=0, eos_token_id=1)
 
 
 def build_text_encoder(size: str, device: Any, dtype: Any, seed: int = 1) -> Any:
     from accelerate import init_empty_weights
     from transformers import UMT5Config, UMT5EncoderModel
 
-    cfg = UMT5Config(**UMT5_CONFIGS[size], num_decoder_layers=0, feed_forward_proj="gated-gelu",
-                     dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    cfg = UMT5Config(**text_encoder_config(size))
     with init_empty_weights(include_buffers=False):
         model = UMT5EncoderModel(cfg)
     materialize(model, device, dtype, seed)

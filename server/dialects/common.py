@@ -9,7 +9,7 @@ checked answers `None` (JSON null), never a guessed `false`.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,22 @@ from vace_local.spec import JobSpec
 #: Longest prompt / negative prompt any dialect accepts (the UMT5 text encoder reads only the first 512 tokens
 #: anyway); a longer one is a 4xx naming the field, so it is never stored, logged or polled back.
 PROMPT_MAX_CHARS = 20_000
+
+
+#: The unknown-fields note names at most this many fields, each cut to NOTE_NAME_CHARS.
+NOTE_MAX_NAMES = 8
+NOTE_NAME_CHARS = 40
+
+
+def unknown_fields_note(names: Iterable[str]) -> str | None:
+    """The job-log line for ignored unknown fields, bounded whatever the request sent (their values are never
+    kept): `ignored unknown fields: a, b, … (+N more)`; None when there are none."""
+    names = sorted(names)
+    if not names:
+        return None
+    shown = [n if len(n) <= NOTE_NAME_CHARS else n[:NOTE_NAME_CHARS] + "…" for n in names[:NOTE_MAX_NAMES]]
+    more = f" (+{len(names) - NOTE_MAX_NAMES} more)" if len(names) > NOTE_MAX_NAMES else ""
+    return f"ignored unknown fields: {', '.join(shown)}{more}"
 
 
 def not_blank(cls: type, v: str) -> str:
@@ -199,9 +215,10 @@ def safety_requested(job: JobRecord) -> bool:
 
 
 def safety_note(job: JobRecord) -> str | None:
-    """The checker's one-line outcome when it did not check (not installed) or changed the output."""
+    """The checker's one-line outcome when it did not check (not installed), changed the output, or was the tiny
+    smoke-test classifier."""
     s = _safety(job)
-    if s.get("status") == "not_installed" or s.get("action") == "replaced_with_black":
+    if s.get("status") == "not_installed" or s.get("action") == "replaced_with_black" or s.get("tiny"):
         return str(s.get("message") or "")
     return None
 
@@ -212,9 +229,10 @@ def prompt_used(job: JobRecord) -> str:
 
 
 def expansion_note(job: JobRecord) -> str | None:
-    """The expander's outcome when it was asked for but did not expand (not installed / empty output)."""
+    """The expander's outcome when it was asked for but did not expand (not installed / empty output), or was the
+    tiny smoke-test expander."""
     e = (job.result or {}).get("prompt_expansion") or {}
-    return str(e.get("message")) if e and e.get("status") != "expanded" else None
+    return str(e.get("message")) if e and (e.get("status") != "expanded" or e.get("tiny")) else None
 
 
 def check_fields(job: JobRecord) -> dict[str, Any]:

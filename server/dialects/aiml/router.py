@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.body_guard import JSON_MEDIA, accepts
 from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.aiml.render import render_error, render_generation
 from server.dialects.aiml.schemas import NAME
@@ -23,6 +24,7 @@ authed = [Depends(require_auth)]
 
 
 @router.post("/video/generations", dependencies=authed, status_code=201, summary="Create a video generation task")
+@accepts(JSON_MEDIA)
 async def create(request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = await create_generation(request, core)
     return JSONResponse(render_generation(job, core, core.base_url(request)), status_code=201)

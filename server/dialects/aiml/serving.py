@@ -3,15 +3,14 @@ translated by the fal code (so both dialects produce identical jobs), then queue
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from typing import Any
 
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.core import ApiError, JobRecord, JobService, read_body, request_owner
+from server.body_guard import read_json
+from server.core import ApiError, JobRecord, JobService, request_owner
 from server.dialects.aiml.schemas import (
     AIML_MODEL_PREFIX,
     AIML_MODELS,
@@ -30,6 +29,7 @@ from server.dialects.common import (
     probe_source,
     pydantic_problems,
     served_note,
+    unknown_fields_note,
 )
 from server.dialects.fal.serving import fal_to_jobspec, parse_fal_request
 from vace_local.errors import InputError, Problem
@@ -74,7 +74,7 @@ def invalid(problems: Problem | list[Problem]) -> ApiError:
 
 async def _read_json(request: Request) -> dict[str, Any]:
     try:
-        body = await asyncio.to_thread(json.loads, await read_body(request) or b"{}")  # up to ~400 MB of base64
+        body = await read_json(request, empty={})  # off the event loop; up to ~400 MB of base64
     except RecursionError:
         raise invalid(Problem("body", "request body is nested too deeply to parse", "json_invalid")) from None
     except ValueError as e:
@@ -113,8 +113,10 @@ async def create_generation(request: Request, core: JobService) -> JobRecord:
         raise invalid(Problem(_FROM_FAL.get(e.field, e.field), e.message)) from None
     except ValidationError as e:
         raise invalid(pydantic_problems(e, FIELD_NAMES)) from None
-    # Only the normalised spec is stored (not the raw body): unknown fields and their values never reach the DB.
-    logs = [served_note(core, req.model, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
+    # Only the normalised spec is stored (not the raw body): unknown fields are named in a bounded log line.
+    unknown = unknown_fields_note(set(body) - set(type(req).model_fields))
+    logs = [served_note(core, req.model, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes,
+            *([unknown] if unknown else [])]
     job = await core.create_job_async(tr.spec, dialect=NAME, model_id=req.model, base_url=base,
                                       field_names=FIELD_NAMES, logs=logs, extra={"ignored": tr.ignored},
                                       owner=request_owner(request))

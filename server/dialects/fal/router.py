@@ -18,6 +18,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from server.body_guard import JSON_MEDIA, accepts
 from server.core import SUCCEEDED, ApiError, JobRecord, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.fal.render import (
@@ -119,6 +120,7 @@ async def not_found(rest: str, request: Request) -> Response:
 
 
 @router.post("/run/{app_path:path}", dependencies=authed, summary="fal synchronous run")
+@accepts(JSON_MEDIA)
 async def run_sync(app_path: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = await create_fal_job(request, core, app_path)
     request.state.fal_request_id = job.id
@@ -132,6 +134,7 @@ async def run_sync(app_path: str, request: Request, core: JobService = Depends(g
 
 
 @router.post("/{app_path:path}", dependencies=authed, summary="fal queue submit (fal-ai/wan-vace-14b[/sub])")
+@accepts(JSON_MEDIA)
 async def submit(app_path: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = await create_fal_job(request, core, app_path)
     base = core.base_url(request)

@@ -8,8 +8,6 @@ the resolved video and passes them in as a `SourceInfo`.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import math
 from dataclasses import replace
@@ -18,7 +16,8 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.core import ApiError, JobRecord, JobService, read_body, request_owner
+from server.body_guard import read_json
+from server.core import ApiError, JobRecord, JobService, request_owner
 from server.dialects.common import (
     FieldError,
     SourceInfo,
@@ -28,6 +27,7 @@ from server.dialects.common import (
     probe_source,
     pydantic_problems,
     served_note,
+    unknown_fields_note,
 )
 from server.dialects.fal.render import fal_invalid, field_error
 from server.dialects.fal.schemas import (
@@ -277,9 +277,8 @@ def split_app_path(app_path: str) -> str:
 
 
 async def _read_json(request: Request) -> Any:
-    raw = await read_body(request)
     try:
-        return await asyncio.to_thread(json.loads, raw or b"{}")  # a body may be ~400 MB of base64
+        return await read_json(request, empty={})  # off the event loop; a body may be ~400 MB of base64
     except RecursionError:
         raise field_error("body", "request body is nested too deeply to parse", etype="json_invalid") from None
     except ValueError as e:
@@ -323,8 +322,10 @@ async def create_fal_job(request: Request, core: JobService, app_path: str) -> J
             core.check_webhook_url(webhook, "fal_webhook")
         except ApiError as e:
             raise fal_invalid([replace(p, location="query") for p in e.problems]) from None
-    # Only the normalised spec is stored (not the raw body): unknown fields and their values never reach the DB.
-    logs = [served_note(core, app_id, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes]
+    # Only the normalised spec is stored (not the raw body): unknown fields are named in a bounded log line.
+    unknown = unknown_fields_note(set(body) - set(type(req).model_fields))
+    logs = [served_note(core, app_id, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes,
+            *([unknown] if unknown else [])]
     try:
         job = await core.create_job_async(
             tr.spec, dialect=NAME, model_id=app_id, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,

@@ -15,6 +15,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from server import media_refs
+from server.body_guard import JSON_OR_FORM_MEDIA, accepts
 from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.openai.render import POLL_AFTER_MS, render_error, render_video
@@ -33,6 +35,7 @@ authed = [Depends(require_auth)]
 
 
 @router.post("/videos", dependencies=authed, summary="Create a video (OpenAI videos API)")
+@accepts(JSON_OR_FORM_MEDIA)
 async def create_video(request: Request, core: JobService = Depends(get_job_service)) -> Response:
     body, upload = await read_request(request, core)
     try:
@@ -69,7 +72,8 @@ def delete_video(video_id: str, request: Request, core: JobService = Depends(get
 @router.get("/videos/{video_id}/content", dependencies=authed, summary="Download the video (mp4)")
 def download_content(video_id: str, request: Request, variant: str = Query("video"),
                      core: JobService = Depends(get_job_service)) -> Response:
-    return FileResponse(content_path(core, video_id, variant, request_owner(request)), media_type="video/mp4")
+    return FileResponse(content_path(core, video_id, variant, request_owner(request)), media_type="video/mp4",
+                        headers=media_refs.FILE_HEADERS)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False,

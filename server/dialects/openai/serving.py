@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server import media_refs
+from server.body_guard import read_json
 from server.core import SUCCEEDED, ApiError, JobRecord, JobService, request_owner, validation_error
 from server.dialects.common import check_served_model
 from server.dialects.openai.schemas import (
@@ -42,6 +42,8 @@ from vace_local.spec import ControlOptions, JobInputs, JobSpec, round_frames_4k1
 
 log = logging.getLogger("vace.server.openai")
 
+#: Form fields of one create request: every field once, `reference_images[]` five times, and room to spare.
+FORM_MAX_FIELDS = 64
 #: How long a DELETE of a running video waits for its worker to stop at the next step.
 DELETE_WAIT_S = 10.0
 
@@ -82,7 +84,8 @@ def parse_request(body: dict[str, Any]) -> VideoCreateRequest:
         unknown = [str(err["loc"][0]) for err in e.errors() if err["type"] == "extra_forbidden" and err["loc"]]
         if unknown:
             known = ", ".join(list(VideoCreateRequest.model_fields) + ["steps"])
-            raise ApiError(400, f"{unknown[0]}: unknown parameter (accepted: {known})", field=unknown[0],
+            name = unknown[0] if len(unknown[0]) <= 64 else unknown[0][:64] + "…"  # a form field's name is unbounded
+            raise ApiError(400, f"{name}: unknown parameter (accepted: {known})", field=name,
                            error_type="unknown_parameter") from None
         raise _validation(e, FIELD_NAMES) from None
 
@@ -180,11 +183,11 @@ def form_to_dict(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], UploadFi
 async def read_request(request: Request, core: JobService) -> tuple[dict[str, Any], UploadFile | None]:
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form(max_files=2, max_fields=200, max_part_size=max_request_bytes(core.settings))
+        form = await request.form(max_files=2, max_fields=FORM_MAX_FIELDS,
+                                  max_part_size=max_request_bytes(core.settings))
         return form_to_dict(form.multi_items())
-    raw = await request.body()
     try:
-        body = json.loads(raw or b"{}")
+        body = await read_json(request, empty={})  # off the event loop, shape-checked as it arrived (body_guard)
     except (ValueError, RecursionError):
         raise ApiError(400, "request body is not valid JSON (send JSON or multipart/form-data)",
                        error_type="invalid_json") from None

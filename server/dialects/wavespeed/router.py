@@ -14,8 +14,11 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
+from server.body_guard import JSON_MEDIA, JSON_SMALL, MISSING, MULTIPART_UPLOAD, RAW_UPLOAD, accepts, read_json
 from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.wavespeed.render import envelope, render_data, render_error, render_webhook, sync_data, upload_data
@@ -46,7 +49,13 @@ def cancel_prediction(request_id: str, request: Request, core: JobService = Depe
     return envelope(render_data(job, core, core.base_url(request)))
 
 
-@router.post("/media/upload/binary", dependencies=authed, summary="Upload a file (multipart field `file`)")
+#: One file part and a few small fields: a 400-part form is refused at its second file, not held in memory.
+UPLOAD_FORM_LIMITS = {"max_files": 1, "max_fields": 8, "max_part_size": 64 * 1024}
+
+
+@router.post("/media/upload/binary", dependencies=authed, summary="Upload a file (multipart field `file`)",
+             form_limits=UPLOAD_FORM_LIMITS)
+@accepts(MULTIPART_UPLOAD)
 async def upload_binary(request: Request, file: UploadFile | str | None = File(None),
                         core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     if file is None:
@@ -65,6 +74,7 @@ async def upload_binary(request: Request, file: UploadFile | str | None = File(N
 
 
 @router.post("/media/uploads", dependencies=authed, summary="Create an upload URL (then PUT the bytes)")
+@accepts(JSON_SMALL)
 def create_upload(body: UploadTicketRequest, request: Request,
                   core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     info = core.create_upload_ticket(body.filename, body.size, body.content_type, request_owner(request))
@@ -78,14 +88,32 @@ def create_upload(body: UploadTicketRequest, request: Request,
 
 
 @router.put("/media/uploads/{upload_id}", summary="Receive the bytes of a ticketed upload (token-authorised)")
+@accepts(RAW_UPLOAD)
 async def put_upload(upload_id: str, request: Request, token: str = Query(""),
                      core: JobService = Depends(get_job_service)) -> dict[str, Any]:
     info = await core.receive_upload(upload_id, token, request.stream())
     return envelope(upload_data(core, request, info))
 
 
-@router.post(f"/{MODEL_ID}", dependencies=authed, summary="Submit a Wan 2.1 VACE task")
-async def submit(body: WanVaceInput, request: Request, webhook: str | None = Query(None),
+async def submit_body(request: Request) -> WanVaceInput:
+    """The submit body, parsed off the event loop (`body_guard.read_json`: big data URIs kept out of the parser)
+    and validated as FastAPI would, so errors read the same."""
+    try:
+        raw = await read_json(request)
+    except ValueError:
+        raise ApiError(400, "request body is not valid JSON (or not UTF-8)", error_type="http_error") from None
+    if raw is MISSING:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        return WanVaceInput.model_validate(raw)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+@router.post(f"/{MODEL_ID}", dependencies=authed, summary="Submit a Wan 2.1 VACE task", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {"schema": WanVaceInput.model_json_schema()}}}})
+@accepts(JSON_MEDIA)
+async def submit(request: Request, body: WanVaceInput = Depends(submit_body), webhook: str | None = Query(None),
                  core: JobService = Depends(get_job_service)) -> Response:
     job = await submit_prediction(body, request, (webhook or "").strip() or None, core)
     base = core.base_url(request)

@@ -9,6 +9,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from server.core import ApiError, JobRecord, JobService, request_owner, validation_error
+from server.dialects.common import unknown_fields_note
 from server.dialects.wavespeed.schemas import (
     BASE64_WEBHOOK_ERROR,
     FIELD_NAMES,
@@ -50,9 +51,8 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     if flow_shift <= 0:
         flow_shift = 1e-3
         notes.append("flow_shift 0 is degenerate for flow matching; using 0.001")
-    extra = sorted(set(inp.model_extra or ()))
-    if extra:
-        notes.append(f"ignored unknown fields: {', '.join(extra)}")
+    if note := unknown_fields_note(inp.model_extra or ()):
+        notes.append(note)
     w, h = SIZES[inp.size]
     if inp.enable_fast_mode:
         notes.append("enable_fast_mode → acceleration 'regular' (step cache)")
