@@ -30,8 +30,11 @@ def preprocess(
     first_image: Annotated[str | None, typer.Option(help="Image for the first frame.")] = None,
     last_image: Annotated[str | None, typer.Option(help="Image for the last frame.")] = None,
     size: Annotated[str, typer.Option(help="WIDTH*HEIGHT (multiples of 16).")] = "832*480",
-    num_frames: Annotated[int, typer.Option(help="4k+1 frames.")] = 81,
+    num_frames: Annotated[int, typer.Option(help="4k+1 frames (past --window-frames: made in windows).")] = 81,
     fps: Annotated[int, typer.Option(help="Job frame rate.")] = 16,
+    window_frames: Annotated[int, typer.Option(help="Frames per denoising window (4k+1).")] = 81,
+    overlap_frames: Annotated[int, typer.Option(help="Frames each window keeps from the one before.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the first window (window k: seed + k); -1: not fixed.")] = -1,
     control: Annotated[str | None, typer.Option(help="JSON object of control options, e.g. "
                                                      "'{\"mask_tracker\": \"static\"}'.")] = None,
 ) -> None:
@@ -43,7 +46,8 @@ def preprocess(
 
     try:
         w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
-        spec = JobSpec(task=task, width=w, height=h, num_frames=num_frames, fps=fps,
+        spec = JobSpec(task=task, width=w, height=h, num_frames=num_frames, fps=fps, window_frames=window_frames,
+                       overlap_frames=overlap_frames, seed=seed,
                        inputs={"video": video, "mask_video": mask_video, "mask_image": mask_image,
                                "reference_images": ref or [], "first_image": first_image, "last_image": last_image},
                        control=json.loads(control) if control else {})
@@ -78,15 +82,21 @@ def preprocess(
 def bundle_report(spec: JobSpec, bundle: ControlBundle, reference_files: list[str]) -> dict[str, Any]:
     """What bundle.json holds, so every conditioning rule can be checked from outside (docs/CONDITIONING.md).
 
-    The job geometry after `plan_timing`, the control options, the files written, the masked share, and the
-    whole bundle info (sampled source frame ids, padding, mask pairing, tracker, annotator backends...).
+    The job geometry after `plan_timing`, its window plan (start, end, overlap, seed, prompt of each window),
+    the control options, the files written, the masked share, and the whole bundle info (sampled source frame
+    ids, padding, mask pairing, tracker, annotator backends...).
     """
+    from vace_local.windows import spec_windows
+
     return {
         "task": spec.task,
         "width": spec.width,
         "height": spec.height,
         "num_frames": spec.num_frames,
         "fps": spec.fps,
+        "window_frames": spec.window_frames,
+        "overlap_frames": spec.overlap_frames,
+        "windows": [w.as_dict() for w in spec_windows(spec, seed=spec.seed if spec.seed >= 0 else None)],
         "control_options": spec.control.model_dump(mode="json"),
         "files": {"control": "control.mp4", "mask": "mask.mp4", "preview": "preview.mp4",
                   "reference_images": reference_files},

@@ -57,6 +57,7 @@ def _dialect_for(request: Request, dialects: list[Dialect]) -> Dialect | None:
 def create_app(settings: Settings | None = None, *, start_workers: bool = True) -> FastAPI:
     """Build the API app. Workers and background loops start in the lifespan (i.e. when served)."""
     settings = settings or Settings()
+    settings.export_limits()
     settings.prepare_dirs()
     store = Store(settings.db_url)
     store.create_all()

@@ -421,7 +421,7 @@ class JobService:
                 nw, nh = max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
                 upd.update(width=nw, height=nh)
                 logs.append(f"tiny mode cap (VACE_TINY_MAX_SIDE): size {w}x{h} → {nw}x{nh}")
-            if s.tiny_max_frames and spec.num_frames > s.tiny_max_frames:
+            if s.tiny_max_frames and spec.num_frames > s.tiny_max_frames and not spec.inputs.extend:
                 nf = round_frames_4k1(s.tiny_max_frames, "down")
                 upd["num_frames"] = nf
                 logs.append(f"tiny mode cap (VACE_TINY_MAX_FRAMES): {spec.num_frames} → {nf} frames")
@@ -646,6 +646,7 @@ class JobService:
         ids = self.store.expired_jobs(cutoff)
         for jid in ids:
             self.storage.delete_prefix(f"outputs/{jid}")
+            self.storage.delete_prefix(f"windows/{jid}")  # a long job's finished windows (kept for a resume)
         self.store.delete_jobs(ids)
         n += len(ids)
         ups = self.store.expired_uploads(cutoff)

@@ -40,6 +40,7 @@ FIELD_KINDS: dict[str, Kind] = {
     "reference_images": "image",
     "first_image": "image",
     "last_image": "image",
+    "extend": "video",
 }
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")

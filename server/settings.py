@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     cfg_parallel: bool = True
     #: LoRAs fused at load, `PATH[:scale[:steps[:guidance[:shift]]]]` (comma-separated in env).
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Longest job accepted (frames, 4k+1; default 961 = 60 s at 16 fps). Past `window_frames` a job is made
+    #: of overlapping windows (vace_local/windows.py); the hosted dialects' own limits stay their default and
+    #: a request opts into more with `long_video: true` (README, Long video). Exported as VACE_MAX_FRAMES to
+    #: the API process and the workers (JobSpec reads it).
+    max_frames: int = Field(961, ge=17, le=9601)
     #: TEST/LAPTOP ONLY, effective only with `model=tiny`: cap width/height (keeping aspect) and frame count
     #: so hosted-API sizes (832*480, 81 frames) run quickly on CPU. 0 = no cap.
     tiny_max_side: int = Field(0, ge=0)
@@ -239,6 +244,12 @@ class Settings(BaseSettings):
             except ModelNotFoundError:
                 pass
         return total
+
+    def export_limits(self) -> None:
+        """Make the job maximum the process-wide VACE_MAX_FRAMES that JobSpec validates against."""
+        import os
+
+        os.environ["VACE_MAX_FRAMES"] = str(self.max_frames)
 
     @property
     def is_tiny(self) -> bool:

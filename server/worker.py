@@ -162,12 +162,16 @@ class Worker:
         return self._cancel_cached
 
     def _progress_fn(self, job: JobRecord):  # noqa: ANN202
-        state = {"stage": None, "last": 0.0}
+        state = {"stage": None, "last": 0.0, "window": ""}
 
         def on_progress(p: Progress) -> None:
             if p.stage == "generate" and p.step == 1 and self._tiny_hold(job, p):
                 return
             now = time.monotonic()
+            window = p.message.split(",")[0].split(":")[0] if p.message.startswith("window ") else ""
+            if window and window != state["window"]:  # a long job: one log line per window, "window 2/4"
+                state["window"] = window
+                self.store.add_log(job.id, f"generate: {p.message}", source="worker")
             stage_changed = p.stage != state["stage"]
             last_step = p.total and p.step >= p.total
             if not (stage_changed or last_step or now - state["last"] >= 0.25):
@@ -245,6 +249,15 @@ class Worker:
                 upd[name] = one(val, name, kind, name)
         return spec.model_copy(update={"inputs": spec.inputs.model_copy(update=upd)})
 
+    def window_store(self, job: JobRecord):  # noqa: ANN201 - vace_local.long_video.DirWindowStore
+        """A long job's finished windows, kept in the job's storage (`windows/<job>/`) so that a re-queued job
+        resumes at its first unfinished window, on this box or another one."""
+        from vace_local.long_video import DirWindowStore
+
+        prefix = f"windows/{job.id}"
+        return DirWindowStore(self.data_dir / prefix, fetch=lambda name: self.storage.fetch(f"{prefix}/{name}"),
+                              published=lambda p: self.storage.publish(f"{prefix}/{p.name}"))
+
     def run_one(self, job: JobRecord) -> None:
         from vace_local.run import run_job
 
@@ -267,7 +280,7 @@ class Worker:
             device = self.engine.device
             result = run_job(spec, out_dir, engine=self.engine, on_progress=self._progress_fn(job),
                              should_cancel=self.should_cancel, safety=self.settings.safety_options(device),
-                             expander=self.settings.expander_options(device))
+                             expander=self.settings.expander_options(device), window_store=self.window_store(job))
             for note in result.notes:
                 self.store.add_log(job.id, note, source="worker")
             outputs = [{"kind": o.kind, "file": o.path.name, "content_type": o.content_type,
@@ -277,10 +290,11 @@ class Worker:
             info = {"seed": result.seed, "width": result.width, "height": result.height,
                     "num_frames": result.num_frames, "fps": result.fps, "model": result.model,
                     "tiny": result.tiny, "prompt": result.prompt, "safety": result.safety,
-                    "prompt_expansion": result.prompt_expansion}
+                    "prompt_expansion": result.prompt_expansion, "windows": result.windows}
             for o in outputs:  # written once, then any box can serve them
                 self.storage.publish(f"outputs/{job.id}/{o['file']}")
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
+            self.storage.delete_prefix(f"windows/{job.id}")  # done: nothing left to resume
             if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
                                      timings=timings):
                 note = " (tiny random-weight model: the video is noise)" if result.tiny else ""
@@ -288,7 +302,7 @@ class Worker:
                                    + note, source="worker")
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then re-raised if fatal
             if isinstance(exc, JobCancelled) and self.shutdown.is_set():
-                self.store.release_job(job, "server shutting down")
+                self.store.release_job(job, "server shutting down")  # its finished windows stay for the resume
                 return
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
@@ -299,6 +313,7 @@ class Worker:
                 log.exception("job %s failed", job.id)
             status = CANCELLED if failure.status == CANCELLED else FAILED
             shutil.rmtree(out_dir, ignore_errors=True)
+            self.storage.delete_prefix(f"windows/{job.id}")
             self.store.finish_job(job.id, self.id, status=status, error=failure.message,
                                   error_type=failure.error_type, error_detail=failure.detail or None)
             self.store.add_log(job.id, f"{status}: {failure.message}",
@@ -318,6 +333,7 @@ def worker_main(args: WorkerArgs) -> None:
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     settings = Settings.model_validate_json(args.settings_json)
+    settings.export_limits()
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s worker{args.slot} %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("VACE_CACHE_DIR", str((settings.data_dir / "cache").resolve()))

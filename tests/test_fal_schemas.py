@@ -104,7 +104,9 @@ def test_match_input_frames_and_fps():
     assert (s.num_frames, s.fps) == (21, 10)  # 2 s of input at 10 fps = 20 frames → 21
     long = SourceInfo(num_frames=350, fps=50.0, width=960, height=540)
     s = tr("reframe", source=long, video_url=VID).spec  # reframe matches both by default
-    assert (s.num_frames, s.fps) == (241, 50)
+    assert (s.num_frames, s.fps) == (241, 50)  # the hosted limit by default
+    s = tr("reframe", source=long, video_url=VID, long_video=True).spec  # vace-local extension: all of it
+    assert (s.num_frames, s.fps, s.control.output_num_frames) == (353, 50, 350)
 
 
 def test_outpainting_expands_and_follows_canvas_aspect():

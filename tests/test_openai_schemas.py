@@ -56,9 +56,11 @@ def test_seconds_become_4k_plus_1_frames_at_16_fps():
     assert seconds_text(65, 16) == "4" and seconds_text(41, 16) == "2.5"
     spec, _ = _spec({"prompt": "a cat", "seconds": 8})  # a JSON number is accepted too
     assert (spec.num_frames, spec.fps) == (129, 16)
+    spec, _ = _spec({"prompt": "a cat", "seconds": "60"})  # up to VACE_MAX_FRAMES (961), in windows
+    assert spec.num_frames == 961
 
 
-@pytest.mark.parametrize("seconds", ["0.5", "16", "abc", True, ""])
+@pytest.mark.parametrize("seconds", ["0.5", "61", "abc", True, ""])
 def test_bad_seconds_name_the_field(seconds):
     assert _field_error({"prompt": "x", "seconds": seconds}).field == "seconds"
 

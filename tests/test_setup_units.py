@@ -28,7 +28,7 @@ from vace_local.tiny import build_tiny_pipeline, ensure_tiny_model
         ({"height": 100}, "height"),
         ({"num_frames": 80}, "num_frames"),
         ({"num_frames": 13}, "num_frames"),
-        ({"num_frames": 245}, "num_frames"),
+        ({"num_frames": 965}, "num_frames"),  # past VACE_MAX_FRAMES (961)
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"sampler": "ddim"}, "sampler"),
         ({"seed": 2**31}, "seed"),

@@ -55,6 +55,13 @@ def _parse_context_scale(value: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def _parse_prompt_at(value: str) -> dict[str, object]:
+    frame, sep, prompt = value.partition(":")
+    if not sep or not frame.strip().isdigit() or not prompt.strip():
+        _fail(f"prompts: expected FRAME:PROMPT such as '97:a dog runs', got {value!r}")
+    return {"start_frame": int(frame), "prompt": prompt.strip()}
+
+
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What should happen in the video.")] = "",
     model: Annotated[str, typer.Option(help="Built-in name, Hugging Face repo id, local dir, or 'tiny'.")] = "",
@@ -63,7 +70,22 @@ def generate(
     negative_prompt: Annotated[str | None, typer.Option(help="Default: the official Wan negative prompt.")] = None,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT or WIDTH*HEIGHT, e.g. 832x480 "
                                                   "(multiples of 16).")] = None,
-    num_frames: Annotated[int | None, typer.Option(help="4k+1 within 17..241 (81 = 5 s at 16 fps).")] = None,
+    num_frames: Annotated[int | None, typer.Option(help="4k+1 (81 = 5 s at 16 fps), up to VACE_MAX_FRAMES (961); "
+                                                        "past --window-frames it is made in windows.")] = None,
+    window_frames: Annotated[int | None, typer.Option(help="Frames per denoising window, 4k+1 within 17..241 "
+                                                           "(default 81, the trained length).")] = None,
+    overlap_frames: Annotated[int | None, typer.Option(help="Frames each window keeps from the one before "
+                                                            "(default 16).")] = None,
+    color_correction: Annotated[float | None, typer.Option(help="Colour correction of each window, 0..1 (default 1; "
+                                                                "0 = off).")] = None,
+    prompt_schedule: Annotated[list[str] | None, typer.Option(
+        "--prompt-schedule", help="FRAME:PROMPT, repeatable: the prompt of the windows from that frame on.")] = None,
+    extend: Annotated[str | None, typer.Option(help="A video to continue (path, URL or data URI).")] = None,
+    extend_frames: Annotated[int | None, typer.Option(help="Frames to add after --extend.")] = None,
+    extend_output: Annotated[str | None, typer.Option(help="full (the clip + its continuation, default) | "
+                                                           "continuation")] = None,
+    resume_dir: Annotated[Path | None, typer.Option(help="Keep a long job's finished windows here; the same "
+                                                         "command again resumes at the first unfinished one.")] = None,
     fps: Annotated[int | None, typer.Option(help="Output frames per second.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps.")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (0..20).")] = None,
@@ -119,8 +141,12 @@ def generate(
         "negative_prompt": negative_prompt, "num_frames": num_frames, "fps": fps,
         "num_inference_steps": steps, "guidance_scale": guidance_scale, "guidance_scale_2": guidance_scale_2,
         "flow_shift": flow_shift, "sampler": sampler, "seed": seed, "acceleration": acceleration,
-        "step_cache_threshold": step_cache_threshold,
+        "step_cache_threshold": step_cache_threshold, "window_frames": window_frames,
+        "overlap_frames": overlap_frames, "color_correction": color_correction, "extend_frames": extend_frames,
+        "extend_output": extend_output,
     }
+    if prompt_schedule:
+        overrides["prompts"] = [_parse_prompt_at(x) for x in prompt_schedule]
     if size is not None:
         overrides["width"], overrides["height"] = _parse_size(size)
     if context_scale is not None:
@@ -128,7 +154,7 @@ def generate(
     base.update({k: v for k, v in overrides.items() if v is not None})
     inputs = dict(base.get("inputs") or {})
     for key, value in (("video", video), ("mask_video", mask_video), ("mask_image", mask_image),
-                       ("first_image", first_image), ("last_image", last_image)):
+                       ("first_image", first_image), ("last_image", last_image), ("extend", extend)):
         if value is not None:
             inputs[key] = value
     if ref:
@@ -162,10 +188,11 @@ def generate(
         _fail(str(exc))
         raise
 
-    _run_with_progress(spec, options, out, name, quiet)
+    _run_with_progress(spec, options, out, name, quiet, resume_dir)
 
 
-def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) -> None:  # noqa: ANN001
+def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool,  # noqa: ANN001
+                       resume_dir: Path | None = None) -> None:
     import time
 
     from tqdm import tqdm
@@ -185,6 +212,8 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) 
             if bar is None:
                 bar = tqdm(total=p.total, desc="denoising", unit="step", file=sys.stderr)
             bar.n = p.step
+            if p.message:  # a long job: "window 2/4, step 13/30" on one bar over every window
+                bar.set_postfix_str(p.message, refresh=False)
             bar.refresh()
         elif p.stage != "generate":
             if bar is not None:
@@ -198,7 +227,12 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool) 
         engine = get_engine(spec.model, options)
         if engine.is_tiny:
             typer.secho("note: 'tiny' is a random-weight smoke model; its output is noise.", fg="yellow", err=True)
-        result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem)
+        store = None
+        if resume_dir is not None:
+            from vace_local.long_video import DirWindowStore
+
+            store = DirWindowStore(resume_dir)
+        result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem, window_store=store)
     except VaceError as exc:
         if bar is not None:
             bar.close()

@@ -38,6 +38,7 @@ class ResolvedInputs:
     reference_images: list[Path] = field(default_factory=list)
     first_image: Path | None = None
     last_image: Path | None = None
+    extend: Path | None = None
 
 
 def data_uri_bytes(uri: str, field_name: str, max_bytes: int = MAX_INPUT_BYTES) -> tuple[str | None, bytes]:
@@ -157,4 +158,5 @@ def fetch_inputs(inputs: JobInputs, dest: Path, url_fetcher: UrlFetcher = defaul
         ],
         first_image=get("first_image"),
         last_image=get("last_image"),
+        extend=get("extend"),
     )

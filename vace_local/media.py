@@ -241,35 +241,51 @@ def write_video(
     write_mode: str = "balanced",
 ) -> Path:
     """Encode (F, H, W, 3) uint8 RGB as H.264 yuv420p; odd sizes are padded to even by edge replication."""
-    import imageio_ffmpeg
-
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         raise TypeError("write_video expects uint8 frames")
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"write_video expects (F, H, W, 3) frames, got {frames.shape}")
-    h, w = frames.shape[1:3]
-    if h % 2 or w % 2:
-        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        h, w = frames.shape[1:3]
-    path = Path(path)
-    writer = imageio_ffmpeg.write_frames(
-        str(path),
-        (w, h),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_in="rgb24",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        macro_block_size=1,
-        output_params=["-crf", str(_CRF[quality]), "-preset", _PRESET[write_mode], "-movflags", "+faststart"],
-        ffmpeg_log_level="error",
-    )
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
+    writer = VideoWriter(path, fps, quality, write_mode)
+    writer.write(frames)
     writer.close()
-    return path
+    return Path(path)
+
+
+class VideoWriter:
+    """An H.264 yuv420p encoder fed a few frames at a time (a long video is encoded window by window, so its
+    frames never all sit in memory); odd sizes are padded to even by edge replication."""
+
+    def __init__(self, path: str | Path, fps: float, quality: str = "high", write_mode: str = "balanced") -> None:
+        self.path, self.fps, self.quality, self.write_mode = Path(path), fps, quality, write_mode
+        self._writer = None
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append (n, H, W, 3) uint8 frames."""
+        import imageio_ffmpeg
+
+        h, w = frames.shape[1:3]
+        if h % 2 or w % 2:
+            frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            h, w = frames.shape[1:3]
+        if self._writer is None:
+            self._writer = imageio_ffmpeg.write_frames(
+                str(self.path), (w, h), fps=self.fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+                quality=None, macro_block_size=1,
+                output_params=["-crf", str(_CRF[self.quality]), "-preset", _PRESET[self.write_mode], "-movflags",
+                               "+faststart"],
+                ffmpeg_log_level="error",
+            )
+            self._writer.send(None)
+        for frame in frames:
+            self._writer.send(np.ascontiguousarray(frame))
+        self.frames += len(frames)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def write_mask_video(masks: np.ndarray, path: str | Path, fps: float) -> Path:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from vace_local.bundle import ControlBundle
     from vace_local.engine import Engine
+    from vace_local.long_video import WindowStore
     from vace_local.prompt_expand import ExpanderOptions
     from vace_local.safety_check import SafetyOptions
 
@@ -68,6 +69,8 @@ class RunResult:
     prompt_expansion: dict[str, Any] | None = None
     #: Lines for the job log (safety / expansion outcomes).
     notes: list[str] = field(default_factory=list)
+    #: A long job's windows: start, end, overlap, seed, prompt, resumed (empty for a one-window job).
+    windows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[OutputFile]:
@@ -127,6 +130,30 @@ class _Job:
     expansion: Any = None  # ExpansionReport
     safety: Any = None  # SafetyReport
     notes: list[str] = field(default_factory=list)
+    #: One record per window (plan, resumed or denoised, its sampling) for a windowed job.
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    #: A long job encoded window by window: the encoder its frames went to (then `frames` is None).
+    streamed: Any = None  # vace_local.media.VideoWriter
+    _extended: np.ndarray | None = None
+
+    @property
+    def streams(self) -> bool:
+        """A long job whose frames go straight to the encoder: nothing after generation needs them all."""
+        spec = self.plan.spec
+        return (self.plan.windowed and not self.plan.temporal.active and not spec.enable_safety_checker
+                and not spec.output.frames_zip)
+
+    def extend_frames(self) -> np.ndarray:
+        """The clip being extended at the job's size and fps (uint8), decoded once."""
+        if self._extended is None:
+            from preprocessors.geometry import cover_crop
+            from vace_local.media import open_video, read_frames
+
+            spec, ext = self.plan.spec, self.plan.extend
+            info, reader = open_video(ext.source, "extend")
+            self._extended = read_frames(info, reader, ext.source_ids,
+                                         lambda f: cover_crop(f, spec.height, spec.width))
+        return self._extended
 
 
 def run_job(
@@ -139,27 +166,31 @@ def run_job(
     name: str = "output",
     safety: SafetyOptions | None = None,
     expander: ExpanderOptions | None = None,
+    window_store: WindowStore | None = None,
 ) -> RunResult:
     """Run one job end to end and write `<out_dir>/<name>.mp4` and `<name>.json`.
 
     `engine` is the process's loaded model (the worker keeps one); when None it is loaded (and cached)
     for `spec.model`. `safety` / `expander` configure the safety checker and prompt expander a job may ask
-    for (defaults: their default model ids, looked up in the local cache only). Raises `InputError` for bad
-    inputs, `JobCancelled` when `should_cancel` turned true.
+    for (defaults: their default model ids, looked up in the local cache only). `window_store` keeps the
+    finished windows of a long job: run again with the same store, the job resumes at its first unfinished
+    window (a random seed is taken from the store). Raises `InputError` for bad inputs, `JobCancelled` when
+    `should_cancel` turned true.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Stages(on_progress, should_cancel)
-    seed = resolve_seed(spec.seed)
+    stored_seed = window_store.stored_seed() if window_store is not None and spec.seed < 0 else None
+    seed = stored_seed if stored_seed is not None else resolve_seed(spec.seed)
     engine = _load(stage, spec.model, engine)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
     try:
         resolved = _fetch(stage, spec, work)
-        job = _Job(_plan(stage, spec, resolved), resolved, seed)
+        job = _Job(_plan(stage, spec, resolved, seed), resolved, seed)
         _preprocess(stage, job, engine)
         if spec.enable_prompt_expansion:
             _expand_prompt(stage, job, expander, engine)
-        _generate(stage, job, engine)
+        _generate(stage, job, engine, window_store, work / f"{name}.mp4")
         _restore(stage, job)
         if spec.enable_safety_checker:
             _check_safety(stage, job, safety, engine)
@@ -192,10 +223,10 @@ def _fetch(stage: Stages, spec: JobSpec, work: Path) -> Any:
     return resolved
 
 
-def _plan(stage: Stages, spec: JobSpec, resolved: Any) -> JobPlan:
-    """match_input_* and the temporal plan (timed with preprocessing, as before: the keys stay the same)."""
+def _plan(stage: Stages, spec: JobSpec, resolved: Any, seed: int) -> JobPlan:
+    """match_input_*, the temporal and the window plan (timed with preprocessing, as before: the keys stay)."""
     with stage("preprocess"):
-        return plan_job(spec, resolved.video)
+        return plan_job(spec, resolved.video, seed=seed, extend=resolved.extend)
 
 
 def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
@@ -209,36 +240,129 @@ def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
             from vace_local.tiny import default_cache_dir
 
             annotators_dir = tiny_annotators_dir(default_cache_dir())  # smoke mode: tiny random-weight annotators
+        if job.streams and job.resolved.video is None and not spec.output.save_control:
+            job.bundle = _lazy_bundle(job, annotators_dir)  # built window by window: memory stays flat
+            return
         bundle = build_bundle(job.plan.bundle_spec, job.resolved, annotators_dir)
         job.bundle = job.plan.temporal.subsample(bundle)
         gen = job.plan.generation
         job.bundle.check(gen.num_frames, gen.height, gen.width)
 
 
+def _lazy_bundle(job: _Job, annotators_dir: Path | None) -> Any:
+    """A control without an input video, built per window: gray / mask 1 with the first and last images where
+    they fall (exact: nothing is sampled over the job's length)."""
+    from preprocessors import build_bundle
+    from vace_local.long_video import LazyBundle
+
+    spec, total = job.plan.bundle_spec, job.plan.bundle_spec.num_frames
+
+    def build(a: int, b: int) -> Any:
+        resolved = replace(job.resolved, first_image=job.resolved.first_image if a == 0 else None,
+                           last_image=job.resolved.last_image if b == total else None)
+        return build_bundle(spec.model_copy(update={"num_frames": b - a}), resolved, annotators_dir)
+
+    first = build(0, min(total, 1))
+    info = dict(first.info, first_image=bool(job.resolved.first_image), last_image=bool(job.resolved.last_image),
+                built="per window")
+    return LazyBundle(build, first.reference_images, info)
+
+
 def _expand_prompt(stage: Stages, job: _Job, options: ExpanderOptions | None, engine: Engine) -> None:
+    """The job's prompt, and each window's own prompt of a schedule, expanded once each."""
     with stage("prompt_expansion", Progress("preprocess", message="prompt expansion")):
         job.expansion = _expand(job.plan.spec.prompt, options, engine)
         job.notes.append(job.expansion.message)
-        job.plan = replace(job.plan, generation=job.plan.generation.model_copy(
+        expanded = {job.plan.spec.prompt: job.expansion.prompt}
+        windows = []
+        for w in job.plan.windows:
+            if w.prompt not in expanded:
+                report = _expand(w.prompt, options, engine)
+                expanded[w.prompt] = report.prompt
+                job.notes.append(f"window {w.index + 1}: {report.message}")
+            windows.append(replace(w, prompt=expanded[w.prompt]))
+        job.plan = replace(job.plan, windows=tuple(windows), generation=job.plan.generation.model_copy(
             update={"prompt": job.expansion.prompt}))
 
 
-def _generate(stage: Stages, job: _Job, engine: Engine) -> None:
+def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | None, video: Path) -> None:
+    gen, plan = job.plan.generation, job.plan
+    steps = engine.effective_spec(gen).num_inference_steps
+    if not plan.windowed:
+        with stage("generate", Progress("generate", 0, steps)):
+            out = engine.sample(gen, job.bundle, seed=job.seed, on_progress=stage.on_progress,
+                                should_cancel=stage.should_cancel)
+        job.frames, job.sampling = out.uint8(), out.stats.as_dict()
+        return
+    from vace_local.long_video import run_windows
+
+    prefix = job.extend_frames()[-plan.extend.prefix:] if plan.extend else None
+    if store is not None:
+        store.begin(_store_plan(job))
+    sink = _encoder_sink(job, video) if job.streams else None
+    message = f"{len(plan.windows)} windows of {gen.window_frames} frames"
+    try:
+        with stage("generate", Progress("generate", 0, steps * len(plan.windows), message=message)):
+            run = run_windows(engine, gen, job.bundle, list(plan.windows), timeline_frames=plan.timeline_frames,
+                              offset=plan.extend.prefix if plan.extend else 0, prefix=prefix,
+                              on_progress=stage.on_progress, should_cancel=stage.should_cancel, store=store,
+                              sink=sink)
+    finally:
+        if job.streamed is not None:  # also on a cancel: the encoder process ends, the work dir is removed
+            job.streamed.close()
+    job.frames, job.sampling, job.windows = run.frames, run.sampling, run.windows
+    job.notes.append(f"long video: {len(plan.windows)} windows of {gen.window_frames} frames, each keeping "
+                     f"{gen.overlap_frames}+ frames of the one before, colour correction {gen.color_correction:g}")
+    resumed = run.sampling["windows_resumed"]
+    if resumed:
+        job.notes.append(f"resumed: {resumed} of {len(plan.windows)} windows taken from storage, not denoised "
+                         "again")
+
+
+def _encoder_sink(job: _Job, video: Path) -> Any:
+    """Frames of the timeline → the output encoder, as they become final: the clip first for an extension's
+    `full` output, its kept tail skipped, the match_input / 4k+1 padding trimmed off."""
+    from vace_local.media import VideoWriter
+
+    spec, plan = job.plan.spec, job.plan
+    job.streamed = VideoWriter(video, plan.output_fps, spec.output.video_quality, spec.output.video_write_mode)
+    if plan.extend is not None and plan.extend.output == "full":
+        job.streamed.write(job.extend_frames())
+    first = plan.extend.prefix if plan.extend else 0
+    end = plan.keep_frames or plan.timeline_frames
+    state = {"at": 0}
+
+    def sink(frames: np.ndarray) -> None:
+        a = state["at"]
+        state["at"] += len(frames)
+        part = frames[max(0, first - a): max(0, end - a)]
+        if len(part):
+            job.streamed.write(part)
+
+    return sink
+
+
+def _store_plan(job: _Job) -> dict[str, Any]:
+    """What a stored window must have been made under to be reused (JSON-native: compared after a round trip)."""
     gen = job.plan.generation
-    with stage("generate", Progress("generate", 0, engine.effective_spec(gen).num_inference_steps)):
-        out = engine.sample(gen, job.bundle, seed=job.seed, on_progress=stage.on_progress,
-                            should_cancel=stage.should_cancel)
-    job.frames, job.sampling = out.uint8(), out.stats.as_dict()
+    return json.loads(json.dumps({"seed": job.seed, "windows": job.plan.windows_info(),
+                                  "spec": gen.model_dump(mode="json", exclude={"seed", "inputs"})}))
 
 
 def _restore(stage: Stages, job: _Job) -> None:
     """Interpolate back to the job's frame count (and num_interpolated_frames), then trim match_input padding."""
+    if job.streamed is not None:  # encoded window by window, already trimmed
+        return
     temporal = job.plan.temporal
     if temporal.active:
         message = f"interpolating {len(job.frames)} → {temporal.output_frames} frames"
         with stage("interpolate", Progress("encode", message=message)):
             job.frames = temporal.restore(job.frames, job.plan.spec.temporal.interpolator)
     job.frames = job.plan.trim(job.frames)
+    if job.plan.extend is not None and job.plan.extend.output == "full":
+        import numpy as np
+
+        job.frames = np.concatenate([job.extend_frames(), job.frames])
 
 
 def _check_safety(stage: Stages, job: _Job, options: SafetyOptions | None, engine: Engine) -> None:
@@ -255,8 +379,9 @@ def _encode(stage: Stages, job: _Job, work: Path, name: str) -> dict[str, Path]:
     spec, gen_fps = job.plan.spec, job.plan.generation.fps
     with stage("encode", Progress("encode")):
         files = {"video": work / f"{name}.mp4"}
-        write_video(job.frames, files["video"], fps=job.plan.output_fps, quality=spec.output.video_quality,
-                    write_mode=spec.output.video_write_mode)
+        if job.streamed is None:
+            write_video(job.frames, files["video"], fps=job.plan.output_fps, quality=spec.output.video_quality,
+                        write_mode=spec.output.video_write_mode)
         if spec.output.frames_zip:
             files["frames_zip"] = write_frames_zip(job.frames, work / f"{name}.frames.zip")
         if spec.output.save_control:
@@ -278,10 +403,12 @@ def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_
             tmp.replace(extras[kind])
     result = RunResult(
         video_path=out_dir / f"{name}.mp4", metadata_path=out_dir / f"{name}.json", seed=job.seed,
-        width=spec.width, height=spec.height, num_frames=int(job.frames.shape[0]), fps=job.plan.output_fps,
+        width=spec.width, height=spec.height, fps=job.plan.output_fps,
+        num_frames=job.streamed.frames if job.streamed is not None else int(job.frames.shape[0]),
         model=engine.model_name, tiny=engine.is_tiny, timings=timings, extras=extras, prompt=gen.prompt,
         notes=job.notes, safety=job.safety.as_dict() if job.safety else None,
         prompt_expansion=job.expansion.as_dict() if job.expansion else None,
+        windows=[{k: v for k, v in w.items() if k != "sampling"} for w in job.windows],
     )
     metadata = {
         "spec": spec.model_dump(mode="json"),
@@ -291,6 +418,8 @@ def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_
         "model": engine.describe(),
         "sampling": job.sampling,  # effective steps, cache skips, overrides
         "control": job.bundle.info,
+        "windows": _windows_metadata(job),
+        "extend": job.plan.extend.as_dict() if job.plan.extend else None,
         "safety_checker": result.safety if result.safety else {"status": "not_requested"},
         "prompt_expansion": result.prompt_expansion if result.prompt_expansion else {"status": "not_requested"},
         "result": result.to_dict(),
@@ -302,6 +431,11 @@ def _publish(job: _Job, engine: Engine, files: dict[str, Path], work: Path, out_
     files["video"].replace(result.video_path)
     meta_tmp.replace(result.metadata_path)
     return result
+
+
+def _windows_metadata(job: _Job) -> list[dict[str, Any]]:
+    """Each window's plan (start, end, overlap, seed, prompt) and, once run, whether it was resumed."""
+    return job.windows or [dict(w.as_dict(), resumed=False) for w in job.plan.windows]
 
 
 def _expand(prompt: str, options: ExpanderOptions | None, engine: Engine):  # noqa: ANN202 - ExpansionReport

@@ -31,7 +31,8 @@ from vace_local.media_limits import MediaFacts, MediaLimits
 Kind = Literal["image", "video"]
 #: Input fields (JobInputs / ResolvedInputs) and the kind of media each holds.
 INPUT_KINDS: dict[str, Kind] = {"video": "video", "mask_video": "video", "mask_image": "image",
-                                "reference_images": "image", "first_image": "image", "last_image": "image"}
+                                "reference_images": "image", "first_image": "image", "last_image": "image",
+                                "extend": "video"}
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 

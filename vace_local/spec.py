@@ -19,7 +19,13 @@ OFFICIAL_NEGATIVE_PROMPT = (
 )
 
 MAX_REFERENCE_IMAGES = 5
+#: One denoising window: the model's own range (fal's 17..241); longer jobs are made of windows (windows.py).
 MIN_FRAMES, MAX_FRAMES = 17, 241
+#: The longest job the server accepts by default (60 s at 16 fps); `VACE_MAX_FRAMES` changes it, up to
+#: `HARD_MAX_FRAMES` (10 minutes at 16 fps).
+DEFAULT_MAX_JOB_FRAMES, HARD_MAX_FRAMES = 961, 9601
+#: The trained clip length: a job longer than its `window_frames` (default) is generated in windows.
+DEFAULT_WINDOW_FRAMES, DEFAULT_OVERLAP_FRAMES = 81, 16
 MAX_SEED = 2**31 - 1
 
 Task = Literal["none", "depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe"]
@@ -53,6 +59,22 @@ TASKS_NEEDING_MASK: frozenset[str] = frozenset({"inpainting"})
 TASKS_ANNOTATED: frozenset[str] = frozenset({"depth", "depthv2", "pose", "face"})
 #: Tasks that run annotator or tracker weights: the annotated ones and inpainting's mask tracker.
 TASKS_USING_ANNOTATOR_WEIGHTS: frozenset[str] = TASKS_ANNOTATED | TASKS_NEEDING_MASK
+
+
+def max_job_frames() -> int:
+    """The longest job this process accepts: `VACE_MAX_FRAMES` (default 961), within 17..9601.
+
+    The server sets it from its settings (`VACE_MAX_FRAMES` / `--max-frames`) in the API and worker processes;
+    the CLI reads the same variable."""
+    import os
+
+    raw = os.environ.get("VACE_MAX_FRAMES", "")
+    try:
+        value = int(raw) if raw.strip() else DEFAULT_MAX_JOB_FRAMES
+    except ValueError:
+        value = DEFAULT_MAX_JOB_FRAMES
+    value = max(MIN_FRAMES, min(HARD_MAX_FRAMES, value))
+    return value - (value - 1) % 4  # a legal 4k+1 count
 
 
 def task_needs_video(task: str) -> bool:
@@ -95,6 +117,8 @@ class JobInputs(BaseModel):
     reference_images: list[str] = Field(default_factory=list)
     first_image: str | None = None
     last_image: str | None = None
+    #: A clip to continue: its last `overlap_frames` frames condition the first window (`extend_frames`).
+    extend: str | None = None
 
     @field_validator("reference_images")
     @classmethod
@@ -159,6 +183,19 @@ class OutputOptions(BaseModel):
     save_control: bool = False
 
 
+class PromptAt(BaseModel):
+    """One entry of a prompt schedule: `prompt` for the windows whose first new frame is at or after
+    `start_frame` (until the next entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_frame: int = Field(ge=0)
+    prompt: str = Field(min_length=1)
+
+
+ExtendOutput = Literal["full", "continuation"]
+
+
 class JobSpec(BaseModel):
     """Everything needed to produce one video. Defaults follow the official VACE / WaveSpeed settings."""
 
@@ -172,7 +209,19 @@ class JobSpec(BaseModel):
     )
     width: int = Field(832, ge=16, le=2048)
     height: int = Field(480, ge=16, le=2048)
-    num_frames: int = Field(81, ge=MIN_FRAMES, le=MAX_FRAMES)
+    num_frames: int = Field(81, ge=MIN_FRAMES, le=HARD_MAX_FRAMES)
+    #: Frames per denoising window (4k+1); a longer job is generated as overlapping windows (windows.py).
+    window_frames: int = Field(DEFAULT_WINDOW_FRAMES, ge=MIN_FRAMES, le=MAX_FRAMES)
+    #: Frames each window keeps from the one before (mask 0): the join's conditioning.
+    overlap_frames: int = Field(DEFAULT_OVERLAP_FRAMES, ge=1, le=MAX_FRAMES - 4)
+    #: Colour correction of each window to the one before over the overlap, anchored to the first (0 = off).
+    color_correction: float = Field(1.0, ge=0.0, le=1.0)
+    #: Prompt schedule: each window uses the entry in force at its first new frame; none: `prompt` throughout.
+    prompts: list[PromptAt] = Field(default_factory=list, max_length=256)
+    #: With `inputs.extend`: frames to generate after the clip (instead of num_frames).
+    extend_frames: int | None = Field(None, ge=1, le=HARD_MAX_FRAMES)
+    #: With `inputs.extend`: return the clip followed by the continuation (`full`) or the continuation alone.
+    extend_output: ExtendOutput = "full"
     fps: int = Field(16, ge=1, le=60)
     num_inference_steps: int = Field(30, ge=1, le=100)
     guidance_scale: float = Field(5.0, ge=0.0, le=20.0)
@@ -201,12 +250,23 @@ class JobSpec(BaseModel):
             raise ValueError(f"{info.field_name} must be a multiple of 16, got {v}")
         return v
 
-    @field_validator("num_frames")
+    @field_validator("num_frames", "window_frames")
     @classmethod
-    def _four_k_plus_one(cls, v: int) -> int:
+    def _four_k_plus_one(cls, v: int, info) -> int:  # noqa: ANN001
         if v % 4 != 1:
             lo = round_frames_4k1(v, "down", lo=None, hi=None)
-            raise ValueError(f"num_frames must be of the form 4k+1 (e.g. {lo} or {lo + 4}), got {v}")
+            raise ValueError(f"{info.field_name} must be of the form 4k+1 (e.g. {lo} or {lo + 4}), got {v}")
+        if info.field_name == "num_frames" and v > max_job_frames():
+            raise ValueError(f"num_frames must be at most {max_job_frames()} (this server's VACE_MAX_FRAMES), "
+                             f"got {v}")
+        return v
+
+    @field_validator("extend_frames")
+    @classmethod
+    def _extend_limit(cls, v: int | None) -> int | None:
+        if v is not None and v > max_job_frames():
+            raise ValueError(f"extend_frames must be at most {max_job_frames()} (this server's VACE_MAX_FRAMES), "
+                             f"got {v}")
         return v
 
     @field_validator("context_scale")
@@ -217,6 +277,31 @@ class JobSpec(BaseModel):
         if isinstance(v, list) and not v:
             raise ValueError("context_scale list must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _windows(self) -> JobSpec:
+        if self.overlap_frames > self.window_frames - 4:
+            raise ValueError(f"overlap_frames must be at most window_frames - 4 ({self.window_frames - 4}): each "
+                             f"window makes at least 4 new frames, got {self.overlap_frames}")
+        for p in self.prompts:
+            if p.start_frame >= self.output_frames_planned:
+                raise ValueError(f"prompts: start_frame {p.start_frame} is past the job's last frame "
+                                 f"({self.output_frames_planned - 1})")
+        if len({p.start_frame for p in self.prompts}) != len(self.prompts):
+            raise ValueError("prompts: two entries have the same start_frame")
+        if (self.extend_frames is None) != (self.inputs.extend is None):
+            raise ValueError("inputs.extend and extend_frames go together: the clip to continue and how many "
+                             "frames to add")
+        if self.extend_output != "full" and self.inputs.extend is None:  # (a stored spec carries every field)
+            raise ValueError("extend_output: only with inputs.extend (a clip to continue)")
+        if self.inputs.extend and "num_frames" in self.model_fields_set and self.num_frames != 81:
+            raise ValueError("num_frames: with inputs.extend the length is extend_frames; leave num_frames out")
+        return self
+
+    @property
+    def output_frames_planned(self) -> int:
+        """Frames of generated timeline the prompt schedule counts in: extend_frames, else num_frames."""
+        return self.extend_frames if self.extend_frames is not None else self.num_frames
 
     @model_validator(mode="after")
     def _task_inputs(self) -> JobSpec:

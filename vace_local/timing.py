@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vace_local.spec import MAX_FRAMES, JobSpec, round_frames_4k1
+from vace_local.spec import JobSpec, max_job_frames, round_frames_4k1
 
 
 def frames_at_fps(src_frames: int, src_fps: float, job_fps: float) -> int:
@@ -44,14 +44,17 @@ class InputTiming:
 
 
 def match_input_timing(num_frames: int, fps: int, *, match_frames: bool, match_fps: bool, source_frames: int,
-                       source_fps: float) -> InputTiming:
+                       source_fps: float, max_frames: int | None = None, cap_hint: str = "") -> InputTiming:
     """Apply the switches against an input video of `source_frames` at `source_fps` (0 fps: no video facts).
 
     fps: the input's rate rounded and clamped to 1..60. Frames: how long the clip lasts at the job fps, rounded
     up to 4k+1 (the preprocessors pad with gray / mask 1) and clamped to the model's range. Returned: the frames
     the control video draws from the input (a short clip is never thinned out, as `sample_indices` builds it),
-    when that is fewer than the generated count.
+    when that is fewer than the generated count. A long input is generated whole, in windows, up to
+    `max_frames` (default: the job maximum, VACE_MAX_FRAMES); `cap_hint` is added to the note when it is cut.
     """
+    cap = max_frames or max_job_frames()
+    cap_hint = cap_hint or ("" if max_frames else " (VACE_MAX_FRAMES)")
     notes: list[str] = []
     known = source_fps > 0
     if match_fps and known:
@@ -62,9 +65,9 @@ def match_input_timing(num_frames: int, fps: int, *, match_frames: bool, match_f
         # The clip's duration at the job rate (the control video is resampled to that rate).
         n = frames_at_fps(source_frames, source_fps, fps)
         notes.append(f"num_frames matched to the input: {n} frames at {fps} fps")
-        if n > MAX_FRAMES:
-            notes.append(f"input is longer than {MAX_FRAMES} frames; output capped at {MAX_FRAMES}")
-    n4 = round_frames_4k1(n)
+        if n > cap:
+            notes.append(f"input is longer than {cap} frames; output capped at {cap}{cap_hint}")
+    n4 = round_frames_4k1(n, hi=cap if match_frames and known else None)
     if n4 != n:
         notes.append(f"num_frames {n} rounded to {n4} (the model needs 4k+1 frames)")
     keep = None

@@ -24,11 +24,29 @@ from server.store import JobRecord
 from vace_local.errors import InputError, Problem, problems_from_pydantic
 from vace_local.media_limits import MediaLimits
 from vace_local.sandbox import vet_file_async
-from vace_local.spec import JobSpec
+from vace_local.spec import MAX_FRAMES, JobSpec, max_job_frames
 
 #: Longest prompt / negative prompt any dialect accepts (the UMT5 text encoder reads only the first 512 tokens
 #: anyway); a longer one is a 4xx naming the field, so it is never stored, logged or polled back.
 PROMPT_MAX_CHARS = 20_000
+
+
+#: The hosted APIs' longest clip (fal / AI/ML num_frames, WaveSpeed 10 s = 161 frames). Longer is a vace-local
+#: extension a request opts into with `long_video: true`, up to this server's VACE_MAX_FRAMES.
+HOSTED_MAX_FRAMES = MAX_FRAMES
+LONG_VIDEO_DESCRIPTION = ("vace-local extension: allow a clip longer than the hosted limit, up to this server's "
+                          "VACE_MAX_FRAMES (default 961 frames = 60 s at 16 fps), made of overlapping 81-frame "
+                          "windows with colour correction")
+
+
+def long_video_limit(frames: int, long_video: bool, hosted_frames: int, say: Callable[[int], str]) -> None:
+    """A length validator: the hosted limit unless the request opted into long video, then the server's."""
+    limit = max_job_frames()
+    if frames > hosted_frames and not long_video:
+        raise ValueError(f"must be at most {say(hosted_frames)} (the hosted limit); longer video is a vace-local "
+                         f"extension: send \"long_video\": true for up to {say(limit)} (VACE_MAX_FRAMES)")
+    if frames > limit:
+        raise ValueError(f"must be at most {say(limit)} (this server's VACE_MAX_FRAMES)")
 
 
 #: The unknown-fields note names at most this many fields, each cut to NOTE_NAME_CHARS.
@@ -235,10 +253,17 @@ def expansion_note(job: JobRecord) -> str | None:
     return str(e.get("message")) if e and (e.get("status") != "expanded" or e.get("tiny")) else None
 
 
+def windows_field(job: JobRecord) -> dict[str, Any]:
+    """vace-local extension on a long job's result: `windows`, the plan it was made of (start, end, overlap,
+    seed, prompt, resumed of each window); absent for a one-window job."""
+    windows = (job.result or {}).get("windows")
+    return {"windows": windows} if windows else {}
+
+
 def check_fields(job: JobRecord) -> dict[str, Any]:
     """Extra output fields for the safety check / prompt expansion (fal's name `has_nsfw_concepts`, null where
     nothing was checked), present only when the request asked; shared with the AI/ML dialect's `meta`."""
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = dict(windows_field(job))
     if safety_requested(job):
         fields["has_nsfw_concepts"] = [nsfw_flag(job)]
     if note := safety_note(job):

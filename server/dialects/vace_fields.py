@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from server.dialects.common import PROMPT_MAX_CHARS
-from vace_local.spec import MAX_SEED
+from server.dialects.common import HOSTED_MAX_FRAMES, LONG_VIDEO_DESCRIPTION, PROMPT_MAX_CHARS, long_video_limit
+from vace_local.spec import HARD_MAX_FRAMES, MAX_SEED
 
 FAL_NEGATIVE_PROMPT = (
     "letterboxing, borders, black bars, bright colors, overexposed, static, blurred details, subtitles, "
@@ -40,8 +40,9 @@ class VaceFields(BaseModel):
 
     prompt: str = Field(..., max_length=PROMPT_MAX_CHARS)
     negative_prompt: str = Field(FAL_NEGATIVE_PROMPT, max_length=PROMPT_MAX_CHARS)
+    long_video: bool = Field(False, description=LONG_VIDEO_DESCRIPTION + " (`num_frames` beyond 241)")
     match_input_num_frames: bool = False
-    num_frames: int = Field(81, ge=17, le=241)
+    num_frames: int = Field(81, ge=17, le=HARD_MAX_FRAMES)
     match_input_frames_per_second: bool = False
     frames_per_second: int = Field(16, ge=5, le=30)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -62,6 +63,12 @@ class VaceFields(BaseModel):
     auto_downsample_min_fps: float = Field(15.0, ge=1.0, le=60.0)
     interpolator_model: Literal["rife", "film"] = "film"
     sync_mode: bool = False
+
+    @field_validator("num_frames")
+    @classmethod
+    def _hosted_length(cls, v: int, info: ValidationInfo) -> int:
+        long_video_limit(v, bool(info.data.get("long_video")), HOSTED_MAX_FRAMES, lambda f: f"{f} frames")
+        return v
 
 
 class OutpaintingFields(BaseModel):

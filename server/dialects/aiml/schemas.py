@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from server.dialects.vace_fields import VACE_FIELD_NAMES, OutpaintingFields, ReframeFields, VaceFields
+from vace_local.spec import HARD_MAX_FRAMES
 
 NAME = "aiml"
 REQUESTED_FAMILY = "wan2.2-vace-fun-a14b"
@@ -28,7 +29,7 @@ class AimlRequest(VaceFields):
 
     model: str
     video_url: str
-    num_frames: int = Field(81, ge=81, le=241)
+    num_frames: int = Field(81, ge=81, le=HARD_MAX_FRAMES)
     image_list: list[str] | None = Field(None, min_length=2, max_length=4)
     image_url: str | None = None
     last_image_url: str | None = None

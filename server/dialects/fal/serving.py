@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from server.body_guard import read_json
 from server.core import ApiError, JobRecord, JobService, request_owner
 from server.dialects.common import (
+    HOSTED_MAX_FRAMES,
     FieldError,
     SourceInfo,
     Translation,
@@ -110,13 +111,17 @@ def output_size(
 
 
 def timing(
-    num_frames: int, fps: int, match_frames: bool, match_fps: bool, source: SourceInfo | None, notes: list[str]
+    num_frames: int, fps: int, match_frames: bool, match_fps: bool, source: SourceInfo | None, notes: list[str],
+    long_video: bool = False,
 ) -> tuple[int, int, int | None]:
     """(num_frames, fps, output_num_frames) after the match_input_* switches, by the engine's rule
-    (`vace_local.timing.match_input_timing`); output_num_frames is the count to trim the output back to."""
+    (`vace_local.timing.match_input_timing`); output_num_frames is the count to trim the output back to.
+    A matched length stops at the hosted 241 frames unless the request opted into `long_video`."""
     t = match_input_timing(num_frames, fps, match_frames=match_frames and source is not None,
                            match_fps=match_fps and source is not None,
-                           source_frames=source.num_frames if source else 0, source_fps=source.fps if source else 0.0)
+                           source_frames=source.num_frames if source else 0, source_fps=source.fps if source else 0.0,
+                           max_frames=None if long_video else HOSTED_MAX_FRAMES,
+                           cap_hint="" if long_video else " (the hosted limit; send long_video: true for all of it)")
     notes.extend(t.notes)
     return t.num_frames, t.fps, t.keep_frames
 
@@ -180,7 +185,7 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
     notes: list[str] = []
     task = fal_task(endpoint, req)
     num_frames, fps, trim = timing(req.num_frames, req.frames_per_second, req.match_input_num_frames,
-                                   req.match_input_frames_per_second, source, notes)
+                                   req.match_input_frames_per_second, source, notes, req.long_video)
 
     canvas_aspect = None
     # With a probed source the switches are applied here (the counts above, logged at submit); the run path

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from server.core import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TINY_NOTE, ApiError, JobRecord, JobService
+from server.dialects.common import windows_field
 from server.dialects.openai.schemas import STATUS
 from server.dialects.openai.serving import seconds_text
 
@@ -60,6 +61,7 @@ def render_video(job: JobRecord, core: JobService) -> dict[str, Any]:
         "seconds": seconds_text(spec["num_frames"], spec["fps"]),
         "size": f"{spec['width']}x{spec['height']}",
         "status": status,
+        **windows_field(job),
     }
     if spec.get("model") == "tiny":
         body["note"] = TINY_NOTE

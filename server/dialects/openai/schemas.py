@@ -16,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from server.dialects.common import PROMPT_MAX_CHARS, not_blank
-from vace_local.spec import MAX_FRAMES, MAX_REFERENCE_IMAGES, MAX_SEED, MIN_FRAMES, Acceleration, Sampler, Task
+from vace_local.spec import MAX_REFERENCE_IMAGES, MAX_SEED, MIN_FRAMES, Acceleration, Sampler, Task, max_job_frames
 
 NAME = "openai"
 #: Our statuses → the SDK's (a cancelled job is `failed` with code `cancelled`).
@@ -32,7 +32,7 @@ DEFAULT_SECONDS = "4"
 DEFAULT_SIZE = "720x1280"
 #: OpenAI's model names (and their dated snapshots): all answered by the served VACE model.
 OPENAI_MODEL_RE = re.compile(r"^sora-2(-pro)?(-\d{4}-\d{2}-\d{2})?$")
-MIN_SECONDS, MAX_SECONDS = (MIN_FRAMES - 1) / FPS, (MAX_FRAMES - 1) / FPS
+MIN_SECONDS = (MIN_FRAMES - 1) / FPS
 MAX_SIDE = 2048
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 #: JobSpec / JobInputs names → this dialect's (errors name the user's field).
@@ -86,7 +86,8 @@ class VideoCreateRequest(BaseModel):
     @field_validator("seconds", mode="before")
     @classmethod
     def _seconds(cls, v: Any) -> Any:
-        """A number of seconds (text or number) within what the model can generate at 16 fps."""
+        """A number of seconds (text or number) up to this server's VACE_MAX_FRAMES at 16 fps (60 s by default;
+        past 5 s the clip is made of overlapping windows)."""
         if isinstance(v, bool):
             raise ValueError("must be a number of seconds such as \"4\"")
         if isinstance(v, int | float):
@@ -97,9 +98,10 @@ class VideoCreateRequest(BaseModel):
             s = float(v.strip())
         except ValueError:
             raise ValueError("must be a number of seconds such as \"4\"") from None
-        if not MIN_SECONDS <= s <= MAX_SECONDS:
-            raise ValueError(f"must be within {MIN_SECONDS:g}..{MAX_SECONDS:g} seconds at {FPS} fps "
-                             f"({MIN_FRAMES}..{MAX_FRAMES} frames)")
+        max_frames = max_job_frames()
+        if not MIN_SECONDS <= s <= (max_frames - 1) / FPS:
+            raise ValueError(f"must be within {MIN_SECONDS:g}..{(max_frames - 1) / FPS:g} seconds at {FPS} fps "
+                             f"({MIN_FRAMES}..{max_frames} frames, VACE_MAX_FRAMES)")
         return f"{s:g}"
 
     @field_validator("size")

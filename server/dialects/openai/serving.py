@@ -38,7 +38,15 @@ from server.dialects.openai.schemas import (
 )
 from server.settings import max_request_bytes
 from vace_local.errors import Problem
-from vace_local.spec import ControlOptions, JobInputs, JobSpec, round_frames_4k1, task_needs_mask, task_needs_video
+from vace_local.spec import (
+    ControlOptions,
+    JobInputs,
+    JobSpec,
+    max_job_frames,
+    round_frames_4k1,
+    task_needs_mask,
+    task_needs_video,
+)
 
 log = logging.getLogger("vace.server.openai")
 
@@ -60,7 +68,7 @@ def _validation(exc: ValidationError, names: dict[str, str]) -> ApiError:
 
 def frames_for(seconds: str) -> int:
     """Frames for a duration at 16 fps (seconds·16 + 1), rounded up to the 4k+1 the model needs."""
-    return round_frames_4k1(round(float(seconds) * FPS) + 1)
+    return round_frames_4k1(round(float(seconds) * FPS) + 1, hi=max_job_frames())
 
 
 def seconds_text(num_frames: int, fps: int) -> str:

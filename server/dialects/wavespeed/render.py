@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from server.core import CANCELLED, TINY_NOTE, ApiError, JobRecord, JobService, iso_time, request_owner
-from server.dialects.common import expansion_note, nsfw_flag, safety_note
+from server.dialects.common import expansion_note, nsfw_flag, safety_note, windows_field
 from server.dialects.wavespeed.schemas import STATUS, SYNC_TIMEOUT_CODE
 
 
@@ -56,6 +56,7 @@ def render_data(job: JobRecord, core: JobService, base: str, *, base64_output: b
         data["safety_checker"] = note
     if note := expansion_note(job):
         data["prompt_expansion"] = note
+    data.update(windows_field(job))
     return data
 
 

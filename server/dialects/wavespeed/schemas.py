@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from server.dialects.common import PROMPT_MAX_CHARS, not_blank
+from server.dialects.common import LONG_VIDEO_DESCRIPTION, PROMPT_MAX_CHARS, long_video_limit, not_blank
+from vace_local.spec import HARD_MAX_FRAMES
 
 NAME = "wavespeed"
 MODEL_ID = "wavespeed-ai/wan-2.1-14b-vace"
@@ -43,7 +44,12 @@ class WanVaceInput(BaseModel):
     image: str | None = Field(None, description="A single reference image (appended to `images`).")
     first_image: str | None = None
     last_image: str | None = None
-    duration: int = Field(5, ge=5, le=10, description="Seconds at 16 fps (duration*16+1 frames).")
+    long_video: bool = Field(False, description=LONG_VIDEO_DESCRIPTION + " (`duration` beyond 10 s)")
+    extend: str | None = Field(None, description="vace-local extension: a clip to continue; `duration` seconds are "
+                               "generated after it (its last 16 frames are kept as the first window's start) and "
+                               "the output is the clip followed by the continuation")
+    duration: int = Field(5, ge=5, le=(HARD_MAX_FRAMES - 1) // FPS,
+                          description="Seconds at 16 fps (duration*16+1 frames); 5..10, more with `long_video`.")
     size: Literal["832*480", "480*832", "1280*720", "720*1280"] = "832*480"
     num_inference_steps: int = Field(30, ge=1, le=40)
     guidance_scale: float = Field(5.0, ge=0.0, le=20.0, allow_inf_nan=False)
@@ -59,6 +65,13 @@ class WanVaceInput(BaseModel):
 
     _not_blank = field_validator("prompt")(not_blank)
 
+    @field_validator("duration")
+    @classmethod
+    def _hosted_length(cls, v: int, info: ValidationInfo) -> int:
+        long_video_limit(v * FPS + 1, bool(info.data.get("long_video")), 10 * FPS + 1,
+                         lambda f: f"{(f - 1) // FPS} s")
+        return v
+
     @field_validator("negative_prompt", mode="before")
     @classmethod
     def _join_list(cls, v: Any) -> Any:
@@ -66,7 +79,8 @@ class WanVaceInput(BaseModel):
             return ", ".join(x.strip() for x in v if x.strip())
         return v
 
-    @field_validator("video", "mask_video", "mask_image", "image", "first_image", "last_image", mode="before")
+    @field_validator("video", "mask_video", "mask_image", "image", "first_image", "last_image", "extend",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v

@@ -24,7 +24,7 @@ from vace_local.spec import JobInputs, JobSpec, OutputOptions, task_needs_video
 
 log = logging.getLogger("vace.server.wavespeed")
 #: Media fields whose data-URI values are shortened in the stored copy of the input (`data.input` of webhooks).
-MEDIA_FIELDS = ("images", "video", "mask_video", "mask_image", "image", "first_image", "last_image")
+MEDIA_FIELDS = ("images", "video", "mask_video", "mask_image", "image", "first_image", "last_image", "extend")
 
 def field_names_for(inp: WanVaceInput) -> dict[str, str]:
     """FIELD_NAMES plus the slot `image` takes in reference_images, so its errors say `image`, not `images[N]`."""
@@ -56,16 +56,19 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     w, h = SIZES[inp.size]
     if inp.enable_fast_mode:
         notes.append("enable_fast_mode → acceleration 'regular' (step cache)")
+    # `extend` (vace-local): `duration` is the continuation's length, after the clip
+    length = {"extend_frames": inp.duration * FPS} if inp.extend else {"num_frames": inp.duration * FPS + 1}
     try:
         spec = JobSpec(
             acceleration="regular" if inp.enable_fast_mode else "none",
             task=task, prompt=inp.prompt, negative_prompt=inp.negative_prompt or None, width=w, height=h,
-            num_frames=inp.duration * FPS + 1, fps=FPS, num_inference_steps=inp.num_inference_steps,
+            **length, fps=FPS, num_inference_steps=inp.num_inference_steps,
             guidance_scale=inp.guidance_scale, flow_shift=flow_shift, context_scale=inp.context_scale,
             seed=inp.seed, output=OutputOptions(save_control=inp.save_previews),
             enable_safety_checker=inp.enable_safety_checker,
             inputs=JobInputs(video=inp.video, mask_video=inp.mask_video, mask_image=inp.mask_image,
-                             reference_images=refs, first_image=inp.first_image, last_image=inp.last_image),
+                             reference_images=refs, first_image=inp.first_image, last_image=inp.last_image,
+                             extend=inp.extend),
         )
     except ValidationError as e:
         raise validation_error(e, field_names_for(inp)) from None

@@ -7,7 +7,7 @@ const KEY_STORE = "vace.playground.apiKey";
 const HISTORY_STORE = "vace.playground.history";
 const HISTORY_MAX = 20;
 const MAX_REFS = 5;
-const SLOTS = ["video", "mask_video", "mask_image", "first_image", "last_image"];
+const SLOTS = ["video", "mask_video", "mask_image", "first_image", "last_image", "extend"];
 const NUMBERS = ["duration", "num_inference_steps", "guidance_scale", "flow_shift", "context_scale", "seed"];
 const POLL_MS = 400;
 
@@ -15,7 +15,8 @@ const $ = (sel) => document.querySelector(sel);
 const form = $("#gen");
 
 // Each media item: {name, file?, url?, thumb?}; `url` is set once uploaded (or loaded from history).
-const media = { images: [], video: null, mask_video: null, mask_image: null, first_image: null, last_image: null };
+const media = { images: [], video: null, mask_video: null, mask_image: null, first_image: null, last_image: null,
+  extend: null };
 let current = null; // {id} of the job being watched (what Cancel cancels)
 const blobUrls = [];
 
@@ -224,6 +225,8 @@ function readParams() {
   }
   body.enable_fast_mode = form.elements.enable_fast_mode.checked;
   body.save_previews = form.elements.save_previews.checked;
+  // Past the hosted 10 s the job is a long video: a vace-local extension the request opts into.
+  if (typeof body.duration === "number" && body.duration > 10) body.long_video = true;
   return body;
 }
 
