@@ -30,6 +30,7 @@ from vace_local.memory import (
     ModelSize,
     Policy,
     apply_policy,
+    before_call,
     host_free_ram,
     plan_memory,
     wants_vae_tiling,
@@ -416,6 +417,7 @@ class Engine:
 
         scale = self.check_job(spec, bundle)
         spec = self.effective_spec(spec)
+        before_call(self.pipe, self.policy, self.device)
         self.pipe.scheduler = make_scheduler(spec.sampler, spec.flow_shift, self._base_scheduler_config)
         cfg = spec.guidance_scale > 1.0  # exactly the pipeline's rule (guidance_scale_2 does not count)
         t_text = time.perf_counter()
