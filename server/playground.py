@@ -7,7 +7,9 @@ module adds one vace-local extension route in the WaveSpeed envelope:
 `GET /api/v3/predictions/{id}/progress[?since=N]` → `data`: `status` (WaveSpeed's vocabulary),
 `queue_position` (jobs ahead, while queued), `stage`, `step`, `total`, `progress` (0..1), `logs` (the job's
 log lines from index `since` on, with `next` to pass back), `error`, `previews` (`{"control": url,
-"mask": url}` once a job submitted with `save_previews` has finished) and `outputs` (the result video URLs).
+"mask": url}` once a job submitted with `save_previews` has finished), `outputs` (the result video URLs) and
+`preview`: the live preview of the denoised estimate (`{"url", "step", "total", "frames", "width", "height"}`, an
+animated WebP at latent resolution, a new URL each time; null until the first one; VACE_PREVIEW_EVERY).
 
 Auth: the page and its assets (`PUBLIC_PREFIXES`) carry no secret and must stay reachable without a key;
 every API call the page makes sends the key the user entered.
@@ -23,7 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from server.core import JobService, get_job_service, iso_time, require_auth
+from server.core import RUNNING, SUCCEEDED, JobRecord, JobService, get_job_service, iso_time, require_auth
 from server.dialects.wavespeed.render import envelope, render_data
 from server.dialects.wavespeed.schemas import NAME as WAVESPEED
 from server.dialects.wavespeed.serving import job_or_404
@@ -73,9 +75,24 @@ async def progress(request_id: str, request: Request, since: int = Query(0, ge=0
         "error": data["error"],
         "outputs": data["outputs"][:1],
         "previews": {o["kind"]: o["url"] for o in outs if o.get("kind") in PREVIEW_KINDS},
+        "preview": live_preview(job, core, base),
         "logs": lines,
         "next": since + len(lines),
     })
+
+
+def live_preview(job: JobRecord, core: JobService, base: str) -> dict[str, Any] | None:
+    """The worker's latest live preview: in `outputs` while the job runs, in `result` once it has succeeded."""
+    if job.status == RUNNING:
+        entry = next((o for o in job.outputs if o.get("kind") == "preview"), None)
+    elif job.status == SUCCEEDED:
+        entry = (job.result or {}).get("preview")
+    else:
+        entry = None
+    if not entry:
+        return None
+    return {"url": core.file_url(base, "outputs", job.id, entry["file"], job.owner),
+            **{k: entry.get(k) for k in ("step", "total", "frames", "width", "height")}}
 
 
 def mount(app: FastAPI) -> None:

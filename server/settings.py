@@ -13,6 +13,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from vace_local.spec import DtypeName, Fp8Mode, OffloadPolicy
 
 TINY_MODEL = "tiny"
+#: Live previews every this many steps by default (measured cost: docs/PERFORMANCE.md "Live previews").
+PREVIEW_EVERY_DEFAULT = 5
+#: The tiny random-weight smoke models (`vace_local.tiny.TINY_MODELS`; the API process does not import it).
+TINY_MODELS = (TINY_MODEL, "tiny-two-expert")
 
 
 def _split_list(v: Any) -> Any:
@@ -125,6 +129,9 @@ class Settings(BaseSettings):
     presign_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     #: Also write control/mask preview videos beside each output.
     save_previews: bool = False
+    #: Live previews: every N denoising steps (and after the last) the worker writes a small animated strip of
+    #: the current denoised estimate (`GET /api/v3/predictions/{id}/progress` → `preview`); 0 = off.
+    preview_every: int = Field(PREVIEW_EVERY_DEFAULT, ge=0, le=1000)
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: str = "info"
@@ -259,7 +266,7 @@ class Settings(BaseSettings):
 
     @property
     def is_tiny(self) -> bool:
-        return self.model == TINY_MODEL
+        return self.model in TINY_MODELS
 
     @property
     def db_url(self) -> str:

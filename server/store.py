@@ -530,6 +530,16 @@ class Store:
                 .values(stage=stage, step=step, total=total, progress=progress, updated_at=now, heartbeat_at=now)
             )
 
+    def set_preview(self, job_id: str, worker_id: str, preview: dict[str, Any]) -> None:
+        """The running job's latest live preview (`server.worker`), kept as its only `outputs` entry until the
+        job finishes (the finished outputs replace it; `output_urls` lists nothing before then)."""
+        with self.engine.begin() as c:
+            c.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == JobStatus.RUNNING)
+                .values(outputs=[preview])
+            )
+
     def cancel_requested(self, job_id: str) -> bool:
         with self.engine.connect() as c:
             v = c.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar_one_or_none()

@@ -283,6 +283,7 @@ class Worker:
                               published=lambda p: self.storage.publish(f"{prefix}/{p.name}"))
 
     def run_one(self, job: JobRecord) -> None:
+        from vace_local.preview import preview_scope
         from vace_local.run import run_job
 
         self.current = job
@@ -302,9 +303,11 @@ class Worker:
             spec = self.resolve_inputs(spec, work / "inputs", fields)
             resolve_s = time.perf_counter() - t
             device = self.engine.device
-            result = run_job(spec, out_dir, engine=self.engine, on_progress=self._progress_fn(job),
-                             should_cancel=self.should_cancel, safety=self.settings.safety_options(device),
-                             expander=self.settings.expander_options(device), window_store=self.window_store(job))
+            previews = _PreviewWriter(self, job, out_dir)
+            with preview_scope(self.settings.preview_every, previews.write):
+                result = run_job(spec, out_dir, engine=self.engine, on_progress=self._progress_fn(job),
+                                 should_cancel=self.should_cancel, safety=self.settings.safety_options(device),
+                                 expander=self.settings.expander_options(device), window_store=self.window_store(job))
             for note in result.notes:
                 self.store.add_log(job.id, note, source="worker")
             outputs = [{"kind": o.kind, "file": o.path.name, "content_type": o.content_type,
@@ -314,7 +317,7 @@ class Worker:
             info = {"seed": result.seed, "width": result.width, "height": result.height,
                     "num_frames": result.num_frames, "fps": result.fps, "model": result.model,
                     "tiny": result.tiny, "prompt": result.prompt, "safety": result.safety,
-                    "prompt_expansion": result.prompt_expansion, "windows": result.windows}
+                    "prompt_expansion": result.prompt_expansion, "windows": result.windows, "preview": previews.last}
             for o in outputs:  # written once, then any box can serve them
                 self.storage.publish(f"outputs/{job.id}/{o['file']}")
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
@@ -351,6 +354,43 @@ class Worker:
             self.current = None
             if not self.shutdown.is_set():
                 self.store.upsert_worker(self.id, status=WorkerStatus.READY, current_job=None)
+
+class _PreviewWriter:
+    """Writes a running job's live previews (`vace_local.preview`) as `outputs/<job>/preview-NNNN.webp` and records
+    the latest in the job (`Store.set_preview`), so `GET /api/v3/predictions/{id}/progress` can hand out its URL.
+    Each preview gets a new name (no stale copy in a browser or on another box); the two newest are kept, so a
+    reader that got the previous URL can still fetch it. A preview that fails is logged once and stops the
+    previews of that job, never the job."""
+
+    KEEP = 2
+
+    def __init__(self, worker: Worker, job: JobRecord, out_dir: Path) -> None:
+        self.worker, self.job, self.out_dir = worker, job, out_dir
+        self.files: list[str] = []
+        self.last: dict[str, Any] | None = None
+        self.failed = False
+
+    def write(self, preview: Any) -> None:
+        from vace_local.preview import write_strip
+
+        if self.failed:
+            return
+        try:
+            name = f"preview-{len(self.files) + 1:04d}.webp"
+            path = write_strip(preview.frames, self.out_dir / name)
+            self.worker.storage.publish(f"outputs/{self.job.id}/{name}")
+            f, h, w = preview.frames.shape[:3]
+            self.last = {"kind": "preview", "file": name, "content_type": "image/webp", "size": path.stat().st_size,
+                         "step": preview.step, "total": preview.total, "frames": f, "width": w, "height": h}
+            self.worker.store.set_preview(self.job.id, self.worker.id, self.last)
+            self.files.append(name)
+            for old in self.files[:-self.KEEP]:
+                (self.out_dir / old).unlink(missing_ok=True)
+        except Exception as exc:  # noqa: BLE001 - a preview is a courtesy: the job goes on without
+            self.failed = True
+            log.exception("job %s: live preview failed", self.job.id)
+            self.worker.store.add_log(self.job.id, f"live previews stopped: {exc}", level="warning", source="worker")
+
 
 def worker_main(args: WorkerArgs) -> None:
     """Process entry point (multiprocessing 'spawn')."""

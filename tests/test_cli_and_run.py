@@ -195,3 +195,19 @@ def test_cancel_lands_inside_preprocessing_frame_loop(tmp_path: Path, fixtures_d
     assert "iter_frames" in frames, frames  # raised from the frame loop, not from the check after build_bundle
     assert time.monotonic() - state["cancel_at"] < 2.0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preview_every_saves_the_live_preview(tmp_path: Path) -> None:
+    """`--preview-every N` keeps <name>.preview.webp up to date: after the run it is the last step's x0 strip."""
+    from PIL import Image
+
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--size", "64*48", "--num-frames", "17", "--steps",
+                                 "3", "--preview-every", "2", "--out", str(tmp_path), "--name", "pv", "-q"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "pv.preview.webp"
+    assert f"preview:  {path}" in result.output
+    with Image.open(path) as im:
+        assert im.format == "WEBP" and im.n_frames == 5 and im.size == (64 // 8, 48 // 8)
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--size", "64*48", "--num-frames", "17", "--steps",
+                                 "1", "--out", str(tmp_path), "--name", "none", "-q"])
+    assert result.exit_code == 0 and not (tmp_path / "none.preview.webp").exists()  # off by default on the CLI

@@ -206,6 +206,30 @@ def test_model_mapping_rules():
     assert "model mapping" in served_note(mapped, *wan22)
     by_id = core(model="wan2.1-vace-14b", model_map={"alibaba/wan2.2-vace-fun-a14b-pose": "wan2.1-vace-14b"})
     assert check_served_model(by_id, *wan22) is None
+    # the Wan 2.2-shaped tiny model answers the Wan 2.2 ids (fal's and AI/ML's), not Wan 2.1's unless mapped
+    fal22 = ("fal-ai/wan-22-vace-fun-a14b/depth", "wan2.2-vace-fun-a14b")
+    fal21 = ("fal-ai/wan-vace-14b/depth", "wan2.1-vace-14b")
+    assert check_served_model(core(model="tiny-two-expert"), *fal22) is None
+    assert check_served_model(core(model="tiny-two-expert"), *wan22) is None
+    assert "VACE_MODEL_MAP" in check_served_model(core(model="tiny-two-expert"), *fal21)
+    assert check_served_model(core(model="tiny-two-expert", model_map={"wan2.1-vace-14b": "tiny-two-expert"}),
+                              *fal21) is None
+    assert "VACE_MODEL_MAP" in check_served_model(core(model="wan2.1-vace-14b"), *fal22)
+
+
+def test_wan22_vace_fun_paths_share_the_wan_vace_14b_schemas():
+    """`fal-ai/wan-22-vace-fun-a14b` has the five sub-paths (no base) with `wan-vace-14b`'s fields."""
+    from server.core import ApiError
+    from server.dialects.fal.serving import split_app_path
+
+    for sub in ("depth", "pose", "inpainting", "outpainting", "reframe"):
+        app, endpoint = split_app_path(f"fal-ai/wan-22-vace-fun-a14b/{sub}")
+        assert (app.app_id, app.family, endpoint) == ("fal-ai/wan-22-vace-fun-a14b", "wan2.2-vace-fun-a14b", sub)
+    assert split_app_path("fal-ai/wan-vace-14b")[1] == ""
+    for bad in ("fal-ai/wan-22-vace-fun-a14b", "fal-ai/wan-22-vace-fun-a14b/x", "fal-ai/wan-22-vace-fun-a14bx/pose"):
+        with pytest.raises(ApiError) as exc:
+            split_app_path(bad)
+        assert exc.value.status_code == 404 and "fal-ai/wan-22-vace-fun-a14b/reframe" in exc.value.message
 
 
 def test_missing_or_empty_video_and_orphan_masks_are_named():

@@ -215,3 +215,170 @@ def test_playground_end_to_end(server, browser):
     assert not foreign, foreign  # no CDN, no font host: the box may be offline
     page.close()
     assert time.monotonic() - t0 < 90
+
+
+def _stroke(page, canvas: str, points: list[tuple[float, float]]) -> None:
+    """Drag the mouse through `points` given as fractions of the canvas's shown box."""
+    box = page.locator(canvas).bounding_box()
+    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*xy[0])
+    page.mouse.down()
+    for p in xy[1:]:
+        page.mouse.move(*p, steps=8)
+    page.mouse.up()
+
+
+def _stored_input(server, job_id: str, field: str):  # noqa: ANN202 - PIL image
+    from PIL import Image
+
+    spec = json.loads(server.row(job_id)["spec"])
+    return Image.open(spec["inputs"][field])
+
+
+def _run_to_completion(page) -> str:
+    page.get_by_role("button", name="Generate").click()
+    return _run_to_completion_wait(page)
+
+
+def test_mask_painter(server, browser):
+    """Paint over the first frame of a video (decoded by the browser) and over a still: brush, size, eraser,
+    invert and clear; the stored mask has exactly the painted stroke (pixel check)."""
+    if not FIXTURES.is_dir():
+        pytest.skip("../shared/fixtures absent")
+    import numpy as np
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.goto(f"{server.base}/playground")
+    page.evaluate("k => localStorage.setItem('vace.playground.apiKey', k)", KEY)
+    page.get_by_label("Prompt", exact=True).fill("replace the painted band")
+    page.get_by_label("Task").select_option("inpainting")
+    page.set_input_files("#video-input", str(FIXTURES / "test.mp4"))
+    page.locator("#advanced summary").click()
+    page.get_by_label("Steps").fill("1")
+    page.get_by_role("button", name="Load frame").click()
+    page.wait_for_selector("#paint-canvas:not([hidden])")
+    w, h = page.eval_on_selector("#paint-canvas", "c => [c.width, c.height]")
+    assert (w, h) > (16, 16)
+    # the canvas shows the decoded first frame: not blank
+    assert page.evaluate("""() => { const c = document.querySelector('#paint-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let s = 0;
+        for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2]; return s; }""") > 0
+    assert page.get_by_label("Send the painted mask").is_checked()
+
+    masked = ("() => { const m = painter.mask; const d = m.getContext('2d').getImageData(0, 0, m.width, "
+              "m.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; "
+              "return n / (m.width * m.height); }")
+    _stroke(page, "#paint-canvas", [(0.1, 0.1), (0.2, 0.2)])  # scribble, then clear it
+    assert page.evaluate(masked) > 0
+    page.get_by_role("button", name="Clear", exact=True).click()
+    assert page.evaluate(masked) == 0
+    page.get_by_role("button", name="Invert", exact=True).click()
+    assert page.evaluate(masked) == 1.0
+    page.get_by_role("button", name="Invert", exact=True).click()
+    assert page.evaluate(masked) == 0
+
+    # the known stroke: a band across the middle, 40 px wide (frame pixels), with a hole erased at its centre
+    page.locator("#brush-size").fill("40")
+    _stroke(page, "#paint-canvas", [(0.15, 0.5), (0.85, 0.5)])
+    page.get_by_role("button", name="Eraser", exact=True).click()
+    page.locator("#brush-size").fill("20")
+    _stroke(page, "#paint-canvas", [(0.5, 0.5), (0.5, 0.5)])
+    page.get_by_role("button", name="Brush", exact=True).click()
+    page.screenshot(path=str(ARTIFACTS / "5-mask-painted.png"), full_page=True)
+    job_id = _run_to_completion(page)
+    assert page.locator("#painted-figure").is_visible()
+    _ready_video(page, "#preview-mask")
+    page.screenshot(path=str(ARTIFACTS / "6-mask-painter-result.png"), full_page=True)
+
+    mask = np.asarray(_stored_input(server, job_id, "mask_image").convert("L"))
+    assert mask.shape == (h, w)
+    y = h // 2
+    for fx in (0.2, 0.35, 0.65, 0.8):  # on the band
+        assert mask[y, int(fx * w)] == 255 and mask[y + 15, int(fx * w)] == 255, fx
+    for fx in (0.05, 0.95):  # beyond the ends (the round cap reaches 20 px)
+        assert mask[y, int(fx * w)] == 0, fx
+    assert mask[y - 30, w // 3] == 0 and mask[y + 30, w // 3] == 0  # above and below the band
+    assert mask[y, w // 2] == 0 and mask[y + 15, w // 2] == 255  # the erased hole (radius 10) inside the band
+    assert 0.5 < (mask > 0).mean() / (40 * 0.7 * w / (w * h)) < 1.5  # about the band's area, nothing else
+    logs = page.locator("#logs").inner_text()
+    assert "mask_image" in json.dumps(json.loads(server.row(job_id)["spec"])["inputs"]) and "completed" in logs
+
+    # a still: the painted pixels of the first frame image become transparent (content_aware: generate there)
+    page.get_by_label("Paint over", exact=True).select_option("first_image")
+    page.set_input_files("#first_image-input", str(FIXTURES / "test.jpg"))
+    page.get_by_role("button", name="Remove video").click()
+    page.get_by_label("Task").select_option("none")
+    page.get_by_role("button", name="Load frame").click()
+    page.wait_for_selector("#paint-canvas:not([hidden])")
+    w2, h2 = page.eval_on_selector("#paint-canvas", "c => [c.width, c.height]")
+    page.locator("#brush-size").fill("30")
+    _stroke(page, "#paint-canvas", [(0.5, 0.2), (0.5, 0.8)])
+    page.get_by_role("button", name="Generate").click()  # the stored input is what is checked: no need to wait
+    page.wait_for_function("id => !document.querySelector('#run-title').textContent.includes(id)", arg=job_id)
+    job2 = page.locator("#run-title").inner_text().removeprefix("Run ").strip()
+    page.get_by_role("button", name="Cancel").click()
+    still = np.asarray(_stored_input(server, job2, "first_image").convert("RGBA"))
+    assert still.shape[:2] == (h2, w2)
+    x = w2 // 2
+    assert still[h2 // 2, x, 3] == 0 and still[int(0.3 * h2), x + 10, 3] == 0  # painted: transparent
+    assert still[h2 // 2, x + 40, 3] == 255 and still[h2 // 20, x, 3] == 255  # elsewhere: the image, opaque
+    page.screenshot(path=str(ARTIFACTS / "7-mask-painter-still.png"), full_page=True)
+    assert not page_errors, page_errors
+    page.close()
+
+
+def test_live_preview(server, browser):
+    """While a job denoises, the progress route hands out the worker's live preview (an animated WebP of x0 at
+    latent resolution, a new URL per preview) and the page shows it, step by step."""
+    import io
+
+    from PIL import Image
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.goto(f"{server.base}/playground")
+    page.evaluate("k => localStorage.setItem('vace.playground.apiKey', k)", KEY)
+    page.evaluate("""() => { window.__live = [];
+        new MutationObserver(() => window.__live.push([document.querySelector('#live-caption').textContent,
+                                                       document.querySelector('#status').textContent]))
+          .observe(document.querySelector('#live-caption'),
+                   {childList: true, characterData: true, subtree: true}); }""")
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
+    page.get_by_label("Task").select_option("none")
+    page.locator("#advanced summary").click()
+    page.get_by_label("Steps").fill("40")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("#live-figure:not([hidden])", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "8-live-preview.png"), full_page=True)
+    job_id = _run_to_completion_wait(page)
+    page.wait_for_function("() => /step 40\\/40$/.test(document.querySelector('#live-caption').textContent)")
+    page.screenshot(path=str(ARTIFACTS / "9-live-preview-done.png"), full_page=True)
+    seen = page.evaluate("window.__live")
+    running = [c for c, status in seen if status.startswith("Running")]
+    steps = [int(re.search(r"step (\d+)/40", c).group(1)) for c, _ in seen]
+    assert running and min(steps) < 40 and steps == sorted(steps), seen  # shown live, in order
+    assert all(s % 5 == 0 for s in steps), steps  # VACE_PREVIEW_EVERY's default: every 5 steps
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    p = httpx.get(f"{server.base}/api/v3/predictions/{job_id}/progress", headers=auth, timeout=10).json()["data"]
+    pv = p["preview"]
+    assert (pv["step"], pv["total"]) == (40, 40) and pv["url"].endswith(".webp")
+    r = httpx.get(pv["url"], timeout=10)  # a capability URL, like the outputs
+    assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert im.n_frames == pv["frames"] == 5 and im.size == (pv["width"], pv["height"])  # 17 frames → 5 latent
+    assert not page_errors, page_errors
+    page.close()
+
+
+def _run_to_completion_wait(page) -> str:
+    page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
+                           timeout=300_000)  # a loaded CI box: the inpainting preprocess alone took 60 s
+    status = page.locator("#status").inner_text()
+    assert status.startswith("Completed"), f"{status}\n{page.locator('#logs').inner_text()}"
+    return page.locator("#run-title").inner_text().removeprefix("Run ").strip()

@@ -36,26 +36,39 @@ def sampling(metadata: dict[str, Any]) -> dict[str, Any]:
     return {k: metadata["sampling"][k] for k in SAMPLING}
 
 
-def test_cli_every_policy_consecutive_jobs(realarch_wan21: Path, tmp_path: Path) -> None:
-    """Two `generate` runs per policy in one process (the second reuses the loaded engine) on the real VAE."""
-    runner = CliRunner()
-    got: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
-    for policy in POLICIES:
+_CLI: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
+_LIVE: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
+EXPECTED = {"num_inference_steps": 2, "computed_steps": 2, "skipped_steps": 0, "forwards": 2,
+            "skipped_step_indices": []}
+
+
+def cli_jobs(model: Path, policy: str, tmp: Path) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """Two `generate` runs in one process (the second reuses the loaded engine), memoised per policy."""
+    if policy not in _CLI:
+        runner = CliRunner()
+        out, got = tmp / f"cli-{policy}", []
         for i, seed in enumerate((3, 4)):
-            out = tmp_path / policy
             result = runner.invoke(app, [
-                "generate", "--model", str(realarch_wan21), "--offload", policy, "--device", "cpu", "--cfg-batch",
+                "generate", "--model", str(model), "--offload", policy, "--device", "cpu", "--cfg-batch",
                 "--prompt", "a dog runs on the beach", "--size", "16x16", "--num-frames", "17", "--steps", "2",
                 "--seed", str(seed), "--out", str(out), "--name", f"job{i}", "--quiet"])
             assert result.exit_code == 0, result.output
             meta = json.loads((out / f"job{i}.json").read_text())
-            got.setdefault(policy, []).append((decoded(out / f"job{i}.mp4"), sampling(meta)))
-    for policy in POLICIES:
-        for i, (frames, stats) in enumerate(got[policy]):
-            assert stats == {"num_inference_steps": 2, "computed_steps": 2, "skipped_steps": 0, "forwards": 2,
-                             "skipped_step_indices": []}, (policy, i)
-            assert np.array_equal(frames, got["none"][i][0]), f"{policy} job {i + 1}: frames differ from none"
-    assert not np.array_equal(got["none"][0][0], got["none"][1][0])
+            assert meta["model"]["offload"] == policy and meta["model"]["device"] == "cpu"
+            got.append((decoded(out / f"job{i}.mp4"), sampling(meta)))
+        _CLI[policy] = got
+    return _CLI[policy]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cli_consecutive_jobs(realarch_wan21: Path, tmp_path_factory: pytest.TempPathFactory, policy: str) -> None:
+    """`vace-local generate --model DIR --offload X` on the real VAE: `offload none`'s frames and statistics."""
+    tmp = tmp_path_factory.getbasetemp()
+    got, ref = cli_jobs(realarch_wan21, policy, tmp), cli_jobs(realarch_wan21, "none", tmp)
+    for i, (frames, stats) in enumerate(got):
+        assert stats == EXPECTED, f"job {i + 1}"
+        assert np.array_equal(frames, ref[i][0]), f"job {i + 1}: frames differ from offload none"
+    assert not np.array_equal(got[0][0], got[1][0])
 
 
 def _run_jobs(srv: LiveServer, seeds: tuple[int, ...]) -> list[tuple[np.ndarray, dict[str, Any]]]:
@@ -73,27 +86,35 @@ def _run_jobs(srv: LiveServer, seeds: tuple[int, ...]) -> list[tuple[np.ndarray,
             row = srv.row(vid)
         assert row["status"] == "succeeded", (row, srv.logs(vid))
         job_dir = srv.data_dir / "outputs" / vid
-        [meta_file] = [p for p in job_dir.glob("*.json")]
-        [video_file] = [p for p in job_dir.glob("*.mp4")]
-        out.append((decoded(video_file), sampling(json.loads(meta_file.read_text()))))
+        [meta_file] = list(job_dir.glob("*.json"))
+        [video_file] = list(job_dir.glob("*.mp4"))
+        meta = json.loads(meta_file.read_text())
+        assert meta["model"]["offload"] == srv.env["VACE_OFFLOAD"]
+        out.append((decoded(video_file), sampling(meta)))
     return out
 
 
-def test_live_server_every_policy_consecutive_jobs(realarch_wan21_narrow_vae: Path, tmp_path: Path) -> None:
-    """One server per policy, one worker, three jobs each: same frames and statistics as `offload none`."""
-    seeds = (5, 6, 5)
-    got = {}
-    for policy in POLICIES:
-        srv = LiveServer(tmp_path / policy, tmp_path / "cache", model=str(realarch_wan21_narrow_vae),
+def live_jobs(model: Path, policy: str, tmp: Path) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """Three jobs on a live server (`--model DIR`, one CPU worker, `VACE_OFFLOAD`), memoised per policy."""
+    if policy not in _LIVE:
+        srv = LiveServer(tmp / f"live-{policy}", tmp / "cache", model=str(model),
                          extra_env={"VACE_OFFLOAD": policy, "VACE_CFG_BATCH": "1"})
         try:
             srv.start(ready_timeout=300)
-            got[policy] = _run_jobs(srv, seeds)
+            _LIVE[policy] = _run_jobs(srv, (5, 6, 5))
         finally:
             srv.stop()
-    for policy in POLICIES:
-        for i, (frames, stats) in enumerate(got[policy]):
-            assert stats == {"num_inference_steps": 2, "computed_steps": 2, "skipped_steps": 0, "forwards": 2,
-                             "skipped_step_indices": []}, (policy, i)
-            assert np.array_equal(frames, got["none"][i][0]), f"{policy} job {i + 1}: frames differ from none"
-    assert np.array_equal(got["none"][0][0], got["none"][2][0])
+    return _LIVE[policy]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_live_server_consecutive_jobs(realarch_wan21_narrow_vae: Path, tmp_path_factory: pytest.TempPathFactory,
+                                      policy: str) -> None:
+    """One server per policy, three jobs on its one worker: `offload none`'s frames and statistics, every job."""
+    tmp = tmp_path_factory.getbasetemp()
+    got = live_jobs(realarch_wan21_narrow_vae, policy, tmp)
+    ref = live_jobs(realarch_wan21_narrow_vae, "none", tmp)
+    for i, (frames, stats) in enumerate(got):
+        assert stats == EXPECTED, f"job {i + 1}"
+        assert np.array_equal(frames, ref[i][0]), f"job {i + 1}: frames differ from offload none"
+    assert np.array_equal(got[0][0], got[2][0]) and not np.array_equal(got[0][0], got[1][0])

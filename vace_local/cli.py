@@ -129,6 +129,9 @@ def generate(
                                                     "(`vace-local download safety`).")] = False,
     expand_prompt: Annotated[bool, typer.Option(help="Rewrite the prompt with the prompt expander first "
                                                      "(`vace-local download prompt-expander`).")] = False,
+    preview_every: Annotated[int, typer.Option(min=0, help="Every N denoising steps (and after the last), save a "
+                                                          "live preview of the denoised estimate as "
+                                                          "<out>/<name>.preview.webp (0: none).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate one video and write <out>/<name>.mp4 plus <name>.json metadata."""
@@ -194,7 +197,7 @@ def generate(
         _fail(str(exc))
         raise
 
-    _run_with_progress(spec, options, out, name, quiet, resume_dir)
+    _run_with_progress(spec, options, out, name, quiet, resume_dir, preview_every)
 
 
 def _parse_job_lora(text: str) -> dict:
@@ -211,13 +214,14 @@ def _parse_job_lora(text: str) -> dict:
 
 
 def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool,  # noqa: ANN001
-                       resume_dir: Path | None = None) -> None:
+                       resume_dir: Path | None = None, preview_every: int = 0) -> None:
     import time
 
     from tqdm import tqdm
 
     from vace_local.engine import get_engine
     from vace_local.events import Progress
+    from vace_local.preview import Preview, preview_scope, write_strip
     from vace_local.run import run_job
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
@@ -251,7 +255,13 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool, 
             from vace_local.long_video import DirWindowStore
 
             store = DirWindowStore(resume_dir)
-        result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem, window_store=store)
+        preview_path = Path(out) / f"{stem}.preview.webp"
+
+        def on_preview(p: Preview) -> None:
+            write_strip(p.frames, preview_path)
+
+        with preview_scope(preview_every, on_preview):
+            result = run_job(spec, out, engine=engine, on_progress=on_progress, name=stem, window_store=store)
     except VaceError as exc:
         if bar is not None:
             bar.close()
@@ -261,6 +271,8 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool, 
     typer.echo(f"metadata: {result.metadata_path}")
     for key, path in result.extras.items():
         typer.echo(f"{key + ':':9} {path}")
+    if preview_every and preview_path.is_file():
+        typer.echo(f"preview:  {preview_path}")
     typer.echo(f"seed:     {result.seed}")
     for note in result.notes:
         typer.echo(f"note:     {note}")

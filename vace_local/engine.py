@@ -30,11 +30,13 @@ from vace_local.memory import (
     ModelSize,
     Policy,
     apply_policy,
+    before_call,
     host_free_ram,
     plan_memory,
     wants_vae_tiling,
 )
 from vace_local.models import ResolvedModel, resolve_model
+from vace_local.preview import attach_preview
 from vace_local.samplers import make_scheduler
 from vace_local.spec import DtypeName as Dtype
 from vace_local.spec import JobSpec, OffloadPolicy
@@ -450,6 +452,7 @@ class Engine:
         scale = self.check_job(spec, bundle)
         job_loras = self._job_loras(spec)
         spec = self.effective_spec(spec)
+        before_call(self.pipe, self.policy, self.device)
         t_lora = time.perf_counter()
         used = self.adapters.activate(job_loras)
         t_lora = time.perf_counter() - t_lora
@@ -474,6 +477,8 @@ class Engine:
                 raise JobCancelled("job cancelled during denoising")
             return {}
 
+        if decode:  # live previews of x0 (vace_local.preview), when the run asked for them; refs are skipped
+            attach_preview(self.pipe.scheduler, total, len(refs))
         generator = torch.Generator(device="cpu").manual_seed(seed)
         threshold = self.step_cache_threshold(spec)
         self.fast.begin_job(total_steps=total, cache=StepCacheConfig(threshold=threshold),

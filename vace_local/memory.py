@@ -276,18 +276,25 @@ def _resident(pipe, device: str) -> None:  # noqa: ANN001
 
 def _model_offload(pipe, device: str) -> None:  # noqa: ANN001
     pipe.enable_model_cpu_offload(device=device)
+    before_call(pipe, "model", device)
 
 
 def _sequential_offload(pipe, device: str) -> None:  # noqa: ANN001
     pipe.enable_sequential_cpu_offload(device=device)
-    if device.split(":")[0] == "cpu":
+    before_call(pipe, "sequential", device)
+
+
+def before_call(pipe, policy: Policy, device: str) -> None:  # noqa: ANN001
+    """Before each pipeline call (diffusers re-installs model-offload hooks after every call): on the CPU,
+    accelerate's hooks execute on plain `cpu`, not the `cpu:0` diffusers gives them. `Tensor.to("cpu:0")` copies
+    every weight on each onload (fresh buffers change the float results in the last bits: no longer identical to
+    `none`), and under sequential offload a `Parameter` copied that way comes back a plain Tensor, which accelerate's
+    next offload to `meta` cannot rewrap (`TypeError: new() received an invalid combination of arguments`)."""
+    if policy in ("model", "sequential") and device.split(":")[0] == "cpu":
         _plain_cpu_execution_device(pipe)
 
 
 def _plain_cpu_execution_device(pipe) -> None:  # noqa: ANN001
-    """diffusers makes the execution device `cpu:0`; `Parameter.to("cpu:0")` then copies into a plain Tensor, which
-    accelerate's next offload to `meta` cannot rewrap (`TypeError: new() received an invalid combination`). On the
-    CPU the hooks execute on plain `cpu` instead: the same hooks, moving weights meta <-> CPU without a copy."""
     import torch
 
     cpu = torch.device("cpu")

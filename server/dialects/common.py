@@ -152,11 +152,22 @@ class Translation:
 
 # ---- served model (fal, AI/ML and OpenAI ask for model ids) ---------------------------------------------
 
+#: The tiny smoke models' stand-ins: `tiny` answers every model id; `tiny-two-expert` has Wan 2.2's shape (two
+#: experts, a boundary) and answers the Wan 2.2 ids as that family would (other ids need a mapping, like a real one).
+TINY_FAMILIES: dict[str, str | None] = {"tiny": None, "tiny-two-expert": "wan2.2-vace-fun-a14b"}
+
+
+def served_family(settings: Any) -> str | None:
+    """The Wan family the served model is (its own name for a built-in one; None = answers every family)."""
+    return TINY_FAMILIES.get(settings.model, settings.model)
+
+
 def check_served_model(core: JobService, model_id: str, family: str) -> str | None:
     """None when the served model answers `model_id`, else the reason it does not. Returns a log note
-    via `served_note`. `tiny` serves every id; `Settings.model_map` maps an id or family to the served model."""
+    via `served_note`. `tiny` serves every id, `tiny-two-expert` the Wan 2.2 ids; `Settings.model_map` maps an
+    id or family to the served model."""
     served = core.settings.model
-    if core.settings.is_tiny or served == family:
+    if served_family(core.settings) in (None, family):
         return None
     mapping = getattr(core.settings, "model_map", {}) or {}
     if mapping.get(model_id) == served or mapping.get(family) == served:
@@ -167,7 +178,7 @@ def check_served_model(core: JobService, model_id: str, family: str) -> str | No
 
 def served_note(core: JobService, model_id: str, family: str) -> str:
     served = core.settings.model
-    if served == family:
+    if served_family(core.settings) in (None, family):
         return f"model: {model_id} served by {served}"
     return f"model: {model_id} ({family}) answered with the served model '{served}' (model mapping)"
 

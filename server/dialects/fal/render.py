@@ -24,7 +24,7 @@ from server.core import (
     iso_time,
 )
 from server.dialects.common import check_fields, prompt_used
-from server.dialects.fal.schemas import ALIAS, OWNER
+from server.dialects.fal.schemas import ALIAS, FAL_APPS, OWNER
 from vace_local.errors import Problem
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -75,8 +75,14 @@ def render_error(request: Request, err: ApiError) -> Response:
     return JSONResponse(body, status_code=err.status_code, headers=headers)
 
 
-def urls(base: str, job_id: str) -> dict[str, str]:
-    b = f"{base}/{OWNER}/{ALIAS}/requests/{job_id}"
+def app_alias(job: JobRecord) -> str:
+    """The fal app (alias) a job was submitted to, from its model id `fal-ai/<alias>[/sub]`."""
+    parts = job.model.split("/")
+    return parts[1] if len(parts) > 1 and parts[0] == OWNER and parts[1] in FAL_APPS else ALIAS
+
+
+def urls(base: str, job: JobRecord) -> dict[str, str]:
+    b = f"{base}/{OWNER}/{app_alias(job)}/requests/{job.id}"
     return {"response_url": b, "status_url": f"{b}/status", "cancel_url": f"{b}/cancel"}
 
 
@@ -142,7 +148,7 @@ def _log_items(job: JobRecord) -> list[dict[str, Any]]:
 
 
 def render_status(job: JobRecord, core: JobService, base: str, with_logs: bool) -> tuple[int, dict[str, Any]]:
-    body: dict[str, Any] = {"request_id": job.id, **urls(base, job.id)}
+    body: dict[str, Any] = {"request_id": job.id, **urls(base, job)}
     logs = _log_items(job) if with_logs else None
     if job.status == QUEUED:
         body.update(status="IN_QUEUE", queue_position=core.queue_position(job.id) or 0, logs=logs)

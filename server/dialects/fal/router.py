@@ -1,12 +1,15 @@
-"""fal dialect: the `fal-ai/wan-vace-14b` queue API (and the synchronous run path) on the shared core.
+"""fal dialect: the `fal-ai/wan-vace-14b` and `fal-ai/wan-22-vace-fun-a14b` queue APIs (and the synchronous run
+path) on the shared core.
 
-Routes (fal-client's FAL_QUEUE_RUN_HOST = `<host>:<port>`, FAL_RUN_HOST = `<host>:<port>/run`):
-- `POST /fal-ai/wan-vace-14b[/depth|/pose|/inpainting|/outpainting|/reframe][?fal_webhook=<url>]` → submit
-- `GET  /fal-ai/wan-vace-14b/requests/{id}/status[?logs=1|true]` → 202 IN_QUEUE / IN_PROGRESS, 200 COMPLETED
-- `GET  /fal-ai/wan-vace-14b/requests/{id}` → the output (a failed job answers 4xx/5xx with `detail`)
-- `PUT  /fal-ai/wan-vace-14b/requests/{id}/cancel`
-- `POST /run/fal-ai/wan-vace-14b[/sub]` → synchronous: the output body directly
-Status/result/cancel are routed by owner/alias (fal-client drops the sub-path). Every response carries
+Routes (fal-client's FAL_QUEUE_RUN_HOST = `<host>:<port>`, FAL_RUN_HOST = `<host>:<port>/run`), `<app>` being
+`wan-vace-14b` (sub-paths optional) or `wan-22-vace-fun-a14b` (a sub-path required, as at fal):
+- `POST /fal-ai/<app>[/depth|/pose|/inpainting|/outpainting|/reframe][?fal_webhook=<url>]` → submit
+- `GET  /fal-ai/<app>/requests/{id}/status[?logs=1|true]` → 202 IN_QUEUE / IN_PROGRESS, 200 COMPLETED
+- `GET  /fal-ai/<app>/requests/{id}` → the output (a failed job answers 4xx/5xx with `detail`)
+- `PUT  /fal-ai/<app>/requests/{id}/cancel`
+- `POST /run/fal-ai/<app>[/sub]` → synchronous: the output body directly
+Status/result/cancel are routed by owner/alias (fal-client drops the sub-path); a request id is found only under
+the app it was submitted to. Every response carries
 `x-fal-request-id`; errors are `{"detail": ...}` (a list of `{loc, msg, type}` for 422). The catch-all
 `POST /{app_id:path}` is registered last. Requests are translated in `serving`, responses built in `render`.
 """
@@ -31,66 +34,80 @@ from server.dialects.fal.render import (
     render_webhook,
     urls,
 )
-from server.dialects.fal.schemas import ALIAS, FAL_APP_ID, FAL_ENDPOINTS, NAME, OWNER
-from server.dialects.fal.serving import create_fal_job, split_app_path
+from server.dialects.fal.schemas import FAL_APPS, NAME, OWNER
+from server.dialects.fal.serving import create_fal_job, served_apps_text, split_app_path
 
 router = APIRouter(tags=[NAME])
 authed = [Depends(require_auth)]
-REQ = f"/{OWNER}/{ALIAS}/requests/{{request_id}}"
+REQ = f"/{OWNER}/{{alias}}/requests/{{request_id}}"
 
 
-def _job_or_404(core: JobService, request_id: str, request: Request) -> JobRecord:
+def _app_or_404(alias: str) -> str:
+    """The app id of a route's `{alias}`; 404 listing the served apps for any other."""
+    if alias not in FAL_APPS:
+        raise ApiError(404, f"Application '{OWNER}/{alias}' not found; served here: {served_apps_text()}",
+                       error_type="not_found")
+    return FAL_APPS[alias].app_id
+
+
+def _of_app(job: JobRecord | None, alias: str) -> bool:
+    app_id = _app_or_404(alias)
+    return job is not None and job.dialect == NAME and (job.model == app_id or job.model.startswith(app_id + "/"))
+
+
+def _job_or_404(core: JobService, alias: str, request_id: str, request: Request) -> JobRecord:
     job = core.get_job(request_id, with_logs=True, owner=request_owner(request))
-    if job is None or job.dialect != NAME:
+    if not _of_app(job, alias):
         raise ApiError(404, f"Request '{request_id}' not found", error_type="not_found")
     return job
 
 
 #: The same routes with the sub-endpoint kept (`.../wan-vace-14b/pose/requests/{id}`): fal-client drops it,
 #: hand-built URLs often keep it.
-SUB_REQ = f"/{OWNER}/{ALIAS}/{{endpoint}}/requests/{{request_id}}"
+SUB_REQ = f"/{OWNER}/{{alias}}/{{endpoint}}/requests/{{request_id}}"
 
 
-def _check_endpoint(endpoint: str) -> None:
-    if endpoint not in FAL_ENDPOINTS or not endpoint:
-        split_app_path(f"{FAL_APP_ID}/{endpoint}")  # raises the 404 that lists the served endpoints
+def _check_endpoint(alias: str, endpoint: str) -> None:
+    if not endpoint:
+        endpoint = "-"  # an empty segment is no sub-path
+    split_app_path(f"{_app_or_404(alias)}/{endpoint}")  # raises the 404 that lists the served endpoints
 
 
 @router.get(SUB_REQ + "/status", dependencies=authed, include_in_schema=False)
 def status_sub(
-    endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
+    alias: str, endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
 ) -> Response:
-    _check_endpoint(endpoint)
-    return status(request_id, request, core)
+    _check_endpoint(alias, endpoint)
+    return status(alias, request_id, request, core)
 
 
 @router.get(SUB_REQ, dependencies=authed, include_in_schema=False)
 def result_sub(
-    endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
+    alias: str, endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
 ) -> Response:
-    _check_endpoint(endpoint)
-    return result(request_id, request, core)
+    _check_endpoint(alias, endpoint)
+    return result(alias, request_id, request, core)
 
 
 @router.put(SUB_REQ + "/cancel", dependencies=authed, include_in_schema=False)
 def cancel_sub(
-    endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
+    alias: str, endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
 ) -> Response:
-    _check_endpoint(endpoint)
-    return cancel(request_id, request, core)
+    _check_endpoint(alias, endpoint)
+    return cancel(alias, request_id, request, core)
 
 
 @router.get(REQ + "/status", dependencies=authed, summary="fal queue status")
-def status(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = _job_or_404(core, request_id, request)
+def status(alias: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
+    job = _job_or_404(core, alias, request_id, request)
     with_logs = request.query_params.get("logs", "0").lower() in ("1", "true", "yes")
     code, body = render_status(job, core, core.base_url(request), with_logs)
     return json_response(body, job.id, code)
 
 
 @router.get(REQ, dependencies=authed, summary="fal queue result")
-def result(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = _job_or_404(core, request_id, request)
+def result(alias: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
+    job = _job_or_404(core, alias, request_id, request)
     if job.status == SUCCEEDED:
         return json_response(render_output(job, core, core.base_url(request)), job.id)
     if job.terminal:
@@ -99,9 +116,9 @@ def result(request_id: str, request: Request, core: JobService = Depends(get_job
 
 
 @router.put(REQ + "/cancel", dependencies=authed, summary="fal queue cancel")
-def cancel(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
+def cancel(alias: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = core.get_job(request_id, owner=request_owner(request))
-    if job is None or job.dialect != NAME:
+    if not _of_app(job, alias):
         return json_response({"status": "NOT_FOUND"}, header_id(request_id), 404)
     if job.terminal:
         return json_response({"status": "ALREADY_COMPLETED"}, request_id, 400)
@@ -116,7 +133,8 @@ def cancel(request_id: str, request: Request, core: JobService = Depends(get_job
 async def not_found(rest: str, request: Request) -> Response:
     """Anything else under fal's prefixes: a 404 in fal's shape (not the catch-all's 405)."""
     raise ApiError(404, f"{request.method} {request.url.path} not found: fal routes are POST "
-                   f"/{FAL_APP_ID}[/sub], GET {REQ}[/status] and PUT {REQ}/cancel", error_type="not_found")
+                   f"/{OWNER}/<app>[/sub], GET {REQ}[/status] and PUT {REQ}/cancel "
+                   f"(served apps: {served_apps_text()})", error_type="not_found")
 
 
 @router.post("/run/{app_path:path}", dependencies=authed, summary="fal synchronous run")
@@ -133,13 +151,13 @@ async def run_sync(app_path: str, request: Request, core: JobService = Depends(g
     return json_response(body, job.id)
 
 
-@router.post("/{app_path:path}", dependencies=authed, summary="fal queue submit (fal-ai/wan-vace-14b[/sub])")
+@router.post("/{app_path:path}", dependencies=authed, summary="fal queue submit (fal-ai/<app>[/sub])")
 @accepts(JSON_MEDIA)
 async def submit(app_path: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
     job = await create_fal_job(request, core, app_path)
     base = core.base_url(request)
     body = {"request_id": job.id, "gateway_request_id": job.id, "status": "IN_QUEUE",
-            "queue_position": await asyncio.to_thread(core.queue_position, job.id) or 0, **urls(base, job.id)}
+            "queue_position": await asyncio.to_thread(core.queue_position, job.id) or 0, **urls(base, job)}
     return json_response(body, job.id)
 
 

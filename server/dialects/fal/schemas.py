@@ -1,4 +1,8 @@
-"""fal `fal-ai/wan-vace-14b` request schemas (all six endpoints): the wire contract only.
+"""fal `fal-ai/wan-vace-14b` request schemas (all six endpoints) and the apps that share them: the wire contract only.
+
+`fal-ai/wan-22-vace-fun-a14b/{depth,pose,inpainting,outpainting,reframe}` (Wan 2.2 VACE Fun) has no base endpoint
+and exactly the same fields, types, defaults and ranges as the matching `wan-vace-14b` sub-path (fal's generated
+types alias them: reference/previews-and-loras.md §3), so one schema per sub-path serves both apps.
 
 Field names, defaults and ranges follow the published fal schema (shared/seeds/001, 002;
 reference/client-protocols.md §4), so that a fal client's request validates here exactly as it would at fal.
@@ -7,6 +11,7 @@ The fields fal shares with the AI/ML API are declared once in `server.dialects.v
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
@@ -20,9 +25,9 @@ from server.dialects.vace_fields import (
 )
 
 __all__ = [  # fal's published negative-prompt default is part of its contract, declared with the shared fields
-    "ALIAS", "FAL_APP_ID", "FAL_ENDPOINTS", "FAL_NEGATIVE_PROMPT", "FAL_SCHEMAS", "FIELD_NAMES", "NAME", "OWNER",
-    "REQUESTED_FAMILY", "FalBaseRequest", "FalDepthRequest", "FalInpaintingRequest", "FalOutpaintingRequest",
-    "FalPoseRequest", "FalReframeRequest", "FalRequest",
+    "ALIAS", "FAL_APPS", "FAL_APP_ID", "FAL_ENDPOINTS", "FAL_NEGATIVE_PROMPT", "FAL_SCHEMAS", "FIELD_NAMES", "NAME",
+    "OWNER", "REQUESTED_FAMILY", "FalApp", "FalBaseRequest", "FalDepthRequest", "FalInpaintingRequest",
+    "FalOutpaintingRequest", "FalPoseRequest", "FalReframeRequest", "FalRequest",
 ]
 
 NAME = "fal"
@@ -32,6 +37,26 @@ OWNER, ALIAS = FAL_APP_ID.split("/")
 FAL_ENDPOINTS = ("", "depth", "pose", "inpainting", "outpainting", "reframe")
 #: Wan family each API model id asks for (model mapping: `Settings.model_map`).
 REQUESTED_FAMILY = "wan2.1-vace-14b"
+
+
+@dataclass(frozen=True)
+class FalApp:
+    """One fal app served here: its id (`owner/alias`), the Wan family it asks for, its sub-paths ("" = base)."""
+
+    app_id: str
+    family: str
+    endpoints: tuple[str, ...]
+
+    @property
+    def alias(self) -> str:
+        return self.app_id.split("/", 1)[1]
+
+
+#: The fal apps, by alias (the path segment after `fal-ai/`, which is all fal-client keeps for status/result).
+FAL_APPS: dict[str, FalApp] = {
+    ALIAS: FalApp(FAL_APP_ID, REQUESTED_FAMILY, FAL_ENDPOINTS),
+    "wan-22-vace-fun-a14b": FalApp("fal-ai/wan-22-vace-fun-a14b", "wan2.2-vace-fun-a14b", FAL_ENDPOINTS[1:]),
+}
 #: JobSpec / JobInputs names → fal's, so every error names the user's field.
 FIELD_NAMES = {
     **VACE_FIELD_NAMES,

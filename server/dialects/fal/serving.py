@@ -1,5 +1,6 @@
-"""fal `fal-ai/wan-vace-14b` requests translated into a `JobSpec` (the AI/ML dialect translates through here
-too), and the submit path that validates, probes, translates and queues one (`create_fal_job`).
+"""fal `fal-ai/wan-vace-14b` (and `fal-ai/wan-22-vace-fun-a14b`) requests translated into a `JobSpec` (the AI/ML
+dialect translates through here too), and the submit path that validates, probes, translates and queues one
+(`create_fal_job`).
 
 The translation is pure code (no HTTP, no job store). It needs facts about the input video (size, fps, frame
 count) for `resolution="auto"`, `aspect_ratio="auto"` and the `match_input_*` switches; the submit path probes
@@ -32,12 +33,11 @@ from server.dialects.common import (
 )
 from server.dialects.fal.render import fal_invalid, field_error
 from server.dialects.fal.schemas import (
-    FAL_APP_ID,
-    FAL_ENDPOINTS,
+    FAL_APPS,
     FAL_SCHEMAS,
     FIELD_NAMES,
     NAME,
-    REQUESTED_FAMILY,
+    FalApp,
     FalBaseRequest,
     FalOutpaintingRequest,
     FalReframeRequest,
@@ -269,17 +269,20 @@ def parse_fal_request(endpoint: str, body: Any) -> _Common:
 
 # --- submit ------------------------------------------------------------------------------------------------
 
-def split_app_path(app_path: str) -> str:
-    """`fal-ai/wan-vace-14b[/sub]` → the sub-endpoint ("" = base); ApiError 404 for anything else."""
+def served_apps_text() -> str:
+    return ", ".join(f"{a.app_id}/{e}" if e else a.app_id for a in FAL_APPS.values() for e in a.endpoints)
+
+
+def split_app_path(app_path: str) -> tuple[FalApp, str]:
+    """`fal-ai/<app>[/sub]` → the app and its sub-endpoint ("" = base); ApiError 404 for anything else
+    (`fal-ai/wan-22-vace-fun-a14b` has no base endpoint, as at fal)."""
     p = app_path.strip("/")
-    if p == FAL_APP_ID:
-        return ""
-    if p.startswith(FAL_APP_ID + "/"):
-        sub = p[len(FAL_APP_ID) + 1:]
-        if sub in FAL_ENDPOINTS:
-            return sub
-    raise ApiError(404, f"Application '{p}' not found; served here: {FAL_APP_ID} and "
-                   + ", ".join(f"{FAL_APP_ID}/{e}" for e in FAL_ENDPOINTS if e), error_type="not_found")
+    for app in FAL_APPS.values():
+        if p == app.app_id or p.startswith(app.app_id + "/"):
+            sub = p[len(app.app_id) + 1:]
+            if sub in app.endpoints:
+                return app, sub
+    raise ApiError(404, f"Application '{p}' not found; served here: {served_apps_text()}", error_type="not_found")
 
 
 async def _read_json(request: Request) -> Any:
@@ -295,9 +298,9 @@ async def _read_json(request: Request) -> Any:
 async def create_fal_job(request: Request, core: JobService, app_path: str) -> JobRecord:
     """Validate a submit against its endpoint's schema, probe the input video when the size or timing follows
     it, translate, and queue the job; every refusal is fal's 422 naming the field (or a 404 for the app)."""
-    endpoint = split_app_path(app_path)
-    app_id = FAL_APP_ID + (f"/{endpoint}" if endpoint else "")
-    problem = check_served_model(core, app_id, REQUESTED_FAMILY)
+    app, endpoint = split_app_path(app_path)
+    app_id = app.app_id + (f"/{endpoint}" if endpoint else "")
+    problem = check_served_model(core, app_id, app.family)
     if problem:
         raise ApiError(404, problem, error_type="model_not_served")
     body = await _read_json(request)
@@ -330,7 +333,7 @@ async def create_fal_job(request: Request, core: JobService, app_path: str) -> J
             raise fal_invalid([replace(p, location="query") for p in e.problems]) from None
     # Only the normalised spec is stored (not the raw body): unknown fields are named in a bounded log line.
     unknown = unknown_fields_note(set(body) - set(type(req).model_fields))
-    logs = [served_note(core, app_id, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes,
+    logs = [served_note(core, app_id, app.family), *([probe_note] if probe_note else []), *tr.notes,
             *([unknown] if unknown else [])]
     try:
         job = await core.create_job_async(

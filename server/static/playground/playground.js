@@ -180,7 +180,11 @@ function addRefs(files) {
   renderRefs();
 }
 
-function setSlot(name, file) { media[name] = file ? { name: file.name, file } : null; renderSlot(name); }
+function setSlot(name, file) {
+  media[name] = file ? { name: file.name, file } : null;
+  renderSlot(name);
+  if (painter.source === name) resetPainter(); // it was painted over the file just replaced
+}
 
 function wireInputs() {
   $("#images-input").addEventListener("change", (e) => { addRefs(e.target.files); e.target.value = ""; });
@@ -201,6 +205,206 @@ function wireInputs() {
       if (name === "images") addRefs(e.dataTransfer.files); else setSlot(name, e.dataTransfer.files[0]);
     });
   });
+}
+
+// ---- mask painter ------------------------------------------------------------------------------------
+// The mask lives in an offscreen canvas at the frame's own size (opaque white = painted, i.e. generate); the
+// visible canvas shows the frame with the mask tinted over it. The frame is decoded here, in the browser (a
+// <video> element for the first frame of a video, createImageBitmap for an image): the server never decodes
+// media for the page. Over a video the mask is sent as `mask_image` (tracked through the clip by the worker);
+// over the first frame image (a still) the painted pixels are made transparent, which the default
+// `transparency_mode` (content_aware) reads as "generate here, mask 1".
+
+const painter = { source: null, frame: null, mask: null, tint: null, tool: "brush", last: null, drawing: false,
+  painted: false, name: "" };
+const FRAME_TIMEOUT_MS = 20000;
+
+function paintInfo(text) { $("#paint-info").textContent = text; }
+
+async function blobOf(item) {
+  if (item.file) return item.file;
+  const u = new URL(item.url, location.href);
+  const res = await api(u.origin === location.origin ? u.href : u.pathname + u.search);
+  if (!res.ok) throw await problemOf(res);
+  return res.blob();
+}
+
+function canvasOf(w, h) { const c = document.createElement("canvas"); c.width = w; c.height = h; return c; }
+
+function firstVideoFrame(blob) {
+  return new Promise((resolve, reject) => {
+    const v = document.createElement("video");
+    const url = URL.createObjectURL(blob);
+    let timer = 0;
+    const done = (fn, x) => { clearTimeout(timer); URL.revokeObjectURL(url); v.removeAttribute("src"); v.load(); fn(x); };
+    const fail = () => done(reject, new Problem("this browser cannot decode the video's first frame", "video"));
+    timer = setTimeout(fail, FRAME_TIMEOUT_MS);
+    v.muted = true; v.playsInline = true; v.preload = "auto";
+    v.addEventListener("error", fail, { once: true });
+    v.addEventListener("loadeddata", () => { // readyState >= 2: the frame at time 0 is decoded
+      if (!v.videoWidth) { fail(); return; }
+      const c = canvasOf(v.videoWidth, v.videoHeight);
+      c.getContext("2d").drawImage(v, 0, 0);
+      done(resolve, c);
+    }, { once: true });
+    v.src = url;
+  });
+}
+
+async function imageFrame(blob) {
+  const bmp = await createImageBitmap(blob);
+  const c = canvasOf(bmp.width, bmp.height);
+  c.getContext("2d").drawImage(bmp, 0, 0);
+  bmp.close();
+  return c;
+}
+
+function resetPainter(text) {
+  Object.assign(painter, { source: null, frame: null, mask: null, tint: null, last: null, drawing: false,
+    painted: false });
+  $("#paint-canvas").hidden = true;
+  $("#paint-use").checked = false; $("#paint-use").disabled = true;
+  paintInfo(text || "Choose a video (or a first frame image), then “Load frame”.");
+}
+
+async function loadPaintFrame() {
+  const source = $("#paint-source").value;
+  const item = media[source];
+  if (!item) { paintInfo(source === "video" ? "Choose a video first." : "Choose a first frame image first."); return; }
+  paintInfo("Decoding the first frame…");
+  try {
+    const blob = await blobOf(item);
+    const frame = source === "video" ? await firstVideoFrame(blob) : await imageFrame(blob);
+    Object.assign(painter, { source, frame, name: item.name, painted: false, last: null,
+      mask: canvasOf(frame.width, frame.height), tint: canvasOf(frame.width, frame.height) });
+  } catch (err) {
+    resetPainter(`Could not load the frame: ${err.message}`);
+    return;
+  }
+  const c = $("#paint-canvas");
+  c.width = painter.frame.width; c.height = painter.frame.height; c.hidden = false;
+  $("#paint-use").disabled = false; $("#paint-use").checked = true;
+  redrawPaint();
+  paintInfo(`${painter.name}: ${c.width}×${c.height}. Drag to paint where the model should generate.`);
+}
+
+function redrawPaint() {
+  if (!painter.frame) return;
+  const t = painter.tint.getContext("2d");
+  t.globalCompositeOperation = "copy"; t.drawImage(painter.mask, 0, 0);
+  t.globalCompositeOperation = "source-in"; t.fillStyle = "#ff2a55"; t.fillRect(0, 0, painter.tint.width, painter.tint.height);
+  const g = $("#paint-canvas").getContext("2d");
+  g.globalAlpha = 1; g.drawImage(painter.frame, 0, 0);
+  g.globalAlpha = 0.6; g.drawImage(painter.tint, 0, 0); g.globalAlpha = 1;
+}
+
+function brushSize() { return Number($("#brush-size").value) || 32; }
+
+function strokeTo(x, y) {
+  const g = painter.mask.getContext("2d");
+  g.globalCompositeOperation = painter.tool === "eraser" ? "destination-out" : "source-over";
+  g.strokeStyle = "#fff"; g.fillStyle = "#fff"; g.lineCap = "round"; g.lineJoin = "round";
+  g.lineWidth = brushSize();
+  if (painter.last) {
+    g.beginPath(); g.moveTo(painter.last[0], painter.last[1]); g.lineTo(x, y); g.stroke();
+  } else { // a press without a move paints a dot
+    g.beginPath(); g.arc(x, y, brushSize() / 2, 0, 2 * Math.PI); g.fill();
+  }
+  painter.last = [x, y];
+  painter.painted = true;
+  redrawPaint();
+}
+
+function framePoint(e) {
+  const c = $("#paint-canvas");
+  const r = c.getBoundingClientRect();
+  return [(e.clientX - r.left) * c.width / r.width, (e.clientY - r.top) * c.height / r.height];
+}
+
+function invertMask() {
+  if (!painter.mask) return;
+  const g = painter.mask.getContext("2d");
+  const img = g.getImageData(0, 0, painter.mask.width, painter.mask.height);
+  const d = img.data;
+  for (let i = 0; i < d.length; i += 4) { d[i] = 255; d[i + 1] = 255; d[i + 2] = 255; d[i + 3] = 255 - d[i + 3]; }
+  g.putImageData(img, 0, 0);
+  painter.painted = true;
+  redrawPaint();
+}
+
+function clearMask() {
+  if (!painter.mask) return;
+  painter.mask.getContext("2d").clearRect(0, 0, painter.mask.width, painter.mask.height);
+  redrawPaint();
+}
+
+function setTool(tool) {
+  painter.tool = tool;
+  for (const [id, t] of [["#tool-brush", "brush"], ["#tool-eraser", "eraser"]]) {
+    $(id).setAttribute("aria-pressed", String(t === tool));
+    $(id).classList.toggle("secondary", t !== tool);
+  }
+}
+
+const pngOf = (canvas) => new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+
+// The painted mask as the server reads one: white (generate) on black (keep), the frame's size.
+async function paintedMaskPng() {
+  const c = canvasOf(painter.mask.width, painter.mask.height);
+  const g = c.getContext("2d");
+  g.fillStyle = "#000"; g.fillRect(0, 0, c.width, c.height); g.drawImage(painter.mask, 0, 0);
+  return pngOf(c);
+}
+
+// The still with its painted pixels transparent (content_aware: transparent = generate).
+async function paintedStillPng() {
+  const c = canvasOf(painter.frame.width, painter.frame.height);
+  const g = c.getContext("2d");
+  g.drawImage(painter.frame, 0, 0);
+  g.globalCompositeOperation = "destination-out"; g.drawImage(painter.mask, 0, 0);
+  return pngOf(c);
+}
+
+let paintedForNext = null; // the painted mask of the request being submitted, shown once its run starts
+
+function showPainted(blob) {
+  const url = URL.createObjectURL(blob);
+  blobUrls.push(url);
+  $("#painted-mask").src = url;
+  $("#painted-figure").hidden = false;
+}
+
+// Adds the painted mask to a request body (uploaded like any other file, named for the field it fills).
+async function addPaintedMask(body) {
+  if (!painter.frame || !painter.painted || !$("#paint-use").checked) return null;
+  const mask = await paintedMaskPng();
+  const field = painter.source === "video" ? "mask_image" : "first_image";
+  const blob = painter.source === "video" ? mask : await paintedStillPng();
+  const stem = painter.name.replace(/\.[^.]*$/, "");
+  const item = { name: `${stem}-${painter.source === "video" ? "mask" : "masked"}.png`,
+    file: new File([blob], `${stem}-${painter.source === "video" ? "mask" : "masked"}.png`, { type: "image/png" }) };
+  try { body[field] = await upload(item); } catch (e) { throw retag(e, field); }
+  return mask;
+}
+
+function wirePainter() {
+  const c = $("#paint-canvas");
+  c.addEventListener("pointerdown", (e) => {
+    if (!painter.frame || e.button !== 0) return;
+    e.preventDefault(); c.setPointerCapture(e.pointerId);
+    painter.drawing = true; painter.last = null; strokeTo(...framePoint(e));
+  });
+  c.addEventListener("pointermove", (e) => { if (painter.drawing) strokeTo(...framePoint(e)); });
+  for (const ev of ["pointerup", "pointercancel"]) {
+    c.addEventListener(ev, () => { painter.drawing = false; painter.last = null; });
+  }
+  $("#paint-load").addEventListener("click", () => loadPaintFrame());
+  $("#paint-source").addEventListener("change", () => resetPainter());
+  $("#tool-brush").addEventListener("click", () => setTool("brush"));
+  $("#tool-eraser").addEventListener("click", () => setTool("eraser"));
+  $("#paint-invert").addEventListener("click", invertMask);
+  $("#paint-clear").addEventListener("click", clearMask);
+  $("#brush-size").addEventListener("input", () => { $("#brush-size-value").textContent = $("#brush-size").value; });
 }
 
 // ---- building the request ----------------------------------------------------------------------------
@@ -244,6 +448,7 @@ async function buildBody(setStatus) {
     if (!media[name]) continue;
     try { body[name] = await upload(media[name]); } catch (e) { throw retag(e, name); }
   }
+  paintedForNext = await addPaintedMask(body);
   return body;
 }
 
@@ -313,6 +518,9 @@ async function watch(id) {
   const seq = ++runSeq;
   const live = () => seq === runSeq;
   resetRun();
+  $("#painted-figure").hidden = true;
+  $("#live-figure").hidden = true; livePreviewUrl = null;
+  if (paintedForNext) { showPainted(paintedForNext); paintedForNext = null; }
   current = { id };
   $("#cancel").disabled = false;
   $("#run-title").textContent = `Run ${id}`;
@@ -331,6 +539,7 @@ async function watch(id) {
       }
       if (!live()) return;
       next = p.next;
+      showLivePreview(p.preview, live);
       appendLogs(p.logs);
       setStatus(describe(p));
       $("#progress").value = p.progress;
@@ -353,6 +562,27 @@ async function watch(id) {
     if (live() && p.previews[kind]) await playInto($(`#preview-${kind}`), p.previews[kind]);
   }
   if (live() && !p.previews.control) links.append(" · no previews for this job (tick “Show the control video and mask”)");
+}
+
+// The worker's live preview of the denoised estimate: a new URL each time it changes (fetched with the key).
+let livePreviewUrl = null;
+let liveFetching = false;
+
+function showLivePreview(preview, live) {
+  if (!preview || preview.url === livePreviewUrl || liveFetching) return;
+  liveFetching = true;
+  (async () => {
+    const u = new URL(preview.url, location.href);
+    const res = await api(u.origin === location.origin ? u.href : u.pathname + u.search);
+    if (!res.ok || !live()) return; // replaced meanwhile (the worker keeps the two newest): the next poll has it
+    const blobUrl = URL.createObjectURL(await res.blob());
+    blobUrls.push(blobUrl);
+    livePreviewUrl = preview.url;
+    $("#live-preview").src = blobUrl;
+    $("#live-caption").textContent = `Live preview — step ${preview.step}/${preview.total}`;
+    $("#live-figure").hidden = false;
+  })().catch(() => { /* a missed preview is not an error: the next one comes with the next poll */ })
+    .finally(() => { liveFetching = false; });
 }
 
 async function cancel() {
@@ -455,5 +685,6 @@ $("#cancel").addEventListener("click", cancel);
 $("#key-button").addEventListener("click", () => askKey());
 $("#history-clear").addEventListener("click", () => { localStorage.removeItem(HISTORY_STORE); renderHistory(); });
 wireInputs();
+wirePainter();
 renderHistory();
 serverInfo();
