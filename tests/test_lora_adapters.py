@@ -174,11 +174,15 @@ def test_spec_rules() -> None:
         JobSpec(loras=[{"path": "x"}] * 5)
 
 
-@pytest.mark.parametrize("offload", ["none", "model"])
+@pytest.mark.parametrize(("offload", "fast"), [("none", False), ("model", False), ("group", False),
+                                               ("sequential", False), ("none", True), ("model", True)],
+                         ids=["none", "model", "group", "sequential", "none-cfg_batch-step_cache",
+                              "model-cfg_batch-step_cache"])
 def test_real_architecture_switching_matches_fresh_fused_engines(realarch_wan21_narrow_vae: Path, tmp_path: Path,
-                                                                 offload: str) -> None:
+                                                                 offload: str, fast: bool) -> None:
     """Kijai (alphas on embedders / head) then musubi then none on one real-architecture engine (1.3B widths,
-    loaded from disk), under offload `none` and `model`, vs fresh engines with only that LoRA fused."""
+    loaded from disk), under every memory policy (and with batched CFG + the step cache), vs fresh engines with
+    only that LoRA fused: same frames and the same sampling statistics on every job."""
     from diffusers import WanVACEPipeline
 
     model = str(realarch_wan21_narrow_vae)
@@ -187,20 +191,32 @@ def test_real_architecture_switching_matches_fresh_fused_engines(realarch_wan21_
     save_file(alpha_everywhere_lora(t, rank=8, alpha=4.0), str(paths["kijai"]))
     save_file(musubi_lora(t), str(paths["musubi"]))
     del t
-    opts = dict(offload=offload, dtype="fp32")
+    opts = dict(offload=offload, dtype="fp32", cfg_batch=fast)
 
     def job(loras: list[LoraRef]) -> JobSpec:
+        if fast:  # 4 steps, a threshold that skips some: the step cache's decisions must follow the adapter
+            return spec(model=model, loras=loras, num_inference_steps=4, step_cache_threshold=0.05)
         return spec(model=model, loras=loras, num_inference_steps=2)
 
     eng = Engine(model, EngineOptions(**opts))
+    if offload == "sequential":  # refused with the field named, and the engine still runs a job without LoRA
+        with pytest.raises(InputError, match="sequential"):
+            eng.sample(job([LoraRef(path=str(paths["kijai"]))]), bundle(), seed=2)
+        plain = Engine(model, EngineOptions(offload="none", dtype="fp32")).sample(job([]), bundle(), seed=2)
+        assert np.abs(eng.sample(job([]), bundle(), seed=2).frames - plain.frames).max() < TOL
+        return
     seq = [[LoraRef(path=str(paths["kijai"]), scale=0.5)], [LoraRef(path=str(paths["musubi"]), scale=0.8)], []]
     got = [eng.sample(job(x), bundle(), seed=2) for x in seq]
-    refs = [Engine(model, EngineOptions(loras=lo, **opts)).sample(job([]), bundle(), seed=2).frames
+    refs = [Engine(model, EngineOptions(loras=lo, **opts)).sample(job([]), bundle(), seed=2)
             for lo in ((LoraOption(str(paths["kijai"]), scale=0.5),), (LoraOption(str(paths["musubi"]), scale=0.8),),
                        ())]
     for g, ref in zip(got, refs, strict=True):
-        assert np.abs(g.frames - ref).max() < TOL
-    assert np.abs(refs[0] - refs[2]).max() > 1e-3
+        assert np.abs(g.frames - ref.frames).max() < TOL
+        steps, ref_steps = g.stats.cache, ref.stats.cache
+        assert steps is not None and ref_steps is not None and steps.computed > 0
+        assert (steps.forwards, steps.computed, steps.skipped_steps) == (
+            ref_steps.forwards, ref_steps.computed, ref_steps.skipped_steps)
+    assert np.abs(refs[0].frames - refs[2].frames).max() > 1e-3
     assert [[x["file"] for x in g.stats.loras] for g in got] == [["kijai.safetensors"], ["musubi.safetensors"], []]
     assert eng.policy == offload
 

@@ -382,6 +382,12 @@ class Engine:
         if spec.loras and (self.options.compile or self.options.fp8_storage or self.options.fp8_linear):
             raise InputError("loras", "per-request LoRAs are not available with --compile or --fp8 (a swap would "
                              "recompile / the adapters would not see fp8 weights); fuse them at start with --lora")
+        if spec.loras and self.policy == "sequential":
+            # accelerate keeps sequentially offloaded weights on the meta device and streams each module's own
+            # weights in; adapter layers added after that are not streamed (measured: NaN frames on CPU).
+            raise InputError("loras", "per-request LoRAs are not available with offload 'sequential' (adapters "
+                             "added after sequential offload are not streamed in); use offload 'model' or 'group', "
+                             "or fuse them at start with --lora")
         out = []
         for i, lora in enumerate(spec.loras):
             try:
