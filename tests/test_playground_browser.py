@@ -240,6 +240,16 @@ def _run_to_completion(page) -> str:
     return _run_to_completion_wait(page)
 
 
+def _open_keyed_playground(server, browser, height: int):  # noqa: ANN202 - (Playwright page, its errors)
+    """The playground page with the API key stored, and the list its uncaught page errors go to."""
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.goto(f"{server.base}/playground")
+    page.evaluate("k => localStorage.setItem('vace.playground.apiKey', k)", KEY)
+    return page, page_errors
+
+
 def test_mask_painter(server, browser):
     """Paint over the first frame of a video (decoded by the browser) and over a still: brush, size, eraser,
     invert and clear; the stored mask has exactly the painted stroke (pixel check)."""
@@ -248,11 +258,7 @@ def test_mask_painter(server, browser):
     import numpy as np
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1400, "height": 1300})
-    page_errors: list[str] = []
-    page.on("pageerror", lambda e: page_errors.append(str(e)))
-    page.goto(f"{server.base}/playground")
-    page.evaluate("k => localStorage.setItem('vace.playground.apiKey', k)", KEY)
+    page, page_errors = _open_keyed_playground(server, browser, 1300)
     page.get_by_label("Prompt", exact=True).fill("replace the painted band")
     page.get_by_label("Task").select_option("inpainting")
     page.set_input_files("#video-input", str(FIXTURES / "test.mp4"))
@@ -338,11 +344,7 @@ def test_live_preview(server, browser):
     from PIL import Image
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page_errors: list[str] = []
-    page.on("pageerror", lambda e: page_errors.append(str(e)))
-    page.goto(f"{server.base}/playground")
-    page.evaluate("k => localStorage.setItem('vace.playground.apiKey', k)", KEY)
+    page, page_errors = _open_keyed_playground(server, browser, 1000)
     page.evaluate("""() => { window.__live = [];
         new MutationObserver(() => window.__live.push([document.querySelector('#live-caption').textContent,
                                                        document.querySelector('#status').textContent]))
