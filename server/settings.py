@@ -165,8 +165,9 @@ class Settings(BaseSettings):
     tiny_max_side: int = Field(0, ge=0)
     tiny_max_frames: int = Field(0, ge=0)
     tiny_max_steps: int = Field(0, ge=0)
-    #: TEST ONLY, effective only with `model=tiny`: while this file exists, each job's denoising holds after its
-    #: first step until the job is cancelled or the file is removed, so tests act mid-run deterministically.
+    #: TEST ONLY, effective only with `model=tiny`: while this file exists, each job's denoising holds after the
+    #: step written in it (empty: the first) until the job is cancelled or the file is removed, so tests act
+    #: mid-run deterministically.
     tiny_hold_file: Path | None = None
     #: API model id or family → served model, e.g. `{"wan2.2-vace-fun-a14b": "wan2.1-vace-14b"}` to answer the
     #: AI/ML Wan 2.2 ids with Wan 2.1 VACE (env `VACE_MODEL_MAP` as JSON). Unmapped ids of another model → 4xx.

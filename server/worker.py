@@ -165,7 +165,7 @@ class Worker:
         state = {"stage": None, "last": 0.0, "window": ""}
 
         def on_progress(p: Progress) -> None:
-            if p.stage == "generate" and p.step == 1 and self._tiny_hold(job, p):
+            if p.stage == "generate" and self._tiny_hold(job, p):
                 return
             now = time.monotonic()
             window = p.message.split(",")[0].split(":")[0] if p.message.startswith("window ") else ""
@@ -190,11 +190,18 @@ class Worker:
         return on_progress
 
     def _tiny_hold(self, job: JobRecord, p: Progress, limit_s: float = 300.0) -> bool:
-        """`VACE_TINY_HOLD_FILE` (tiny model only, for tests): while that file exists, denoising holds after this
-        step, with the step recorded, until the job is cancelled or the file goes (at most `limit_s`), so a test
-        lands a cancel or a kill mid-run for certain instead of racing the clock. False when not holding."""
+        """`VACE_TINY_HOLD_FILE` (tiny model only, for tests): while that file exists, denoising holds after the
+        step written in it (empty: step 1), with the step recorded, until the job is cancelled or the file goes (at
+        most `limit_s`), so a test lands a cancel, a kill or a look at a live preview mid-run for certain instead of
+        racing the clock. False when not holding."""
         hold = self.settings.tiny_hold_file
-        if hold is None or not self.settings.is_tiny or not hold.exists():
+        if hold is None or not self.settings.is_tiny:
+            return False
+        try:
+            text = hold.read_text().strip()
+        except OSError:  # no file: no hold
+            return False
+        if p.step != (int(text) if text.isdigit() else 1):
             return False
         self.store.set_progress(job.id, self.id, stage=p.stage, step=p.step, total=p.total,
                                 progress=0.1 + 0.85 * p.fraction)

@@ -20,7 +20,9 @@ ENV = {"VACE_TINY_MAX_SIDE": "16", "VACE_TINY_MAX_FRAMES": "0", "VACE_HEARTBEAT_
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = LiveServer(tmp_path_factory.mktemp("long"), tmp_path_factory.mktemp("cache"), extra_env=ENV).start()
+    data = tmp_path_factory.mktemp("long")
+    env = {**ENV, "VACE_TINY_HOLD_FILE": str(data / "hold")}
+    srv = LiveServer(data, tmp_path_factory.mktemp("cache"), extra_env=env).start()
     yield srv
     srv.stop()
 
@@ -33,20 +35,26 @@ def _metadata(server: LiveServer, jid: str) -> dict:
 
 def test_257_frames_resume_after_kill9_in_window_3(server: LiveServer) -> None:
     body = {"prompt": "a cat walks", "duration": 16, "long_video": True, "num_inference_steps": 2, "seed": 5}
-    jid = server.submit(body)["id"]
-    # global steps: window k covers steps 2k+1..2k+2; kill once window 3 is denoising (steps 5-6)
-    deadline = time.time() + 400
-    row: dict = {}
-    while time.time() < deadline:
-        row = server.row(jid)
-        if row["status"] == "running" and row["stage"] == "generate" and row["total"] == 8 and row["step"] >= 5:
-            break
-        assert not _terminal(row), (row["status"], row["error"], server.logs(jid))
-        time.sleep(0.05)
-    assert row["step"] in (5, 6), row  # still inside window 3
-    pid = next(w["pid"] for w in httpx.get(f"{server.base}/ready", headers=AUTH, timeout=5).json()["workers"]
-               if w["pid"])
-    os.kill(pid, signal.SIGKILL)
+    # global steps: window k covers steps 2k+1..2k+2; the job holds after step 5, the first of window 3
+    # (VACE_TINY_HOLD_FILE), so the kill lands inside window 3 whatever the machine's speed
+    hold = server.data_dir / "hold"
+    hold.write_text("5")
+    try:
+        jid = server.submit(body)["id"]
+        deadline = time.time() + 400
+        row: dict = {}
+        while time.time() < deadline:
+            row = server.row(jid)
+            if row["status"] == "running" and row["stage"] == "generate" and row["total"] == 8 and row["step"] >= 5:
+                break
+            assert not _terminal(row), (row["status"], row["error"], server.logs(jid))
+            time.sleep(0.05)
+        assert row["step"] == 5, row  # held inside window 3
+        pid = next(w["pid"] for w in httpx.get(f"{server.base}/ready", headers=AUTH, timeout=5).json()["workers"]
+                   if w["pid"])
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        hold.unlink(missing_ok=True)  # the resumed attempt runs through
     stored = sorted(p.name for p in (server.data_dir / "windows" / jid).glob("window_*.npy"))
     assert stored == ["window_0000.npy", "window_0001.npy"]
     done = server.wait(jid, _terminal, timeout=500, what="the resumed job")

@@ -29,7 +29,9 @@ def _chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = LiveServer(tmp_path_factory.mktemp("play"), tmp_path_factory.mktemp("play-cache")).start()
+    data = tmp_path_factory.mktemp("play")
+    env = {"VACE_TINY_HOLD_FILE": str(data / "hold")}  # tests that need to see a job mid-run write it
+    srv = LiveServer(data, tmp_path_factory.mktemp("play-cache"), extra_env=env).start()
     yield srv
     srv.stop()
 
@@ -354,9 +356,16 @@ def test_live_preview(server, browser):
     page.get_by_label("Task").select_option("none")
     page.locator("#advanced summary").click()
     page.get_by_label("Steps").fill("40")
-    page.get_by_role("button", name="Generate").click()
-    page.wait_for_selector("#live-figure:not([hidden])", timeout=60_000)
-    page.screenshot(path=str(ARTIFACTS / "8-live-preview.png"), full_page=True)
+    hold = server.data_dir / "hold"  # the job holds after step 10 (VACE_TINY_HOLD_FILE): the page is seen mid-run
+    hold.write_text("10")
+    try:
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_selector("#live-figure:not([hidden])", timeout=120_000)
+        page.wait_for_function("() => /step [0-9]+\\/40$/.test(document.querySelector('#live-caption').textContent)",
+                               timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "8-live-preview.png"), full_page=True)
+    finally:
+        hold.unlink(missing_ok=True)
     job_id = _run_to_completion_wait(page)
     page.wait_for_function("() => /step 40\\/40$/.test(document.querySelector('#live-caption').textContent)")
     page.screenshot(path=str(ARTIFACTS / "9-live-preview-done.png"), full_page=True)
