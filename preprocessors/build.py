@@ -18,11 +18,11 @@ import numpy as np
 from preprocessors import images
 from preprocessors.geometry import cover_crop, stretch_to, to_unit
 from preprocessors.video import sample_indices
-from vace_local.bundle import GRAY, ControlBundle
-from vace_local.errors import InputError
-from vace_local.media import VideoInfo, iter_frames, open_video, probe_video, read_frames
-from vace_local.spec import TASKS_ANNOTATED, JobSpec, task_needs_video
-from vace_local.timing import InputTiming, match_input_timing, with_timing
+from vace_local.core.bundle import GRAY, ControlBundle
+from vace_local.core.errors import InputError
+from vace_local.core.media import VideoInfo, iter_frames, open_video, probe_video, read_frames
+from vace_local.core.spec import TASKS_ANNOTATED, JobSpec, task_needs_video
+from vace_local.core.timing import InputTiming, match_input_timing, with_timing
 
 
 class Resolved(Protocol):
@@ -47,7 +47,7 @@ def input_timing(spec: JobSpec, video: Path | None) -> InputTiming | None:
 def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
     """Apply `match_input_frames_per_second` / `match_input_num_frames`: a copy with the input's fps/length.
 
-    The rule is `vace_local.timing.match_input_timing`: fps rounded to an integer within the
+    The rule is `vace_local.core.timing.match_input_timing`: fps rounded to an integer within the
     spec's range; the frame count the clip's length at the job fps, rounded up to the next legal 4k+1 (the
     padding is gray / mask 1) and clamped to the allowed range.
     """

@@ -12,11 +12,11 @@ import numpy as np
 import typer
 from pydantic import ValidationError
 
-from vace_local.errors import VaceError
+from vace_local.core.errors import VaceError
 
 if TYPE_CHECKING:
-    from vace_local.bundle import ControlBundle
-    from vace_local.spec import JobSpec
+    from vace_local.core.bundle import ControlBundle
+    from vace_local.core.spec import JobSpec
 
 
 def preprocess(
@@ -40,9 +40,9 @@ def preprocess(
 ) -> None:
     """Build the control video, mask and reference images for a job without running the model."""
     from preprocessors import build_bundle, plan_timing
-    from vace_local.inputs import fetch_inputs
-    from vace_local.media import write_mask_video, write_video
-    from vace_local.spec import JobSpec
+    from vace_local.core.inputs import fetch_inputs
+    from vace_local.core.media import write_mask_video, write_video
+    from vace_local.core.spec import JobSpec
 
     try:
         w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
@@ -86,7 +86,7 @@ def bundle_report(spec: JobSpec, bundle: ControlBundle, reference_files: list[st
     the control options, the files written, the masked share, and the whole bundle info (sampled source frame
     ids, padding, mask pairing, tracker, annotator backends...).
     """
-    from vace_local.windows import spec_windows
+    from vace_local.core.windows import spec_windows
 
     return {
         "task": spec.task,

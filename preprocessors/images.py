@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from preprocessors.geometry import GRAY_U8, binarize, cover_crop, cover_crop_mask, fit_on_canvas, stretch_to
-from vace_local.errors import InputError
-from vace_local.media import load_image
-from vace_local.spec import MAX_REFERENCE_IMAGES
+from vace_local.core.errors import InputError
+from vace_local.core.media import load_image
+from vace_local.core.spec import MAX_REFERENCE_IMAGES
 
 
 def _to_8bit(im):  # noqa: ANN001, ANN202 - PIL.Image in and out

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 
 from preprocessors.geometry import _interp, to_unit
-from vace_local.bundle import GRAY
-from vace_local.errors import InputError
-from vace_local.media import VideoInfo, iter_frames
-from vace_local.spec import JobSpec
+from vace_local.core.bundle import GRAY
+from vace_local.core.errors import InputError
+from vace_local.core.media import VideoInfo, iter_frames
+from vace_local.core.spec import JobSpec
 
 BORDER_LEVEL = 24.0  # a row/column darker than this on every sampled frame counts as a letterbox bar
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from preprocessors import weights
-from vace_local.errors import ModelNotFoundError
-from vace_local.events import checkpoint
+from vace_local.core.errors import ModelNotFoundError
+from vace_local.core.events import checkpoint
 
 CONFIG = "configs/sam2.1/sam2.1_hiera_l.yaml"  # the package config that matches sam2.1_hiera_large.pt
 

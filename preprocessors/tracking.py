@@ -23,11 +23,11 @@ import cv2
 import numpy as np
 
 from preprocessors import weights
-from vace_local.errors import InputError
-from vace_local.events import checkpoint
+from vace_local.core.errors import InputError
+from vace_local.core.events import checkpoint
 
 if TYPE_CHECKING:
-    from vace_local.media import VideoInfo
+    from vace_local.core.media import VideoInfo
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def track_sam2_on_source(video: VideoInfo, idx: list[int], mask_path: Path, heig
     from preprocessors.geometry import cover_crop_mask
     from preprocessors.images import mask_image
     from preprocessors.sam2_track import track_sam2
-    from vace_local.media import open_video, read_frames
+    from vace_local.core.media import open_video, read_frames
 
     vinfo, reader = open_video(video.path, video.field)
     first = mask_image(mask_path, vinfo.width, vinfo.height, vinfo.height, vinfo.width)

@@ -1,4 +1,4 @@
-"""Which source frames a job uses (decoding itself is `vace_local.media`: only the frames needed, in chunks).
+"""Which source frames a job uses (decoding itself is `vace_local.core.media`: only the frames needed, in chunks).
 
 Time sampling (`sample_indices`, docs/CONDITIONING.md): a clip with at least as many frames as the job is
 spread over the whole job by the official VACE rule (`VaceVideoProcessor`, keep_last=True): the job's frames
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vace_local.timing import frames_from_clip
+from vace_local.core.timing import frames_from_clip
 
 
 def keep_last_indices(src_frames: int, count: int) -> list[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vace_local.errors import ModelNotFoundError
+from vace_local.core.errors import ModelNotFoundError
 
 OFFICIAL_REPO = "ali-vilab/VACE-Annotators"
 FILES = {

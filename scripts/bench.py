@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: seconds per denoising step, component times, peak VRAM and effective TFLOP/s of Wan VACE.
 
-Builds the published architectures with random weights (vace_local.synthetic: meta device, materialised
+Builds the published architectures with random weights (vace_bench.synthetic: meta device, materialised
 on the target device) and runs them through the same engine as real weights. Every mode is compared in
 the same run with stock diffusers defaults (plain `WanVACEPipeline.__call__`: SDPA, two CFG passes, the
 text encoder on every call, no compile) as a ratio.
@@ -10,7 +10,7 @@ text encoder on every call, no compile) as a ratio.
     .venv/bin/python scripts/bench.py --model 14b --out bench-14b.json
     # CI / CPU smoke run of the same harness on the tiny model:
     .venv/bin/python scripts/bench.py --tiny --out bench-tiny.json
-    # one job over N GPUs (CFG × Ulysses layouts, vace_local.parallel) against one GPU, on a multi-GPU box:
+    # one job over N GPUs (CFG × Ulysses layouts, vace_local.run.parallel) against one GPU, on a multi-GPU box:
     .venv/bin/python scripts/bench.py --model 14b --gpus 8 --modes bf16 --out bench-8gpu.json
 
 Per-step time is the median interval between step callbacks after the first (warm-up) step; the 30-step
@@ -200,7 +200,7 @@ def parse_size(text: str) -> tuple[int, int, int]:
 def make_bundle(w: int, h: int, f: int) -> Any:
     import numpy as np
 
-    from vace_local.bundle import ControlBundle
+    from vace_local.core.bundle import ControlBundle
 
     rng = np.random.default_rng(0)
     masks = np.zeros((f, h, w), dtype=np.float32)
@@ -249,7 +249,7 @@ def time_text(pipe: Any, device: str, cfg: bool) -> float:
     """Text encoding (prompt + negative) as a job with a new prompt pays it (offload moves the encoder too)."""
     import torch
 
-    from vace_local.spec import OFFICIAL_NEGATIVE_PROMPT
+    from vace_local.core.spec import OFFICIAL_NEGATIVE_PROMPT
 
     with torch.inference_mode():
         sync(device)
@@ -298,7 +298,7 @@ def run_stock(pipe: Any, bundle: Any, w: int, h: int, f: int, steps: int, guidan
     at `deadline` once one step interval is measured (the decode is timed once per size)."""
     import torch
 
-    from vace_local.spec import OFFICIAL_NEGATIVE_PROMPT
+    from vace_local.core.spec import OFFICIAL_NEGATIVE_PROMPT
 
     timer = StepTimer(device)
     video = torch.from_numpy(bundle.frames).permute(0, 3, 1, 2).unsqueeze(0)
@@ -345,10 +345,10 @@ def bench_mode(mode: Mode, size_name: str, wh_f: tuple[int, int, int], args: arg
     (`cut_short`), the end-to-end figure still extrapolates to the full schedule."""
     import torch
 
-    from vace_local.engine import Engine, EngineOptions
-    from vace_local.flops import step_flops
-    from vace_local.spec import JobSpec
-    from vace_local.synthetic import build_pipeline
+    from vace_bench.flops import step_flops
+    from vace_bench.synthetic import build_pipeline
+    from vace_local.core.spec import JobSpec
+    from vace_local.engine.engine import Engine, EngineOptions
 
     w, h, f = wh_f
     job = {"num_inference_steps": args.steps, "guidance_scale": 5.0, **mode.job}
@@ -448,8 +448,8 @@ def timed_steps(mode: Mode, steps: int) -> int:
 
 def prior_step_s(name: str, model: str, wh_f: tuple[int, int, int], peak_tflops: float) -> float:
     """Expected seconds per denoising step of mode `name` from the FLOP model and the measured matmul peak."""
-    from vace_local.flops import step_flops
-    from vace_local.synthetic import TRANSFORMER_CONFIGS
+    from vace_bench.flops import step_flops
+    from vace_bench.synthetic import TRANSFORMER_CONFIGS
 
     mode = MODES[name]
     cfg = {"guidance_scale": 5.0, **mode.job}["guidance_scale"] > 1.0
@@ -500,7 +500,7 @@ def load_previous(path: Path) -> dict[str, Any] | None:
 
 def group_layouts(n: int) -> list[Any]:
     """Layouts worth timing on n ranks: CFG × Ulysses (the default) and Ulysses only."""
-    from vace_local.parallel import Layout
+    from vace_local.run.parallel import Layout
 
     layouts = [Layout.for_ranks(n), Layout.for_ranks(n, cfg=False)]
     return list(dict.fromkeys(layouts))
@@ -509,9 +509,9 @@ def group_layouts(n: int) -> list[Any]:
 def bench_group(layout: Any, size_name: str, wh_f: tuple[int, int, int], args: argparse.Namespace,
                 device: str) -> dict[str, Any]:
     """Seconds per step of one job split over `layout.world` ranks (GPUs 0..n-1; gloo ranks on CPU)."""
-    from vace_local.engine import EngineOptions
-    from vace_local.parallel import Group
-    from vace_local.spec import JobSpec
+    from vace_local.core.spec import JobSpec
+    from vace_local.engine.engine import EngineOptions
+    from vace_local.run.parallel import Group
 
     w, h, f = wh_f
     name = f"parallel_cfg{layout.cfg}_u{layout.ulysses}"
@@ -520,7 +520,7 @@ def bench_group(layout: Any, size_name: str, wh_f: tuple[int, int, int], args: a
     devices = [f"cuda:{i}" for i in range(layout.world)] if cuda else ["cpu"] * layout.world
     group = Group(f"synthetic-{size_name}", EngineOptions(device=devices[0], dtype=args.dtype, offload="none",
                                                           vae_tiling=False),
-                  layout, devices, synthetic=size_name, timeout_s=600.0)
+                  layout, devices, pipeline_factory=("vace_bench.synthetic:build_pipeline", size_name), timeout_s=600.0)
     try:
         spec = JobSpec(model="bench", prompt=PROMPT, width=w, height=h, num_frames=f, seed=0,
                        num_inference_steps=args.steps, guidance_scale=5.0)
@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
-    from vace_local.synthetic import TRANSFORMER_CONFIGS
+    from vace_bench.synthetic import TRANSFORMER_CONFIGS
 
     flops_cfg = TRANSFORMER_CONFIGS[args.model]
     if args.plan:

@@ -6,7 +6,7 @@
     # then, one process at a time: load (and optionally run one job) and report peak RSS
     .venv/bin/python scripts/bench_load.py load --dir ~/.cache/vace-bench/wan21-vace-1.3b --dtype bf16 --job
 
-`build` creates every parameter on the meta device and materialises it directly in bf16 (vace_local.synthetic:
+`build` creates every parameter on the meta device and materialises it directly in bf16 (vace_bench.synthetic:
 no fp32 copy), then `save_pretrained` writes the diffusers layout: transformer (full depth: 30 blocks, 15 VACE
 blocks) and text encoder in bf16 safetensors, the VAE in fp32, the shipped UniPC scheduler config, a small local
 T5 tokenizer. The text encoder has the UMT5-XXL widths with `--text-layers` blocks (default 1; the real one has
@@ -58,8 +58,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import UniPCMultistepScheduler
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from vace_local import synthetic
-    from vace_local.tiny import _build_tokenizer
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # vace_bench (benchmark code, not installed)
+    from vace_bench import synthetic
+    from vace_local.engine.tiny import _build_tokenizer
 
     target = Path(args.dir).expanduser()
     if (target / "model_index.json").is_file():
@@ -100,9 +101,9 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import vace_local
-    from vace_local.bundle import ControlBundle
-    from vace_local.engine import Engine, EngineOptions
-    from vace_local.spec import JobSpec
+    from vace_local.core.bundle import ControlBundle
+    from vace_local.core.spec import JobSpec
+    from vace_local.engine.engine import Engine, EngineOptions
 
     rec["vace_local"] = str(Path(vace_local.__file__).parent)
     rec["files"] = weight_files(Path(args.dir).expanduser())

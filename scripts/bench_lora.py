@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 from tests.realarch import build_wan21_vace
-from vace_local.bundle import ControlBundle
-from vace_local.engine import Engine, EngineOptions
-from vace_local.lora import JobLora, LoraOption
-from vace_local.spec import JobSpec, LoraRef
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.spec import JobSpec, LoraRef
+from vace_local.engine.engine import Engine, EngineOptions
+from vace_local.engine.lora import JobLora, LoraOption
 
 BLOCK = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
          "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")

@@ -18,7 +18,7 @@ from preprocessors.geometry import cover_crop
 from preprocessors.images import mask_image
 from preprocessors.tracking import FlowTracker
 from preprocessors.video import sample_indices
-from vace_local.media import open_video, read_frames
+from vace_local.core.media import open_video, read_frames
 
 FIX = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "vace"
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def preview_cost(x0, repeat: int) -> float:  # noqa: ANN001 - torch.Tensor
     """Median seconds of one preview as the tap makes it: x0 from (x_t, v, σ), projection, WebP write."""
-    from vace_local.preview import flow_x0, latent_to_rgb, write_strip
+    from vace_local.engine.preview import flow_x0, latent_to_rgb, write_strip
 
     times = []
     with tempfile.TemporaryDirectory() as d:
@@ -56,11 +56,11 @@ def main() -> None:
     import torch
 
     from tests.realarch import build_wan21_vace
-    from vace_local.bundle import ControlBundle
-    from vace_local.engine import Engine, EngineOptions
-    from vace_local.events import Progress
-    from vace_local.preview import Preview, preview_scope
-    from vace_local.spec import JobSpec
+    from vace_local.core.bundle import ControlBundle
+    from vace_local.core.events import Progress
+    from vace_local.core.spec import JobSpec
+    from vace_local.engine.engine import Engine, EngineOptions
+    from vace_local.engine.preview import Preview, preview_scope
 
     w, h = (int(x) for x in a.size.split("x"))
     model = build_wan21_vace(num_layers=a.layers, vae_base_dim=a.vae_base_dim)

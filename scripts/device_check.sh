@@ -83,8 +83,8 @@ import torch
 print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
-for name in ("vace_local.engine", "vace_local.run", "vace_local.synthetic", "vace_local.fastpath", "vace_local.memory",
-             "vace_local.step_cache", "vace_local.flops", "preprocessors", "diffusers.pipelines.wan.pipeline_wan_vace"):
+for name in ("vace_local.engine.engine", "vace_local.run.job", "vace_bench.synthetic", "vace_local.engine.fastpath", "vace_local.engine.memory",
+             "vace_local.engine.step_cache", "vace_bench.flops", "preprocessors", "diffusers.pipelines.wan.pipeline_wan_vace"):
     try:
         importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - reported; the steps then show what still runs

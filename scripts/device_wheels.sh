@@ -19,7 +19,7 @@ LIMIT_MIB=64
 WHEELS=(
   diffusers==0.42.1          # the pipeline itself (pure Python)
   importlib-metadata==10.2.0 # diffusers' one requirement the image lacks (zipp is there)
-  pydantic==2.14.4           # vace_local.spec
+  pydantic==2.14.4           # vace_local.core.spec
   pydantic-core==2.50.5      # pydantic's compiled half: cp312 manylinux
   annotated-types==0.8.0
   typing-inspection==0.4.5

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vace_local.flops import TEXT_TOKENS, forward_flops, latent_tokens  # noqa: E402
+from vace_bench.flops import TEXT_TOKENS, forward_flops, latent_tokens  # noqa: E402
 
 SIZES = {"480p": (832, 480, 81), "720p": (1280, 720, 81)}
 LAYOUTS = {1: (1, 1), 2: (2, 1), 4: (2, 2), 8: (2, 4)}  # GPUs → (cfg, ulysses)
@@ -29,7 +29,7 @@ BYTES = 2  # bf16 activations
 
 
 def model_14b() -> dict:
-    from vace_local.synthetic import TRANSFORMER_CONFIGS
+    from vace_bench.synthetic import TRANSFORMER_CONFIGS
 
     return dict(TRANSFORMER_CONFIGS["14b"])
 

@@ -82,9 +82,9 @@ def write_reference(path: Path, width: int, height: int) -> Path:
 def soak(jobs: int, width: int, height: int, frames: int, steps: int, device: str, model: str = "tiny",
          on_job: Any = None) -> dict[str, Any]:
     """Run `jobs` jobs through `run_job` on one engine; return the per-job samples and the growth figures."""
-    from vace_local.engine import EngineOptions, get_engine
-    from vace_local.run import run_job
-    from vace_local.spec import JobSpec
+    from vace_local.core.spec import JobSpec
+    from vace_local.engine.engine import EngineOptions, get_engine
+    from vace_local.run.job import run_job
 
     t = time.perf_counter()
     engine = get_engine(model, EngineOptions(device=device))

@@ -32,7 +32,7 @@ from starlette.responses import Response
 
 from server.core import ApiError
 from server.settings import Settings, max_request_bytes
-from vace_local.errors import Problem
+from vace_local.core.errors import Problem
 
 F = TypeVar("F", bound=Callable[..., Any])
 

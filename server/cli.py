@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vace_local.spec import FP8_MODES, OFFLOAD_POLICIES
+from vace_local.core.spec import FP8_MODES, OFFLOAD_POLICIES
 
 log = logging.getLogger("vace.server")
 

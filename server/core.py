@@ -37,7 +37,7 @@ JobService API (stable; the fal and AI/ML dialects build on it):
   reference (used by create_job); `server.media_refs` holds the download/sniff helpers the worker uses.
 * `JobService.save_upload(stream, filename, content_type)`, `create_upload_ticket`, `receive_upload` — uploads.
 * `map_exception(exc) -> Failure` — the one exception-to-status mapper (worker side).
-* `validation_error(exc, field_names) -> ApiError` — pydantic errors → problems (`vace_local.errors`) and one
+* `validation_error(exc, field_names) -> ApiError` — pydantic errors → problems (`vace_local.core.errors`) and one
   message naming each field and rule; `ApiError.invalid(problems)` for a dialect's own field errors.
 
 Internal statuses: queued | running | succeeded | failed | cancelled (`server.store`).
@@ -79,8 +79,8 @@ from server.store import (
     Store,
     new_id,
 )
-from vace_local.errors import InputError, Problem, problems_from_pydantic, problems_text
-from vace_local.spec import JobInputs, JobSpec, round_frames_4k1
+from vace_local.core.errors import InputError, Problem, problems_from_pydantic, problems_text
+from vace_local.core.spec import JobInputs, JobSpec, round_frames_4k1
 
 log = logging.getLogger("vace.server")
 
@@ -166,7 +166,7 @@ def user_field(name: str, field_names: dict[str, str] | None) -> str:
 
 def map_exception(exc: BaseException, field_names: dict[str, str] | None = None) -> Failure:
     """The one exception-to-status mapper. Matches torch errors by name so the API never imports torch."""
-    from vace_local.errors import JobCancelled, ModelNotFoundError, OutOfMemory, VaceError
+    from vace_local.core.errors import JobCancelled, ModelNotFoundError, OutOfMemory, VaceError
 
     name = type(exc).__name__
     if isinstance(exc, JobCancelled):

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote
 
-from vace_local.errors import InputError
-from vace_local.inputs import data_uri_bytes, write_data_uri  # noqa: F401 - write_data_uri re-exported
+from vace_local.core.errors import InputError
+from vace_local.core.inputs import data_uri_bytes, write_data_uri  # noqa: F401 - write_data_uri re-exported
 
 Kind = Literal["image", "video"]
 
@@ -333,7 +333,7 @@ def download(url: str, dest: Path, field: str, *, allowed: list[str], max_bytes:
     """Stream `url` to `dest` within one wall-clock deadline (connect, headers, body, every redirect hop) and
     the size limit; each connection (each redirect hop too) connects only to addresses `resolve_checked`
     approved, and `should_cancel` is honoured between socket waits (JobCancelled)."""
-    from vace_local.http_guard import fetch_url
+    from vace_local.core.http_guard import fetch_url
 
     def resolve(host: str, port: int) -> list[str]:
         return resolve_checked(host, port, field, allowed)

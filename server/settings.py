@@ -10,12 +10,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from vace_local.spec import DtypeName, Fp8Mode, OffloadPolicy
+from vace_local.core.spec import DtypeName, Fp8Mode, OffloadPolicy
 
 TINY_MODEL = "tiny"
 #: Live previews every this many steps by default (measured cost: docs/PERFORMANCE.md "Live previews").
 PREVIEW_EVERY_DEFAULT = 5
-#: The tiny random-weight smoke models (`vace_local.tiny.TINY_MODELS`; the API process does not import it).
+#: The tiny random-weight smoke models (`vace_local.engine.tiny.TINY_MODELS`; the API process does not import it).
 TINY_MODELS = (TINY_MODEL, "tiny-two-expert")
 
 
@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     cfg_batch: bool = False
     compile: bool = False
     fp8: Fp8Mode = "none"
-    #: Ranks per job (vace_local.parallel): each worker is a group of this many GPUs (CPU: gloo ranks) that runs
+    #: Ranks per job (vace_local.run.parallel): each worker is a group of this many GPUs (CPU: gloo ranks) that runs
     #: one job at a time, split CFG-parallel (when even and `cfg_parallel`) × Ulysses sequence-parallel.
     gpus_per_job: int = Field(1, ge=1, le=64)
     cfg_parallel: bool = True
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     lora_adapters: int = Field(4, ge=1, le=64)
     lora_cache_bytes: int = Field(8 * 1024**3, gt=0)
     #: Longest job accepted (frames, 4k+1; default 961 = 60 s at 16 fps). Past `window_frames` a job is made
-    #: of overlapping windows (vace_local/windows.py); the hosted dialects' own limits stay their default and
+    #: of overlapping windows (vace_local/core/windows.py); the hosted dialects' own limits stay their default and
     #: a request opts into more with `long_video: true` (README, Long video). Exported as VACE_MAX_FRAMES to
     #: the API process and the workers (JobSpec reads it).
     max_frames: int = Field(961, ge=17, le=9601)
@@ -220,10 +220,10 @@ class Settings(BaseSettings):
             raise ValueError(f"workers must be 'auto' or a count 0..64, got {v!r}")
         return s
 
-    def engine_options(self, device: str):  # noqa: ANN201 - vace_local.engine.EngineOptions (worker only)
+    def engine_options(self, device: str):  # noqa: ANN201 - vace_local.engine.engine.EngineOptions (worker only)
         """The engine options the workers load with (imported lazily: the API process never needs them)."""
-        from vace_local.engine import EngineOptions
-        from vace_local.lora import LoraOption
+        from vace_local.engine.engine import EngineOptions
+        from vace_local.engine.lora import LoraOption
 
         return EngineOptions(
             device=device, dtype=self.dtype, offload=self.offload, attention=self.attention,
@@ -233,23 +233,23 @@ class Settings(BaseSettings):
             aux_bytes=self.aux_gpu_bytes() if device != "cpu" else 0,
         )
 
-    def safety_options(self, device: str):  # noqa: ANN201 - vace_local.safety_check.SafetyOptions (worker only)
-        from vace_local.safety_check import SafetyOptions
+    def safety_options(self, device: str):  # noqa: ANN201 - vace_local.engine.safety_check.SafetyOptions (worker only)
+        from vace_local.engine.safety_check import SafetyOptions
 
         return SafetyOptions(model=self.safety_model, policy=self.safety_policy, check_inputs=self.safety_check_inputs,
                              flagged_labels=tuple(self.safety_flagged_labels), threshold=self.safety_threshold,
                              frames=self.safety_frames, device=device)
 
-    def expander_options(self, device: str):  # noqa: ANN201 - vace_local.prompt_expand.ExpanderOptions
-        from vace_local.prompt_expand import ExpanderOptions
+    def expander_options(self, device: str):  # noqa: ANN201 - vace_local.engine.prompt_expand.ExpanderOptions
+        from vace_local.engine.prompt_expand import ExpanderOptions
 
         return ExpanderOptions(model=self.prompt_expander_model, max_new_tokens=self.prompt_expander_max_new_tokens,
                                keep_on_gpu=self.prompt_expander_keep_on_gpu, device=device)
 
     def aux_gpu_bytes(self) -> int:
         """Weight bytes of the installed helper models, for the `auto` memory policy (0 when not installed)."""
-        from vace_local.errors import ModelNotFoundError
-        from vace_local.models import resolve_aux_model, weights_bytes
+        from vace_local.core.errors import ModelNotFoundError
+        from vace_local.engine.models import resolve_aux_model, weights_bytes
 
         total = 0
         for model_id, name in ((self.safety_model, "safety"), (self.prompt_expander_model, "prompt-expander")):

@@ -3,7 +3,7 @@
 * `workers=auto`: one worker per visible GPU (counted without torch: `CUDA_VISIBLE_DEVICES`, else
   `nvidia-smi -L`), one CPU worker when there is none. With `gpus_per_job=N` a worker is a group of N GPUs
   (8 GPUs, N=2 → four groups "0,1" … "6,7"); its process is rank 0 and starts the other ranks itself
-  (vace_local.parallel), so a group is supervised, restarted and re-queued like one worker.
+  (vace_local.run.parallel), so a group is supervised, restarted and re-queued like one worker.
 * Leases: a running job belongs to the worker whose heartbeat keeps renewing its lease. Every instance sharing
   the store checks for expired leases and recovers those jobs (re-queued once, then failed), its own or
   another's; the conditional update makes exactly one recovery win. At start, an instance recovers at once

@@ -25,8 +25,8 @@ import httpx
 from server import media_refs
 from server.core import JobService
 from server.store import JobRecord
-from vace_local.errors import InputError
-from vace_local.http_guard import PinnedAsyncBackend, PinnedAsyncTransport
+from vace_local.core.errors import InputError
+from vace_local.core.http_guard import PinnedAsyncBackend, PinnedAsyncTransport
 
 log = logging.getLogger("vace.server.webhooks")
 

@@ -25,9 +25,9 @@ from server.settings import Settings
 from server.states import WorkerExit, WorkerStatus
 from server.storage import key_of_path, make_storage
 from server.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, Store
-from vace_local.errors import InputError, JobCancelled
-from vace_local.events import Progress
-from vace_local.spec import JobSpec
+from vace_local.core.errors import InputError, JobCancelled
+from vace_local.core.events import Progress
+from vace_local.core.spec import JobSpec
 
 log = logging.getLogger("vace.worker")
 
@@ -55,7 +55,7 @@ class Worker:
         self.current: JobRecord | None = None
         self.shutdown = threading.Event()
         self.engine: Any = None
-        self.group: Any = None  # vace_local.parallel.Group when gpus_per_job > 1 (this process is rank 0)
+        self.group: Any = None  # vace_local.run.parallel.Group when gpus_per_job > 1 (this process is rank 0)
         self._group_lock = threading.Lock()
         self._last_cancel_check = 0.0
         self._cancel_cached = False
@@ -92,7 +92,7 @@ class Worker:
                 "gpu_memory_free": free}
 
     def load(self) -> None:
-        from vace_local.engine import get_engine
+        from vace_local.engine.engine import get_engine
 
         if self.args.gpu is None:
             # A CPU worker uses every core (a tiny job at the hosted sizes is minutes of CPU work) but runs
@@ -106,7 +106,7 @@ class Worker:
                                  message=f"loading {self.settings.model}")
         device = "cuda" if self.args.gpu is not None else "cpu"
         if self.settings.gpus_per_job > 1:
-            from vace_local.parallel import Group
+            from vace_local.run.parallel import Group
 
             self.group = Group.for_worker(self.settings.model, self.settings.engine_options(device),
                                           self.settings.gpus_per_job, cfg=self.settings.cfg_parallel)
@@ -262,7 +262,7 @@ class Worker:
         with the input rules (allowed hosts, size limit, deadline, cancel) into the size-bounded LoRA cache."""
         if not spec.loras:
             return spec
-        from vace_local.lora_sources import LoraFiles
+        from vace_local.core.lora_sources import LoraFiles
 
         s = self.settings
 
@@ -280,18 +280,18 @@ class Worker:
             loras.append(ref.model_copy(update={"path": str(path)}))
         return spec.model_copy(update={"loras": loras})
 
-    def window_store(self, job: JobRecord):  # noqa: ANN201 - vace_local.long_video.DirWindowStore
+    def window_store(self, job: JobRecord):  # noqa: ANN201 - vace_local.run.long_video.DirWindowStore
         """A long job's finished windows, kept in the job's storage (`windows/<job>/`) so that a re-queued job
         resumes at its first unfinished window, on this box or another one."""
-        from vace_local.long_video import DirWindowStore
+        from vace_local.run.long_video import DirWindowStore
 
         prefix = f"windows/{job.id}"
         return DirWindowStore(self.data_dir / prefix, fetch=lambda name: self.storage.fetch(f"{prefix}/{name}"),
                               published=lambda p: self.storage.publish(f"{prefix}/{p.name}"))
 
     def run_one(self, job: JobRecord) -> None:
-        from vace_local.preview import preview_scope
-        from vace_local.run import run_job
+        from vace_local.engine.preview import preview_scope
+        from vace_local.run.job import run_job
 
         self.current = job
         self._cancel_cached = False
@@ -363,9 +363,9 @@ class Worker:
                 self.store.upsert_worker(self.id, status=WorkerStatus.READY, current_job=None)
 
 class _PreviewWriter:
-    """Writes a running job's live previews (`vace_local.preview`) as `outputs/<job>/preview-NNNN.webp` and records
-    the latest in the job (`Store.set_preview`), so `GET /api/v3/predictions/{id}/progress` can hand out its URL.
-    Each preview gets a new name (no stale copy in a browser or on another box); the two newest are kept, so a
+    """Writes a running job's live previews (`vace_local.engine.preview`) as `outputs/<job>/preview-NNNN.webp` and
+    records the latest in the job (`Store.set_preview`), so `GET /api/v3/predictions/{id}/progress` can hand out its
+    URL. Each preview gets a new name (no stale copy in a browser or on another box); the two newest are kept, so a
     reader that got the previous URL can still fetch it. A preview that fails is logged once and stops the
     previews of that job, never the job."""
 
@@ -378,7 +378,7 @@ class _PreviewWriter:
         self.failed = False
 
     def write(self, preview: Any) -> None:
-        from vace_local.preview import write_strip
+        from vace_local.engine.preview import write_strip
 
         if self.failed:
             return
@@ -411,7 +411,7 @@ def worker_main(args: WorkerArgs) -> None:
     if settings.is_tiny:
         try:  # build the tiny annotators before reporting ready (the run path would do it on first use)
             from preprocessors.tiny import tiny_annotators_dir
-            from vace_local.tiny import default_cache_dir
+            from vace_local.engine.tiny import default_cache_dir
 
             tiny_annotators_dir(default_cache_dir())
         except Exception:  # noqa: BLE001 - tasks needing annotators will fail with their own message

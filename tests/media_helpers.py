@@ -1,6 +1,6 @@
 """Test helpers: synthetic media (real ffmpeg encodes, no mocks), whole-clip decoding and PSNR scores.
 
-Not part of the product: the run path decodes only the frames a job needs (vace_local.media), and nothing
+Not part of the product: the run path decodes only the frames a job needs (vace_local.core.media), and nothing
 there measures quality.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vace_local.inputs import ResolvedInputs
-from vace_local.interpolate import PairInterpolator, interpolate_clip
-from vace_local.media import open_video, read_frames, write_video
+from vace_local.core.inputs import ResolvedInputs
+from vace_local.core.media import open_video, read_frames, write_video
+from vace_local.engine.interpolate import PairInterpolator, interpolate_clip
 
 #: The real resolved-inputs type (all local paths); tests build it directly.
 LocalInputs = ResolvedInputs

@@ -8,9 +8,9 @@ import pytest
 from preprocessors import build_bundle, tiny, weights
 from preprocessors.annotators.pose import FACE, draw
 from tests.media_helpers import LocalInputs
-from vace_local.errors import ModelNotFoundError
-from vace_local.media import write_video
-from vace_local.spec import JobSpec
+from vace_local.core.errors import ModelNotFoundError
+from vace_local.core.media import write_video
+from vace_local.core.spec import JobSpec
 
 
 @pytest.fixture(scope="module")

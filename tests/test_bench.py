@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vace_local.flops import forward_flops, latent_tokens, step_flops
-from vace_local.synthetic import TRANSFORMER_CONFIGS, build_transformer
+from vace_bench.flops import forward_flops, latent_tokens, step_flops
+from vace_bench.synthetic import TRANSFORMER_CONFIGS, build_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TRANSFORMER_CONFIGS["tiny"]

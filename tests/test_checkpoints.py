@@ -1,4 +1,4 @@
-"""Original-format Wan VACE checkpoints (the official release layout) converted at load (vace_local.checkpoints).
+"""Original-format Wan VACE checkpoints (the official release layout) converted at load (vace_local.engine.checkpoints).
 
 The checkpoints are written here with the ORIGINAL Wan key names (`blocks.N.self_attn.q`, `norm3`, `modulation`,
 `vace_blocks.N.before_proj`, `head.head`, …), mapped by hand from the diffusers modules below — independently
@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vace_local.bundle import ControlBundle
-from vace_local.checkpoints import CheckpointFormatError, find_original, load_expert
-from vace_local.engine import Engine, EngineOptions
-from vace_local.errors import ModelNotFoundError
-from vace_local.models import BASE_MODEL_ENV, BUILTIN_MODELS, resolve_model
-from vace_local.spec import JobSpec
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.errors import ModelNotFoundError
+from vace_local.core.spec import JobSpec
+from vace_local.engine.checkpoints import CheckpointFormatError, find_original, load_expert
+from vace_local.engine.engine import Engine, EngineOptions
+from vace_local.engine.models import BASE_MODEL_ENV, BUILTIN_MODELS, resolve_model
 
 #: diffusers module path fragment → Wan original (wan/modules/model.py, vace_model.py), applied in order.
 TO_ORIGINAL = [

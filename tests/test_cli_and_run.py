@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from tests.conftest import ROOT
 from tests.media_helpers import read_video
 from vace_local.cli import app
-from vace_local.errors import JobCancelled
-from vace_local.media import probe_video
-from vace_local.run import run_job
-from vace_local.spec import JobSpec
+from vace_local.core.errors import JobCancelled
+from vace_local.core.media import probe_video
+from vace_local.core.spec import JobSpec
+from vace_local.run.job import run_job
 
 SMALL = dict(model="tiny", prompt="a cat", width=64, height=48, num_frames=17, num_inference_steps=2)
 
@@ -162,7 +162,7 @@ def test_tiny_model_runs_annotator_tasks_on_tiny_annotators(tmp_path: Path, fixt
     assert probe_video(res.video_path)[0] == 17
     import os
 
-    from vace_local.tiny import default_cache_dir
+    from vace_local.engine.tiny import default_cache_dir
 
     assert meta["control"]["annotator"] == "dwpose-onnx"  # the tiny DWPose files, passed to the annotator
     assert (default_cache_dir() / "tiny" / "annotators" / ".tiny-complete-v2").is_file()
@@ -174,7 +174,7 @@ def test_cancel_lands_inside_preprocessing_frame_loop(tmp_path: Path, fixtures_d
     import time
     import traceback
 
-    from vace_local.events import Progress
+    from vace_local.core.events import Progress
 
     state: dict[str, float] = {}
 

@@ -14,8 +14,8 @@ import pytest
 
 from preprocessors import build_bundle
 from tests.media_helpers import LocalInputs
-from vace_local.media import parse_display_rotation, probe, write_video
-from vace_local.spec import JobSpec
+from vace_local.core.media import parse_display_rotation, probe, write_video
+from vace_local.core.spec import JobSpec
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from vace_local.bundle import ControlBundle
-from vace_local.engine import Engine, EngineOptions, get_engine
-from vace_local.errors import InputError, JobCancelled
-from vace_local.samplers import make_scheduler
-from vace_local.spec import OFFICIAL_NEGATIVE_PROMPT, JobSpec
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.errors import InputError, JobCancelled
+from vace_local.core.spec import OFFICIAL_NEGATIVE_PROMPT, JobSpec
+from vace_local.engine.engine import Engine, EngineOptions, get_engine
+from vace_local.engine.samplers import make_scheduler
 
 F, H, W = 17, 32, 48
 

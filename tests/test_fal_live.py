@@ -109,7 +109,7 @@ def video_data_uri(tmp_path_factory) -> str:
     """A 17-frame 128x72 moving-gradient clip, as fal_client.encode_file would send it."""
     import base64
 
-    from vace_local.media import write_video
+    from vace_local.core.media import write_video
 
     d = tmp_path_factory.mktemp("vid")
     x = np.linspace(0, 255, 128, dtype=np.float32)
@@ -133,7 +133,7 @@ def _fal(server, code: str, timeout: float = 300) -> dict:
 def _check_video(server, video: dict) -> None:
     import httpx
 
-    from vace_local.media import probe_video
+    from vace_local.core.media import probe_video
 
     r = httpx.get(video["url"], verify=_ctx(server["cert"]))
     assert r.status_code == 200 and r.content[4:8] == b"ftyp"

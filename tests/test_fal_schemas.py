@@ -12,7 +12,7 @@ from server.dialects.fal.serving import (
     output_size,
     parse_fal_request,
 )
-from vace_local.spec import round_frames_4k1 as frames_4k1
+from vace_local.core.spec import round_frames_4k1 as frames_4k1
 
 VID = "https://example.com/v.mp4"
 HD = SourceInfo(num_frames=81, fps=16.0, width=1280, height=720)

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from vace_local import fastpath
-from vace_local.bundle import ControlBundle
-from vace_local.engine import Engine, EngineOptions, get_engine
-from vace_local.spec import JobSpec
-from vace_local.synthetic import build_transformer
+from vace_bench.synthetic import build_transformer
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.spec import JobSpec
+from vace_local.engine.engine import Engine, EngineOptions, fastpath, get_engine
 
 F, H, W = 17, 32, 48
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vace_local.bundle import ControlBundle
-from vace_local.engine import Engine, EngineOptions
-from vace_local.spec import JobSpec
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.spec import JobSpec
+from vace_local.engine.engine import Engine, EngineOptions
 
 pytestmark = pytest.mark.gpu
 

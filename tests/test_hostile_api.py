@@ -309,7 +309,7 @@ def test_idle_connections_cannot_exhaust_descriptors(api):
 def test_streamed_data_uri_decode_matches_whole_decode(tmp_path):
     """`write_data_uri` decodes in 4 MiB steps: same bytes across step boundaries, same errors as decode_data_uri."""
     from server import media_refs
-    from vace_local.errors import InputError
+    from vace_local.core.errors import InputError
 
     payload = os.urandom(7_000_001)  # ~9.3 MB of base64: three steps, padded tail
     uri = "data:video/mp4;base64," + base64.b64encode(payload).decode()

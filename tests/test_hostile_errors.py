@@ -76,7 +76,7 @@ def api_stays_alive(server):
 def small_video_uri(tmp_path_factory) -> str:
     import base64
 
-    from vace_local.media import write_video
+    from vace_local.core.media import write_video
 
     x = np.linspace(0, 255, 64, dtype=np.float32)
     frames = np.stack([np.broadcast_to(((x + 8 * i) % 256).astype(np.uint8)[None, :, None], (48, 64, 3))
@@ -303,10 +303,10 @@ def test_databases_without_the_owner_column_are_migrated(tmp_path):
 
 
 def test_both_data_uri_decoders_read_percent_encoding_as_bytes(tmp_path):
-    """The CLI's decoder (vace_local.inputs) and the server's (server.media_refs) share one set of rules."""
+    """The CLI's decoder (vace_local.core.inputs) and the server's (server.media_refs) share one set of rules."""
     from server.media_refs import decode_data_uri as server_decode
-    from vace_local.errors import InputError
-    from vace_local.inputs import decode_data_uri as cli_decode
+    from vace_local.core.errors import InputError
+    from vace_local.core.inputs import decode_data_uri as cli_decode
 
     raw = bytes(range(256))
     uri = "data:application/octet-stream," + quote_from_bytes(raw)

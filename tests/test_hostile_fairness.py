@@ -31,7 +31,7 @@ def api(tmp_path_factory):
 
 
 def _tiny_video_uri(tmp_path) -> str:
-    from vace_local.media import write_video
+    from vace_local.core.media import write_video
 
     path = write_video(np.full((5, 32, 32, 3), 90, np.uint8), tmp_path / "v.mp4", fps=16)
     return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()

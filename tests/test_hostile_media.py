@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from tests.test_server_live import AUTH, LiveServer
-from vace_local.errors import InputError
-from vace_local.media import load_image, write_video
-from vace_local.sandbox import vet_file
+from vace_local.core.errors import InputError
+from vace_local.core.media import load_image, write_video
+from vace_local.core.sandbox import vet_file
 
 FAL = "/fal-ai/wan-vace-14b"
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from server import media_refs
-from vace_local.errors import InputError, JobCancelled
+from vace_local.core.errors import InputError, JobCancelled
 
 Handler = Callable[[socket.socket, "RawServer"], None]
 
@@ -199,7 +199,7 @@ def test_cancel_lands_during_a_drip_download(servers, tmp_path):
 
 
 def test_cli_fetcher_has_a_wall_clock_deadline(servers, tmp_path, monkeypatch):
-    from vace_local import inputs
+    from vace_local.core import inputs
 
     monkeypatch.setattr(inputs, "FETCH_DEADLINE_S", 2.0)
     srv = servers(drip)

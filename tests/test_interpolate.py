@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from tests.media_helpers import held_out_psnr, psnr
-from vace_local.errors import InputError
-from vace_local.interpolate import (
+from vace_local.core.errors import InputError
+from vace_local.core.spec import JobSpec, TemporalOptions
+from vace_local.engine.interpolate import (
     TemporalPlan,
     interpolate_clip,
     plan_for_spec,
     plan_temporal,
     write_frames_zip,
 )
-from vace_local.spec import JobSpec, TemporalOptions
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 
@@ -70,7 +70,7 @@ def test_plan_from_spec_builds_generation_and_bundle_specs():
 
 def test_clip_with_downsample_factor_1_has_the_requested_frame_count():
     """Generate the planned frames, restore: the job gets exactly the frames it asked for."""
-    from vace_local.bundle import ControlBundle
+    from vace_local.core.bundle import ControlBundle
 
     p = plan_temporal(17, 16, downsample=1)
     bundle = ControlBundle.blank(p.bundle_frames, 32, 48)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import zipfile
 
-from vace_local.media import probe_video
-from vace_local.run import run_job
-from vace_local.spec import JobSpec, OutputOptions, TemporalOptions
+from vace_local.core.media import probe_video
+from vace_local.core.spec import JobSpec, OutputOptions, TemporalOptions
+from vace_local.run.job import run_job
 
 
 def test_downsample_factor_1_gives_the_requested_frame_count(tmp_path):
@@ -37,9 +37,9 @@ def test_num_interpolated_frames_scales_frames_and_fps(tmp_path):
 def test_last_image_survives_temporal_downsampling(tmp_path, fixtures_dir):
     """The plan picks a stride that ends exactly on the job's last frame, so the last image is generated."""
     from preprocessors import build_bundle
-    from vace_local.inputs import ResolvedInputs
-    from vace_local.interpolate import plan_for_spec
-    from vace_local.spec import JobSpec
+    from vace_local.core.inputs import ResolvedInputs
+    from vace_local.core.spec import JobSpec
+    from vace_local.engine.interpolate import plan_for_spec
 
     last = fixtures_dir / "vace" / "test.jpg"
     spec = JobSpec(model="tiny", width=64, height=48, num_frames=33, inputs={"last_image": str(last)},
@@ -53,9 +53,9 @@ def test_last_image_survives_temporal_downsampling(tmp_path, fixtures_dir):
 
 def test_match_input_num_frames_returns_the_input_length(tmp_path):
     from tests.media_helpers import index_video
-    from vace_local.media import probe_video
-    from vace_local.run import run_job
-    from vace_local.spec import JobSpec
+    from vace_local.core.media import probe_video
+    from vace_local.core.spec import JobSpec
+    from vace_local.run.job import run_job
 
     video = index_video(tmp_path / "in.mp4", 30, 16.0, width=64, height=48)
     spec = JobSpec(model="tiny", width=64, height=48, num_frames=17, num_inference_steps=1, seed=1,
@@ -69,9 +69,9 @@ def test_submit_matched_frame_count_is_trimmed_back(tmp_path):
     from server.dialects.common import SourceInfo
     from server.dialects.fal.serving import timing
     from tests.media_helpers import index_video
-    from vace_local.media import probe_video
-    from vace_local.run import run_job
-    from vace_local.spec import JobSpec
+    from vace_local.core.media import probe_video
+    from vace_local.core.spec import JobSpec
+    from vace_local.run.job import run_job
 
     video = index_video(tmp_path / "in.mp4", 30, 25.0, width=64, height=48)
     n, fps, trim = timing(17, 16, True, True, SourceInfo(num_frames=30, fps=25.0, width=64, height=48), [])

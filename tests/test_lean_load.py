@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from vace_local.engine import Engine, EngineOptions
-from vace_local.errors import InsufficientMemory
-from vace_local.memory import GIB, HOST_RESERVE
-from vace_local.models import model_size
-from vace_local.run import run_job
-from vace_local.spec import JobSpec
+from vace_local.core.errors import InsufficientMemory
+from vace_local.core.spec import JobSpec
+from vace_local.engine.engine import Engine, EngineOptions
+from vace_local.engine.memory import GIB, HOST_RESERVE
+from vace_local.engine.models import model_size
+from vace_local.run.job import run_job
 
 
 def file_params(path: Path) -> dict[str, int]:
@@ -65,7 +65,7 @@ def test_cpu_auto_picks_bf16_when_fp32_does_not_fit_and_says_why(realarch_wan21_
     path = realarch_wan21_narrow_vae
     fp32, bf16 = weight_bytes(path, 4), weight_bytes(path, 2)
     host = HOST_RESERVE + (fp32 + bf16) // 2  # bf16 fits, fp32 does not
-    with caplog.at_level(logging.INFO, logger="vace_local.engine"):
+    with caplog.at_level(logging.INFO, logger="vace_local.engine.engine"):
         eng = Engine(str(path), EngineOptions(device="cpu", host_ram=host))
     import torch
 
@@ -87,7 +87,7 @@ def test_cpu_auto_picks_bf16_when_fp32_does_not_fit_and_says_why(realarch_wan21_
 
 def test_cpu_auto_keeps_fp32_when_it_fits(realarch_wan21: Path) -> None:
     """The planner alone (no load): with room for fp32, CPU stays fp32 as before."""
-    from vace_local.memory import plan_memory
+    from vace_local.engine.memory import plan_memory
 
     fp32 = weight_bytes(realarch_wan21, 4)
     plan = plan_memory(model_size(realarch_wan21), device="cpu", free_vram=None, free_ram=HOST_RESERVE + fp32 + GIB)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from vace_local.bundle import ControlBundle
-from vace_local.errors import JobCancelled
-from vace_local.events import Progress
-from vace_local.long_video import DirWindowStore, LabStats, delta_e, from_lab, run_windows, to_lab
-from vace_local.spec import JobSpec
-from vace_local.timing import match_input_timing
-from vace_local.windows import plan_windows, spec_windows
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.errors import JobCancelled
+from vace_local.core.events import Progress
+from vace_local.core.spec import JobSpec
+from vace_local.core.timing import match_input_timing
+from vace_local.core.windows import plan_windows, spec_windows
+from vace_local.run.long_video import DirWindowStore, LabStats, delta_e, from_lab, run_windows, to_lab
 
 SMALL = dict(model="tiny", prompt="a cat", width=32, height=32, num_inference_steps=2)
 
@@ -121,7 +121,7 @@ class _Recorder:
 
 @pytest.fixture(scope="module")
 def tiny_engine():
-    from vace_local.engine import get_engine
+    from vace_local.engine.engine import get_engine
 
     return get_engine("tiny")
 
@@ -132,8 +132,8 @@ def test_next_window_is_conditioned_on_the_frames_already_made(tmp_path: Path, t
     frames (mask 0, kept), the rest its slice of the job's control video (mask 1); the reference image goes to
     every window."""
     from preprocessors import build_bundle
-    from vace_local.inputs import fetch_inputs
-    from vace_local.run import run_job
+    from vace_local.core.inputs import fetch_inputs
+    from vace_local.run.job import run_job
 
     rec = _Recorder(tiny_engine.pipe)
     try:
@@ -280,7 +280,7 @@ def _count_forwards(engine: Any) -> tuple[dict[str, int], Any]:
 def test_interrupted_job_resumes_at_its_first_unfinished_window(tmp_path: Path, tiny_engine: Any) -> None:
     """Stopped during window 3 of 4, run again with the same store: windows 1-2 are not denoised again (the
     transformer's forward calls are counted), and the random seed is the stored one."""
-    from vace_local.run import run_job
+    from vace_local.run.job import run_job
 
     spec = JobSpec(**{**SMALL, "width": 16, "height": 16}, num_frames=53, window_frames=17, overlap_frames=4, seed=-1)
     counter, handle = _count_forwards(tiny_engine)
@@ -362,7 +362,7 @@ def test_cli_writes_a_257_frame_video_whose_metadata_lists_its_windows(tmp_path:
     from typer.testing import CliRunner
 
     from vace_local.cli import app
-    from vace_local.media import probe_video
+    from vace_local.core.media import probe_video
 
     result = CliRunner().invoke(app, [
         "generate", "--model", "tiny", "--num-frames", "257", "--window-frames", "81", "--overlap-frames", "16",
@@ -380,8 +380,8 @@ def test_clip_extension_keeps_the_clip_tail_and_adds_frames(tmp_path: Path, tiny
                                                             fixtures_dir: Path) -> None:
     """`inputs.extend` + `extend_frames`: the first window keeps the clip's last `overlap_frames` frames (at the
     pipeline's input, mask 0); `full` returns clip + continuation, `continuation` only the new frames."""
-    from vace_local.media import probe_video
-    from vace_local.run import run_job
+    from vace_local.core.media import probe_video
+    from vace_local.run.job import run_job
 
     clip = str(fixtures_dir / "vace" / "test2.mp4")  # 25 frames at 25 fps → 16 frames at 16 fps
     rec = _Recorder(tiny_engine.pipe)
@@ -404,8 +404,8 @@ def test_clip_extension_keeps_the_clip_tail_and_adds_frames(tmp_path: Path, tiny
 def test_schedule_entries_no_window_uses_are_refused() -> None:
     """A prompt no window would take (inside a one-window job, or shadowed by the next entry) is an error naming
     it and the windows' first new frames, never accepted and silently unused."""
-    from vace_local.errors import InputError
-    from vace_local.plan import plan_job
+    from vace_local.core.errors import InputError
+    from vace_local.run.plan import plan_job
 
     with pytest.raises(InputError, match=r"prompts\[0\].*first new frame.*0 \(window_frames 81"):
         plan_job(JobSpec(**SMALL, prompts=[{"start_frame": 40, "prompt": "b"}]), None)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.test_server_live import AUTH, LiveServer, _terminal
-from vace_local.media import probe_video
+from vace_local.core.media import probe_video
 
 ENV = {"VACE_TINY_MAX_SIDE": "16", "VACE_TINY_MAX_FRAMES": "0", "VACE_HEARTBEAT_TIMEOUT_S": "6"}
 

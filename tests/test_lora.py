@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vace_local.bundle import ControlBundle
-from vace_local.engine import Engine, EngineOptions, get_engine
-from vace_local.lora import LoraOption, read_lora_file
-from vace_local.spec import JobSpec
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.spec import JobSpec
+from vace_local.engine.engine import Engine, EngineOptions, get_engine
+from vace_local.engine.lora import LoraOption, read_lora_file
 
 F, H, W = 17, 32, 48
 D, FFN, RANK, ALPHA = 24, 32, 4, 2.0

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 from tests.test_lora import alpha_everywhere_lora, bundle, diffusers_lora, kijai_lora, musubi_lora, spec
-from vace_local.engine import Engine, EngineOptions
-from vace_local.errors import InputError
-from vace_local.lora import LoraOption
-from vace_local.lora_sources import LoraFiles, hf_url
-from vace_local.spec import JobSpec, LoraRef
+from vace_local.core.errors import InputError
+from vace_local.core.lora_sources import LoraFiles, hf_url
+from vace_local.core.spec import JobSpec, LoraRef
+from vace_local.engine.engine import Engine, EngineOptions
+from vace_local.engine.lora import LoraOption
 
 TOL = 1e-4
 
@@ -123,7 +123,7 @@ def test_bad_loras_fail_their_job_naming_the_field_and_the_model_stays_usable(fi
 
 def test_sources_lora_dir_hugging_face_url_cache_and_limits(files: dict[str, Path], tmp_path: Path) -> None:
     """Folder names, URLs through the guarded downloader (real HTTP on loopback, size limit), the cache's bound."""
-    from vace_local.http_guard import fetch_url
+    from vace_local.core.http_guard import fetch_url
 
     served = tmp_path / "served"
     served.mkdir()
@@ -231,7 +231,7 @@ def test_every_dialect_takes_loras_and_names_a_bad_one() -> None:
     from server.dialects.openai.serving import to_spec as openai_spec
     from server.dialects.wavespeed.schemas import WanVaceInput
     from server.dialects.wavespeed.serving import to_spec as wavespeed_spec
-    from vace_local.errors import problems_from_pydantic
+    from vace_local.core.errors import problems_from_pydantic
 
     loras = [{"path": "style_a", "scale": 0.5}, {"path": "o/r", "weight_name": "low.safetensors",
                                                  "transformer": "low", "num_inference_steps": 4}]

@@ -1,6 +1,6 @@
 """The load-time memory plan (`auto` dtype and offload) on the real model sizes, and how it explains itself.
 
-Parameter counts come from the published configs (vace_local.synthetic: Wan2.1-VACE-14B / 1.3B transformer,
+Parameter counts come from the published configs (vace_bench.synthetic: Wan2.1-VACE-14B / 1.3B transformer,
 UMT5-XXL encoder, Wan VAE) instantiated on the meta device — never typed in. Wan2.2-VACE-Fun-A14B has two
 experts with the 14B config. Card sizes are what CUDA reports free after its context (≈ 1 GiB less than the
 card); host RAM is what the OS reports available on an otherwise idle box (≈ 2 GiB less than installed).
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from vace_local.errors import InsufficientMemory
-from vace_local.memory import GIB, HOST_RESERVE, ModelSize, activation_reserve, plan_memory
-from vace_local.models import component_size, meta_component
-from vace_local.synthetic import TRANSFORMER_CONFIGS, VAE_CONFIGS, text_encoder_config
+from vace_bench.synthetic import TRANSFORMER_CONFIGS, VAE_CONFIGS, text_encoder_config
+from vace_local.core.errors import InsufficientMemory
+from vace_local.engine.memory import GIB, HOST_RESERVE, ModelSize, activation_reserve, plan_memory
+from vace_local.engine.models import component_size, meta_component
 
 CARDS_GB = (12, 16, 24, 48, 80, 141)
 HOSTS_GB = (32, 64)

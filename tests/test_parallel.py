@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vace_local.bundle import ControlBundle
-from vace_local.engine import Engine, EngineOptions
-from vace_local.errors import JobCancelled
-from vace_local.events import Progress
-from vace_local.parallel import Group, Layout
-from vace_local.spec import JobSpec
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.errors import JobCancelled
+from vace_local.core.events import Progress
+from vace_local.core.spec import JobSpec
+from vace_local.engine.engine import Engine, EngineOptions
+from vace_local.run.parallel import Group, Layout
 
 # Smallest job the spec allows: 17 frames → 5 latent frames + 1 reference frame, 2×2 patches each = 24 tokens.
 F, H, W = 17, 32, 32
@@ -142,7 +142,7 @@ class TestUlyssesTwoRanks:
         assert float(np.abs(out - reference[0]).max()) <= TOL
 
     def test_size_that_does_not_shard_is_refused_by_name(self, group: Group) -> None:
-        from vace_local.errors import InputError
+        from vace_local.core.errors import InputError
 
         # 16x16 has one patch per latent frame: 5 tokens cannot be split over 2 ranks.
         spec = job(width=16, height=16)

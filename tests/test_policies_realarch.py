@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-from vace_local.bundle import ControlBundle
-from vace_local.engine import Engine, EngineOptions
-from vace_local.errors import InputError
-from vace_local.lora import LoraOption
-from vace_local.spec import JobSpec
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.errors import InputError
+from vace_local.core.spec import JobSpec
+from vace_local.engine.engine import Engine, EngineOptions
+from vace_local.engine.lora import LoraOption
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +154,7 @@ def test_group_offload_hooks_the_text_encoder_blocks(realarch_wan21_narrow_vae: 
     """transformers' UMT5 encoder is group-offloaded block by block through diffusers' `apply_group_offloading`."""
     from diffusers import WanVACEPipeline
 
-    from vace_local.memory import apply_policy
+    from vace_local.engine.memory import apply_policy
 
     pipe = WanVACEPipeline.from_pretrained(realarch_wan21_narrow_vae)
     apply_policy(pipe, "group", "cpu")

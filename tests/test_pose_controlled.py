@@ -17,8 +17,8 @@ from preprocessors import build_bundle
 from preprocessors.annotators import annotate
 from tests import controlled_annotators as ca
 from tests.media_helpers import LocalInputs
-from vace_local.media import open_video, read_frames, write_video
-from vace_local.spec import JobSpec
+from vace_local.core.media import open_video, read_frames, write_video
+from vace_local.core.spec import JobSpec
 
 BOX = (200.0, 40.0, 440.0, 340.0)  # where the firing detector reports a person, in detector-input pixels
 SRC_HW = (1080, 1920)  # talking_person.mp4

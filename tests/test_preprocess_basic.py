@@ -11,9 +11,9 @@ from PIL import Image
 from preprocessors import build_bundle, plan_timing
 from preprocessors.video import keep_last_indices
 from tests.media_helpers import LocalInputs, index_video
-from vace_local.errors import InputError
-from vace_local.media import write_video
-from vace_local.spec import JobSpec
+from vace_local.core.errors import InputError
+from vace_local.core.media import write_video
+from vace_local.core.spec import JobSpec
 
 FIX = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason="shared fixtures folder ../shared/fixtures absent")

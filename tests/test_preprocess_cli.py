@@ -6,7 +6,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from vace_local.cli import app
-from vace_local.media import probe, write_video
+from vace_local.core.media import probe, write_video
 
 
 def test_preprocess_command(tmp_path):

@@ -9,9 +9,9 @@ from PIL import Image
 from preprocessors import build_bundle
 from preprocessors.outpaint import detect_borders
 from tests.media_helpers import LocalInputs
-from vace_local.errors import InputError
-from vace_local.media import write_video
-from vace_local.spec import JobSpec
+from vace_local.core.errors import InputError
+from vace_local.core.media import write_video
+from vace_local.core.spec import JobSpec
 
 
 def _video(path, w=96, h=64, n=17, fps=16, color=(200, 60, 30)):

@@ -1,4 +1,4 @@
-"""Live previews (vace_local.preview): the Wan 2.1 latent→RGB projection and the x0 the worker shows, on the tiny
+"""Live previews (vace_local.engine.preview): the Wan 2.1 latent→RGB projection and the x0 the worker shows, on the tiny
 model's real pipeline (CPU)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_engine import F, H, W, control_bundle, spec
 
-from vace_local.engine import Engine, get_engine
-from vace_local.preview import Preview, latent_to_rgb, preview_scope, write_strip
+from vace_local.engine.engine import Engine, get_engine
+from vace_local.engine.preview import Preview, latent_to_rgb, preview_scope, write_strip
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import pytest
 from server.dialects.common import SourceInfo
 from server.dialects.fal.serving import timing
 from tests.media_helpers import index_video
-from vace_local.bundle import ControlBundle
-from vace_local.engine import get_engine
-from vace_local.media import probe_video
-from vace_local.plan import plan_job
-from vace_local.run import run_job
-from vace_local.spec import JobSpec
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.media import probe_video
+from vace_local.core.spec import JobSpec
+from vace_local.engine.engine import get_engine
+from vace_local.run.job import run_job
+from vace_local.run.plan import plan_job
 
 SMALL = dict(model="tiny", prompt="a cat", width=64, height=48, num_frames=17, num_inference_steps=2, seed=1)
 

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from tests.media_helpers import read_video
-from vace_local.errors import VaceError
-from vace_local.media import probe_video, write_video
-from vace_local.memory import GIB, Footprint, choose_policy
-from vace_local.prompt_expand import ExpanderOptions, expand_prompt
-from vace_local.run import run_job
-from vace_local.safety_check import NOT_INSTALLED, SafetyOptions, flagged_label_ids, sample_indices
-from vace_local.spec import JobSpec
+from vace_local.core.errors import VaceError
+from vace_local.core.media import probe_video, write_video
+from vace_local.core.spec import JobSpec
+from vace_local.engine.memory import GIB, Footprint, choose_policy
+from vace_local.engine.prompt_expand import ExpanderOptions, expand_prompt
+from vace_local.engine.safety_check import NOT_INSTALLED, SafetyOptions, flagged_label_ids, sample_indices
+from vace_local.run.job import run_job
 
 SMALL = dict(model="tiny", width=64, height=48, num_frames=17, num_inference_steps=1, seed=3)
 ABSENT = "vace-test/absent-model"
@@ -153,7 +153,7 @@ def test_missing_checker_says_so_and_claims_nothing(tmp_path: Path):
 
 
 def test_expansion_changes_what_the_text_encoder_sees(tmp_path: Path, aux_models):
-    from vace_local.engine import get_engine
+    from vace_local.engine.engine import get_engine
 
     original = "a red fox walks slowly"
     opts = ExpanderOptions(model=str(aux_models["lm"]), max_new_tokens=24)
@@ -199,9 +199,9 @@ def test_tiny_helpers_are_controlled_and_load_like_real_weights(fixtures_dir: Pa
     loaded through the same `from_pretrained` code as downloaded weights, with known answers."""
     from PIL import Image
 
-    from vace_local.models import resolve_aux_model
-    from vace_local.safety_check import get_checker
-    from vace_local.tiny import TINY_EXPANSION, TINY_HELPER, TINY_SAFETY_MARKER
+    from vace_local.engine.models import resolve_aux_model
+    from vace_local.engine.safety_check import get_checker
+    from vace_local.engine.tiny import TINY_EXPANSION, TINY_HELPER, TINY_SAFETY_MARKER
 
     lm = resolve_aux_model(TINY_HELPER, "prompt-expander")
     assert json.loads((lm / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
@@ -224,7 +224,7 @@ def test_tiny_helpers_are_controlled_and_load_like_real_weights(fixtures_dir: Pa
 
 def test_tiny_model_runs_its_tiny_helpers_from_the_cli(tmp_path: Path, monkeypatch):
     """With the default helper ids, `--model tiny` expands and checks with the tiny helpers and says so."""
-    from vace_local.tiny import TINY_EXPANSION
+    from vace_local.engine.tiny import TINY_EXPANSION
 
     monkeypatch.delenv("VACE_SAFETY_MODEL", raising=False)
     monkeypatch.delenv("VACE_PROMPT_EXPANDER_MODEL", raising=False)
@@ -238,7 +238,7 @@ def test_tiny_model_runs_its_tiny_helpers_from_the_cli(tmp_path: Path, monkeypat
 
 @pytest.mark.gpu
 def test_expander_leaves_the_gpu_after_use_unless_kept(aux_models):
-    from vace_local.prompt_expand import get_expander
+    from vace_local.engine.prompt_expand import get_expander
 
     for keep in (False, True):
         opts = ExpanderOptions(model=str(aux_models["lm"]), max_new_tokens=8, device="cuda", keep_on_gpu=keep)

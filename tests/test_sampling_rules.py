@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from preprocessors import build_bundle
 from tests.media_helpers import LocalInputs
 from vace_local.cli import app
-from vace_local.spec import JobSpec
+from vace_local.core.spec import JobSpec
 
 W, H = 128, 80  # source size = job size: no resize, so the painted bands survive exactly
 BITS = 10  # H / BITS = 8-pixel bands, one per bit of the frame index (up to 1023)

@@ -291,8 +291,8 @@ def test_tiny_expander_and_classifier_in_every_dialect(server, tmp_path):
     classifier flags the one thing it knows, a magenta input image (the server checks inputs here)."""
     import numpy as np
 
-    from vace_local.media import write_video
-    from vace_local.tiny import TINY_EXPANSION
+    from vace_local.core.media import write_video
+    from vace_local.engine.tiny import TINY_EXPANSION
 
     ws = server.submit({"prompt": "a fox runs", "num_inference_steps": 2, "seed": 1})  # safety check: on by default
     fal = httpx.post(f"{server.base}/fal-ai/wan-vace-14b", headers=AUTH, timeout=30, json={

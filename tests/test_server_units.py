@@ -15,7 +15,7 @@ import pytest
 
 from server import media_refs
 from server.settings import Settings
-from vace_local.errors import InputError
+from vace_local.core.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
@@ -24,9 +24,9 @@ MP4 = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64
 
 def test_api_process_never_imports_torch_nor_decodes_media(tmp_path):
     """The API process imports no torch and decodes no media: fal's `auto` sizing probes the video in the
-    sandbox child (`vace_local.sandbox`), so neither decord, cv2 nor PIL's decoders load here and no ffmpeg
+    sandbox child (`vace_local.core.sandbox`), so neither decord, cv2 nor PIL's decoders load here and no ffmpeg
     runs from this process."""
-    from vace_local.media import write_video
+    from vace_local.core.media import write_video
 
     frames = np.zeros((9, 48, 80, 3), np.uint8)
     clip = base64.b64encode(write_video(frames, tmp_path / "clip.mp4", fps=8).read_bytes()).decode()
@@ -52,7 +52,7 @@ def test_api_process_never_imports_torch_nor_decodes_media(tmp_path):
         "    c.get('/metrics'); c.get('/ready')\n"
         "for mod in ('torch', 'decord', 'cv2', 'PIL.Image', 'imageio_ffmpeg'):\n"
         "    assert mod not in sys.modules, f'{mod} was imported by the API process'\n"
-        "assert any('vace_local.media_vet' in a for a in started), started  # the probe ran, in the sandbox\n"
+        "assert any('vace_local.core.media_vet' in a for a in started), started  # the probe ran, in the sandbox\n"
         "assert not [a for a in started if 'ffmpeg' in a[0]], started\n"
         "print('OK')\n"
     )
@@ -206,7 +206,7 @@ def test_one_exception_mapper():
     from pydantic import BaseModel, ValidationError
 
     from server.core import map_exception
-    from vace_local.errors import JobCancelled, ModelNotFoundError, OutOfMemory
+    from vace_local.core.errors import JobCancelled, ModelNotFoundError, OutOfMemory
 
     fields = {"reference_images": "images"}
     f = map_exception(InputError("reference_images[2]", "cannot decode image"), fields)

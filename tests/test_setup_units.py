@@ -13,12 +13,12 @@ import pytest
 from pydantic import ValidationError
 
 from tests.conftest import ROOT
-from vace_local.errors import InputError, ModelNotFoundError
-from vace_local.inputs import decode_data_uri, fetch_inputs
-from vace_local.memory import GIB, Footprint, choose_policy, wants_vae_tiling
-from vace_local.models import BUILTIN_MODELS, resolve_model
-from vace_local.spec import JobInputs, JobSpec
-from vace_local.tiny import build_tiny_pipeline, ensure_tiny_model
+from vace_local.core.errors import InputError, ModelNotFoundError
+from vace_local.core.inputs import decode_data_uri, fetch_inputs
+from vace_local.core.spec import JobInputs, JobSpec
+from vace_local.engine.memory import GIB, Footprint, choose_policy, wants_vae_tiling
+from vace_local.engine.models import BUILTIN_MODELS, resolve_model
+from vace_local.engine.tiny import build_tiny_pipeline, ensure_tiny_model
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_jobspec_defaults_follow_official_vace() -> None:
 
 
 def test_importing_the_spec_does_not_import_torch() -> None:
-    code = "import sys, vace_local, vace_local.spec, vace_local.run; print('torch' in sys.modules)"
+    code = "import sys, vace_local, vace_local.core.spec, vace_local.run.job; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
 
@@ -180,7 +180,7 @@ def test_pyproject_keeps_torch_a_range() -> None:
 
 
 def test_download_offline_says_why() -> None:
-    from vace_local.models import download_model
+    from vace_local.engine.models import download_model
 
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         download_model("wan2.1-vace-1.3b")

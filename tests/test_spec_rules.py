@@ -1,4 +1,4 @@
-"""The model's rules, kept once in vace_local.spec, and the places that used to spell them out themselves."""
+"""The model's rules, kept once in vace_local.core.spec, and the places that used to spell them out themselves."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import get_args
 import pytest
 from pydantic import ValidationError
 
-from vace_local.spec import (
+from vace_local.core.spec import (
     DTYPES,
     FP8_MODES,
     MAX_FRAMES,
@@ -55,7 +55,7 @@ def test_task_table() -> None:
 def test_engine_vocabularies_are_the_settings_and_engine_options() -> None:
     """The server settings and EngineOptions accept exactly the spec's words, and name the field otherwise."""
     from server.settings import Settings
-    from vace_local.engine import EngineOptions
+    from vace_local.engine.engine import EngineOptions
 
     assert OFFLOAD_POLICIES == ("auto", "none", "model", "group", "sequential")
     assert DTYPES == ("auto", "bf16", "fp16", "fp32") and FP8_MODES == ("none", "storage", "linear")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from vace_local.bundle import ControlBundle
-from vace_local.engine import Engine, EngineOptions, get_engine
-from vace_local.spec import JobSpec
-from vace_local.step_cache import ACCELERATION_THRESHOLDS, StepCacheConfig
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.spec import JobSpec
+from vace_local.engine.engine import Engine, EngineOptions, get_engine
+from vace_local.engine.step_cache import ACCELERATION_THRESHOLDS, StepCacheConfig
 
 F, H, W = 17, 32, 48
 STEPS = 8
@@ -150,8 +150,8 @@ def test_the_cfg_branch_comes_from_the_cache_context() -> None:
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.hooks import CacheContext
 
-    from vace_local.step_cache import HOOK_NAME, DenoiserForward
-    from vace_local.synthetic import build_transformer
+    from vace_bench.synthetic import build_transformer
+    from vace_local.engine.step_cache import HOOK_NAME, DenoiserForward
 
     model = build_transformer("tiny", "cpu", torch.float32, seed=0)
     fwd = DenoiserForward()

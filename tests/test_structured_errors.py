@@ -17,8 +17,8 @@ from server.core import map_exception
 from server.settings import Settings
 from server.store import FAILED
 from vace_local.cli import app as cli_app
-from vace_local.errors import InputError
-from vace_local.spec import JobSpec
+from vace_local.core.errors import InputError
+from vace_local.core.spec import JobSpec
 
 TEXT = {"prompt": "p", "resolution": "240p", "aspect_ratio": "16:9", "num_frames": 17}
 #: A worker-side message with the separators and quotes a text parser would trip on.
@@ -96,7 +96,7 @@ def test_request_field_errors_come_from_problems(client):
 def test_cli_validation_message_is_the_shared_formatter(tmp_path: Path):
     """The CLI words a bad spec exactly as the shared formatter does (index paths `a[1]`, no "Value error, "),
     and writes nothing."""
-    from vace_local.errors import problems_from_pydantic
+    from vace_local.core.errors import problems_from_pydantic
 
     bad = {"prompt": "x", "model": "tiny", "num_frames": 80, "inputs": {"reference_images": ["a.png", 7]}}
     spec_file = tmp_path / "spec.json"

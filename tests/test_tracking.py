@@ -10,8 +10,8 @@ import pytest
 from preprocessors import build_bundle
 from preprocessors.tracking import track_mask
 from tests.media_helpers import LocalInputs, moving_square
-from vace_local.errors import InputError
-from vace_local.spec import JobSpec
+from vace_local.core.errors import InputError
+from vace_local.core.spec import JobSpec
 
 FIX = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 
@@ -68,7 +68,7 @@ def tiny_sam2_dir(tmp_path_factory):
 def _square_clip(tmp_path: Path) -> LocalInputs:
     from PIL import Image
 
-    from vace_local.media import write_video
+    from vace_local.core.media import write_video
 
     frames, truth = moving_square(9, 64, 64, size=20)
     video = write_video(frames, tmp_path / "v.mp4", fps=16, quality="maximum")
@@ -95,7 +95,7 @@ def test_sam2_tracks_through_build_bundle_on_tiny_weights(tiny_sam2_dir, tmp_pat
 
 
 def test_sam2_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
-    from vace_local.errors import ModelNotFoundError
+    from vace_local.core.errors import ModelNotFoundError
 
     monkeypatch.setenv("VACE_ANNOTATORS_DIR", str(tmp_path / "empty"))
     frames, truth = moving_square(5, 64, 64, size=12)
@@ -107,7 +107,7 @@ def test_sam2_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
 def test_sam2_checkpoint_not_matching_its_config_is_a_clear_error(tiny_sam2_dir, tmp_path, monkeypatch):
     # the tiny checkpoint without its config sidecar is read as Hiera-L: the loader must say so, not crash
     from preprocessors import weights
-    from vace_local.errors import ModelNotFoundError
+    from vace_local.core.errors import ModelNotFoundError
 
     rel = weights.FILES["sam2"]
     (tmp_path / rel).parent.mkdir(parents=True)

@@ -18,8 +18,8 @@ import pytest
 
 from preprocessors import build_bundle, weights
 from tests.media_helpers import LocalInputs, moving_square
-from vace_local.media import write_video
-from vace_local.spec import JobSpec
+from vace_local.core.media import write_video
+from vace_local.core.spec import JobSpec
 
 HAS_SAM2 = importlib.util.find_spec("sam2") is not None
 needs_sam2 = pytest.mark.skipif(not HAS_SAM2, reason="the optional sam2 package is not installed")

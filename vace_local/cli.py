@@ -16,8 +16,8 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from vace_local.errors import VaceError, problems_from_pydantic, problems_text
-from vace_local.spec import DTYPES, FP8_MODES, OFFLOAD_POLICIES
+from vace_local.core.errors import VaceError, problems_from_pydantic, problems_text
+from vace_local.core.spec import DTYPES, FP8_MODES, OFFLOAD_POLICIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan VACE video models locally.")
 
@@ -135,7 +135,7 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate one video and write <out>/<name>.mp4 plus <name>.json metadata."""
-    from vace_local.spec import JobSpec
+    from vace_local.core.spec import JobSpec
 
     base: dict = {}
     if spec_file is not None:
@@ -181,8 +181,8 @@ def generate(
         _fail(format_validation_error(exc))
         raise
 
-    from vace_local.engine import EngineOptions
-    from vace_local.lora import LoraOption
+    from vace_local.engine.engine import EngineOptions
+    from vace_local.engine.lora import LoraOption
 
     if fp8 not in FP8_MODES:
         _fail(f"fp8: must be {', '.join(FP8_MODES[:-1])} or {FP8_MODES[-1]}, got {fp8!r}")
@@ -202,7 +202,7 @@ def generate(
 
 def _parse_job_lora(text: str) -> dict:
     """`PATH[:scale[:high|low|both]]` → a `loras` entry (a ':' inside a URL or path stays in the path)."""
-    from vace_local.lora import is_number as _is_float
+    from vace_local.engine.lora import is_number as _is_float
 
     parts = text.rsplit(":", 2)
     entry: dict = {"path": text}
@@ -219,10 +219,10 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool, 
 
     from tqdm import tqdm
 
-    from vace_local.engine import get_engine
-    from vace_local.events import Progress
-    from vace_local.preview import Preview, preview_scope, write_strip
-    from vace_local.run import run_job
+    from vace_local.core.events import Progress
+    from vace_local.engine.engine import get_engine
+    from vace_local.engine.preview import Preview, preview_scope, write_strip
+    from vace_local.run.job import run_job
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     bar: tqdm | None = None
@@ -252,7 +252,7 @@ def _run_with_progress(spec, options, out: Path, name: str | None, quiet: bool, 
             typer.secho("note: 'tiny' is a random-weight smoke model; its output is noise.", fg="yellow", err=True)
         store = None
         if resume_dir is not None:
-            from vace_local.long_video import DirWindowStore
+            from vace_local.run.long_video import DirWindowStore
 
             store = DirWindowStore(resume_dir)
         preview_path = Path(out) / f"{stem}.preview.webp"
@@ -288,9 +288,9 @@ def download(
 ) -> None:
     """Fetch weights ahead of time into the Hugging Face cache (resumable)."""
     if what in ("safety", "prompt-expander"):
-        from vace_local.models import resolve_aux_model
-        from vace_local.prompt_expand import ExpanderOptions
-        from vace_local.safety_check import SafetyOptions
+        from vace_local.engine.models import resolve_aux_model
+        from vace_local.engine.prompt_expand import ExpanderOptions
+        from vace_local.engine.safety_check import SafetyOptions
 
         model_id = SafetyOptions.from_env().model if what == "safety" else ExpanderOptions.from_env().model
         try:
@@ -303,7 +303,7 @@ def download(
 
         typer.echo(f"annotators: {download_annotators(None)}")
         return
-    from vace_local.models import download_model
+    from vace_local.engine.models import download_model
 
     try:
         typer.echo(f"{what}: {download_model(what)}")

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vace_local.errors import ModelNotFoundError
+from vace_local.core.errors import ModelNotFoundError
 
 #: official `intermediate_layer_idx['vitl']` = [4, 11, 17, 23]; transformers counts the embeddings as stage 0
 VITL_OUT_INDICES = [5, 12, 18, 24]

@@ -22,7 +22,7 @@ import numpy as np
 
 from preprocessors import weights
 from preprocessors.geometry import cover_box, cover_crop
-from vace_local.errors import ModelNotFoundError
+from vace_local.core.errors import ModelNotFoundError
 
 DET_SIZE = 640
 POSE_W, POSE_H = 288, 384  # DW-LL ucoco 384 input; the real size is read from the ONNX file when it is fixed

@@ -21,10 +21,10 @@ from pydantic import Field, ValidationError
 from server import media_refs
 from server.core import ApiError, JobService, user_field
 from server.store import JobRecord
-from vace_local.errors import InputError, Problem, problems_from_pydantic
-from vace_local.media_limits import MediaLimits
-from vace_local.sandbox import vet_file_async
-from vace_local.spec import MAX_FRAMES, MAX_JOB_LORAS, JobSpec, LoraRef, max_job_frames
+from vace_local.core.errors import InputError, Problem, problems_from_pydantic
+from vace_local.core.media_limits import MediaLimits
+from vace_local.core.sandbox import vet_file_async
+from vace_local.core.spec import MAX_FRAMES, MAX_JOB_LORAS, JobSpec, LoraRef, max_job_frames
 
 #: Longest prompt / negative prompt any dialect accepts (the UMT5 text encoder reads only the first 512 tokens
 #: anyway); a longer one is a 4xx naming the field, so it is never stored, logged or polled back.
@@ -216,7 +216,7 @@ async def probe_source(core: JobService, base: str, value: str, field: str,
     does not: like fal and the AI/ML API, the request is accepted and the job fails (or succeeds) when the
     worker fetches it; then this returns (None, value, note) and the size/timing use the defaults.
 
-    The video is probed in a sandboxed child process (`vace_local.sandbox`), never here: a crafted header can
+    The video is probed in a sandboxed child process (`vace_local.core.sandbox`), never here: a crafted header can
     make a decoder abort or allocate tens of GB, which must cost one 4xx, not the API process."""
     # may decode a data URI: on the slow pool
     ref = await core.run_slow(core.resolve_input_reference, value, field, base, "video", owner)
@@ -315,5 +315,5 @@ def check_fields(job: JobRecord) -> dict[str, Any]:
 
 def pydantic_problems(exc: ValidationError, field_names: dict[str, str] | None = None) -> list[Problem]:
     """A request's or spec's pydantic errors as Problems named in the dialect's fields (the shared formatter,
-    `vace_local.errors.problems_from_pydantic`, without pydantic's "Value error, " wording)."""
+    `vace_local.core.errors.problems_from_pydantic`, without pydantic's "Value error, " wording)."""
     return problems_from_pydantic(exc.errors(), lambda path: user_field(path, field_names))

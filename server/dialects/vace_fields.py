@@ -16,7 +16,7 @@ from server.dialects.common import (
     long_video_limit,
     loras_field,
 )
-from vace_local.spec import HARD_MAX_FRAMES, MAX_SEED, LoraRef
+from vace_local.core.spec import HARD_MAX_FRAMES, MAX_SEED, LoraRef
 
 FAL_NEGATIVE_PROMPT = (
     "letterboxing, borders, black bars, bright colors, overexposed, static, blurred details, subtitles, "

@@ -17,7 +17,7 @@ from server.dialects.aiml.render import render_error, render_generation
 from server.dialects.aiml.schemas import NAME
 from server.dialects.aiml.serving import create_generation
 from server.dialects.common import Dialect
-from vace_local.errors import Problem
+from vace_local.core.errors import Problem
 
 router = APIRouter(prefix="/v2", tags=[NAME])
 authed = [Depends(require_auth)]

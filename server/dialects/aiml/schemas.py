@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from server.dialects.vace_fields import VACE_FIELD_NAMES, OutpaintingFields, ReframeFields, VaceFields
-from vace_local.spec import HARD_MAX_FRAMES
+from vace_local.core.spec import HARD_MAX_FRAMES
 
 NAME = "aiml"
 REQUESTED_FAMILY = "wan2.2-vace-fun-a14b"

@@ -32,7 +32,7 @@ from server.dialects.common import (
     unknown_fields_note,
 )
 from server.dialects.fal.serving import fal_to_jobspec, parse_fal_request
-from vace_local.errors import InputError, Problem
+from vace_local.core.errors import InputError, Problem
 
 log = logging.getLogger("vace.server.aiml")
 

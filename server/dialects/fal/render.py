@@ -25,7 +25,7 @@ from server.core import (
 )
 from server.dialects.common import check_fields, prompt_used
 from server.dialects.fal.schemas import ALIAS, FAL_APPS, OWNER
-from vace_local.errors import Problem
+from vace_local.core.errors import Problem
 
 # ---- errors ---------------------------------------------------------------------------------------------
 

@@ -43,8 +43,8 @@ from server.dialects.fal.schemas import (
     FalReframeRequest,
 )
 from server.dialects.fal.schemas import FalRequest as _Common
-from vace_local.errors import InputError, Problem
-from vace_local.spec import (
+from vace_local.core.errors import InputError, Problem
+from vace_local.core.spec import (
     ControlOptions,
     JobInputs,
     JobSpec,
@@ -53,7 +53,7 @@ from vace_local.spec import (
     task_needs_mask,
     task_needs_video,
 )
-from vace_local.timing import match_input_timing
+from vace_local.core.timing import match_input_timing
 
 log = logging.getLogger("vace.server.fal")
 
@@ -115,7 +115,7 @@ def timing(
     long_video: bool = False,
 ) -> tuple[int, int, int | None]:
     """(num_frames, fps, output_num_frames) after the match_input_* switches, by the engine's rule
-    (`vace_local.timing.match_input_timing`); output_num_frames is the count to trim the output back to.
+    (`vace_local.core.timing.match_input_timing`); output_num_frames is the count to trim the output back to.
     A matched length stops at the hosted 241 frames unless the request opted into `long_video`."""
     t = match_input_timing(num_frames, fps, match_frames=match_frames and source is not None,
                            match_fps=match_fps and source is not None,
@@ -129,7 +129,7 @@ def timing(
 def temporal_options(req: Any, notes: list[str]) -> TemporalOptions:
     """fal's downsample/interpolation extras. 'film' is served by the built-in optical-flow interpolator, and so
     is 'rife' when no RIFE weights are installed: both are valid fal values, so a fal client never fails on them."""
-    from vace_local.interpolate import rife_model_path
+    from vace_local.engine.interpolate import rife_model_path
 
     k = req.num_interpolated_frames
     if getattr(req, "temporal_upsample_factor", None) is not None and not k:

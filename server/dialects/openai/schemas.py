@@ -16,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from server.dialects.common import PROMPT_MAX_CHARS, loras_field, loras_from_text, not_blank
-from vace_local.spec import (
+from vace_local.core.spec import (
     MAX_REFERENCE_IMAGES,
     MAX_SEED,
     MIN_FRAMES,

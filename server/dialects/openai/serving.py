@@ -37,8 +37,8 @@ from server.dialects.openai.schemas import (
     parse_size,
 )
 from server.settings import max_request_bytes
-from vace_local.errors import Problem
-from vace_local.spec import (
+from vace_local.core.errors import Problem
+from vace_local.core.spec import (
     ControlOptions,
     JobInputs,
     JobSpec,

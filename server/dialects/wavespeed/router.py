@@ -24,7 +24,7 @@ from server.dialects.common import Dialect
 from server.dialects.wavespeed.render import envelope, render_data, render_error, render_webhook, sync_data, upload_data
 from server.dialects.wavespeed.schemas import MODEL_ID, NAME, UploadTicketRequest, WanVaceInput
 from server.dialects.wavespeed.serving import job_or_404, submit_prediction
-from vace_local.errors import Problem
+from vace_local.core.errors import Problem
 
 router = APIRouter(prefix="/api/v3", tags=[NAME])
 authed = [Depends(require_auth)]

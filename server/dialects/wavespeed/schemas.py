@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from server.dialects.common import LONG_VIDEO_DESCRIPTION, PROMPT_MAX_CHARS, long_video_limit, loras_field, not_blank
-from vace_local.spec import HARD_MAX_FRAMES, LoraRef
+from vace_local.core.spec import HARD_MAX_FRAMES, LoraRef
 
 NAME = "wavespeed"
 MODEL_ID = "wavespeed-ai/wan-2.1-14b-vace"

@@ -19,8 +19,8 @@ from server.dialects.wavespeed.schemas import (
     SIZES,
     WanVaceInput,
 )
-from vace_local.errors import Problem
-from vace_local.spec import JobInputs, JobSpec, OutputOptions, task_needs_video
+from vace_local.core.errors import Problem
+from vace_local.core.spec import JobInputs, JobSpec, OutputOptions, task_needs_video
 
 log = logging.getLogger("vace.server.wavespeed")
 #: Media fields whose data-URI values are shortened in the stored copy of the input (`data.input` of webhooks).

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vace_local.errors import InputError
-from vace_local.spec import round_frames_4k1
+from vace_local.core.errors import InputError
+from vace_local.core.spec import round_frames_4k1
 
 if TYPE_CHECKING:
-    from vace_local.bundle import ControlBundle
-    from vace_local.spec import JobSpec
+    from vace_local.core.bundle import ControlBundle
+    from vace_local.core.spec import JobSpec
 
 #: Smallest clip worth generating (the VAE needs 4k+1 frames; 5 is the shortest with motion).
 MIN_GENERATED_FRAMES = 5
@@ -80,7 +80,7 @@ class TemporalPlan:
         """Keep every stride-th frame and mask of a bundle built for `bundle_frames`."""
         if self.stride == 1:
             return bundle
-        from vace_local.bundle import ControlBundle
+        from vace_local.core.bundle import ControlBundle
 
         info = dict(bundle.info, temporal_stride=self.stride, generated_frames=self.gen_frames)
         return ControlBundle(

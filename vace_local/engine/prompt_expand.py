@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vace_local.model_cache import OptionalModelCache
-from vace_local.tiny import TINY_HELPER
+from vace_local.engine.model_cache import OptionalModelCache
+from vace_local.engine.tiny import TINY_HELPER
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class PromptExpander:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from vace_local.models import resolve_aux_model
+        from vace_local.engine.models import resolve_aux_model
 
         self.options = options
         path = resolve_aux_model(options.model, DOWNLOAD_NAME, allow_download=options.allow_download)

@@ -18,19 +18,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vace_local.errors import JobCancelled
-from vace_local.events import CancelFn, Progress, ProgressFn, cancel_scope, never_cancel, no_progress
-from vace_local.plan import JobPlan, plan_job
-from vace_local.spec import MAX_SEED, TASKS_USING_ANNOTATOR_WEIGHTS, JobSpec
+from vace_local.core.errors import JobCancelled
+from vace_local.core.events import CancelFn, Progress, ProgressFn, cancel_scope, never_cancel, no_progress
+from vace_local.core.spec import MAX_SEED, TASKS_USING_ANNOTATOR_WEIGHTS, JobSpec
+from vace_local.run.plan import JobPlan, plan_job
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from vace_local.bundle import ControlBundle
-    from vace_local.engine import Engine
-    from vace_local.long_video import WindowStore
-    from vace_local.prompt_expand import ExpanderOptions
-    from vace_local.safety_check import SafetyOptions
+    from vace_local.core.bundle import ControlBundle
+    from vace_local.engine.engine import Engine
+    from vace_local.engine.prompt_expand import ExpanderOptions
+    from vace_local.engine.safety_check import SafetyOptions
+    from vace_local.run.long_video import WindowStore
 
 
 #: Content type of each output kind, decided where the files are written (the server publishes them as is).
@@ -122,7 +122,7 @@ class _Job:
     """What the stages pass on: the plan, the inputs, the bundle, the frames and the reports."""
 
     plan: JobPlan
-    resolved: Any  # vace_local.inputs.ResolvedInputs
+    resolved: Any  # vace_local.core.inputs.ResolvedInputs
     seed: int
     bundle: ControlBundle | None = None
     frames: np.ndarray | None = None
@@ -133,7 +133,7 @@ class _Job:
     #: One record per window (plan, resumed or denoised, its sampling) for a windowed job.
     windows: list[dict[str, Any]] = field(default_factory=list)
     #: A long job encoded window by window: the encoder its frames went to (then `frames` is None).
-    streamed: Any = None  # vace_local.media.VideoWriter
+    streamed: Any = None  # vace_local.core.media.VideoWriter
     _extended: np.ndarray | None = None
 
     @property
@@ -147,7 +147,7 @@ class _Job:
         """The clip being extended at the job's size and fps (uint8), decoded once."""
         if self._extended is None:
             from preprocessors.geometry import cover_crop
-            from vace_local.media import open_video, read_frames
+            from vace_local.core.media import open_video, read_frames
 
             spec, ext = self.plan.spec, self.plan.extend
             info, reader = open_video(ext.source, "extend")
@@ -208,15 +208,15 @@ def run_job(
 def _load(stage: Stages, model: str, engine: Engine | None) -> Engine:
     with stage("load", None if engine else Progress("load", message=f"loading {model}"), cancellable=False):
         if engine is None:
-            from vace_local.engine import get_engine
+            from vace_local.engine.engine import get_engine
 
             engine = get_engine(model)
     return engine
 
 
 def _fetch(stage: Stages, spec: JobSpec, work: Path) -> Any:
-    from vace_local.inputs import fetch_inputs
-    from vace_local.sandbox import vet_inputs
+    from vace_local.core.inputs import fetch_inputs
+    from vace_local.core.sandbox import vet_inputs
 
     with stage("fetch", Progress("fetch")):
         resolved = fetch_inputs(spec.inputs, work / "inputs")
@@ -231,12 +231,12 @@ def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
         return spec
     import os
 
-    from vace_local.inputs import FETCH_DEADLINE_S, FETCH_TIMEOUT_S, MAX_INPUT_BYTES
-    from vace_local.lora_sources import LoraFiles
-    from vace_local.tiny import default_cache_dir
+    from vace_local.core.inputs import FETCH_DEADLINE_S, FETCH_TIMEOUT_S, MAX_INPUT_BYTES
+    from vace_local.core.lora_sources import LoraFiles
+    from vace_local.engine.tiny import default_cache_dir
 
     def download(url: str, dest: Path, field: str) -> Path:
-        from vace_local.http_guard import fetch_url
+        from vace_local.core.http_guard import fetch_url
 
         return fetch_url(url, dest, field, max_bytes=MAX_INPUT_BYTES, timeout_s=FETCH_DEADLINE_S,
                          read_timeout_s=FETCH_TIMEOUT_S, should_cancel=stage.should_cancel)
@@ -263,7 +263,7 @@ def _preprocess(stage: Stages, job: _Job, engine: Engine) -> None:
         annotators_dir = None  # the default weights folder
         if engine.is_tiny and spec.task in TASKS_USING_ANNOTATOR_WEIGHTS:
             from preprocessors.tiny import tiny_annotators_dir
-            from vace_local.tiny import default_cache_dir
+            from vace_local.engine.tiny import default_cache_dir
 
             annotators_dir = tiny_annotators_dir(default_cache_dir())  # smoke mode: tiny random-weight annotators
         if job.streams and job.resolved.video is None and not spec.output.save_control:
@@ -279,7 +279,7 @@ def _lazy_bundle(job: _Job, annotators_dir: Path | None) -> Any:
     """A control without an input video, built per window: gray / mask 1 with the first and last images where
     they fall (exact: nothing is sampled over the job's length)."""
     from preprocessors import build_bundle
-    from vace_local.long_video import LazyBundle
+    from vace_local.run.long_video import LazyBundle
 
     spec, total = job.plan.bundle_spec, job.plan.bundle_spec.num_frames
 
@@ -320,7 +320,7 @@ def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | Non
                                 should_cancel=stage.should_cancel)
         job.frames, job.sampling = out.uint8(), out.stats.as_dict()
         return
-    from vace_local.long_video import run_windows
+    from vace_local.run.long_video import run_windows
 
     prefix = job.extend_frames()[-plan.extend.prefix:] if plan.extend else None
     if store is not None:
@@ -348,7 +348,7 @@ def _generate(stage: Stages, job: _Job, engine: Engine, store: WindowStore | Non
 def _encoder_sink(job: _Job, video: Path) -> Any:
     """Frames of the timeline → the output encoder, as they become final: the clip first for an extension's
     `full` output, its kept tail skipped, the match_input / 4k+1 padding trimmed off."""
-    from vace_local.media import VideoWriter
+    from vace_local.core.media import VideoWriter
 
     spec, plan = job.plan.spec, job.plan
     job.streamed = VideoWriter(video, plan.output_fps, spec.output.video_quality, spec.output.video_write_mode)
@@ -399,8 +399,8 @@ def _check_safety(stage: Stages, job: _Job, options: SafetyOptions | None, engin
 
 def _encode(stage: Stages, job: _Job, work: Path, name: str) -> dict[str, Path]:
     """Write the video and the extras under temporary names in `work`; returns {kind: path}."""
-    from vace_local.interpolate import write_frames_zip
-    from vace_local.media import write_mask_video, write_video
+    from vace_local.core.media import write_mask_video, write_video
+    from vace_local.engine.interpolate import write_frames_zip
 
     spec, gen_fps = job.plan.spec, job.plan.generation.fps
     with stage("encode", Progress("encode")):
@@ -465,9 +465,9 @@ def _windows_metadata(job: _Job) -> list[dict[str, Any]]:
 
 
 def _expand(prompt: str, options: ExpanderOptions | None, engine: Engine):  # noqa: ANN202 - ExpansionReport
-    """Expand with the configured LM (a tiny engine's default: the tiny expander, `vace_local.tiny`)."""
-    from vace_local.prompt_expand import DEFAULT_EXPANDER_MODEL, ExpanderOptions, expand_prompt
-    from vace_local.tiny import helper_model_id
+    """Expand with the configured LM (a tiny engine's default: the tiny expander, `vace_local.engine.tiny`)."""
+    from vace_local.engine.prompt_expand import DEFAULT_EXPANDER_MODEL, ExpanderOptions, expand_prompt
+    from vace_local.engine.tiny import helper_model_id
 
     opts = options or ExpanderOptions.from_env()
     model = helper_model_id(opts.model, DEFAULT_EXPANDER_MODEL, engine.is_tiny)
@@ -476,9 +476,9 @@ def _expand(prompt: str, options: ExpanderOptions | None, engine: Engine):  # no
 
 def _safety(frames, resolved, options: SafetyOptions | None, engine: Engine):  # noqa: ANN001, ANN202
     """Check the final frames (and input images when configured); returns (frames after the policy, report).
-    A tiny engine's default classifier is the tiny one (`vace_local.tiny`)."""
-    from vace_local.safety_check import DEFAULT_SAFETY_MODEL, SafetyOptions, apply_policy, check_output
-    from vace_local.tiny import helper_model_id
+    A tiny engine's default classifier is the tiny one (`vace_local.engine.tiny`)."""
+    from vace_local.engine.safety_check import DEFAULT_SAFETY_MODEL, SafetyOptions, apply_policy, check_output
+    from vace_local.engine.tiny import helper_model_id
 
     opts = options or SafetyOptions.from_env()
     opts = replace(opts, device=engine.device, model=helper_model_id(opts.model, DEFAULT_SAFETY_MODEL, engine.is_tiny))

@@ -8,7 +8,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
-from vace_local.errors import JobCancelled
+from vace_local.core.errors import JobCancelled
 
 Stage = Literal["load", "fetch", "preprocess", "generate", "encode", "done"]
 

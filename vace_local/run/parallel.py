@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vace_local.bundle import ControlBundle
-from vace_local.errors import InputError, JobCancelled
-from vace_local.events import CancelFn, ProgressFn, never_cancel, no_progress
-from vace_local.spec import JobSpec
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.errors import InputError, JobCancelled
+from vace_local.core.events import CancelFn, ProgressFn, never_cancel, no_progress
+from vace_local.core.spec import JobSpec
 
 if TYPE_CHECKING:
-    from vace_local.engine import Generation
+    from vace_local.engine.engine import Generation
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def enable_ulysses(engine: Any, ctx: RankContext) -> None:
     from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
-    from vace_local import fastpath
+    from vace_local.engine.engine import fastpath
 
     models = engine._transformers()
     heads = int(models[0].config.num_attention_heads)
@@ -251,7 +251,7 @@ class GroupEngine:
         scale = self.engine.check_job(spec, bundle)
         u = self.ctx.layout.ulysses
         if u > 1:
-            from vace_local.flops import latent_tokens
+            from vace_local.core.spec import latent_tokens
 
             tokens = latent_tokens(spec.width, spec.height, spec.num_frames, num_refs=len(bundle.reference_images))
             per_frame = (spec.height // 16) * (spec.width // 16)
@@ -356,26 +356,30 @@ class RankArgs:
     devices: tuple[str, ...]  # one per rank
     leader_pid: int
     timeout_s: float = 120.0
-    #: Build this `vace_local.synthetic` architecture (random weights, same seed on every rank) instead of
-    #: loading `model` (the benchmark).
-    synthetic: str | None = None
+    #: `("package.module:function", arg)`: every rank builds its pipeline with `function(arg, device, torch dtype)`
+    #: (same seed on every rank) instead of loading `model` — how the benchmark runs published architectures with
+    #: random weights without the product importing benchmark code.
+    pipeline_factory: tuple[str, str] | None = None
 
 
 def _load(args: RankArgs) -> GroupEngine:
     from dataclasses import replace
 
-    from vace_local.engine import Engine
+    from vace_local.engine.engine import Engine
 
     device = args.devices[args.rank]
     ctx = init_rank(args.rank, args.layout, args.port, device=device, timeout_s=args.timeout_s)
     options = replace(args.options, device=device)
-    if args.synthetic:
+    if args.pipeline_factory:
+        import importlib
+
         import torch
 
-        from vace_local.synthetic import build_pipeline
-
+        target, arg = args.pipeline_factory
+        module, _, function = target.partition(":")
+        build = getattr(importlib.import_module(module), function)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(options.dtype)
-        engine = Engine.from_pipeline(build_pipeline(args.synthetic, device, dtype), args.model, options)
+        engine = Engine.from_pipeline(build(arg, device, dtype), args.model, options)
     else:
         engine = Engine(args.model, options)
     return GroupEngine(engine, ctx)
@@ -401,7 +405,7 @@ class Group:
     """Rank 0 in this process, ranks 1..n-1 as child processes; `engine` runs jobs on all of them."""
 
     def __init__(self, model: str, options: Any, layout: Layout, devices: list[str] | None = None, *,
-                 timeout_s: float = 120.0, synthetic: str | None = None) -> None:
+                 timeout_s: float = 120.0, pipeline_factory: tuple[str, str] | None = None) -> None:
         import multiprocessing as mp
 
         self.layout = layout
@@ -409,7 +413,7 @@ class Group:
         if len(devices) != layout.world:
             raise ValueError(f"{layout.world} ranks need {layout.world} devices, got {len(devices)}")
         port = free_port()
-        base = RankArgs(0, layout, port, model, options, tuple(devices), os.getpid(), timeout_s, synthetic)
+        base = RankArgs(0, layout, port, model, options, tuple(devices), os.getpid(), timeout_s, pipeline_factory)
         ctx = mp.get_context("spawn")
         self.procs = []
         for r in range(1, layout.world):

@@ -1,6 +1,6 @@
 """The limits an input's declared size must pass before anything decodes it, and the facts vetting reports.
 
-Pure Python, no decoder: the API process, the sandbox child (`vace_local.media_vet`) and the workers all
+Pure Python, no decoder: the API process, the sandbox child (`vace_local.core.media_vet`) and the workers all
 check against the same `MediaLimits`.
 """
 
@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from vace_local.errors import InputError
+from vace_local.core.errors import InputError
 
 
 def _env_number(name: str, default: float) -> float:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
-from vace_local.errors import InputError
-from vace_local.spec import JobInputs
+from vace_local.core.errors import InputError
+from vace_local.core.spec import JobInputs
 
 MAX_INPUT_BYTES = 512 * 1024 * 1024
 FETCH_TIMEOUT_S = 60.0  # longest wait for any one read
@@ -121,7 +121,7 @@ def decode_data_uri(uri: str, dest_stem: Path, field_name: str, max_bytes: int =
 def default_url_fetcher(url: str, dest_stem: Path, field_name: str) -> Path:
     """Download with a size cap, one wall-clock deadline and a per-wait timeout (CLI use: the user's own URLs
     are trusted, so any address is fine; a slow sender still cannot hold the run past the deadline)."""
-    from vace_local.http_guard import fetch_url
+    from vace_local.core.http_guard import fetch_url
 
     suffix = Path(url.split("?", 1)[0]).suffix[:8] or ".bin"
     return fetch_url(url, dest_stem.with_suffix(suffix), field_name, max_bytes=MAX_INPUT_BYTES,

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from vace_local.errors import VaceError
-from vace_local.model_cache import OptionalModelCache
-from vace_local.tiny import TINY_HELPER
+from vace_local.core.errors import VaceError
+from vace_local.engine.model_cache import OptionalModelCache
+from vace_local.engine.tiny import TINY_HELPER
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class SafetyChecker:
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from vace_local.models import resolve_aux_model
+        from vace_local.engine.models import resolve_aux_model
 
         self.options = options
         path = resolve_aux_model(options.model, DOWNLOAD_NAME, allow_download=options.allow_download)
@@ -161,7 +161,7 @@ def check_output(frames: np.ndarray, input_images: list[tuple[str, Path]], optio
     report = SafetyReport("checked", options.model, frames_checked=len(idx), policy=options.policy)
     worst = max(scores, default=0.0)
     if options.check_inputs and input_images:
-        from vace_local.media import load_image
+        from vace_local.core.media import load_image
 
         images = [np.array(load_image(p, name)) for name, p in input_images]
         for (name, _p), s in zip(input_images, checker.scores(images), strict=True):

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from vace_local.errors import ModelNotFoundError
+from vace_local.core.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from vace_local.bundle import ControlBundle
-from vace_local.errors import InputError, JobCancelled, OutOfMemory
-from vace_local.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
-from vace_local.lora import LoraOption
-from vace_local.memory import (
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.errors import InputError, JobCancelled, OutOfMemory
+from vace_local.core.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
+from vace_local.core.spec import DtypeName as Dtype
+from vace_local.core.spec import JobSpec, OffloadPolicy
+from vace_local.engine.lora import LoraOption
+from vace_local.engine.memory import (
     POLICIES,
     Footprint,
     MemoryPlan,
@@ -35,12 +37,10 @@ from vace_local.memory import (
     plan_memory,
     wants_vae_tiling,
 )
-from vace_local.models import ResolvedModel, resolve_model
-from vace_local.preview import attach_preview
-from vace_local.samplers import make_scheduler
-from vace_local.spec import DtypeName as Dtype
-from vace_local.spec import JobSpec, OffloadPolicy
-from vace_local.step_cache import ACCELERATION_THRESHOLDS, DenoiserForward, StepCacheConfig, StepStats
+from vace_local.engine.models import ResolvedModel, resolve_model
+from vace_local.engine.preview import attach_preview
+from vace_local.engine.samplers import make_scheduler
+from vace_local.engine.step_cache import ACCELERATION_THRESHOLDS, DenoiserForward, StepCacheConfig, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Engine:
     def __init__(self, model: str, options: EngineOptions | None = None, *, pipeline: Any = None) -> None:
         import torch
 
-        from vace_local.models import load_pipeline, model_size, pipeline_size
+        from vace_local.engine.models import load_pipeline, model_size, pipeline_size
 
         self.options = options or EngineOptions()
         self.model_name = model
@@ -157,7 +157,7 @@ class Engine:
             here = self.device if self.plan.policy == "none" else None
             experts = None if self.options.fp8_storage else here
             if original is not None:  # the official original-format release: converted here
-                from vace_local.checkpoints import load_original_pipeline
+                from vace_local.engine.checkpoints import load_original_pipeline
 
                 dtypes = {"transformer": self.compute_dtype, "transformer_2": self.compute_dtype,
                           "text_encoder": self.compute_dtype, "default": torch.float32}
@@ -170,17 +170,17 @@ class Engine:
         self.loaded_at = time.time()
         self._text_cache: OrderedDict[str, Any] = OrderedDict()
         self._last_stats: SamplingStats | None = None
-        #: Set by `vace_local.parallel` in a CFG-parallel group: computes (cond, uncond) for one step.
+        #: Set by `vace_local.run.parallel` in a CFG-parallel group: computes (cond, uncond) for one step.
         self.pair_forward: Any = None
         # LoRAs are fused into the weights before any fp8 cast or compile, which then see plain weights.
         self.lora_overrides: dict[str, float | int] = {}
         if self.options.loras:
             self.add_loras(self.options.loras)
-        from vace_local.lora import AdapterPool
+        from vace_local.engine.lora import AdapterPool
 
         self.adapters = AdapterPool(self.pipe, self.options.lora_adapters)
         if self.options.fp8_storage:
-            from vace_local.fastpath import enable_fp8_storage
+            from vace_local.engine.fastpath import enable_fp8_storage
 
             for t in self._transformers():
                 enable_fp8_storage(t, self.compute_dtype)
@@ -211,7 +211,7 @@ class Engine:
 
     def _setup_fast_path(self) -> None:
         """Per-model speed options, after the memory policy placed the weights (see fastpath.py)."""
-        from vace_local import fastpath
+        from vace_local.engine.engine import fastpath
 
         models = self._transformers()
         if self.options.fp8_linear:
@@ -228,7 +228,7 @@ class Engine:
 
         Call before anything else touches the weights (the engine does this for `options.loras`).
         """
-        from vace_local.lora import fuse_loras, lora_path, read_lora_file
+        from vace_local.engine.lora import fuse_loras, lora_path, read_lora_file
 
         items = []
         for i, lora in enumerate(loras):
@@ -313,7 +313,7 @@ class Engine:
             "name": self.model_name,
             "path": str(self.resolved.path),
             "kind": self.resolved.kind,
-            #: "original": an original-format checkpoint converted at load (vace_local.checkpoints).
+            #: "original": an original-format checkpoint converted at load (vace_local.engine.checkpoints).
             "format": "original" if self.resolved.original is not None else "diffusers",
             "tiny": self.is_tiny,
             "device": self.device,
@@ -377,7 +377,7 @@ class Engine:
 
     def _job_loras(self, spec: JobSpec) -> list[Any]:
         """`spec.loras` as local files for the adapter pool; refused where adapters cannot run."""
-        from vace_local.lora import JobLora, lora_path
+        from vace_local.engine.lora import JobLora, lora_path
 
         if spec.loras and (self.options.compile or self.options.fp8_storage or self.options.fp8_linear):
             raise InputError("loras", "per-request LoRAs are not available with --compile or --fp8 (a swap would "
@@ -483,7 +483,7 @@ class Engine:
                 raise JobCancelled("job cancelled during denoising")
             return {}
 
-        if decode:  # live previews of x0 (vace_local.preview), when the run asked for them; refs are skipped
+        if decode:  # live previews of x0 (vace_local.engine.preview), when the run asked for them; refs are skipped
             attach_preview(self.pipe.scheduler, total, len(refs))
         generator = torch.Generator(device="cpu").manual_seed(seed)
         threshold = self.step_cache_threshold(spec)

@@ -32,7 +32,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
-from vace_local.errors import InputError, JobCancelled
+from vace_local.core.errors import InputError, JobCancelled
 
 #: Longest single wait on a socket before the deadline and the cancel check are looked at again.
 SLICE_S = 0.2

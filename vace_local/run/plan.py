@@ -1,8 +1,8 @@
 """The job's plan: its frame count, fps, windows and the length it returns, decided once before preprocessing.
 
-`plan_job` applies the match_input_* timing rule (`vace_local.timing`) when the job still carries the switches,
+`plan_job` applies the match_input_* timing rule (`vace_local.core.timing`) when the job still carries the switches,
 adds the temporal plan (generate every stride-th frame, interpolate back), the window plan of a long video
-(`vace_local.windows`) and, for `inputs.extend`, the clip's kept tail, and hands everything on as one
+(`vace_local.core.windows`) and, for `inputs.extend`, the clip's kept tail, and hands everything on as one
 `JobPlan`, so no later stage reads facts back out of the control bundle.
 """
 
@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vace_local.errors import InputError
-from vace_local.spec import JobSpec, PromptAt, round_frames_4k1
-from vace_local.timing import frames_at_fps, with_timing
-from vace_local.windows import Window, spec_windows
+from vace_local.core.errors import InputError
+from vace_local.core.spec import JobSpec, PromptAt, round_frames_4k1
+from vace_local.core.timing import frames_at_fps, with_timing
+from vace_local.core.windows import Window, spec_windows
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from vace_local.interpolate import TemporalPlan
+    from vace_local.engine.interpolate import TemporalPlan
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def plan_job(spec: JobSpec, video: Path | None, *, seed: int | None = None, exte
     """The whole plan for `spec` with its resolved input video (and the clip to extend). A missing RIFE model
     fails here, before any preprocessing or generation. `seed`: the job's resolved seed (window k: seed + k)."""
     from preprocessors.build import input_timing
-    from vace_local.interpolate import get_interpolator, plan_for_spec
+    from vace_local.engine.interpolate import get_interpolator, plan_for_spec
 
     if extend is not None:
         return _plan_extend(spec, video, extend, seed)
@@ -128,8 +128,8 @@ def _plan_extend(spec: JobSpec, video: Path | None, extend: Path, seed: int | No
     The job's control video / mask (if any) covers the new frames. A timeline that fits one window is generated
     at the next 4k+1 length and trimmed back."""
     from preprocessors.build import input_timing
-    from vace_local.interpolate import plan_for_spec
-    from vace_local.media import probe_video
+    from vace_local.core.media import probe_video
+    from vace_local.engine.interpolate import plan_for_spec
 
     if spec.temporal.temporal_downsample_factor or spec.temporal.enable_auto_downsample or \
             spec.temporal.num_interpolated_frames:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vace_local.spec import JobSpec, max_job_frames, round_frames_4k1
+from vace_local.core.spec import JobSpec, max_job_frames, round_frames_4k1
 
 
 def frames_at_fps(src_frames: int, src_fps: float, job_fps: float) -> int:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vace_local.checkpoints import BASE_PATTERNS, EXPERT_DIRS, OriginalCheckpoint, find_original
-from vace_local.errors import ModelNotFoundError
-from vace_local.memory import ComponentSize, ModelSize
-from vace_local.tiny import TINY_HELPER, TINY_MODELS, ensure_tiny_helper, ensure_tiny_model
+from vace_local.core.errors import ModelNotFoundError
+from vace_local.engine.checkpoints import BASE_PATTERNS, EXPERT_DIRS, OriginalCheckpoint, find_original
+from vace_local.engine.memory import ComponentSize, ModelSize
+from vace_local.engine.tiny import TINY_HELPER, TINY_MODELS, ensure_tiny_helper, ensure_tiny_model
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ModelInfo:
     """What we know about a built-in model before loading it."""
 
     repo_id: str
-    #: An original-format release (vace_local.checkpoints): the built-in diffusers model that supplies the
+    #: An original-format release (vace_local.engine.checkpoints): the built-in diffusers model that supplies the
     #: text encoder, tokenizer, VAE, scheduler and transformer config; only `allow` is fetched from `repo_id`.
     base: str | None = None
     allow: tuple[str, ...] | None = None
@@ -51,7 +51,7 @@ class ResolvedModel:
     name: str
     path: Path
     kind: str  # "tiny" | "builtin" | "hub" | "local"
-    #: Set for an original-format checkpoint: its transformer files, converted at load (vace_local.checkpoints).
+    #: Set for an original-format checkpoint: its transformer files, converted at load (vace_local.engine.checkpoints).
     original: OriginalCheckpoint | None = None
     #: The diffusers-layout model that supplies the other components of an original-format checkpoint.
     base: Path | None = None
@@ -134,7 +134,7 @@ def _local_base(original: OriginalCheckpoint, allow_download: bool) -> Path:
     """The base of a local original-format checkpoint: $VACE_BASE_MODEL, else the official model of its width."""
     import os
 
-    from vace_local.checkpoints import checkpoint_shape, default_base
+    from vace_local.engine.checkpoints import checkpoint_shape, default_base
 
     shape = checkpoint_shape(original.experts[0])  # a non-VACE or non-Wan file fails here, before any weight
     base = os.environ.get(BASE_MODEL_ENV) or default_base(shape)
@@ -155,7 +155,7 @@ def download_model(name: str) -> Path:
 def resolve_aux_model(model_id: str, download_name: str, *, allow_download: bool = False) -> Path:
     """A transformers model (safety checker, prompt expander) as a local directory: a directory holding a
     `config.json`, or a Hub repo id from the cache (downloaded only with `allow_download`), or `tiny` (built
-    here: `vace_local.tiny.ensure_tiny_helper`). A missing model raises ModelNotFoundError naming
+    here: `vace_local.engine.tiny.ensure_tiny_helper`). A missing model raises ModelNotFoundError naming
     `vace-local download <download_name>`."""
     if model_id == TINY_HELPER:
         return ensure_tiny_helper(download_name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from vace_local.checkpoints import keep_fp32_modules
+from vace_local.engine.checkpoints import keep_fp32_modules
 
 #: Published transformer configs (diffusers-wan-notes §8). `tiny` is the test model's config.
 TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
@@ -121,7 +121,7 @@ def build_pipeline(size: str, device: str = "cpu", dtype: Any = None, seed: int 
     import torch
     from diffusers import UniPCMultistepScheduler, WanVACEPipeline
 
-    from vace_local.tiny import _build_tokenizer
+    from vace_local.engine.tiny import _build_tokenizer
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")

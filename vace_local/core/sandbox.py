@@ -5,7 +5,7 @@ makes decord allocate ~51 GB and abort; a 108-byte GIF declares a 16000x16000 ca
 refused input with a message naming the field; in the API process it would be the whole service, in a
 worker its loaded model (and a job re-queued onto the next worker to die the same way).
 
-The child (`python -m vace_local.media_vet`) caps its own address space and CPU time before it imports a
+The child (`python -m vace_local.core.media_vet`) caps its own address space and CPU time before it imports a
 decoder: setting limits from a `preexec_fn` is not safe in a threaded parent (the API's event loop, the
 worker's heartbeat thread). The parent enforces the wall-clock limit by killing it. The API uses
 `vet_file_async` (it never blocks the event loop, nor a thread); workers and the CLI use `vet_inputs`.
@@ -24,9 +24,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-from vace_local.errors import InputError, JobCancelled
-from vace_local.events import CancelFn, never_cancel
-from vace_local.media_limits import MediaFacts, MediaLimits
+from vace_local.core.errors import InputError, JobCancelled
+from vace_local.core.events import CancelFn, never_cancel
+from vace_local.core.media_limits import MediaFacts, MediaLimits
 
 Kind = Literal["image", "video"]
 #: Input fields (JobInputs / ResolvedInputs) and the kind of media each holds.
@@ -37,7 +37,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def _command(path: Path, field: str, kind: Kind, decode: bool, limits: MediaLimits) -> list[str]:
-    return [sys.executable, "-m", "vace_local.media_vet", kind, field, str(path), "1" if decode else "0",
+    return [sys.executable, "-m", "vace_local.core.media_vet", kind, field, str(path), "1" if decode else "0",
             json.dumps(asdict(limits))]
 
 

@@ -21,7 +21,7 @@ keeps one history slot per context, the diffusers way, and a "cond" call starts 
 outside any cache context (a direct transformer call) is passed through untouched.
 
 Batched CFG: when enabled, the cond call runs cond and uncond as one batch-2 forward and the following
-uncond call of the same step is answered from it. A `pair_forward` (CFG-parallel ranks, `vace_local.parallel`)
+uncond call of the same step is answered from it. A `pair_forward` (CFG-parallel ranks, `vace_local.run.parallel`)
 takes the batch-2 forward's place: it returns (cond, uncond) computed on two ranks, and the uncond call is
 answered the same way.
 """

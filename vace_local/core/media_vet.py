@@ -1,6 +1,6 @@
 """Vet one media file against the size limits, then decode it: the code the sandbox child runs.
 
-Run as `python -m vace_local.media_vet` by `vace_local.sandbox`, never in the API process or in a worker
+Run as `python -m vace_local.core.media_vet` by `vace_local.core.sandbox`, never in the API process or in a worker
 that holds a model: a decoder that a crafted file makes abort or allocate tens of GB (an mp4 whose `stts`
 declares 2^31-1 samples makes decord ask for ~51 GB) takes down only this child. The child caps its own
 address space and CPU time before it imports any decoder.
@@ -23,8 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vace_local.errors import InputError
-from vace_local.media_limits import (
+from vace_local.core.errors import InputError
+from vace_local.core.media_limits import (
     MediaFacts,
     MediaLimits,
     check_clip,
@@ -58,7 +58,7 @@ def container_header(path: Path, timeout_s: float) -> tuple[int, int, float | No
 
 def gif_header(path: Path, field: str, limits: MediaLimits) -> tuple[int, int, int]:
     """(width, height, frames) of a GIF's canvas; PIL counts the frames by walking the blocks, undecoded."""
-    from vace_local.media import open_image_header
+    from vace_local.core.media import open_image_header
 
     with open_image_header(path, field) as im:
         w, h = im.size
@@ -73,7 +73,7 @@ def gif_header(path: Path, field: str, limits: MediaLimits) -> tuple[int, int, i
 # ---- vetting -------------------------------------------------------------------------------------------
 
 def vet_video(path: Path, field: str, limits: MediaLimits, decode: bool) -> MediaFacts:
-    from vace_local.media import _FfmpegReader, iter_frames, open_video
+    from vace_local.core.media import _FfmpegReader, iter_frames, open_video
 
     if not path.is_file():
         raise InputError(field, "file not found")
@@ -102,7 +102,7 @@ def vet_video(path: Path, field: str, limits: MediaLimits, decode: bool) -> Medi
 
 
 def vet_image(path: Path, field: str, limits: MediaLimits, decode: bool) -> MediaFacts:
-    from vace_local.media import load_image, open_image_header
+    from vace_local.core.media import load_image, open_image_header
 
     with open_image_header(path, field) as im:
         w, h = im.size

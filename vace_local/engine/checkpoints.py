@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vace_local.errors import VaceError
+from vace_local.core.errors import VaceError
 
 log = logging.getLogger(__name__)
 

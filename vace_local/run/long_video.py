@@ -1,4 +1,4 @@
-"""Long video: generate a job window by window (the plan is `vace_local.windows`), join without seams, resume.
+"""Long video: generate a job window by window (the plan is `vace_local.core.windows`), join without seams, resume.
 
 Each window after the first is conditioned like VACE `firstclip` extension: its first `overlap` frames are the
 frames already made (the previous window's last frames, or the tail of the clip being extended) with mask 0
@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vace_local.bundle import ControlBundle
-from vace_local.errors import JobCancelled
-from vace_local.events import CancelFn, Progress, ProgressFn
-from vace_local.spec import JobSpec
-from vace_local.windows import Window
+from vace_local.core.bundle import ControlBundle
+from vace_local.core.errors import JobCancelled
+from vace_local.core.events import CancelFn, Progress, ProgressFn
+from vace_local.core.spec import JobSpec
+from vace_local.core.windows import Window
 
 #: Frames whose statistics stand for the first window (its last frames), when the overlap is shorter.
 ANCHOR_FRAMES = 16

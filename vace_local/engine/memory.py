@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vace_local.errors import InputError, InsufficientMemory
-from vace_local.spec import OFFLOAD_POLICIES as POLICIES
-from vace_local.spec import MemoryPolicy as Policy
+from vace_local.core.errors import InputError, InsufficientMemory
+from vace_local.core.spec import OFFLOAD_POLICIES as POLICIES
+from vace_local.core.spec import MemoryPolicy as Policy
 
 GIB = 1024**3
 
@@ -91,7 +91,7 @@ class ComponentSize:
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A pipeline's parameter counts, before anything is loaded (see `vace_local.models.model_size`)."""
+    """A pipeline's parameter counts, before anything is loaded (see `vace_local.engine.models.model_size`)."""
 
     transformer: ComponentSize  # one expert
     text_encoder: ComponentSize

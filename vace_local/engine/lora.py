@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vace_local.errors import VaceError
+from vace_local.core.errors import VaceError
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class AdapterPool:
         return (str(lora.file.resolve()), st.st_size, st.st_mtime_ns, lora.experts)
 
     def _load(self, lora: JobLora, keep: set[str]) -> _Adapter:
-        from vace_local.errors import InputError
+        from vace_local.core.errors import InputError
 
         components = self._components(lora.experts)
         if not components:

@@ -13,17 +13,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vace_local.core.spec import latent_tokens
+
 #: Text is always padded to this many tokens by the pipeline (max_sequence_length).
 TEXT_TOKENS = 512
-VAE_STRIDE = (4, 8, 8)
-
-
-def latent_tokens(width: int, height: int, num_frames: int, patch: tuple[int, int, int] = (1, 2, 2),
-                  num_refs: int = 0) -> int:
-    """Sequence length L: latent frames (each reference image adds one) × patches per frame."""
-    frames = (num_frames - 1) // VAE_STRIDE[0] + 1 + num_refs
-    lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
-    return (frames // patch[0]) * (lat_h // patch[1]) * (lat_w // patch[2])
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vace_local.errors import InputError
-from vace_local.events import checkpoint
+from vace_local.core.errors import InputError
+from vace_local.core.events import checkpoint
 
 # x264 settings per fal's `video_quality` (CRF) and `video_write_mode` (preset).
 _CRF = {"low": 28, "medium": 23, "high": 18, "maximum": 12}
@@ -218,7 +218,7 @@ def load_image(path: str | Path, field: str = "image", mode: str | None = "RGB")
     74-byte PNG declaring 50000x50000 is an input error naming the field, not a 10 GB allocation."""
     from PIL import ImageOps, UnidentifiedImageError
 
-    from vace_local.media_limits import MediaLimits, check_image_pixels
+    from vace_local.core.media_limits import MediaLimits, check_image_pixels
 
     p = Path(path)
     if not p.is_file():

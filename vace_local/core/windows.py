@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vace_local.spec import MAX_SEED, JobSpec, PromptAt
+from vace_local.core.spec import MAX_SEED, JobSpec, PromptAt
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,16 @@ DEFAULT_MAX_JOB_FRAMES, HARD_MAX_FRAMES = 961, 9601
 #: The trained clip length: a job longer than its `window_frames` (default) is generated in windows.
 DEFAULT_WINDOW_FRAMES, DEFAULT_OVERLAP_FRAMES = 81, 16
 MAX_SEED = 2**31 - 1
+#: The Wan VAE's compression: 4 frames in time (after the first), 8×8 pixels in space.
+VAE_STRIDE = (4, 8, 8)
+
+
+def latent_tokens(width: int, height: int, num_frames: int, patch: tuple[int, int, int] = (1, 2, 2),
+                  num_refs: int = 0) -> int:
+    """The transformer's sequence length: latent frames (each reference image adds one) × patches per frame."""
+    frames = (num_frames - 1) // VAE_STRIDE[0] + 1 + num_refs
+    lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+    return (frames // patch[0]) * (lat_h // patch[1]) * (lat_w // patch[2])
 
 Task = Literal["none", "depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe"]
 Sampler = Literal["unipc", "dpm++", "euler"]
@@ -38,7 +48,7 @@ VideoWriteMode = Literal["fast", "balanced", "small"]
 Acceleration = Literal["none", "low", "regular"]
 
 # -- engine options (process-level): the words EngineOptions, the server settings and both CLIs accept --
-#: Where the weights live while a job runs (vace_local.memory); `auto` picks one from free VRAM.
+#: Where the weights live while a job runs (vace_local.engine.memory); `auto` picks one from free VRAM.
 MemoryPolicy = Literal["none", "model", "group", "sequential"]
 OffloadPolicy = Literal["auto", MemoryPolicy]
 #: Compute dtype of the transformer and text encoder; `auto` = bf16 on CUDA, fp32 on CPU (the VAE stays fp32).
@@ -189,7 +199,7 @@ MAX_JOB_LORAS = 4
 class LoraRef(BaseModel):
     """One LoRA for one job (fal's Wan LoRA convention; a vace-local extension on every VACE endpoint).
 
-    Loaded as an adapter on the resident model and active for this job only (vace_local.lora.AdapterPool).
+    Loaded as an adapter on the resident model and active for this job only (vace_local.engine.lora.AdapterPool).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -270,9 +280,9 @@ class JobSpec(BaseModel):
     control: ControlOptions = Field(default_factory=ControlOptions)
     temporal: TemporalOptions = Field(default_factory=TemporalOptions)
     output: OutputOptions = Field(default_factory=OutputOptions)
-    #: Classify sampled output frames with the safety checker (vace_local/safety_check.py).
+    #: Classify sampled output frames with the safety checker (vace_local/engine/safety_check.py).
     enable_safety_checker: bool = False
-    #: Rewrite the prompt with the prompt-expander LM before text encoding (vace_local/prompt_expand.py).
+    #: Rewrite the prompt with the prompt-expander LM before text encoding (vace_local/engine/prompt_expand.py).
     enable_prompt_expansion: bool = False
     #: LoRAs for this job only, as adapters on the resident model (no reload); see LoraRef.
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_JOB_LORAS)

@@ -16,8 +16,8 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from vace_local.errors import InputError
-from vace_local.spec import LoraRef
+from vace_local.core.errors import InputError
+from vace_local.core.spec import LoraRef
 
 #: (url, dest, field) → the downloaded file (at `dest`); raises InputError naming `field`.
 Download = Callable[[str, Path, str], Path]
