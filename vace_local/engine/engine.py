@@ -211,7 +211,7 @@ class Engine:
 
     def _setup_fast_path(self) -> None:
         """Per-model speed options, after the memory policy placed the weights (see fastpath.py)."""
-        from vace_local.engine.engine import fastpath
+        from vace_local.engine import fastpath
 
         models = self._transformers()
         if self.options.fp8_linear:

@@ -171,7 +171,7 @@ def enable_ulysses(engine: Any, ctx: RankContext) -> None:
     from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
-    from vace_local.engine.engine import fastpath
+    from vace_local.engine import fastpath
 
     models = engine._transformers()
     heads = int(models[0].config.num_attention_heads)
