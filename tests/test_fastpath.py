@@ -9,7 +9,8 @@ import torch
 from vace_bench.synthetic import build_transformer
 from vace_local.core.bundle import ControlBundle
 from vace_local.core.spec import JobSpec
-from vace_local.engine.engine import Engine, EngineOptions, fastpath, get_engine
+from vace_local.engine import fastpath
+from vace_local.engine.engine import Engine, EngineOptions, get_engine
 
 F, H, W = 17, 32, 48
 
