@@ -181,8 +181,9 @@ def test_spec_rules() -> None:
 def test_real_architecture_switching_matches_fresh_fused_engines(realarch_wan21_narrow_vae: Path, tmp_path: Path,
                                                                  offload: str, fast: bool) -> None:
     """Kijai (alphas on embedders / head) then musubi then none on one real-architecture engine (1.3B widths,
-    loaded from disk), under every memory policy (and with batched CFG + the step cache), vs fresh engines with
-    only that LoRA fused: same frames and the same sampling statistics on every job."""
+    loaded from disk), under every memory policy (sequential included: the adapter layers are put under its
+    hooks) and with batched CFG + the step cache, vs fresh engines with only that LoRA fused: same frames and the
+    same sampling statistics on every job."""
     from diffusers import WanVACEPipeline
 
     model = str(realarch_wan21_narrow_vae)
@@ -199,12 +200,6 @@ def test_real_architecture_switching_matches_fresh_fused_engines(realarch_wan21_
         return spec(model=model, loras=loras, num_inference_steps=2)
 
     eng = Engine(model, EngineOptions(**opts))
-    if offload == "sequential":  # refused with the field named, and the engine still runs a job without LoRA
-        with pytest.raises(InputError, match="sequential"):
-            eng.sample(job([LoraRef(path=str(paths["kijai"]))]), bundle(), seed=2)
-        plain = Engine(model, EngineOptions(offload="none", dtype="fp32")).sample(job([]), bundle(), seed=2)
-        assert np.abs(eng.sample(job([]), bundle(), seed=2).frames - plain.frames).max() < TOL
-        return
     seq = [[LoraRef(path=str(paths["kijai"]), scale=0.5)], [LoraRef(path=str(paths["musubi"]), scale=0.8)], []]
     got = [eng.sample(job(x), bundle(), seed=2) for x in seq]
     refs = [Engine(model, EngineOptions(loras=lo, **opts)).sample(job([]), bundle(), seed=2)
@@ -219,6 +214,25 @@ def test_real_architecture_switching_matches_fresh_fused_engines(realarch_wan21_
     assert np.abs(refs[0].frames - refs[2].frames).max() > 1e-3
     assert [[x["file"] for x in g.stats.loras] for g in got] == [["kijai.safetensors"], ["musubi.safetensors"], []]
     assert eng.policy == offload
+    _check_adapter_placement(eng)
+
+
+def _check_adapter_placement(eng: Engine) -> None:
+    """The adapter layers follow the memory policy like the base layers: under sequential offload their weights
+    wait on `meta` with accelerate's hook holding the CPU copy; under group offload they belong to an offload group
+    (on a GPU they would otherwise stay on the CPU)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in eng.pipe.transformer.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    for layer in layers:
+        for name in layer.lora_A:
+            for lin in (layer.lora_A[name], layer.lora_B[name]):
+                if eng.policy == "sequential":
+                    assert lin.weight.device.type == "meta" and lin._hf_hook.offload
+                    assert lin._hf_hook.weights_map["weight"].device.type == "cpu"
+                elif eng.policy == "group":
+                    assert lin._diffusers_hook.get_hook("group_offloading") is not None
 
 
 def test_every_dialect_takes_loras_and_names_a_bad_one() -> None:

@@ -178,7 +178,7 @@ class Engine:
             self.add_loras(self.options.loras)
         from vace_local.engine.lora import AdapterPool
 
-        self.adapters = AdapterPool(self.pipe, self.options.lora_adapters)
+        self.adapters = AdapterPool(self.pipe, self.options.lora_adapters, self.plan.policy)
         if self.options.fp8_storage:
             from vace_local.engine.fastpath import enable_fp8_storage
 
@@ -382,12 +382,6 @@ class Engine:
         if spec.loras and (self.options.compile or self.options.fp8_storage or self.options.fp8_linear):
             raise InputError("loras", "per-request LoRAs are not available with --compile or --fp8 (a swap would "
                              "recompile / the adapters would not see fp8 weights); fuse them at start with --lora")
-        if spec.loras and self.policy == "sequential":
-            # accelerate keeps sequentially offloaded weights on the meta device and streams each module's own
-            # weights in; adapter layers added after that are not streamed (measured: NaN frames on CPU).
-            raise InputError("loras", "per-request LoRAs are not available with offload 'sequential' (adapters "
-                             "added after sequential offload are not streamed in); use offload 'model' or 'group', "
-                             "or fuse them at start with --lora")
         out = []
         for i, lora in enumerate(spec.loras):
             try:
@@ -396,6 +390,12 @@ class Engine:
                 raise InputError(f"loras[{i}].path", str(exc)) from None
             out.append(JobLora(path, lora.scale, lora.transformer, f"loras[{i}].path"))
         return out
+
+    def load_job_loras(self, spec: JobSpec) -> list[dict[str, Any]]:
+        """Load (or reuse) the job's LoRA adapters and activate them; a bad one raises InputError naming its field.
+        `sample` does this itself; a parallel group's rank 0 calls it first, so a bad LoRA fails before the job
+        reaches the other ranks."""
+        return self.adapters.activate(self._job_loras(spec))
 
     def _conditioning_scale(self, spec: JobSpec) -> float | list[float]:
         scale = spec.context_scale

@@ -20,11 +20,14 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from vace_local.core.errors import VaceError
+from vace_local.core.spec import MemoryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +258,14 @@ class AdapterPool:
     converted by diffusers' Wan `lora_state_dict` after `fold_alphas`, as for fused LoRAs.
     """
 
-    def __init__(self, pipe: Any, capacity: int = 4) -> None:
+    def __init__(self, pipe: Any, capacity: int = 4, policy: MemoryPolicy = "none") -> None:
         self.pipe = pipe
         self.capacity = max(1, capacity)
+        #: The engine's memory policy: new adapter layers are put under its hooks (`memory.adding_layers`).
+        self.policy = policy
+        #: More context managers around adding adapter layers to the given transformers, for hooks that must see the
+        #: layers PEFT wraps (a Ulysses group's context-parallel plan: `vace_local.run.parallel.enable_ulysses`).
+        self.layer_guards: list[Callable[[list[Any]], AbstractContextManager[Any]]] = []
         self._loaded: OrderedDict[tuple[str, int, int, str], _Adapter] = OrderedDict()
         self._counter = 0
         self.loads = 0  # adapters loaded from disk (tests and benchmarks read it)
@@ -276,6 +284,7 @@ class AdapterPool:
 
     def _load(self, lora: JobLora, keep: set[str]) -> _Adapter:
         from vace_local.core.errors import InputError
+        from vace_local.engine.memory import adding_layers
 
         components = self._components(lora.experts)
         if not components:
@@ -300,12 +309,16 @@ class AdapterPool:
         adapter = _Adapter(f"job{self._counter}", components)
         done: list[str] = []
         try:
-            for c in components:
-                model = getattr(self.pipe, c)
-                check_targets(state, model, label)
-                model.load_lora_adapter(dict(state), prefix="transformer", adapter_name=adapter.name,
-                                        low_cpu_mem_usage=True)
-                done.append(c)
+            with ExitStack() as guards:
+                guards.enter_context(adding_layers(self.pipe, components, self.policy))
+                for guard in self.layer_guards:
+                    guards.enter_context(guard([getattr(self.pipe, c) for c in components]))
+                for c in components:
+                    model = getattr(self.pipe, c)
+                    check_targets(state, model, label)
+                    model.load_lora_adapter(dict(state), prefix="transformer", adapter_name=adapter.name,
+                                            low_cpu_mem_usage=True)
+                    done.append(c)
         except Exception as exc:
             self._drop(_Adapter(adapter.name, tuple(done)))
             err = exc if isinstance(exc, LoraFormatError) else _mapping_error(label, exc)

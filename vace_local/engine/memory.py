@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,8 +304,7 @@ def _plain_cpu_execution_device(pipe) -> None:  # noqa: ANN001
         if not isinstance(component, torch.nn.Module):
             continue
         for module in component.modules():
-            hook = getattr(module, "_hf_hook", None)
-            for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            for h in _accelerate_hooks(module):
                 if getattr(h, "execution_device", None) is not None and torch.device(h.execution_device).type == "cpu":
                     h.execution_device = cpu
     pipe._offload_device = cpu
@@ -330,3 +331,61 @@ def _group_offload(pipe, device: str) -> None:  # noqa: ANN001
 
 
 _APPLY = {"none": _resident, "model": _model_offload, "sequential": _sequential_offload, "group": _group_offload}
+
+
+@contextmanager
+def adding_layers(pipe, names: tuple[str, ...], policy: Policy) -> Iterator[None]:  # noqa: ANN001
+    """Around adding layers (LoRA adapters) to the components `names` after the memory policy was applied, so the
+    new layers follow the policy like the old ones.
+
+    - `sequential`: accelerate keeps the weights on the `meta` device and streams each layer's own weights in from
+      a CPU map; PEFT places new adapter weights on their base layer's device, `meta`, so they would be lost (NaN
+      frames, measured). The component's hooks are removed first (which puts its weights back on the CPU), the
+      layers are added, and `cpu_offload` is applied again on the same execution device: new layers included,
+      every weight on the CPU between uses. This is what diffusers' `load_lora_weights` does for a whole pipeline,
+      done here per component and keeping our execution device (it re-applies with none, which fails on CPU hosts).
+    - `group`: new layers sit outside every offload group, so on a GPU they would stay on the CPU; diffusers'
+      re-application of the stored group-offload config gives them groups (diffusers does this itself after
+      `delete_adapters`).
+    - `none` / `model`: PEFT puts new weights beside their base layer's, which the policy already moves.
+    """
+    import torch
+
+    models = [m for m in (getattr(pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
+    devices = {}
+    if policy == "sequential":
+        from accelerate.hooks import remove_hook_from_module
+
+        for model in models:
+            devices[id(model)] = _execution_device(model)
+            remove_hook_from_module(model, recurse=True)
+    try:
+        yield
+    finally:
+        if policy == "sequential":
+            from accelerate import cpu_offload
+
+            for model in models:
+                cpu_offload(model, devices[id(model)], offload_buffers=len(model._parameters) > 0)
+        elif policy == "group":
+            from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+            for model in models:
+                _maybe_remove_and_reapply_group_offloading(model)
+
+
+def _execution_device(model) -> object:  # noqa: ANN001
+    """The device accelerate's sequential-offload hooks of `model` execute on (after `before_call`'s fix)."""
+    import torch
+
+    for module in model.modules():
+        for h in _accelerate_hooks(module):
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    raise RuntimeError(f"{type(model).__name__} has no sequential-offload hooks")
+
+
+def _accelerate_hooks(module) -> list:  # noqa: ANN001
+    """The accelerate hooks on `module` (a `SequentialHook` unpacked)."""
+    hook = getattr(module, "_hf_hook", None)
+    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
