@@ -103,6 +103,42 @@ def _check_equal(group: Group, reference: tuple[np.ndarray, object], tokens_per_
     assert group.engine.last_run["forwards"] == forwards  # CFG parallel: one (paired) forward per step
 
 
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory: pytest.TempPathFactory, single: Engine) -> Path:
+    """A Kijai-layout LoRA on every main block, the embedders and the head (`proj_out`, whose output the Ulysses
+    plan gathers across ranks)."""
+    from safetensors.torch import save_file
+
+    from tests.test_lora import alpha_everywhere_lora
+
+    path = tmp_path_factory.mktemp("lora") / "everywhere.safetensors"
+    save_file(alpha_everywhere_lora(single.pipe.transformer, rank=4, alpha=2.0), str(path))
+    return path
+
+
+def _check_loras(group: Group, single: Engine, lora_file: Path) -> None:
+    """A job with a per-request LoRA, then one without, on the group: the frames one process makes for each
+    (every rank applies the same adapters, and turns them off again); a bad LoRA fails on rank 0 before any
+    other rank hears of the job, so the group stays usable."""
+    from vace_local.core.errors import InputError
+    from vace_local.core.spec import LoraRef
+
+    with_lora = job(loras=[LoraRef(path=str(lora_file), scale=0.8)])
+    frames = []
+    for spec in (with_lora, job()):
+        want = single.generate_float(spec, control_bundle(), seed=5)
+        got = group.engine.generate_float(spec, control_bundle(), seed=5)
+        assert float(np.abs(got - want).max()) <= TOL
+        used = [(x["file"], x["scale"]) for x in group.engine.last_run["loras"]]
+        assert used == ([("everywhere.safetensors", 0.8)] if spec.loras else [])
+        frames.append(got)
+    assert float(np.abs(frames[0] - frames[1]).max()) > 1e-3  # the LoRA does change this job
+    with pytest.raises(InputError, match=r"loras\[0\]\.path"):
+        group.engine.generate_float(job(loras=[LoraRef(path=str(lora_file.with_name("missing.safetensors")))]),
+                                    control_bundle(), seed=5)
+    assert group.dead_rank() is None and group.engine.broken is None
+
+
 def _cancel_at_step_1(group: Group) -> None:
     """Rank 0 cancels after step 1; if any rank kept denoising, the next job's collectives would not line up."""
     steps: list[int] = []
@@ -126,6 +162,9 @@ class TestCfgTwoRanks:
     def test_same_frames_as_one_process(self, group: Group, reference: tuple) -> None:
         _check_equal(group, reference, tokens_per_rank=24, forwards=STEPS)
 
+    def test_per_request_lora_then_none(self, group: Group, single: Engine, lora_file: Path) -> None:
+        _check_loras(group, single, lora_file)
+
 
 class TestUlyssesTwoRanks:
     @pytest.fixture(scope="class")
@@ -135,6 +174,9 @@ class TestUlyssesTwoRanks:
 
     def test_same_frames_as_one_process(self, group: Group, reference: tuple) -> None:
         _check_equal(group, reference, tokens_per_rank=12, forwards=2 * STEPS)
+
+    def test_per_request_lora_then_none(self, group: Group, single: Engine, lora_file: Path) -> None:
+        _check_loras(group, single, lora_file)
 
     def test_cancel_stops_every_rank_and_the_next_job_runs(self, group: Group, reference: tuple) -> None:
         _cancel_at_step_1(group)

@@ -24,6 +24,8 @@ import os
 import pickle
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -196,6 +198,24 @@ def enable_ulysses(engine: Any, ctx: RankContext) -> None:
             if hasattr(module.processor, "_parallel_config"):
                 module.processor._parallel_config = config
         apply_context_parallel(model, cp, plan)
+    engine.adapters.layer_guards.append(lambda models: replanned(models, plan))
+
+
+@contextmanager
+def replanned(models: list[Any], plan: dict[str, Any]) -> Iterator[None]:
+    """Around adding LoRA adapter layers: the context-parallel hooks come off and go back on by module name, so a
+    planned module that PEFT wraps (`proj_out`, which a LoRA on the head targets) is gathered after its adapter's
+    delta is added, not before (the delta, computed on the rank's token shard, would not line up: measured
+    `RuntimeError: The size of tensor a (24) must match the size of tensor b (12)`)."""
+    from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
+
+    for model in models:
+        remove_context_parallel(model, plan)
+    try:
+        yield
+    finally:
+        for model in models:
+            apply_context_parallel(model, model._parallel_config.context_parallel_config, plan)
 
 
 def cfg_pair_forward(ctx: RankContext) -> Any:
@@ -296,6 +316,9 @@ class GroupEngine:
         if self.broken:
             raise RuntimeError(f"parallel group is broken ({self.broken}); restart it")
         self.check_job(spec, bundle)
+        # A LoRA that cannot be found or mapped fails here, on rank 0 alone: every rank runs the same loader on
+        # the same local file (the worker resolved it), so once it loads here the others load it too.
+        self.engine.load_job_loras(spec)
         if should_cancel():
             raise JobCancelled("job cancelled before denoising")
         self.ctx.store.set(_JOB_KEY.format(self.jobs), b"job")
