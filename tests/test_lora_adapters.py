@@ -121,6 +121,49 @@ def test_bad_loras_fail_their_job_naming_the_field_and_the_model_stays_usable(fi
     assert np.array_equal(eng.sample(spec(num_inference_steps=1), bundle(), seed=2).frames, base)
 
 
+def test_compile_writes_loras_into_a_fixed_slot_without_recompiling(files: dict[str, Path], tmp_path: Path) -> None:
+    """With --compile a job's LoRAs go into one fixed adapter slot: A, B, none, another scale give the fused
+    engines' frames and dynamo compiles no new graph after the first job (each of them recompiles with plain
+    adapters). A LoRA wider than the slot, or a job whose LoRAs add up past it, fails with the field named."""
+    from torch._dynamo.utils import counters
+
+    eng = Engine("tiny", EngineOptions(compile=True, compile_backend="eager", lora_slot_rank=6))
+    assert eng.describe()["lora_adapters"]["mode"] == "compiled-slot"
+    two = spec(num_inference_steps=2)
+    eng.sample(two, bundle(), seed=2)
+    graphs = counters["stats"]["unique_graphs"]
+    seq = [(0.7, files["a"]), (1.0, files["b"]), (0.0, None), (0.4, files["a"])]
+    for scale, path in seq:
+        loras = [LoraRef(path=str(path), scale=scale)] if path else []
+        got = eng.sample(spec(loras=loras, num_inference_steps=2), bundle(), seed=2)
+        want = Engine("tiny", EngineOptions(loras=(LoraOption(str(path), scale=scale),) if path else ())).sample(
+            two, bundle(), seed=2)
+        assert np.abs(got.frames - want.frames).max() < TOL, (scale, path)
+        assert [x["file"] for x in got.stats.loras] == ([path.name] if path else [])
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile for a new LoRA, a scale, or none
+    wide = tmp_path / "wide.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(8, 24, generator=g),
+               "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.randn(24, 8, generator=g)}, str(wide))
+    with pytest.raises(InputError, match=r"loras\[0\]\.path.*rank 8.*slot of rank 6"):
+        eng.sample(spec(loras=[LoraRef(path=str(wide))], num_inference_steps=1), bundle(), seed=2)
+    both = [LoraRef(path=str(files["a"])), LoraRef(path=str(files["b"]))]  # rank 4 + 4 on blocks.N.attn1.to_q
+    with pytest.raises(InputError, match=r"loras: .*add up to rank 8"):
+        eng.sample(spec(loras=both, num_inference_steps=1), bundle(), seed=2)
+    assert np.abs(eng.sample(two, bundle(), seed=2).frames -
+                  Engine("tiny", EngineOptions()).sample(two, bundle(), seed=2).frames).max() < TOL
+
+
+def test_refused_loras_say_why_in_the_error_and_describe() -> None:
+    for opts, why in [(EngineOptions(compile=True, compile_backend="eager", lora_slot_rank=0), "recompile"),
+                      (EngineOptions(compile=True, compile_backend="eager", offload="group"), "offload 'group'")]:
+        eng = Engine("tiny", opts)
+        d = eng.describe()["lora_adapters"]
+        assert d["mode"] == "refused" and why in d["refused"]
+        with pytest.raises(InputError, match=f"loras: per-request LoRAs are not available with --compile.*{why}"):
+            eng.sample(spec(loras=[LoraRef(path="x.safetensors")], num_inference_steps=1), bundle(), seed=2)
+
+
 def test_sources_lora_dir_hugging_face_url_cache_and_limits(files: dict[str, Path], tmp_path: Path) -> None:
     """Folder names, URLs through the guarded downloader (real HTTP on loopback, size limit), the cache's bound."""
     from vace_local.core.http_guard import fetch_url

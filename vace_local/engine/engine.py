@@ -72,6 +72,9 @@ class EngineOptions:
     loras: tuple[LoraOption, ...] = field(default_factory=tuple)
     #: Per-request LoRAs (`JobSpec.loras`) kept loaded as adapters, least recently used dropped first.
     lora_adapters: int = 4
+    #: With `compile`: rank of the fixed LoRA slot per-request LoRAs are written into (no recompile per swap; the
+    #: slot's matmuls run on every linear on every job). 0: no slot, per-request LoRAs refused with `compile`.
+    lora_slot_rank: int = 64
     #: Bytes of helper models (prompt expander, safety checker) that `auto` must leave room for on the GPU.
     aux_bytes: int = 0
     #: Host RAM (bytes) the load may plan with; None: what the OS reports available (MemAvailable, cgroup limit).
@@ -176,9 +179,16 @@ class Engine:
         self.lora_overrides: dict[str, float | int] = {}
         if self.options.loras:
             self.add_loras(self.options.loras)
-        from vace_local.engine.lora import AdapterPool
+        from vace_local.engine.lora import AdapterPool, CompiledLoraSlot
 
-        self.adapters = AdapterPool(self.pipe, self.options.lora_adapters, self.plan.policy)
+        #: Why per-request LoRAs are refused on this engine; None when they are served.
+        self.lora_refusal = self._lora_refusal()
+        if self.options.compile and self.lora_refusal is None:  # the slot goes in before fp8, offload and compile
+            self.adapters: AdapterPool = CompiledLoraSlot(self.pipe, self.options.lora_adapters, self.plan.policy,
+                                                          self.options.lora_slot_rank)
+            self.adapters.install()
+        else:
+            self.adapters = AdapterPool(self.pipe, self.options.lora_adapters, self.plan.policy)
         if self.options.fp8_storage:
             from vace_local.engine.fastpath import enable_fp8_storage
 
@@ -239,6 +249,23 @@ class Engine:
                 state, scale = lora
                 items.append((state, float(scale), "both", f"<state dict {i}>"))
         fuse_loras(self.pipe, items)
+
+    def _lora_refusal(self) -> str | None:
+        """Why this engine cannot serve per-request LoRAs (`JobSpec.loras`), in words for the job's error and
+        `describe()`; None when it can."""
+        o = self.options
+        if o.fp8_storage or o.fp8_linear:
+            return ("not available with --fp8: the fp8 paths cast or quantise the transformer weights at load and "
+                    "adapter layers added per job are not covered by them; fuse LoRAs at start with --lora (fused "
+                    "before the fp8 cast)")
+        if o.compile and o.lora_slot_rank <= 0:
+            return ("not available with --compile when the LoRA slot is off (lora_slot_rank 0): adding, switching "
+                    "or rescaling an adapter would recompile the blocks (6-30 s per change measured on the tiny "
+                    "model on CPU; eager after 8 variants); fuse LoRAs at start with --lora")
+        if o.compile and self.plan.policy not in ("none", "model"):
+            return (f"not available with --compile under offload '{self.plan.policy}': the LoRA slot is written "
+                    "in place, which offload 'none' or 'model' allows; fuse LoRAs at start with --lora")
+        return None
 
     def _pick_device(self) -> str:
         import torch
@@ -325,7 +352,7 @@ class Engine:
             "boundary_ratio": self.pipe.config.boundary_ratio,
             "loaded_at": self.loaded_at,
             "lora_adapters": {"loaded": self.adapters.loaded, "loads": self.adapters.loads,
-                              "capacity": self.adapters.capacity},
+                              "capacity": self.adapters.capacity, **self._lora_mode()},
             "fast_path": {
                 "attention": self.attention.as_dict(),
                 "text_cache": self.options.text_cache,
@@ -338,6 +365,17 @@ class Engine:
                 "lora_overrides": dict(self.lora_overrides),
             },
         }
+
+    def _lora_mode(self) -> dict[str, Any]:
+        """How per-request LoRAs are served: "adapters" (PEFT adapters switched per job), "compiled-slot"
+        (written into a fixed slot of `slot_rank`, no recompile) or "refused" with the reason."""
+        from vace_local.engine.lora import CompiledLoraSlot
+
+        if self.lora_refusal:
+            return {"mode": "refused", "refused": f"per-request LoRAs are {self.lora_refusal}"}
+        if isinstance(self.adapters, CompiledLoraSlot):
+            return {"mode": "compiled-slot", "slot_rank": self.adapters.rank}
+        return {"mode": "adapters"}
 
     # -- one job -------------------------------------------------------------------------------------
     @staticmethod
@@ -379,9 +417,8 @@ class Engine:
         """`spec.loras` as local files for the adapter pool; refused where adapters cannot run."""
         from vace_local.engine.lora import JobLora, lora_path
 
-        if spec.loras and (self.options.compile or self.options.fp8_storage or self.options.fp8_linear):
-            raise InputError("loras", "per-request LoRAs are not available with --compile or --fp8 (a swap would "
-                             "recompile / the adapters would not see fp8 weights); fuse them at start with --lora")
+        if spec.loras and self.lora_refusal:
+            raise InputError("loras", f"per-request LoRAs are {self.lora_refusal}")
         out = []
         for i, lora in enumerate(spec.loras):
             try:

@@ -220,6 +220,8 @@ class JobLora:
 class _Adapter:
     name: str
     components: tuple[str, ...]
+    #: `CompiledLoraSlot`: the converted weights, kept on the CPU and written into the slot when a job uses them.
+    state: dict[str, Any] | None = None
 
 
 def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
@@ -284,7 +286,6 @@ class AdapterPool:
 
     def _load(self, lora: JobLora, keep: set[str]) -> _Adapter:
         from vace_local.core.errors import InputError
-        from vace_local.engine.memory import adding_layers
 
         components = self._components(lora.experts)
         if not components:
@@ -306,7 +307,14 @@ class AdapterPool:
         if not state:
             raise InputError(lora.field, f"lora file {label} holds no LoRA weights")
         self._counter += 1
-        adapter = _Adapter(f"job{self._counter}", components)
+        return self._attach(_Adapter(f"job{self._counter}", components), state, lora)
+
+    def _attach(self, adapter: _Adapter, state: dict[str, Any], lora: JobLora) -> _Adapter:
+        """Load the converted `state` as PEFT adapter layers named `adapter.name` on its components."""
+        from vace_local.core.errors import InputError
+        from vace_local.engine.memory import adding_layers
+
+        label, components = lora.file.name, adapter.components
         done: list[str] = []
         try:
             with ExitStack() as guards:
@@ -346,6 +354,11 @@ class AdapterPool:
             self._loaded.move_to_end(key)
             keep.add(adapter.name)
             active.append((adapter, lora))
+        self._enable(active)
+        return [{"adapter": a.name, "file": x.file.name, "scale": x.scale, "transformer": x.experts,
+                 "experts": list(a.components)} for a, x in active]
+
+    def _enable(self, active: list[tuple[_Adapter, JobLora]]) -> None:
         for c in ("transformer", "transformer_2"):
             model = getattr(self.pipe, c, None)
             if model is None or not getattr(model, "peft_config", None):
@@ -357,9 +370,115 @@ class AdapterPool:
                 model.set_adapters(names, weights=weights)
             else:
                 model.disable_lora()
-        return [{"adapter": a.name, "file": x.file.name, "scale": x.scale, "transformer": x.experts,
-                 "experts": list(a.components)} for a, x in active]
 
     @property
     def loaded(self) -> list[str]:
         return [a.name for a in self._loaded.values()]
+
+
+#: The adapter name of `CompiledLoraSlot`'s layers.
+SLOT = "slot"
+
+
+class CompiledLoraSlot(AdapterPool):
+    """Per-request LoRAs on a compiled model without recompiling: one fixed adapter ("slot") of rank `rank` on every
+    linear layer, added before `torch.compile` and never changed in shape, structure or scaling; a job's LoRAs are
+    written into its weights in place (each LoRA's down weights times its scale, concatenated along the rank, the
+    rest zeros), a job without LoRAs zeroes them. The compiled graphs therefore see the same modules and guards on
+    every job (a new adapter, a scale change or turning adapters off each recompile otherwise: measured 6-30 s per
+    change on the tiny model on CPU, and after 8 variants dynamo falls back to eager).
+
+    Why not PEFT's hotswap (`enable_lora_hotswap` + `load_lora_weights(..., hotswap=True)`): it swaps one adapter
+    for another with the same or fewer targets (a LoRA on more layers than the first raises), one adapter per model,
+    and turning adapters off (`disable_lora`) for a job without LoRA recompiles too (measured). The slot (PEFT layers, in-place
+    copies) also serves several LoRAs in one job and LoRAs on any linear (untargeted layers stay zero). Cost: the
+    rank-`rank` matmuls run on every linear on every job (zeros when unused). The converted weights of the
+    `capacity` most recently used LoRA files stay in CPU memory (`loaded`).
+    """
+
+    def __init__(self, pipe: Any, capacity: int = 4, policy: MemoryPolicy = "none", rank: int = 64) -> None:
+        super().__init__(pipe, capacity, policy)
+        self.rank = rank
+        self._layers: dict[str, dict[str, Any]] = {}  # component → {module name: PEFT LoRA layer}
+
+    def install(self) -> None:
+        """Add the zero slot to every transformer (before the memory policy and compile see the model)."""
+        import torch
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        for c in ("transformer", "transformer_2"):
+            model = getattr(self.pipe, c, None)
+            if model is None:
+                continue
+            targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+            config = LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=targets, lora_bias=True,
+                                init_lora_weights=False)
+            inject_adapter_in_model(config, model, adapter_name=SLOT)
+            self._layers[c] = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+            with torch.no_grad():
+                for layer in self._layers[c].values():
+                    layer.lora_A[SLOT].weight.zero_()
+                    layer.lora_B[SLOT].weight.zero_()
+                    layer.lora_B[SLOT].bias.zero_()
+
+    def _attach(self, adapter: _Adapter, state: dict[str, Any], lora: JobLora) -> _Adapter:
+        from vace_local.core.errors import InputError
+
+        for c in adapter.components:
+            check_targets(state, getattr(self.pipe, c), lora.file.name)
+        ranks: dict[str, int] = {}
+        for key, value in state.items():
+            stem, _, tail = key.removeprefix("transformer.").rpartition(".lora_")
+            if tail == "A.weight":
+                ranks[stem] = int(value.shape[0])
+        wide = {m: r for m, r in ranks.items() if r > self.rank}
+        if wide:
+            name, r = next(iter(wide.items()))
+            raise InputError(lora.field, f"lora file {lora.file.name} has rank {r} on {name}; with --compile "
+                                         f"per-request LoRAs go into a slot of rank {self.rank} "
+                                         "(EngineOptions.lora_slot_rank)")
+        adapter.state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self.loads += 1
+        return adapter
+
+    def _drop(self, adapter: _Adapter) -> None:
+        adapter.state = None
+
+    def _enable(self, active: list[tuple[_Adapter, JobLora]]) -> None:
+        import torch
+
+        from vace_local.core.errors import InputError
+
+        for c, layers in self._layers.items():
+            parts: dict[str, list[tuple[Any, Any, Any]]] = {}  # module → [(scaled A, B, scaled bias)]
+            for adapter, lora in active:
+                if c not in adapter.components or adapter.state is None:
+                    continue
+                for key, a in adapter.state.items():
+                    stem, _, tail = key.removeprefix("transformer.").rpartition(".lora_")
+                    if tail != "A.weight":
+                        continue
+                    bias = adapter.state.get(f"transformer.{stem}.lora_B.bias")
+                    parts.setdefault(stem.removesuffix(".base_layer"), []).append(
+                        (a * lora.scale, adapter.state[f"transformer.{stem}.lora_B.weight"],
+                         None if bias is None else bias * lora.scale))
+            over = {m: sum(int(a.shape[0]) for a, _, _ in p) for m, p in parts.items()}
+            over = {m: r for m, r in over.items() if r > self.rank}
+            if over:
+                name, r = next(iter(over.items()))
+                raise InputError("loras", f"this job's LoRAs add up to rank {r} on {name}; with --compile one job's "
+                                          f"LoRAs share a slot of rank {self.rank} (EngineOptions.lora_slot_rank)")
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    a_w, b_w, b_b = layer.lora_A[SLOT].weight, layer.lora_B[SLOT].weight, layer.lora_B[SLOT].bias
+                    a_w.zero_()
+                    b_w.zero_()
+                    b_b.zero_()
+                    r = 0
+                    for a, b, bias in parts.get(name, []):
+                        a_w[r:r + a.shape[0]].copy_(a)
+                        b_w[:, r:r + a.shape[0]].copy_(b)
+                        if bias is not None:
+                            b_b.add_(bias.to(b_b))
+                        r += a.shape[0]
