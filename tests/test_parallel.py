@@ -275,10 +275,11 @@ def _follower_pids(worker_pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_server_runs_jobs_on_a_two_rank_group_and_restarts_it_when_a_rank_dies(tmp_path: Path) -> None:
-    from tests.test_server_live import LiveServer, _generating, _terminal
+    from tests.test_server_live import LiveServer, _held, _terminal
 
+    hold = tmp_path / "hold"  # present: jobs hold after denoising step 1 (VACE_TINY_HOLD_FILE), so the kill is mid-run
     srv = LiveServer(tmp_path / "data", Path(os.environ["VACE_CACHE_DIR"]),
-                     extra_env={"VACE_GPUS_PER_JOB": "2"}).start(ready_timeout=240)
+                     extra_env={"VACE_GPUS_PER_JOB": "2", "VACE_TINY_HOLD_FILE": str(hold)}).start(ready_timeout=240)
     try:
         first = srv.submit({"prompt": "a group job", "num_inference_steps": 2, "seed": 1})
         row = srv.wait(first["id"], _terminal, timeout=180, what="first job")
@@ -286,10 +287,12 @@ def test_server_runs_jobs_on_a_two_rank_group_and_restarts_it_when_a_rank_dies(t
         [worker] = srv.worker_pids()
         [follower] = _follower_pids(worker)
 
+        hold.touch()
         long = srv.submit({"prompt": "a long job", "num_inference_steps": 40})
-        srv.wait(long["id"], _generating, timeout=120, what="long job generating")
+        srv.wait(long["id"], _held, timeout=120, what="long job holding after step 1")
         t = time.monotonic()
         os.kill(follower, signal.SIGKILL)
+        hold.unlink()
         row = srv.wait(long["id"], _terminal, timeout=60, what="long job failing")
         took = time.monotonic() - t
         print(f"server: a killed rank failed the job in {took:.1f} s: {row['error']}")

@@ -261,7 +261,7 @@ class Engine:
         if o.compile and o.lora_slot_rank <= 0:
             return ("not available with --compile when the LoRA slot is off (lora_slot_rank 0): adding, switching "
                     "or rescaling an adapter would recompile the blocks (6-30 s per change measured on the tiny "
-                    "model on CPU; eager after 8 variants); fuse LoRAs at start with --lora")
+                    "model on CPU); fuse LoRAs at start with --lora")
         if o.compile and self.plan.policy not in ("none", "model"):
             return (f"not available with --compile under offload '{self.plan.policy}': the LoRA slot is written "
                     "in place, which offload 'none' or 'model' allows; fuse LoRAs at start with --lora")

@@ -386,7 +386,7 @@ class CompiledLoraSlot(AdapterPool):
     written into its weights in place (each LoRA's down weights times its scale, concatenated along the rank, the
     rest zeros), a job without LoRAs zeroes them. The compiled graphs therefore see the same modules and guards on
     every job (a new adapter, a scale change or turning adapters off each recompile otherwise: measured 6-30 s per
-    change on the tiny model on CPU, and after 8 variants dynamo falls back to eager).
+    change on the tiny model on CPU with inductor, and dynamo stops recompiling a function past its recompile limit).
 
     Why not PEFT's hotswap (`enable_lora_hotswap` + `load_lora_weights(..., hotswap=True)`): it swaps one adapter
     for another with the same or fewer targets (a LoRA on more layers than the first raises), one adapter per model,
