@@ -24,6 +24,7 @@ import pytest
 
 from server import media_refs
 from vace_local.core.errors import InputError, JobCancelled
+from vace_local.core.spec import JobInputs
 
 Handler = Callable[[socket.socket, "RawServer"], None]
 
@@ -205,7 +206,7 @@ def test_cli_fetcher_has_a_wall_clock_deadline(servers, tmp_path, monkeypatch):
     srv = servers(drip)
     t = time.monotonic()
     with pytest.raises(InputError, match="took longer than 2 s"):
-        inputs.fetch_one(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "video", "video")
+        inputs.fetch_inputs(JobInputs(video=f"http://127.0.0.1:{srv.port}/clip.mp4"), tmp_path)
     assert time.monotonic() - t < 3.0
 
 

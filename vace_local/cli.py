@@ -17,7 +17,7 @@ import typer
 from pydantic import ValidationError
 
 from vace_local.core.errors import VaceError, problems_from_pydantic, problems_text
-from vace_local.core.spec import DTYPES, FP8_MODES, OFFLOAD_POLICIES
+from vace_local.core.spec import DTYPES, FP8_MODES, OFFLOAD_POLICIES, TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan VACE video models locally.")
 
@@ -65,8 +65,7 @@ def _parse_prompt_at(value: str) -> dict[str, object]:
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What should happen in the video.")] = "",
     model: Annotated[str, typer.Option(help="Built-in name, Hugging Face repo id, local dir, or 'tiny'.")] = "",
-    task: Annotated[str, typer.Option(help="none | depth | depthv2 | pose | face | inpainting | outpainting | "
-                                           "reframe")] = "",
+    task: Annotated[str, typer.Option(help=" | ".join(TASKS))] = "",
     negative_prompt: Annotated[str | None, typer.Option(help="Default: the official Wan negative prompt.")] = None,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT or WIDTH*HEIGHT, e.g. 832x480 "
                                                   "(multiples of 16).")] = None,

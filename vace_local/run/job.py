@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from vace_local.core.bundle import ControlBundle
+    from vace_local.core.inputs import ResolvedInputs
     from vace_local.engine.engine import Engine
     from vace_local.engine.prompt_expand import ExpanderOptions
     from vace_local.engine.safety_check import SafetyOptions
@@ -122,7 +123,7 @@ class _Job:
     """What the stages pass on: the plan, the inputs, the bundle, the frames and the reports."""
 
     plan: JobPlan
-    resolved: Any  # vace_local.core.inputs.ResolvedInputs
+    resolved: ResolvedInputs
     seed: int
     bundle: ControlBundle | None = None
     frames: np.ndarray | None = None
@@ -214,7 +215,7 @@ def _load(stage: Stages, model: str, engine: Engine | None) -> Engine:
     return engine
 
 
-def _fetch(stage: Stages, spec: JobSpec, work: Path) -> Any:
+def _fetch(stage: Stages, spec: JobSpec, work: Path) -> ResolvedInputs:
     from vace_local.core.inputs import fetch_inputs
     from vace_local.core.sandbox import vet_inputs
 
@@ -249,7 +250,7 @@ def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"loras": loras})
 
 
-def _plan(stage: Stages, spec: JobSpec, resolved: Any, seed: int) -> JobPlan:
+def _plan(stage: Stages, spec: JobSpec, resolved: ResolvedInputs, seed: int) -> JobPlan:
     """match_input_*, the temporal and the window plan (timed with preprocessing, as before: the keys stay)."""
     with stage("preprocess"):
         return plan_job(spec, resolved.video, seed=seed, extend=resolved.extend)
@@ -284,8 +285,8 @@ def _lazy_bundle(job: _Job, annotators_dir: Path | None) -> Any:
     spec, total = job.plan.bundle_spec, job.plan.bundle_spec.num_frames
 
     def build(a: int, b: int) -> Any:
-        resolved = replace(job.resolved, first_image=job.resolved.first_image if a == 0 else None,
-                           last_image=job.resolved.last_image if b == total else None)
+        resolved = job.resolved.model_copy(update={"first_image": job.resolved.first_image if a == 0 else None,
+                                                   "last_image": job.resolved.last_image if b == total else None})
         return build_bundle(spec.model_copy(update={"num_frames": b - a}), resolved, annotators_dir)
 
     first = build(0, min(total, 1))
