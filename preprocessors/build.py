@@ -74,7 +74,8 @@ def build_bundle(spec: JobSpec, resolved: ResolvedInputs, annotators_dir: Path |
     return bundle
 
 
-def _from_video(spec: JobSpec, resolved: ResolvedInputs, info: dict[str, Any], annotators_dir: Path | None) -> ControlBundle:
+def _from_video(spec: JobSpec, resolved: ResolvedInputs, info: dict[str, Any],
+                annotators_dir: Path | None) -> ControlBundle:
     F, H, W = spec.num_frames, spec.height, spec.width
     vinfo, vr = open_video(resolved.video, "video")
     task = spec.task

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
 from vace_local.core.errors import InputError, JobCancelled
 from vace_local.core.events import CancelFn, never_cancel
 from vace_local.core.inputs import media_refs
