@@ -10,7 +10,6 @@ the resolved video and passes them in as a `SourceInfo`.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -45,13 +44,15 @@ from server.dialects.fal.schemas import (
 from server.dialects.fal.schemas import FalRequest as _Common
 from vace_local.core.errors import InputError, Problem
 from vace_local.core.spec import (
+    TASKS,
     ControlOptions,
     JobInputs,
     JobSpec,
     OutputOptions,
     TemporalOptions,
+    input_gaps,
+    round_side,
     task_needs_mask,
-    task_needs_video,
 )
 from vace_local.core.timing import match_input_timing
 
@@ -64,14 +65,11 @@ SHORT_SIDE = {"240p": 240, "360p": 352, "480p": 480, "580p": 576, "720p": 720}
 LANDSCAPE = {"240p": (416, 240), "360p": (640, 352), "480p": (832, 480), "580p": (1024, 576), "720p": (1280, 720)}
 #: Without an input video, "auto" resolution means Wan's native 480p.
 DEFAULT_TIER = "480p"
-MAX_SIDE = 2048
+#: fal's names of the JobInputs fields the task rules speak of.
+_INPUT_NAMES = {"video": "video_url", "mask_video": "mask_video_url", "mask_image": "mask_image_url"}
 
 
 # --- geometry and timing (shared with the AI/ML dialect, whose fields mirror fal's) -------------------------
-
-def _round16(x: float) -> int:
-    return max(16, int(math.floor(x / 16.0 + 0.5)) * 16)
-
 
 def auto_tier(source: SourceInfo | None) -> str:
     """Largest tier whose short side the input reaches (240p at least, 720p at most)."""
@@ -106,8 +104,8 @@ def output_size(
         w, h = LANDSCAPE[tier]
         return h, w
     if aspect >= 1:
-        return min(_round16(short * aspect), MAX_SIDE), short
-    return short, min(_round16(short / aspect), MAX_SIDE)
+        return round_side(short * aspect), short
+    return short, round_side(short / aspect)
 
 
 def timing(
@@ -196,7 +194,7 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         "match_input_frames_per_second": req.match_input_frames_per_second and source is None,
         "output_num_frames": trim,
     }
-    if task in ("depth", "pose") and hasattr(req, "preprocess"):
+    if TASKS[task].control == "annotator" and hasattr(req, "preprocess"):
         control["preprocess"] = req.preprocess
     if isinstance(req, FalOutpaintingRequest):
         control.update(expand_left=req.expand_left, expand_right=req.expand_right, expand_top=req.expand_top,
@@ -218,13 +216,9 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         else:
             notes.append("mask_image_url ignored: mask_video_url is given")
             mask_image = None
-    if task_needs_video(task) and not req.video_url:
-        raise FieldError("video_url", f"required (a non-empty URL) for the {task} task")
-    if (mask_video or mask_image) and not req.video_url:
-        raise FieldError("mask_image_url" if mask_image else "mask_video_url",
-                         "a mask needs video_url (the video it applies to)")
-    if task_needs_mask(task) and not (mask_video or mask_image):
-        raise FieldError("mask_video_url", "inpainting needs mask_video_url or mask_image_url")
+    gaps = input_gaps(task, {"video": req.video_url, "mask_video": mask_video, "mask_image": mask_image})
+    for gap in sorted(gaps, key=lambda g: g.rule != "task_needs_video"):  # a missing video_url is named first
+        raise FieldError(_INPUT_NAMES[gap.field], gap.message(_INPUT_NAMES))
     inputs = JobInputs(
         video=req.video_url,
         mask_video=mask_video if task_needs_mask(task) or endpoint == "" else None,

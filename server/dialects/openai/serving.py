@@ -42,16 +42,17 @@ from vace_local.core.spec import (
     ControlOptions,
     JobInputs,
     JobSpec,
+    input_gaps,
     max_job_frames,
     round_frames_4k1,
-    task_needs_mask,
-    task_needs_video,
 )
 
 log = logging.getLogger("vace.server.openai")
 
 #: Form fields of one create request: every field once, `reference_images[]` five times, and room to spare.
 FORM_MAX_FIELDS = 64
+#: How the task-input rules name the media inputs here (a video may come as `input_reference`).
+_INPUT_WORDS = {"video": "a video (video or a video input_reference)"}
 #: How long a DELETE of a running video waits for its worker to stop at the next step.
 DELETE_WAIT_S = 10.0
 
@@ -121,18 +122,13 @@ def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, li
             raise _bad("input_reference", "a video input_reference is the control video; do not also send video")
         video = ref.value
         notes.append("input_reference (video) → control video")
-    if (req.mask_video or req.mask_image) and not video:
-        raise _bad("mask_video" if req.mask_video else "mask_image", "a mask needs a video (video or a video "
-                   "input_reference) to apply to")
     task = req.task
     if task is None:
         task = "depth" if video else "none"
         if video:
             notes.append("task not given: 'depth' (the control video's structure, the prompt's look)")
-    if task_needs_video(task) and not video:
-        raise _bad("task", f"'{task}' needs a video (video or a video input_reference)")
-    if task_needs_mask(task) and not (req.mask_video or req.mask_image):
-        raise _bad("task", f"'{task}' needs mask_video or mask_image")
+    for gap in input_gaps(task, {"video": video, "mask_video": req.mask_video, "mask_image": req.mask_image}):
+        raise _bad(gap.field if gap.rule == "mask_needs_video" else "task", gap.message(_INPUT_WORDS))
     width, height = parse_size(req.size)
     num_frames = frames_for(req.seconds)
     if num_frames != round(float(req.seconds) * FPS) + 1:
