@@ -65,8 +65,6 @@ SHORT_SIDE = {"240p": 240, "360p": 352, "480p": 480, "580p": 576, "720p": 720}
 LANDSCAPE = {"240p": (416, 240), "360p": (640, 352), "480p": (832, 480), "580p": (1024, 576), "720p": (1280, 720)}
 #: Without an input video, "auto" resolution means Wan's native 480p.
 DEFAULT_TIER = "480p"
-#: fal's names of the JobInputs fields the task rules speak of.
-_INPUT_NAMES = {"video": "video_url", "mask_video": "mask_video_url", "mask_image": "mask_image_url"}
 
 
 # --- geometry and timing (shared with the AI/ML dialect, whose fields mirror fal's) -------------------------
@@ -218,7 +216,7 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
             mask_image = None
     gaps = input_gaps(task, {"video": req.video_url, "mask_video": mask_video, "mask_image": mask_image})
     for gap in sorted(gaps, key=lambda g: g.rule != "task_needs_video"):  # a missing video_url is named first
-        raise FieldError(_INPUT_NAMES[gap.field], gap.message(_INPUT_NAMES))
+        raise FieldError(FIELD_NAMES[gap.field], gap.message(FIELD_NAMES))
     inputs = JobInputs(
         video=req.video_url,
         mask_video=mask_video if task_needs_mask(task) or endpoint == "" else None,
