@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from vace_local.core.bundle import ControlBundle
+from vace_local.core.config import EngineSettings
 from vace_local.core.errors import InputError, JobCancelled, OutOfMemory
 from vace_local.core.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
 from vace_local.core.spec import DtypeName as Dtype
@@ -84,6 +85,14 @@ class EngineOptions:
             raise ValueError(f"text_cache must be >= 0, got {self.text_cache}")
         if self.fp8_storage and self.fp8_linear:
             raise ValueError("fp8_storage and fp8_linear are exclusive: fp8_linear already stores fp8 weights")
+
+    @classmethod
+    def from_settings(cls, s: EngineSettings, **process: Any) -> EngineOptions:
+        """The options a user picked (`generate` / `serve` flags, the server's `VACE_*` variables: one declaration,
+        core.config.EngineSettings) plus this process's own (`device`, `allow_download`, `aux_bytes`, ...)."""
+        return cls(offload=s.offload, dtype=s.dtype, attention=s.attention, cfg_batch=s.cfg_batch, compile=s.compile,
+                   fp8_storage=s.fp8 == "storage", fp8_linear=s.fp8 == "linear",
+                   loras=tuple(LoraOption.parse(x) for x in s.loras), lora_adapters=s.lora_adapters, **process)
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
