@@ -129,3 +129,37 @@ def test_the_registry_follows_the_environment(monkeypatch: pytest.MonkeyPatch, t
     assert MediaLimits.from_env().max_side == 320
     monkeypatch.setenv("VACE_ANNOTATORS_DIR", "")  # empty is unset, as before
     assert vace_settings().annotators_dir is None
+
+
+def test_generate_and_serve_take_the_engine_flags_from_one_declaration() -> None:
+    """Both commands' engine options are made from `EngineSettings`' fields (same names, same help); `serve`'s
+    help names each option's variable."""
+    import click
+    import typer
+
+    from vace_local.cli import app
+    from vace_local.core.config import EngineSettings, env_name
+
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    commands = {name: {o: p for p in group.get_command(ctx, name).params for o in (*p.opts, *p.secondary_opts)}
+                for name in ("generate", "serve")}
+    flagged = {name: f.json_schema_extra["flag"][0].split("/") for name, f in EngineSettings.model_fields.items()
+               if isinstance(f.json_schema_extra, dict)}
+    assert {"offload", "dtype", "attention", "cfg_batch", "compile", "fp8", "loras"} <= set(flagged)
+    for field, decls in flagged.items():
+        for name, opts in commands.items():
+            assert all(d in opts for d in decls), (name, decls)
+            assert EngineSettings.model_fields[field].description in opts[decls[0]].help
+        assert env_name(field) in commands["serve"][decls[0]].help
+        assert env_name(field) not in commands["generate"][decls[0]].help  # generate reads only its flags
+
+
+def test_generate_refuses_a_bad_engine_option_naming_it(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vace_local.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "--model", "tiny", "--offload", "lots", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "offload" in result.output and "sequential" in result.output
+    assert not any(tmp_path.iterdir())

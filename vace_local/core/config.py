@@ -91,7 +91,7 @@ class EngineSettings(BaseModel):
 
     @field_validator("loras", mode="before")
     @classmethod
-    def _lists(cls, v: Any) -> Any:
+    def _loras(cls, v: Any) -> Any:  # a distinct name: a subclass's validator of the same name replaces it
         return split_list(v)
 
 
