@@ -219,7 +219,8 @@ def engine_flags(*, env_help: bool) -> Callable[[F], F]:
         default = info.get_default(call_default_factory=True)
         shown = ", ".join(default) if isinstance(default, list) else str(default).lower()
         help_ = f"{info.description} (default {shown or 'none'}" + (f"; {env_name(name)})" if env_help else ")")
-        kind = list[str] if name == "loras" else bool if info.annotation is bool else str
+        # typer takes plain types; a Literal is taken as text and checked by the model (naming the choices)
+        kind = info.annotation if info.annotation in (bool, int, float, list[str]) else str
         return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                  annotation=Annotated[kind | None, typer.Option(*decls, help=help_)])
 
