@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
-from vace_local.core.config import engine_flags
+from vace_local.core.config import engine_flags, settings_error_text
 
 log = logging.getLogger("vace.server")
 
@@ -57,6 +58,9 @@ def serve(
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)
+    except ValidationError as exc:  # named as its variable (a flag's value is checked by the same field)
+        typer.secho(f"error: {settings_error_text(exc)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     except Exception as exc:  # noqa: BLE001 - pydantic messages name the setting
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

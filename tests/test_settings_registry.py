@@ -163,3 +163,14 @@ def test_generate_refuses_a_bad_engine_option_naming_it(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["generate", "--model", "tiny", "--offload", "lots", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "offload" in result.output and "sequential" in result.output
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["download", "annotators"], ["generate", "--model", "tiny"]])
+def test_a_bad_variable_stops_a_command_at_once_naming_it(argv: list[str], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vace_local.cli import app
+
+    result = CliRunner().invoke(app, [*argv], env={"VACE_MEDIA_MAX_SIDE": "0", "VACE_ANNOTATORS_DIR": str(tmp_path)})
+    assert result.exit_code == 2 and "VACE_MEDIA_MAX_SIDE" in result.output and "greater than 0" in result.output
+    assert not any(tmp_path.iterdir())  # nothing was downloaded or written

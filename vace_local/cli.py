@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from vace_local.core.config import EngineSettings, engine_flags
+from vace_local.core.config import EngineSettings, engine_flags, vace_settings
 from vace_local.core.errors import VaceError, problems_from_pydantic, problems_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan VACE video models locally.")
@@ -25,6 +25,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan 
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+@app.callback()
+def _check_settings() -> None:
+    """A bad `VACE_*` value stops every command at once, naming the variable (not a traceback mid-run)."""
+    try:
+        vace_settings()
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -127,6 +136,7 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate one video and write <out>/<name>.mp4 plus <name>.json metadata."""
+    _check_settings()  # also when run as scripts/generate.py (generate_app has no callback)
     from vace_local.core.spec import JobSpec
 
     base: dict = {}

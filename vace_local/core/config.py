@@ -174,9 +174,12 @@ class VaceSettings(BaseSettings):
 
 
 def settings_error_text(exc: ValidationError) -> str:
-    """A registry validation error, naming each variable (`VACE_MEDIA_MAX_SIDE: Input should be ... (got '-1')`)."""
-    return "; ".join(f"{env_name(str(e['loc'][0])) if e['loc'] else 'settings'}: {e['msg']} (got {e['input']!r})"
-                     for e in exc.errors())
+    """A registry validation error naming each setting and its variable
+    (`media_max_side (VACE_MEDIA_MAX_SIDE): Input should be greater than 0 (got '-1')`)."""
+    def name(loc: tuple) -> str:
+        return f"{loc[0]} ({env_name(str(loc[0]))})" if loc else "settings"
+
+    return "; ".join(f"{name(e['loc'])}: {e['msg']} (got {e['input']!r})" for e in exc.errors())
 
 
 @lru_cache(maxsize=8)
