@@ -67,8 +67,6 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True) 
     app.state.api = services.api
     app.state.keys = Keys(settings.api_keys)
     app.state.files = services.files
-    app.state.settings = settings
-    app.state.instance = settings.instance
     app.state.supervisor = None
 
     def render(request: Request, err: ApiError) -> Response:

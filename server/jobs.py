@@ -49,7 +49,7 @@ def iso_time(ts: float | None) -> str | None:
 
 
 class Jobs:
-    """Job submission and lookup shared by all dialects (`app.state.jobs`)."""
+    """Job submission and lookup shared by all dialects (`app.state.services.jobs`)."""
 
     def __init__(self, settings: Settings, store: Store, storage: Storage, uploads: Uploads, inputs: InputResolver,
                  offload: Offload) -> None:

@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 class Offload:
-    """Runs blocking calls off the event loop (`app.state.offload`); `close` with the app."""
+    """Runs blocking calls off the event loop (`app.state.services.offload`); `close` with the app."""
 
     def __init__(self, slow_threads: int) -> None:
         self.slow_pool = ThreadPoolExecutor(max_workers=slow_threads, thread_name_prefix="vace-slow")

@@ -29,10 +29,9 @@ from server.dialects.wavespeed.render import envelope, render_data
 from server.dialects.wavespeed.schemas import NAME as WAVESPEED
 from server.dialects.wavespeed.serving import job_or_404
 from server.files import Files
-from server.jobs import iso_time
+from server.jobs import JobRecord, iso_time
 from server.services import Api, get_api
 from server.states import JobStatus
-from server.store import JobRecord
 
 STATIC_DIR = Path(__file__).resolve().parent / "static" / "playground"
 #: Paths served without an API key: the page and its assets hold no data (the redirect `/` too).

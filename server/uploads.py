@@ -35,7 +35,7 @@ class UploadInfo:
 
 
 class Uploads:
-    """Upload storage and records (`app.state.uploads`). The async methods are what handlers call; the `_sync`
+    """Upload storage and records (`app.state.services.uploads`). The async methods are what handlers call; the `_sync`
     ones and `store_data_uri` block and run on a thread."""
 
     def __init__(self, settings: Settings, store: Store, storage: Storage, offload: Offload) -> None:

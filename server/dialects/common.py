@@ -21,8 +21,8 @@ from pydantic import Field, ValidationError
 from server import media_refs
 from server.errors import ApiError, user_field
 from server.files import Files
+from server.jobs import JobRecord
 from server.services import Api, DialectConfig
-from server.store import JobRecord
 from vace_local.core.errors import InputError, Problem, problems_from_pydantic
 from vace_local.core.media_limits import MediaLimits
 from vace_local.core.sandbox import vet_file_async

@@ -13,9 +13,8 @@ from fastapi.responses import JSONResponse, Response
 from server.dialects.common import check_fields, prompt_used
 from server.errors import ApiError
 from server.files import Files
-from server.jobs import TINY_NOTE
+from server.jobs import TINY_NOTE, JobRecord
 from server.states import JobStatus
-from server.store import JobRecord
 
 STATUS = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "generating", JobStatus.SUCCEEDED: "completed",
           JobStatus.FAILED: "error", JobStatus.CANCELLED: "error"}

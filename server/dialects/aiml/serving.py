@@ -33,8 +33,8 @@ from server.dialects.common import (
 )
 from server.dialects.fal.serving import fal_to_jobspec, parse_fal_request
 from server.errors import ApiError
+from server.jobs import JobRecord
 from server.services import Api
-from server.store import JobRecord
 from vace_local.core.errors import InputError, Problem
 
 log = logging.getLogger("vace.server.aiml")

@@ -15,9 +15,8 @@ from server.dialects.common import check_fields, prompt_used
 from server.dialects.fal.schemas import ALIAS, FAL_APPS, OWNER
 from server.errors import ApiError
 from server.files import Files
-from server.jobs import TINY_NOTE, iso_time
+from server.jobs import TINY_NOTE, JobRecord, iso_time
 from server.states import JobStatus
-from server.store import JobRecord
 from vace_local.core.errors import Problem
 
 # ---- errors ---------------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ from server.dialects.fal.render import (
 from server.dialects.fal.schemas import FAL_APPS, NAME, OWNER
 from server.dialects.fal.serving import create_fal_job, served_apps_text, split_app_path
 from server.errors import ApiError
+from server.jobs import JobRecord
 from server.services import Api, get_api
 from server.states import JobStatus
-from server.store import JobRecord
 
 router = APIRouter(tags=[NAME])
 authed = [Depends(require_auth)]

@@ -44,8 +44,8 @@ from server.dialects.fal.schemas import (
 )
 from server.dialects.fal.schemas import FalRequest as _Common
 from server.errors import ApiError
+from server.jobs import JobRecord
 from server.services import Api
-from server.store import JobRecord
 from vace_local.core.errors import InputError, Problem
 from vace_local.core.spec import (
     ControlOptions,

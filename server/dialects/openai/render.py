@@ -12,9 +12,8 @@ from server.dialects.common import windows_field
 from server.dialects.openai.schemas import STATUS
 from server.dialects.openai.serving import seconds_text
 from server.errors import ApiError
-from server.jobs import TINY_NOTE
+from server.jobs import TINY_NOTE, JobRecord
 from server.states import JobStatus
-from server.store import JobRecord
 
 #: Sent with every non-terminal retrieve: the SDK's `poll()` waits this long between polls.
 POLL_AFTER_MS = 500

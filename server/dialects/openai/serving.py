@@ -35,10 +35,10 @@ from server.dialects.openai.schemas import (
     parse_size,
 )
 from server.errors import ApiError, validation_error
+from server.jobs import JobRecord
 from server.services import Api, DialectConfig
 from server.settings import max_request_bytes
 from server.states import JobStatus
-from server.store import JobRecord
 from vace_local.core.errors import Problem
 from vace_local.core.spec import (
     ControlOptions,

@@ -13,9 +13,8 @@ from server.dialects.common import expansion_note, nsfw_flag, safety_note, windo
 from server.dialects.wavespeed.schemas import STATUS, SYNC_TIMEOUT_CODE
 from server.errors import ApiError
 from server.files import Files
-from server.jobs import TINY_NOTE, iso_time
+from server.jobs import TINY_NOTE, JobRecord, iso_time
 from server.states import JobStatus
-from server.store import JobRecord
 
 
 def envelope(data: Any, code: int = 200, message: str = "success") -> dict[str, Any]:

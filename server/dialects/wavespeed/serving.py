@@ -20,8 +20,8 @@ from server.dialects.wavespeed.schemas import (
     WanVaceInput,
 )
 from server.errors import ApiError, validation_error
+from server.jobs import JobRecord
 from server.services import Api
-from server.store import JobRecord
 from vace_local.core.errors import Problem
 from vace_local.core.spec import JobInputs, JobSpec, OutputOptions, task_needs_video
 
