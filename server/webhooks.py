@@ -111,7 +111,7 @@ class _Dispatcher:
 
     def __init__(self, services: Services, client: httpx.AsyncClient) -> None:
         s = services.settings
-        self.core = services
+        self.services = services
         self.client = client
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.overall = asyncio.Semaphore(s.webhook_max_in_flight)
@@ -126,8 +126,8 @@ class _Dispatcher:
         so with several instances on one store exactly one of them delivers; False when another one won."""
         waits = (self.per_dest.rounds_ahead(destination(job.webhook_url or ""))
                  + self.per_owner.rounds_ahead(job.owner or ""))
-        lease = time.time() + self.core.settings.webhook_timeout_s * (waits + 1) + 5.0
-        return self.core.store.claim_webhook(job, lease)
+        lease = time.time() + self.services.settings.webhook_timeout_s * (waits + 1) + 5.0
+        return self.services.store.claim_webhook(job, lease)
 
     def start(self, job: JobRecord, render: Renderer) -> None:
         dest, owner = destination(job.webhook_url or ""), job.owner or ""
@@ -143,7 +143,7 @@ class _Dispatcher:
             # the destination's slot, then the owner's, then a global one: a tarpit's queue holds no owner or
             # global slot, and one owner's queue holds no global slot
             async with dest_sem, owner_sem, self.overall:
-                await deliver_once(self.core, job, render, self.client)
+                await deliver_once(self.services, job, render, self.client)
         except Exception:  # noqa: BLE001 - one bad delivery must not stop the others
             log.exception("webhook delivery for job %s failed", job.id)
 

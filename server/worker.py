@@ -25,6 +25,7 @@ from server.settings import Settings
 from server.states import JobStatus, WorkerExit, WorkerStatus
 from server.storage import key_of_path, make_storage
 from server.store import JobRecord, Store
+from vace_local.core.config import export
 from vace_local.core.errors import InputError, JobCancelled
 from vace_local.core.events import Progress
 from vace_local.core.spec import JobSpec
@@ -407,7 +408,8 @@ def worker_main(args: WorkerArgs) -> None:
     settings.export_limits()
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s worker{args.slot} %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("VACE_CACHE_DIR", str((settings.data_dir / "cache").resolve()))
+    if settings.cache_dir is None:  # the engine's caches (tiny models, LoRA files) go in the data dir
+        export(cache_dir=(settings.data_dir / "cache").resolve())
     if settings.is_tiny:
         try:  # build the tiny annotators before reporting ready (the run path would do it on first use)
             from preprocessors.tiny import tiny_annotators_dir

@@ -11,6 +11,20 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The engine options' words live with the settings registry; re-exported here for the contract's readers.
+from vace_local.core.config import (  # noqa: F401
+    DEFAULT_MAX_JOB_FRAMES,
+    DEFAULT_MODEL,
+    DTYPES,
+    FP8_MODES,
+    OFFLOAD_POLICIES,
+    DtypeName,
+    Fp8Mode,
+    MemoryPolicy,
+    OffloadPolicy,
+    vace_settings,
+)
+
 #: The official Wan 2.1 negative prompt (`sample_neg_prompt`); diffusers would silently use "" instead.
 OFFICIAL_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -21,9 +35,8 @@ OFFICIAL_NEGATIVE_PROMPT = (
 MAX_REFERENCE_IMAGES = 5
 #: One denoising window: the model's own range (fal's 17..241); longer jobs are made of windows (windows.py).
 MIN_FRAMES, MAX_FRAMES = 17, 241
-#: The longest job the server accepts by default (60 s at 16 fps); `VACE_MAX_FRAMES` changes it, up to
-#: `HARD_MAX_FRAMES` (10 minutes at 16 fps).
-DEFAULT_MAX_JOB_FRAMES, HARD_MAX_FRAMES = 961, 9601
+#: The longest job `VACE_MAX_FRAMES` may ask for (10 minutes at 16 fps; its default, DEFAULT_MAX_JOB_FRAMES, is 60 s).
+HARD_MAX_FRAMES = 9601
 #: The trained clip length: a job longer than its `window_frames` (default) is generated in windows.
 DEFAULT_WINDOW_FRAMES, DEFAULT_OVERLAP_FRAMES = 81, 16
 MAX_SEED = 2**31 - 1
@@ -47,17 +60,6 @@ VideoWriteMode = Literal["fast", "balanced", "small"]
 #: Step-cache presets (fal's `acceleration`; WaveSpeed's enable_fast_mode → "regular"). See step_cache.py.
 Acceleration = Literal["none", "low", "regular"]
 
-# -- engine options (process-level): the words EngineOptions, the server settings and both CLIs accept --
-#: Where the weights live while a job runs (vace_local.engine.memory); `auto` picks one from free VRAM.
-MemoryPolicy = Literal["none", "model", "group", "sequential"]
-OffloadPolicy = Literal["auto", MemoryPolicy]
-#: Compute dtype of the transformer and text encoder; `auto` = bf16 on CUDA, fp32 on CPU (the VAE stays fp32).
-DtypeName = Literal["auto", "bf16", "fp16", "fp32"]
-#: fp8 weights: `storage` keeps e4m3 weights and computes in bf16, `linear` runs torchao float8 linears.
-Fp8Mode = Literal["none", "storage", "linear"]
-OFFLOAD_POLICIES: tuple[str, ...] = get_args(OffloadPolicy)
-DTYPES: tuple[str, ...] = get_args(DtypeName)
-FP8_MODES: tuple[str, ...] = get_args(Fp8Mode)
 
 # -- what each task needs ----------------------------------------------------------------------------------
 #: Tasks whose control signal is derived from `inputs.video` (everything but text/image-only `none`).
@@ -72,17 +74,11 @@ TASKS_USING_ANNOTATOR_WEIGHTS: frozenset[str] = TASKS_ANNOTATED | TASKS_NEEDING_
 
 
 def max_job_frames() -> int:
-    """The longest job this process accepts: `VACE_MAX_FRAMES` (default 961), within 17..9601.
+    """The longest job this process accepts: `VACE_MAX_FRAMES` (default 961), clamped to 17..9601.
 
     The server sets it from its settings (`VACE_MAX_FRAMES` / `--max-frames`) in the API and worker processes;
     the CLI reads the same variable."""
-    import os
-
-    raw = os.environ.get("VACE_MAX_FRAMES", "")
-    try:
-        value = int(raw) if raw.strip() else DEFAULT_MAX_JOB_FRAMES
-    except ValueError:
-        value = DEFAULT_MAX_JOB_FRAMES
+    value = vace_settings().max_frames
     value = max(MIN_FRAMES, min(HARD_MAX_FRAMES, value))
     return value - (value - 1) % 4  # a legal 4k+1 count
 
@@ -243,7 +239,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "wan2.1-vace-14b"
+    model: str = DEFAULT_MODEL
     task: Task = "none"
     prompt: str = ""
     negative_prompt: str | None = Field(

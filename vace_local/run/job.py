@@ -229,8 +229,7 @@ def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
     server's worker has already resolved them to files under its own rules)."""
     if not spec.loras:
         return spec
-    import os
-
+    from vace_local.core.config import vace_settings
     from vace_local.core.inputs import FETCH_DEADLINE_S, FETCH_TIMEOUT_S, MAX_INPUT_BYTES
     from vace_local.core.lora_sources import LoraFiles
     from vace_local.engine.tiny import default_cache_dir
@@ -241,7 +240,7 @@ def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
         return fetch_url(url, dest, field, max_bytes=MAX_INPUT_BYTES, timeout_s=FETCH_DEADLINE_S,
                          read_timeout_s=FETCH_TIMEOUT_S, should_cancel=stage.should_cancel)
 
-    files = LoraFiles(default_cache_dir() / "loras", download, lora_dir=os.environ.get("VACE_LORA_DIR") or None,
+    files = LoraFiles(default_cache_dir() / "loras", download, lora_dir=vace_settings().lora_dir,
                       allow_local_paths=True)
     with stage("fetch"):
         loras = [ref.model_copy(update={"path": str(files.resolve(ref, f"loras[{i}].path"))})

@@ -46,6 +46,7 @@ from server.dialects.fal.schemas import FalRequest as _Common
 from server.errors import ApiError
 from server.jobs import JobRecord
 from server.services import Api
+from vace_local.core.config import vace_settings
 from vace_local.core.errors import InputError, Problem
 from vace_local.core.spec import (
     ControlOptions,
@@ -132,18 +133,17 @@ def timing(
 def temporal_options(req: Any, notes: list[str]) -> TemporalOptions:
     """fal's downsample/interpolation extras. 'film' is served by the built-in optical-flow interpolator, and so
     is 'rife' when no RIFE weights are installed: both are valid fal values, so a fal client never fails on them."""
-    from vace_local.engine.interpolate import rife_model_path
-
     k = req.num_interpolated_frames
     if getattr(req, "temporal_upsample_factor", None) is not None and not k:
         k = req.temporal_upsample_factor
     used = bool(k or req.temporal_downsample_factor or req.enable_auto_downsample)
     interp = "flow"
     if req.interpolator_model == "rife":
-        if rife_model_path().is_file():
+        rife = vace_settings().rife_path
+        if rife.is_file():
             interp = "rife"
         elif used:
-            notes.append(f"interpolator_model 'rife': no RIFE weights at {rife_model_path()} (VACE_RIFE_ONNX), "
+            notes.append(f"interpolator_model 'rife': no RIFE weights at {rife} (VACE_RIFE_ONNX), "
                          "served by the built-in optical-flow interpolator")
     if req.interpolator_model == "film" and used:
         notes.append("interpolator_model 'film' is served by the built-in optical-flow interpolator")
