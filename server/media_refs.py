@@ -46,7 +46,7 @@ FIELD_KINDS: dict[str, Kind] = {
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FILE_KINDS = ("uploads", "outputs")
-#: The capability token a file URL carries when keys are configured (`JobService.file_token`).
+#: The capability token a file URL carries when keys are configured (`server.files.Files.file_token`).
 FILE_TOKEN_RE = re.compile(r"^[0-9a-f]{40}$")
 
 _EXT = {

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from server import media_refs
-from server.core import map_exception, user_field
+from server.errors import map_exception, user_field
 from server.settings import Settings
-from server.states import WorkerExit, WorkerStatus
+from server.states import JobStatus, WorkerExit, WorkerStatus
 from server.storage import key_of_path, make_storage
-from server.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, Store
+from server.store import JobRecord, Store
 from vace_local.core.config import export
 from vace_local.core.errors import InputError, JobCancelled
 from vace_local.core.events import Progress
@@ -135,8 +135,8 @@ class Worker:
             msg = f"the parallel group failed: {reason}"
             job = self.current
             if job is not None:
-                self.store.finish_job(job.id, self.id, status=FAILED, error=msg, error_type="internal_error")
-                self.store.add_log(job.id, f"{FAILED}: {msg}", level="error", source="worker")
+                self.store.finish_job(job.id, self.id, status=JobStatus.FAILED, error=msg, error_type="internal_error")
+                self.store.add_log(job.id, f"{JobStatus.FAILED}: {msg}", level="error", source="worker")
             self.store.upsert_worker(self.id, status=WorkerStatus.DEAD, message=msg)
             log.error("%s; restarting the group", msg)
             os._exit(WorkerExit.GROUP_FAILED)
@@ -338,7 +338,7 @@ class Worker:
                 self.storage.publish(f"outputs/{job.id}/{o['file']}")
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
             self.storage.delete_prefix(f"windows/{job.id}")  # done: nothing left to resume
-            if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
+            if self.store.finish_job(job.id, self.id, status=JobStatus.SUCCEEDED, outputs=outputs, result=info,
                                      timings=timings):
                 note = " (tiny random-weight model: the video is noise)" if result.tiny else ""
                 self.store.add_log(job.id, f"completed in {timings.get('total', 0):.1f} s, seed {result.seed}"
@@ -354,13 +354,13 @@ class Worker:
             failure = map_exception(exc, fields)
             if failure.error_type == "internal_error":
                 log.exception("job %s failed", job.id)
-            status = CANCELLED if failure.status == CANCELLED else FAILED
+            status = JobStatus.CANCELLED if failure.status == JobStatus.CANCELLED else JobStatus.FAILED
             shutil.rmtree(out_dir, ignore_errors=True)
             self.storage.delete_prefix(f"windows/{job.id}")
             self.store.finish_job(job.id, self.id, status=status, error=failure.message,
                                   error_type=failure.error_type, error_detail=failure.detail or None)
             self.store.add_log(job.id, f"{status}: {failure.message}",
-                               level="info" if status == CANCELLED else "error", source="worker")
+                               level="info" if status == JobStatus.CANCELLED else "error", source="worker")
             if failure.restart_worker:
                 self.store.upsert_worker(self.id, status=WorkerStatus.DEAD,
                                          message="restarting after GPU out-of-memory")

@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
+from server.auth import request_owner
 from server.body_guard import read_json
-from server.core import ApiError, JobRecord, JobService, request_owner
 from server.dialects.common import (
     HOSTED_MAX_FRAMES,
     FieldError,
@@ -42,6 +42,9 @@ from server.dialects.fal.schemas import (
     FalReframeRequest,
 )
 from server.dialects.fal.schemas import FalRequest as _Common
+from server.errors import ApiError
+from server.jobs import JobRecord
+from server.services import Api
 from vace_local.core.config import vace_settings
 from vace_local.core.errors import InputError, Problem
 from vace_local.core.spec import (
@@ -287,12 +290,12 @@ async def _read_json(request: Request) -> Any:
                        problems=[Problem("body", f"invalid JSON: {e}", "json_invalid")]) from None
 
 
-async def create_fal_job(request: Request, core: JobService, app_path: str) -> JobRecord:
+async def create_fal_job(request: Request, api: Api, app_path: str) -> JobRecord:
     """Validate a submit against its endpoint's schema, probe the input video when the size or timing follows
     it, translate, and queue the job; every refusal is fal's 422 naming the field (or a 404 for the app)."""
     app, endpoint = split_app_path(app_path)
     app_id = app.app_id + (f"/{endpoint}" if endpoint else "")
-    problem = check_served_model(core, app_id, app.family)
+    problem = check_served_model(api.config, app_id, app.family)
     if problem:
         raise ApiError(404, problem, error_type="model_not_served")
     body = await _read_json(request)
@@ -302,17 +305,17 @@ async def create_fal_job(request: Request, core: JobService, app_path: str) -> J
         req = parse_fal_request(endpoint, body)
     except ValidationError as e:
         raise fal_invalid(pydantic_problems(e)) from None
-    base = core.base_url(request)
+    base = api.files.base_url(request)
     source, probe_note = None, None
     if needs_source(req):
         try:
-            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url",
+            source, local_ref, probe_note = await probe_source(api, base, req.video_url, "video_url",
                                                                request_owner(request))
         except InputError as e:
             raise field_error(e.field, e.message) from None
         req = req.model_copy(update={"video_url": local_ref})
     try:
-        tr: Translation = fal_to_jobspec(endpoint, req, model=core.settings.model, source=source)
+        tr: Translation = fal_to_jobspec(endpoint, req, model=api.config.model, source=source)
     except FieldError as e:
         raise field_error(e.field, e.message) from None
     except ValidationError as e:
@@ -320,15 +323,15 @@ async def create_fal_job(request: Request, core: JobService, app_path: str) -> J
     webhook = request.query_params.get("fal_webhook") or None
     if webhook is not None:
         try:
-            core.check_webhook_url(webhook, "fal_webhook")
+            api.jobs.check_webhook_url(webhook, "fal_webhook")
         except ApiError as e:
             raise fal_invalid([replace(p, location="query") for p in e.problems]) from None
     # Only the normalised spec is stored (not the raw body): unknown fields are named in a bounded log line.
     unknown = unknown_fields_note(set(body) - set(type(req).model_fields))
-    logs = [served_note(core, app_id, app.family), *([probe_note] if probe_note else []), *tr.notes,
+    logs = [served_note(api.config, app_id, app.family), *([probe_note] if probe_note else []), *tr.notes,
             *([unknown] if unknown else [])]
     try:
-        job = await core.create_job_async(
+        job = await api.jobs.submit(
             tr.spec, dialect=NAME, model_id=app_id, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
             logs=logs, extra={"endpoint": endpoint, "sync_mode": tr.sync_mode, "ignored": tr.ignored},
             owner=request_owner(request),

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from server.dialects.common import PROMPT_MAX_CHARS, loras_field, loras_from_text, not_blank
+from server.states import JobStatus
 from vace_local.core.spec import (
     MAX_REFERENCE_IMAGES,
     MAX_SEED,
@@ -30,8 +30,8 @@ from vace_local.core.spec import (
 
 NAME = "openai"
 #: Our statuses → the SDK's (a cancelled job is `failed` with code `cancelled`).
-STATUS = {QUEUED: "queued", RUNNING: "in_progress", SUCCEEDED: "completed", FAILED: "failed",
-          CANCELLED: "failed"}
+STATUS = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "in_progress", JobStatus.SUCCEEDED: "completed",
+          JobStatus.FAILED: "failed", JobStatus.CANCELLED: "failed"}
 #: Largest page `GET /v1/videos` returns.
 LIST_LIMIT_MAX = 100
 #: `GET /v1/videos/{id}/content?variant=`: only `video` is produced here.

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.core import ApiError, JobRecord, JobService, request_owner, validation_error
+from server.auth import request_owner
 from server.dialects.common import unknown_fields_note
 from server.dialects.wavespeed.schemas import (
     BASE64_WEBHOOK_ERROR,
@@ -19,6 +19,9 @@ from server.dialects.wavespeed.schemas import (
     SIZES,
     WanVaceInput,
 )
+from server.errors import ApiError, validation_error
+from server.jobs import JobRecord
+from server.services import Api
 from vace_local.core.errors import Problem
 from vace_local.core.spec import MEDIA_FIELDS, JobInputs, JobSpec, OutputOptions, input_gaps, task_needs_video
 
@@ -77,8 +80,8 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     return spec, notes
 
 
-def job_or_404(core: JobService, request_id: str, request: Request) -> JobRecord:
-    job = core.get_job(request_id, owner=request_owner(request))
+async def job_or_404(api: Api, request_id: str, request: Request) -> JobRecord:
+    job = await api.jobs.get(request_id, owner=request_owner(request))
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"prediction '{request_id}' not found", error_type="not_found")
     return job
@@ -97,13 +100,13 @@ def stored_input(body: WanVaceInput) -> dict[str, Any]:
     return raw
 
 
-async def submit_prediction(body: WanVaceInput, request: Request, webhook: str | None, core: JobService) -> JobRecord:
+async def submit_prediction(body: WanVaceInput, request: Request, webhook: str | None, api: Api) -> JobRecord:
     """Check and translate a submit, then queue it (`?webhook=` empty means no webhook)."""
     if webhook and body.enable_base64_output:
         raise ApiError(400, BASE64_WEBHOOK_ERROR, error_type="base64_webhook")
     spec, notes = to_spec(body)
-    return await core.create_job_async(
-        spec, dialect=NAME, model_id=MODEL_ID, base_url=core.base_url(request), webhook_url=webhook,
+    return await api.jobs.submit(
+        spec, dialect=NAME, model_id=MODEL_ID, base_url=api.files.base_url(request), webhook_url=webhook,
         field_names=field_names_for(body), logs=notes, owner=request_owner(request),
         extra={"input": stored_input(body), "enable_base64_output": body.enable_base64_output},
     )
