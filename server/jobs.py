@@ -31,7 +31,8 @@ from server.store import JobRecord, OwnerQueueFull, Store
 from server.submit_inputs import InputResolver
 from server.uploads import Uploads
 from vace_local.core.errors import InputError, Problem
-from vace_local.core.spec import JobSpec, round_frames_4k1
+from vace_local.core.inputs import input_refs
+from vace_local.core.spec import JobSpec, round_frames_4k1, round_side
 
 log = logging.getLogger("vace.server")
 
@@ -73,7 +74,7 @@ class Jobs:
             w, h = spec.width, spec.height
             if s.tiny_max_side and max(w, h) > s.tiny_max_side:
                 scale = s.tiny_max_side / max(w, h)
-                nw, nh = max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
+                nw, nh = round_side(w * scale, "down"), round_side(h * scale, "down")
                 upd.update(width=nw, height=nh)
                 logs.append(f"tiny mode cap (VACE_TINY_MAX_SIDE): size {w}x{h} → {nw}x{nh}")
             if s.tiny_max_frames and spec.num_frames > s.tiny_max_frames and not spec.inputs.extend:
@@ -133,9 +134,7 @@ class Jobs:
     async def submit(self, spec: JobSpec, **kwargs: Any) -> JobRecord:
         """`create_job_sync` off the event loop: on the slow pool when an input is a data URI (decoded and written
         there), otherwise on the default executor (a few store statements)."""
-        refs = [getattr(spec.inputs, name) for name in media_refs.FIELD_KINDS if name != "reference_images"]
-        refs += spec.inputs.reference_images
-        if any(isinstance(r, str) and r.lstrip()[:5].lower() == "data:" for r in refs):
+        if any(ref.form == "data" for ref in input_refs(spec.inputs)):
             return await self._offload.slow(self.create_job_sync, spec, **kwargs)
         return await self._offload.store(self.create_job_sync, spec, **kwargs)
 

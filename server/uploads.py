@@ -21,6 +21,7 @@ from server.offload import Offload
 from server.settings import Settings
 from server.storage import Storage
 from server.store import Store, new_id
+from vace_local.core.spec import MediaKind
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Uploads:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def store_data_uri(self, uri: str, field_name: str, expected: media_refs.Kind, owner: str | None = None) -> Path:
+    def store_data_uri(self, uri: str, field_name: str, expected: MediaKind, owner: str | None = None) -> Path:
         """Decode a data URI straight into a new upload (streamed: never the whole payload decoded in memory);
         its content is checked against the field's kind before it is recorded. Blocking."""
         uid = new_id()

@@ -79,7 +79,7 @@ def _field_refs(f: MediaField, value: object) -> list[MediaRef]:
     return [MediaRef(f.name, f.kind, str(value), f.name)] if value else []
 
 
-def media_refs(inputs: MediaInputs) -> Iterator[MediaRef]:
+def input_refs(inputs: MediaInputs) -> Iterator[MediaRef]:
     """Every given media value of `inputs`, in MEDIA_FIELDS order."""
     for f in MEDIA_FIELDS:
         yield from _field_refs(f, getattr(inputs, f.name))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vace_local.core.errors import InputError, JobCancelled
 from vace_local.core.events import CancelFn, never_cancel
-from vace_local.core.inputs import media_refs
+from vace_local.core.inputs import input_refs
 from vace_local.core.media_limits import MediaFacts, MediaLimits
 from vace_local.core.spec import MediaInputs
 from vace_local.core.spec import MediaKind as Kind
@@ -128,5 +128,5 @@ def vet_inputs(resolved: MediaInputs, *, limits: MediaLimits | None = None,
     """Vet and fully decode every local input of a job (`ResolvedInputs` or `JobInputs` of local paths) in
     the sandbox before the process that holds the model decodes any of them. Errors name the input field."""
     limits = limits or MediaLimits.from_env()
-    for ref in media_refs(resolved):
+    for ref in input_refs(resolved):
         vet_file(ref.value, ref.label, ref.kind, decode=True, limits=limits, should_cancel=should_cancel)
