@@ -104,7 +104,7 @@ MASKS = ("video", "mask_video", "mask_image")
 def test_every_entry_point_applies_the_same_task_input_rules(task: str) -> None:
     """For every task and every combination of video and masks, the spec, the OpenAI dialect (which takes every
     task) and the fal translation (its endpoints) refuse exactly when `input_gaps` finds a gap, naming the field."""
-    from server.core import ApiError
+    from server.errors import ApiError
     from server.dialects.common import FieldError
     from server.dialects.fal.schemas import FAL_ENDPOINTS
     from server.dialects.fal.serving import fal_to_jobspec, parse_fal_request
