@@ -104,11 +104,11 @@ MASKS = ("video", "mask_video", "mask_image")
 def test_every_entry_point_applies_the_same_task_input_rules(task: str) -> None:
     """For every task and every combination of video and masks, the spec, the OpenAI dialect (which takes every
     task) and the fal translation (its endpoints) refuse exactly when `input_gaps` finds a gap, naming the field."""
-    from server.errors import ApiError
     from server.dialects.common import FieldError
     from server.dialects.fal.schemas import FAL_ENDPOINTS
     from server.dialects.fal.serving import fal_to_jobspec, parse_fal_request
     from server.dialects.openai.serving import parse_request, to_spec
+    from server.errors import ApiError
 
     for n in range(4):
         for given in combinations(MASKS, n):
