@@ -123,19 +123,39 @@ def test_every_entry_point_applies_the_same_task_input_rules(task: str) -> None:
                 to_spec(parse_request({"prompt": "x", "task": task, **values}), None)
                 assert not gaps, (task, given)
             except ApiError as e:
-                want = gaps[0].field if gaps[0].rule == "mask_needs_video" else "task"
+                want = gaps[0].field if gaps[0].rule in ("mask_needs_video", "task_ignores_mask") else "task"
                 assert e.problems[0].field == want, (task, given, e.message)
             if task not in FAL_ENDPOINTS or task in ("", "none"):
                 continue
             body = {"prompt": "x", "video_url": values.get("video", ""),
                     **{f"{k}_url": v for k, v in values.items() if k != "video"}}
             try:
-                fal_to_jobspec(task, parse_fal_request(task, body), model="tiny")
-                assert not input_gaps(task, {"video": body["video_url"], **values}), (task, given)
+                req = parse_fal_request(task, body)
+                taken = {k: v for k, v in values.items() if k == "video" or getattr(req, f"{k}_url", None)}
+                fal_to_jobspec(task, req, model="tiny")
+                assert not input_gaps(task, {"video": body["video_url"], **taken}), (task, given)
             except FieldError as e:
                 assert e.field.removesuffix("_url") in MASKS, (task, given, e.field)
             except ValidationError:  # the endpoint has no mask fields
                 assert set(given) - {"video"}, (task, given)
+
+
+@pytest.mark.parametrize("task", [t for t, rule in TASKS.items() if not rule.uses_masks])
+def test_a_mask_the_task_would_not_use_is_refused_naming_it(task: str) -> None:
+    """Canvas tasks (outpainting, reframe) make their own mask: a given mask would be silently dropped, so every
+    entry point refuses it, naming the mask field in its own words."""
+    from server.dialects.openai.serving import parse_request, to_spec
+    from server.errors import ApiError
+
+    for mask in ("mask_video", "mask_image"):
+        values = {"video": "https://e.com/v.mp4", mask: "https://e.com/m"}
+        assert [(g.rule, g.field) for g in input_gaps(task, values)] == [("task_ignores_mask", mask)]
+        with pytest.raises(ValidationError, match=f"task '{task}' does not use inputs.{mask}"):
+            JobSpec(task=task, inputs=values)
+        with pytest.raises(ApiError) as e:
+            to_spec(parse_request({"prompt": "x", "task": task, **values}), None)
+        assert e.value.problems[0].field == mask and "inpainting" in e.value.message
+    assert not input_gaps(task, {"video": "https://e.com/v.mp4"})
 
 
 def test_frame_sides_are_one_rule() -> None:

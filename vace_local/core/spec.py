@@ -150,7 +150,7 @@ def task_needs_mask(task: str) -> bool:
 class InputGap:
     """A task input rule that a job's media inputs break; `field` is the JobInputs field it is about."""
 
-    rule: Literal["mask_needs_video", "task_needs_video", "task_needs_mask"]
+    rule: Literal["mask_needs_video", "task_needs_video", "task_needs_mask", "task_ignores_mask"]
     field: str
     task: str
 
@@ -164,12 +164,16 @@ class InputGap:
             return f"a mask needs {n('video')} to apply to"
         if self.rule == "task_needs_video":
             return f"task '{self.task}' needs {n('video')}"
+        if self.rule == "task_ignores_mask":
+            return (f"task '{self.task}' does not use {n(self.field)}: it masks the canvas it adds itself "
+                    "(send a mask with task 'inpainting')")
         return f"task '{self.task}' needs {n('mask_video')} or {n('mask_image')}"
 
 
 def input_gaps(task: str, given: Mapping[str, object]) -> list[InputGap]:
     """The input rules `task` breaks with the media inputs `given` (JobInputs names → values; empty = absent):
-    a mask without a video first, then what the task needs (TASKS). Every entry point checks these."""
+    a mask without a video first, then what the task needs, then a mask the task would not use (TASKS). Every
+    entry point checks these."""
     has = {k for k, v in given.items() if v}
     rule = TASKS[task]
     gaps = []
@@ -181,6 +185,8 @@ def input_gaps(task: str, given: Mapping[str, object]) -> list[InputGap]:
             gaps.append(InputGap("task_needs_video", "video", task))
     if rule.needs_mask and not has & {"mask_video", "mask_image"}:
         gaps.append(InputGap("task_needs_mask", "mask_video", task))
+    if not rule.uses_masks and "video" in has:
+        gaps += [InputGap("task_ignores_mask", m, task) for m in ("mask_video", "mask_image") if m in has]
     return gaps
 
 

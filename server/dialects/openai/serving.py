@@ -130,7 +130,8 @@ def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, li
         if video:
             notes.append("task not given: 'depth' (the control video's structure, the prompt's look)")
     for gap in input_gaps(task, {"video": video, "mask_video": req.mask_video, "mask_image": req.mask_image}):
-        raise _bad(gap.field if gap.rule == "mask_needs_video" else "task", gap.message(_INPUT_WORDS))
+        raise _bad(gap.field if gap.rule in ("mask_needs_video", "task_ignores_mask") else "task",
+                   gap.message(_INPUT_WORDS))
     width, height = parse_size(req.size)
     num_frames = frames_for(req.seconds)
     if num_frames != round(float(req.seconds) * FPS) + 1:

@@ -50,8 +50,9 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     if not inp.video and task_needs_video(task):
         notes.append(f"task '{task}' needs a video; none given, so generating from the prompt/images only")
         task = "none"
-    for gap in input_gaps(task, given):  # what the task still lacks (a mask)
-        raise ApiError.invalid(Problem("task", gap.message({})), error_type="invalid_request")
+    for gap in input_gaps(task, given):  # what the task still lacks (a mask), or a mask it would not use
+        field = gap.field if gap.rule == "task_ignores_mask" else "task"
+        raise ApiError.invalid(Problem(field, gap.message({})), error_type="invalid_request")
     flow_shift = inp.flow_shift
     if flow_shift <= 0:
         flow_shift = 1e-3
