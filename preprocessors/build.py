@@ -1,6 +1,6 @@
 """`build_bundle`: from resolved inputs and a task, the exact control video, masks and reference images.
 
-Rules (shared/reference/vace-conventions.md): mask 1 = generate, 0 = keep, binary; generated regions are
+Rules (docs/CONDITIONING.md, with their official sources): mask 1 = generate, 0 = keep, binary; generated regions are
 gray 0.5; no video → gray + mask 1; video without mask → mask 1; frames cover-resized + centre-cropped;
 a clip with enough frames spread over the whole job (official keep_last), a shorter one padded at the end with
 gray / mask 1 up to exactly num_frames; a mask video paired with the video frame by frame over their common

@@ -31,7 +31,7 @@ class ModelInfo:
     allow: tuple[str, ...] | None = None
 
 
-# Repos and expert layout from the published configs (see shared/reference/diffusers-wan-notes.md §2, §8).
+# Repos and expert layout from the published configs (each repo's model_index.json and transformer config).
 # Wan 2.2 VACE-Fun A14B is the official release in its original format (two expert folders), converted at
 # load; its other components are Wan 2.1 VACE 14B's (same UMT5-XXL, VAE and transformer config).
 BUILTIN_MODELS: dict[str, ModelInfo] = {

@@ -250,7 +250,7 @@ def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
 
 
 def _plan(stage: Stages, spec: JobSpec, resolved: ResolvedInputs, seed: int) -> JobPlan:
-    """match_input_*, the temporal and the window plan (timed with preprocessing, as before: the keys stay)."""
+    """match_input_*, the temporal and the window plan (timed under `preprocess`, the key clients already read)."""
     with stage("preprocess"):
         return plan_job(spec, resolved.video, seed=seed, extend=resolved.extend)
 

@@ -1,5 +1,5 @@
 """WaveSpeed `wavespeed-ai/wan-2.1-14b-vace` request schema and the constants of its wire contract
-(fields, defaults and ranges as documented: shared/seeds/000)."""
+(fields, defaults and ranges as documented at wavespeed.ai/models/wavespeed-ai/wan-2.1-14b-vace)."""
 
 from __future__ import annotations
 
