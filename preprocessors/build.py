@@ -1,6 +1,6 @@
 """`build_bundle`: from resolved inputs and a task, the exact control video, masks and reference images.
 
-Rules (shared/reference/vace-conventions.md): mask 1 = generate, 0 = keep, binary; generated regions are
+Rules (docs/CONDITIONING.md, with their official sources): mask 1 = generate, 0 = keep, binary; generated regions are
 gray 0.5; no video → gray + mask 1; video without mask → mask 1; frames cover-resized + centre-cropped;
 a clip with enough frames spread over the whole job (official keep_last), a shorter one padded at the end with
 gray / mask 1 up to exactly num_frames; a mask video paired with the video frame by frame over their common
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -20,18 +20,13 @@ from preprocessors.geometry import cover_crop, stretch_to, to_unit
 from preprocessors.video import sample_indices
 from vace_local.core.bundle import GRAY, ControlBundle
 from vace_local.core.errors import InputError
+from vace_local.core.inputs import ResolvedInputs
 from vace_local.core.media import VideoInfo, iter_frames, open_video, probe_video, read_frames
-from vace_local.core.spec import TASKS_ANNOTATED, JobSpec, task_needs_video
+from vace_local.core.spec import TASKS, JobSpec, input_gaps
 from vace_local.core.timing import InputTiming, match_input_timing, with_timing
 
-
-class Resolved(Protocol):
-    video: Path | None
-    mask_video: Path | None
-    mask_image: Path | None
-    reference_images: list[Path]
-    first_image: Path | None
-    last_image: Path | None
+#: How build_bundle names a missing input in its errors (a file, whatever form the user gave it in).
+_INPUT_WORDS = {"video": "a video", "mask_video": "mask_video", "mask_image": "mask_image"}
 
 
 def input_timing(spec: JobSpec, video: Path | None) -> InputTiming | None:
@@ -44,7 +39,7 @@ def input_timing(spec: JobSpec, video: Path | None) -> InputTiming | None:
                               match_fps=c.match_input_frames_per_second, source_frames=frames, source_fps=fps)
 
 
-def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
+def plan_timing(spec: JobSpec, resolved: ResolvedInputs) -> JobSpec:
     """Apply `match_input_frames_per_second` / `match_input_num_frames`: a copy with the input's fps/length.
 
     The rule is `vace_local.core.timing.match_input_timing`: fps rounded to an integer within the
@@ -54,7 +49,7 @@ def plan_timing(spec: JobSpec, resolved: Resolved) -> JobSpec:
     return with_timing(spec, input_timing(spec, Path(resolved.video) if resolved.video else None))
 
 
-def build_bundle(spec: JobSpec, resolved: Resolved, annotators_dir: Path | None = None) -> ControlBundle:
+def build_bundle(spec: JobSpec, resolved: ResolvedInputs, annotators_dir: Path | None = None) -> ControlBundle:
     """The bundle for `spec.task`, matching (num_frames, height, width) exactly.
 
     `annotators_dir`: the annotator / tracker weights folder (None: the default, see `preprocessors.weights`).
@@ -64,10 +59,8 @@ def build_bundle(spec: JobSpec, resolved: Resolved, annotators_dir: Path | None 
     refs = images.reference_images([Path(p) for p in (resolved.reference_images or [])], H, W)
 
     if resolved.video is None:
-        if resolved.mask_video or resolved.mask_image:
-            raise InputError("mask_video" if resolved.mask_video else "mask_image", "a mask needs a video")
-        if task_needs_video(spec.task):
-            raise InputError("video", f"task '{spec.task}' needs a video")
+        for gap in input_gaps(spec.task, dict(resolved)):
+            raise InputError(gap.field, gap.message(_INPUT_WORDS))
         bundle = ControlBundle.blank(F, H, W)
         info["source"] = "none"
     else:
@@ -81,15 +74,17 @@ def build_bundle(spec: JobSpec, resolved: Resolved, annotators_dir: Path | None 
     return bundle
 
 
-def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any], annotators_dir: Path | None) -> ControlBundle:
+def _from_video(spec: JobSpec, resolved: ResolvedInputs, info: dict[str, Any],
+                annotators_dir: Path | None) -> ControlBundle:
     F, H, W = spec.num_frames, spec.height, spec.width
     vinfo, vr = open_video(resolved.video, "video")
     task = spec.task
-    if task in TASKS_ANNOTATED and not spec.control.preprocess:
-        info["preprocess"] = False
+    if TASKS[task].control == "annotator" and not spec.control.preprocess:
+        info["preprocess"] = False  # the video already is the annotator's output
         task = "none"
+    rule = TASKS[task]
     usable = vinfo.num_frames
-    if resolved.mask_video and task not in ("outpainting", "reframe"):
+    if resolved.mask_video and rule.uses_masks:
         usable = _paired_length(Path(resolved.mask_video), vinfo, info)
     idx = sample_indices(usable, vinfo.fps, spec.fps, F)
     info.update(
@@ -101,13 +96,13 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any], annotat
         padding={"frames": F - len(idx), "at": "end", "first_padded_frame": len(idx)} if len(idx) < F else None,
     )
 
-    if task in ("outpainting", "reframe"):
+    if rule.control == "canvas":
         from preprocessors.outpaint import outpaint_frames
 
         frames, masks = outpaint_frames(spec, vinfo, vr, idx, info)
     else:
         control = None
-        if task in ("none", "inpainting"):
+        if rule.control == "video":
             rgb = read_frames(vinfo, vr, idx, lambda f: cover_crop(f, H, W))  # (n, H, W, 3) uint8
         else:  # depth / pose / face run on the source frame, then are cropped like the video (official order)
             from preprocessors.annotators import annotate
@@ -123,11 +118,10 @@ def _from_video(spec: JobSpec, resolved: Resolved, info: dict[str, Any], annotat
             control = annotate(task, source_frames(), info, (H, W), annotators_dir)  # float32 [0, 1]
             rgb = np.stack(crops)
         masks = _user_masks(spec, resolved, vinfo, idx, rgb, info, annotators_dir)
-        if task == "none":
+        if control is None:  # the video's own frames; an inpainting mask's region is generated afresh
             frames = to_unit(rgb)
-        elif task == "inpainting":
-            frames = to_unit(rgb)
-            frames[masks > 0.5] = GRAY
+            if rule.gray_masked:
+                frames[masks > 0.5] = GRAY
         elif masks is None:
             frames = control
         else:  # repaint + control composition: orig where kept, control where generated
@@ -155,7 +149,7 @@ def _pad(frames: np.ndarray, masks: np.ndarray, num_frames: int) -> ControlBundl
 
 
 def _user_masks(
-    spec: JobSpec, resolved: Resolved, vinfo: VideoInfo, idx: list[int], rgb: np.ndarray, info: dict[str, Any],
+    spec: JobSpec, resolved: ResolvedInputs, vinfo: VideoInfo, idx: list[int], rgb: np.ndarray, info: dict[str, Any],
     annotators_dir: Path | None = None,
 ) -> np.ndarray | None:
     """Masks for the sampled frames from a mask video, or a tracked / static mask image; None if neither."""
@@ -167,8 +161,8 @@ def _user_masks(
         first = images.mask_image(Path(resolved.mask_image), vinfo.width, vinfo.height, H, W)
         from preprocessors.tracking import choose_tracker
 
-        tracker, reason = (choose_tracker(spec.control.mask_tracker, annotators_dir) if spec.task != "none"
-                           else ("static", "task 'none': the mask image holds on every frame"))
+        tracker, reason = (choose_tracker(spec.control.mask_tracker, annotators_dir) if TASKS[spec.task].track_mask
+                           else ("static", f"task '{spec.task}': the mask image holds on every frame"))
         info.update(mask_source="mask_image", mask_tracker=tracker, mask_tracker_reason=reason)
         if tracker == "static" or len(rgb) == 1:
             return np.repeat(first[None], len(rgb), axis=0)
@@ -220,7 +214,7 @@ def _mask_video(path: Path, idx: list[int], H: int, W: int, video_hw: tuple[int,
     return read_frames(minfo, mvr, idx, lambda f: mask_video_frame(f, H, W, video_hw))
 
 
-def _apply_end_frames(spec: JobSpec, resolved: Resolved, bundle: ControlBundle, info: dict[str, Any]) -> None:
+def _apply_end_frames(spec: JobSpec, resolved: ResolvedInputs, bundle: ControlBundle, info: dict[str, Any]) -> None:
     """First/last images become real frames at positions 0 / F-1 by the VACE composition rule.
 
     Where the image is kept (mask 0) its pixels replace the task's frame; where it is generated (transparent

@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from vace_local.core.errors import VaceError
+from vace_local.core.spec import TASKS
 
 if TYPE_CHECKING:
     from vace_local.core.bundle import ControlBundle
@@ -21,8 +22,7 @@ if TYPE_CHECKING:
 
 def preprocess(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    task: Annotated[str, typer.Option(help="none | depth | depthv2 | pose | face | inpainting | outpainting | "
-                                           "reframe")] = "none",
+    task: Annotated[str, typer.Option(help=" | ".join(TASKS))] = "none",
     video: Annotated[str | None, typer.Option(help="Source video (path, URL or data URI).")] = None,
     mask_video: Annotated[str | None, typer.Option(help="Mask video (white = generate).")] = None,
     mask_image: Annotated[str | None, typer.Option(help="First-frame / static mask image.")] = None,

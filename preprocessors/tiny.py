@@ -5,10 +5,10 @@ Saved in the same layout the real loaders read, so tests exercise the real loadi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from preprocessors import weights
+from vace_local.core.config import vace_settings
 
 DET_SIZE = (640, 640)  # YOLOX-L input (h, w)
 POSE_SIZE = (384, 288)  # DW-LL ucoco 384 input (h, w)
@@ -195,6 +195,6 @@ def tiny_annotators_dir(cache_dir: Path) -> Path:
     """The annotators folder for a job on the tiny model: the user's `VACE_ANNOTATORS_DIR` when set, else tiny
     random-weight annotators built once in `cache_dir`/tiny/annotators, so smoke mode preprocesses with no
     downloaded weights. The caller passes the folder on (`build_bundle(..., annotators_dir=)`)."""
-    if os.environ.get("VACE_ANNOTATORS_DIR"):
+    if vace_settings().annotators_dir is not None:
         return weights.annotators_dir()
     return ensure_tiny_annotators(Path(cache_dir) / "tiny" / "annotators")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vace_local.core.config import vace_settings
 from vace_local.core.errors import ModelNotFoundError
 
 OFFICIAL_REPO = "ali-vilab/VACE-Annotators"
@@ -35,8 +36,7 @@ def annotators_dir(root: Path | None = None) -> Path:
     """`root` when given, else the default folder (`VACE_ANNOTATORS_DIR`, or the user cache)."""
     if root is not None:
         return Path(root)
-    env = os.environ.get("VACE_ANNOTATORS_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vace-local" / "annotators"
+    return vace_settings().annotators_root
 
 
 def hf_dir(key: str, root: Path | None = None) -> Path | None:

@@ -33,7 +33,6 @@ import contextlib
 import datetime as dt
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -593,7 +592,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.require_cuda or os.environ.get("VACE_REQUIRE_CUDA") == "1" or args.device.startswith("cuda"):
+    from vace_local.core.config import vace_settings
+
+    if args.require_cuda or vace_settings().require_cuda or args.device.startswith("cuda"):
         require_cuda(torch)
     if args.tiny:
         args.model = "tiny"

@@ -28,6 +28,11 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vace_local.core.config import vace_settings  # noqa: E402 - after the repository is on the path
+
 SUBMIT = "/api/v3/wavespeed-ai/wan-2.1-14b-vace"
 
 
@@ -40,8 +45,7 @@ def _free_port() -> int:
 def start_server(workers: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     data = tempfile.mkdtemp(prefix="vace-bench-")
-    env = {**os.environ, "VACE_TINY_MAX_SIDE": os.environ.get("VACE_TINY_MAX_SIDE", "64"),
-           "VACE_TINY_MAX_FRAMES": os.environ.get("VACE_TINY_MAX_FRAMES", "17")}
+    env = {"VACE_TINY_MAX_SIDE": "64", "VACE_TINY_MAX_FRAMES": "17", **os.environ}  # small tiny jobs unless set
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", "tiny", "--port", str(port), "--data-dir",
                              data, "--workers", workers, "--log-level", "warning"], cwd=ROOT, env=env,
                             start_new_session=True)
@@ -89,7 +93,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="benchmark a running server instead of starting one")
-    ap.add_argument("--api-key", default=os.environ.get("VACE_BENCH_KEY", ""))
+    ap.add_argument("--api-key", default=vace_settings().bench_key, help="default: VACE_BENCH_KEY")
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--requests", type=int, default=20, help="submits per client")
     ap.add_argument("--rate", type=float, default=0.0,

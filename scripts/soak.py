@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if os.environ.get("VACE_REQUIRE_CUDA") == "1" and not torch.cuda.is_available():
+    from vace_local.core.config import vace_settings
+
+    if vace_settings().require_cuda and not torch.cuda.is_available():
         print("soak.py: CUDA not available and VACE_REQUIRE_CUDA=1 is set", file=sys.stderr)
         return 2
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException, Request
 from starlette.responses import Response
 
-from server.core import ApiError
+from server.errors import ApiError
 from server.settings import Settings, max_request_bytes
 from vace_local.core.errors import Problem
 

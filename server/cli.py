@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
-from vace_local.core.spec import FP8_MODES, OFFLOAD_POLICIES
+from vace_local.core.config import engine_flags, settings_error_text
 
 log = logging.getLogger("vace.server")
 
@@ -23,6 +24,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+@engine_flags(env_help=True)
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1; VACE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000; VACE_PORT).")] = None,
@@ -38,11 +40,7 @@ def serve(
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
-    offload: Annotated[str | None, typer.Option(help=f"{' | '.join(OFFLOAD_POLICIES)} (VACE_OFFLOAD).")] = None,
-    attention: Annotated[str | None, typer.Option(help="auto | fa3 | cudnn | fa2 | sdpa (VACE_ATTENTION).")] = None,
-    fp8: Annotated[str | None, typer.Option(help=f"{' | '.join(FP8_MODES)} (VACE_FP8).")] = None,
-    lora: Annotated[list[str] | None, typer.Option("--lora", help="PATH[:scale[:steps[:guidance[:shift]]]] "
-                                                                  "(repeatable; VACE_LORAS).")] = None,
+    engine: dict | None = None,  # the EngineSettings flags (--offload, --dtype, ... --lora): see engine_flags
     gpus_per_job: Annotated[int | None, typer.Option(help="GPUs per job: workers become groups of N GPUs "
                                                           "(CFG x Ulysses parallel; VACE_GPUS_PER_JOB).")] = None,
 ) -> None:
@@ -56,11 +54,13 @@ def serve(
     overrides: dict[str, Any] = {k: v for k, v in {
         "host": host, "port": port, "model": model, "workers": workers, "data_dir": data_dir,
         "api_keys": api_key or None, "public_base_url": public_base_url, "ssl_certfile": ssl_certfile,
-        "ssl_keyfile": ssl_keyfile, "log_level": log_level, "offload": offload, "attention": attention,
-        "fp8": fp8, "loras": lora or None, "gpus_per_job": gpus_per_job,
+        "ssl_keyfile": ssl_keyfile, "log_level": log_level, "gpus_per_job": gpus_per_job, **(engine or {}),
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)
+    except ValidationError as exc:  # named as its variable (a flag's value is checked by the same field)
+        typer.secho(f"error: {settings_error_text(exc)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     except Exception as exc:  # noqa: BLE001 - pydantic messages name the setting
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

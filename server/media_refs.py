@@ -24,29 +24,16 @@ import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 from urllib.parse import unquote
 
 from vace_local.core.errors import InputError
 from vace_local.core.inputs import data_uri_bytes, write_data_uri  # noqa: F401 - write_data_uri re-exported
-
-Kind = Literal["image", "video"]
-
-#: JobInputs field → the kind of media it must hold.
-FIELD_KINDS: dict[str, Kind] = {
-    "video": "video",
-    "mask_video": "video",
-    "mask_image": "image",
-    "reference_images": "image",
-    "first_image": "image",
-    "last_image": "image",
-    "extend": "video",
-}
+from vace_local.core.spec import MediaKind
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FILE_KINDS = ("uploads", "outputs")
-#: The capability token a file URL carries when keys are configured (`JobService.file_token`).
+#: The capability token a file URL carries when keys are configured (`server.files.Files.file_token`).
 FILE_TOKEN_RE = re.compile(r"^[0-9a-f]{40}$")
 
 _EXT = {
@@ -94,7 +81,7 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def kind_of(ext: str | None) -> Kind | None:
+def kind_of(ext: str | None) -> MediaKind | None:
     return _EXT[ext][0] if ext in _EXT else None  # type: ignore[return-value]
 
 
@@ -129,7 +116,7 @@ def served_headers(head: bytes, key: str) -> tuple[str, dict[str, str]]:
     return ctype, {**FILE_HEADERS, "Content-Disposition": disposition}
 
 
-def check_content(head: bytes, field: str, expected: Kind) -> str:
+def check_content(head: bytes, field: str, expected: MediaKind) -> str:
     """Raise InputError unless the bytes look like `expected`; returns the detected extension."""
     ext = sniff(head)
     got = kind_of(ext)
@@ -142,7 +129,7 @@ def check_content(head: bytes, field: str, expected: Kind) -> str:
     return ext  # type: ignore[return-value]
 
 
-def check_file(path: Path, field: str, expected: Kind) -> str:
+def check_file(path: Path, field: str, expected: MediaKind) -> str:
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:

@@ -17,7 +17,6 @@ every API call the page makes sends the key the user entered.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,14 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from server.core import RUNNING, SUCCEEDED, JobRecord, JobService, get_job_service, iso_time, require_auth
+from server.auth import require_auth
 from server.dialects.wavespeed.render import envelope, render_data
 from server.dialects.wavespeed.schemas import NAME as WAVESPEED
 from server.dialects.wavespeed.serving import job_or_404
+from server.files import Files
+from server.jobs import JobRecord, iso_time
+from server.services import Api, get_api
+from server.states import JobStatus
 
 STATIC_DIR = Path(__file__).resolve().parent / "static" / "playground"
 #: Paths served without an API key: the page and its assets hold no data (the redirect `/` too).
@@ -54,14 +57,14 @@ async def page() -> FileResponse:
 @api_router.get("/predictions/{request_id}/progress", dependencies=[Depends(require_auth)],
                 summary="vace-local extension: live progress, log lines and previews of a prediction")
 async def progress(request_id: str, request: Request, since: int = Query(0, ge=0),
-                   core: JobService = Depends(get_job_service)) -> dict[str, Any]:
-    job = await asyncio.to_thread(job_or_404, core, request_id, request)
-    full = await asyncio.to_thread(core.get_job, job.id, with_logs=True)
+                   api: Api = Depends(get_api)) -> dict[str, Any]:
+    job = await job_or_404(api, request_id, request)
+    full = await api.jobs.get(job.id, with_logs=True)
     job = full or job
-    position = await asyncio.to_thread(core.queue_position, job.id)
-    base = core.base_url(request)
-    data = render_data(job, core, base, base64_output=False)
-    outs = core.output_urls(job, base)
+    position = await api.jobs.queue_position(job.id)
+    base = api.files.base_url(request)
+    data = render_data(job, api.files, base, base64_output=False)
+    outs = api.files.output_urls(job, base)
     lines = [{"time": iso_time(x.get("ts")), "level": x.get("level", "info"), "source": x.get("source", "server"),
               "message": x.get("message", "")} for x in job.logs[since:]]
     return envelope({
@@ -75,23 +78,23 @@ async def progress(request_id: str, request: Request, since: int = Query(0, ge=0
         "error": data["error"],
         "outputs": data["outputs"][:1],
         "previews": {o["kind"]: o["url"] for o in outs if o.get("kind") in PREVIEW_KINDS},
-        "preview": live_preview(job, core, base),
+        "preview": live_preview(job, api.files, base),
         "logs": lines,
         "next": since + len(lines),
     })
 
 
-def live_preview(job: JobRecord, core: JobService, base: str) -> dict[str, Any] | None:
+def live_preview(job: JobRecord, files: Files, base: str) -> dict[str, Any] | None:
     """The worker's latest live preview: in `outputs` while the job runs, in `result` once it has succeeded."""
-    if job.status == RUNNING:
+    if job.status == JobStatus.RUNNING:
         entry = next((o for o in job.outputs if o.get("kind") == "preview"), None)
-    elif job.status == SUCCEEDED:
+    elif job.status == JobStatus.SUCCEEDED:
         entry = (job.result or {}).get("preview")
     else:
         entry = None
     if not entry:
         return None
-    return {"url": core.file_url(base, "outputs", job.id, entry["file"], job.owner),
+    return {"url": files.file_url(base, "outputs", job.id, entry["file"], job.owner),
             **{k: entry.get(k) for k in ("step", "total", "frames", "width", "height")}}
 
 

@@ -1,4 +1,5 @@
-"""Server settings: `VACE_*` environment variables, overridden by `vace-local serve` options."""
+"""Server settings: the registry's `VACE_*` variables (vace_local/core/config.py) plus the API's and the workers'
+own, overridden by `vace-local serve` options. Each variable is declared once, here or in the registry."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
-from vace_local.core.spec import DtypeName, Fp8Mode, OffloadPolicy
+from vace_local.core.config import DEFAULT_MODEL, EngineSettings, VaceSettings, export, split_list
+from vace_local.core.spec import HARD_MAX_FRAMES, MIN_FRAMES
 
 TINY_MODEL = "tiny"
 #: Live previews every this many steps by default (measured cost: docs/PERFORMANCE.md "Live previews").
@@ -19,27 +21,15 @@ PREVIEW_EVERY_DEFAULT = 5
 TINY_MODELS = (TINY_MODEL, "tiny-two-expert")
 
 
-def _split_list(v: Any) -> Any:
-    """Env lists are comma-separated (`VACE_API_KEYS=a,b`); JSON lists are accepted too."""
-    if isinstance(v, str):
-        s = v.strip()
-        if s.startswith("["):
-            import json
-
-            return json.loads(s)
-        return [p.strip() for p in s.split(",") if p.strip()]
-    return v
-
-
-class Settings(BaseSettings):
-    """Everything the API process and its workers need; workers receive a copy at spawn."""
-
-    model_config = SettingsConfigDict(env_prefix="VACE_", extra="ignore")
+class Settings(VaceSettings, EngineSettings):
+    """Everything the API process and its workers need; workers receive a copy at spawn. The engine options
+    (`VACE_OFFLOAD`, ...) and what the engine reads itself (`VACE_MAX_FRAMES`, `VACE_MEDIA_*`, `VACE_SAFETY_*`,
+    ...) are declared in vace_local/core/config.py."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     #: Model the workers load (`tiny` = random-weight smoke model).
-    model: str = "wan2.1-vace-14b"
+    model: str = DEFAULT_MODEL
     #: `auto` = one worker per visible GPU, one CPU worker without GPUs; or an explicit count (0 = API only).
     workers: str = "auto"
     data_dir: Path = Path("vace-data")
@@ -135,31 +125,13 @@ class Settings(BaseSettings):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: str = "info"
-    # -- engine (process-level; see `vace-local generate --help` for the same options) --
-    #: Memory policy: auto | none | model | group | sequential.
-    offload: OffloadPolicy = "auto"
-    dtype: DtypeName = "auto"
-    #: Attention kernel: auto | fa3 | cudnn | fa2 | sdpa | a diffusers backend name.
-    attention: str = "auto"
-    cfg_batch: bool = False
-    compile: bool = False
-    fp8: Fp8Mode = "none"
+    # -- engine: the options themselves are EngineSettings' (vace_local/core/config.py) --
     #: Ranks per job (vace_local.run.parallel): each worker is a group of this many GPUs (CPU: gloo ranks) that runs
     #: one job at a time, split CFG-parallel (when even and `cfg_parallel`) × Ulysses sequence-parallel.
     gpus_per_job: int = Field(1, ge=1, le=64)
     cfg_parallel: bool = True
-    #: LoRAs fused at load, `PATH[:scale[:steps[:guidance[:shift]]]]` (comma-separated in env).
-    loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    #: Per-request LoRAs (`loras` on every endpoint): the folder a bare file name is looked up in, how many
-    #: adapters stay loaded per worker, and the size bound of the disk cache of downloaded LoRA files.
-    lora_dir: Path | None = None
-    lora_adapters: int = Field(4, ge=1, le=64)
+    #: Per-request LoRAs (`loras` on every endpoint): the size bound of the disk cache of downloaded LoRA files.
     lora_cache_bytes: int = Field(8 * 1024**3, gt=0)
-    #: Longest job accepted (frames, 4k+1; default 961 = 60 s at 16 fps). Past `window_frames` a job is made
-    #: of overlapping windows (vace_local/core/windows.py); the hosted dialects' own limits stay their default and
-    #: a request opts into more with `long_video: true` (README, Long video). Exported as VACE_MAX_FRAMES to
-    #: the API process and the workers (JobSpec reads it).
-    max_frames: int = Field(961, ge=17, le=9601)
     #: TEST/LAPTOP ONLY, effective only with `model=tiny`: cap width/height (keeping aspect) and frame count
     #: so hosted-API sizes (832*480, 81 frames) run quickly on CPU. 0 = no cap.
     tiny_max_side: int = Field(0, ge=0)
@@ -172,29 +144,19 @@ class Settings(BaseSettings):
     #: API model id or family → served model, e.g. `{"wan2.2-vace-fun-a14b": "wan2.1-vace-14b"}` to answer the
     #: AI/ML Wan 2.2 ids with Wan 2.1 VACE (env `VACE_MODEL_MAP` as JSON). Unmapped ids of another model → 4xx.
     model_map: dict[str, str] = Field(default_factory=dict)
-    # -- safety checker and prompt expander (run in the worker when a request asks; see README) --
-    #: Image classifier for `enable_safety_checker`: Hub repo id (`vace-local download safety`) or local dir.
-    safety_model: str = "Falconsai/nsfw_image_detection"
-    #: report: only flag (has_nsfw_contents); replace: a flagged output becomes a black video of the same shape.
-    safety_policy: Literal["report", "replace"] = "report"
-    #: Also classify input images (reference / first / last); a flagged input flags the output.
-    safety_check_inputs: bool = False
-    #: Labels of the classifier that mean flagged (comma-separated); empty: derived from the model's id2label.
-    safety_flagged_labels: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    safety_threshold: float = Field(0.5, gt=0.0, le=1.0)
-    #: Output frames sampled (evenly) per job.
-    safety_frames: int = Field(8, ge=1, le=256)
-    #: Instruction LM for `enable_prompt_expansion`: Hub repo id (`vace-local download prompt-expander`) or dir.
-    prompt_expander_model: str = "Qwen/Qwen2.5-0.5B-Instruct"
-    prompt_expander_max_new_tokens: int = Field(200, ge=16, le=1024)
-    #: Keep the expander on the GPU between jobs (default: moved to the CPU after each use).
-    prompt_expander_keep_on_gpu: bool = False
 
-    @field_validator("api_keys", "allowed_hosts", "loras", "safety_flagged_labels", "server_names", "allowed_origins",
-                     mode="before")
+    @field_validator("api_keys", "allowed_hosts", "server_names", "allowed_origins", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
-        return _split_list(v)
+        return split_list(v)
+
+    @field_validator("max_frames")
+    @classmethod
+    def _job_maximum(cls, v: int) -> int:
+        """The server refuses a job maximum outside 17..9601 (the CLI clamps it: core.spec.max_job_frames)."""
+        if not MIN_FRAMES <= v <= HARD_MAX_FRAMES:
+            raise ValueError(f"max_frames must be within {MIN_FRAMES}..{HARD_MAX_FRAMES}, got {v}")
+        return v
 
     @field_validator("public_base_url")
     @classmethod
@@ -223,28 +185,19 @@ class Settings(BaseSettings):
     def engine_options(self, device: str):  # noqa: ANN201 - vace_local.engine.engine.EngineOptions (worker only)
         """The engine options the workers load with (imported lazily: the API process never needs them)."""
         from vace_local.engine.engine import EngineOptions
-        from vace_local.engine.lora import LoraOption
 
-        return EngineOptions(
-            device=device, dtype=self.dtype, offload=self.offload, attention=self.attention,
-            cfg_batch=self.cfg_batch, compile=self.compile, fp8_storage=self.fp8 == "storage",
-            fp8_linear=self.fp8 == "linear", loras=tuple(LoraOption.parse(x) for x in self.loras),
-            lora_adapters=self.lora_adapters,
-            aux_bytes=self.aux_gpu_bytes() if device != "cpu" else 0,
-        )
+        aux = self.aux_gpu_bytes() if device != "cpu" else 0
+        return EngineOptions.from_settings(self, device=device, aux_bytes=aux)
 
     def safety_options(self, device: str):  # noqa: ANN201 - vace_local.engine.safety_check.SafetyOptions (worker only)
         from vace_local.engine.safety_check import SafetyOptions
 
-        return SafetyOptions(model=self.safety_model, policy=self.safety_policy, check_inputs=self.safety_check_inputs,
-                             flagged_labels=tuple(self.safety_flagged_labels), threshold=self.safety_threshold,
-                             frames=self.safety_frames, device=device)
+        return SafetyOptions.from_settings(self, device)
 
     def expander_options(self, device: str):  # noqa: ANN201 - vace_local.engine.prompt_expand.ExpanderOptions
         from vace_local.engine.prompt_expand import ExpanderOptions
 
-        return ExpanderOptions(model=self.prompt_expander_model, max_new_tokens=self.prompt_expander_max_new_tokens,
-                               keep_on_gpu=self.prompt_expander_keep_on_gpu, device=device)
+        return ExpanderOptions.from_settings(self, device)
 
     def aux_gpu_bytes(self) -> int:
         """Weight bytes of the installed helper models, for the `auto` memory policy (0 when not installed)."""
@@ -261,9 +214,7 @@ class Settings(BaseSettings):
 
     def export_limits(self) -> None:
         """Make the job maximum the process-wide VACE_MAX_FRAMES that JobSpec validates against."""
-        import os
-
-        os.environ["VACE_MAX_FRAMES"] = str(self.max_frames)
+        export(max_frames=self.max_frames)
 
     @property
     def is_tiny(self) -> bool:

@@ -1,7 +1,7 @@
-"""Durable job store on SQLAlchemy JobService: one job record for every dialect, plus logs, workers and uploads.
+"""Durable job store on SQLAlchemy Core: one job record for every dialect, plus logs, workers and uploads.
 
 SQLite (WAL) is the embedded default; any SQLAlchemy URL (e.g. `postgresql+psycopg://…`) works unchanged
-because every statement here is portable JobService (the one PostgreSQL-specific statement is the claim's
+because every statement here is portable SQLAlchemy Core (the one PostgreSQL-specific statement is the claim's
 `FOR UPDATE SKIP LOCKED`). Each write is its own short transaction of a single
 statement (no read-then-write upgrades), so concurrent API/worker writers never deadlock on SQLite. Every status
 change goes through `_transition`: it allows only the moves in `server.states.TRANSITIONS` and is a conditional
@@ -14,6 +14,7 @@ that its worker's heartbeat renews; whichever instance sees a lease expire recov
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
@@ -28,10 +29,6 @@ from sqlalchemy.engine import Engine
 
 from server.states import IllegalTransition, JobStatus, WebhookStatus, check_transition
 
-#: The statuses under their old module-level names, for the modules that import them from here (the dialects,
-#: `server.core`, the worker, tests).
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED,
-                                                 JobStatus.FAILED, JobStatus.CANCELLED)
 _FINAL = frozenset(s for s in JobStatus if s.is_terminal)
 
 #: Histogram bucket bounds (seconds) for stage durations exported on /metrics.
@@ -72,7 +69,7 @@ jobs = sa.Table(
     sa.Column("webhook_next_at", sa.Float),
     #: Until when the claiming worker owns the running job (renewed by its heartbeat); schema version 2.
     sa.Column("lease_expires_at", sa.Float),
-    #: Hash of the API key that created the job (`server.core.owner_of_key`); NULL = created without keys.
+    #: Hash of the API key that created the job (`server.auth.owner_of_key`); NULL = created without keys.
     #: Schema version 3.
     sa.Column("owner", sa.String(64)),
     #: The failure as data, `[{"field": user field or null, "message": the rule broken, "type": short kind}]`,
@@ -281,6 +278,21 @@ def _mark_served(c: sa.Connection, job_id: str) -> None:
     c.execute(stmt.on_conflict_do_update(index_elements=[queue_turns.c.owner], set_={"served": stmt.excluded.served}))
 
 
+class StoreOnEventLoop(RuntimeError):
+    """A store call made on a thread that runs an event loop: it would stall every request on that loop (a
+    locked SQLite file waits up to 15 s, a network database a round trip). Handlers reach the store through
+    the services' async methods (`server.offload`); this is the bug that skipped them."""
+
+
+def _refuse_on_event_loop() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return  # a worker thread, a worker process, the CLI: blocking is fine here
+    raise StoreOnEventLoop("a job-store call on the event loop thread; await it through the services' async "
+                           "methods (server.offload) instead")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -290,7 +302,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 class Store:
-    """Thread-safe access to the job store; one instance per process (API process, each worker)."""
+    """Thread-safe access to the job store; one instance per process (API process, each worker). Blocking: every
+    call refuses to run on a thread with a running event loop (`StoreOnEventLoop`)."""
+
+    def _begin(self) -> contextlib.AbstractContextManager[sa.Connection]:
+        _refuse_on_event_loop()
+        return self.engine.begin()
+
+    def _connect(self) -> sa.Connection:
+        _refuse_on_event_loop()
+        return self.engine.connect()
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -350,7 +371,7 @@ class Store:
             "heartbeat_at": None, "cancel_requested": False, "webhook_url": webhook_url, "webhook_status": None,
             "webhook_attempts": 0, "webhook_next_at": None, "owner": owner,
         }
-        with self.engine.begin() as c:
+        with self._begin() as c:
             if owner_cap is not None and self.is_postgres:
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
                           {"k": zlib.crc32(f"vace:queue:{owner or ''}".encode())})
@@ -374,7 +395,7 @@ class Store:
         if owner is not None:
             mine = sa.and_(mine, sa.or_(t.c.owner == owner, t.c.owner.is_(None)))
         q = t.select().where(mine)
-        with self.engine.connect() as c:
+        with self._connect() as c:
             if after:
                 row = c.execute(sa.select(t.c.created_at, t.c.id).where(t.c.id == after, mine)).first()
                 if row is None:
@@ -389,7 +410,7 @@ class Store:
         return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
 
     def get_job(self, job_id: str, *, with_logs: bool = False) -> JobRecord | None:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             row = c.execute(jobs.select().where(jobs.c.id == job_id)).first()
             if row is None:
                 return None
@@ -414,7 +435,7 @@ class Store:
         more when P's turn comes first (served longer ago, or never and its oldest job is older).
         """
         t = jobs
-        with self.engine.connect() as c:
+        with self._connect() as c:
             row = c.execute(sa.select(t.c.status, t.c.priority, t.c.created_at, t.c.owner)
                             .where(t.c.id == job_id)).first()
             if row is None or row.status != JobStatus.QUEUED:
@@ -444,24 +465,24 @@ class Store:
 
     def count_by_status(self) -> dict[str, int]:
         counts: dict[str, int] = dict.fromkeys(JobStatus, 0)
-        with self.engine.connect() as c:
+        with self._connect() as c:
             for status, n in c.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)):
                 counts[status] = int(n)
         return counts
 
     def queue_depth(self) -> int:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return int(c.execute(
                 sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
             ).scalar_one())
 
     def queued_of(self, owner: str | None) -> int:
         """Jobs `owner` has queued (None: jobs made without keys)."""
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return int(c.execute(_queued_count(owner)).scalar_one())
 
     def add_log(self, job_id: str, message: str, *, level: str = "info", source: str = "server") -> None:
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(job_logs.insert().values(job_id=job_id, ts=time.time(), level=level, source=source,
                                                message=message))
 
@@ -488,7 +509,7 @@ class Store:
                 sa.select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED)
                 .order_by(*_FAIR_ORDER).limit(1).scalar_subquery()
             )
-            with self.engine.begin() as c:
+            with self._begin() as c:
                 jid = _transition(c, first, JobStatus.RUNNING, from_=JobStatus.QUEUED,
                                   values=self._claim_values(worker_id, now, lease_s))
                 if jid is not None:
@@ -507,7 +528,7 @@ class Store:
 
     def _claim_skip_locked(self, worker_id: str, lease_s: float) -> JobRecord | None:
         now = time.time()
-        with self.engine.begin() as c:
+        with self._begin() as c:
             jid = c.execute(
                 sa.select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED)
                 .order_by(*_FAIR_ORDER).limit(1)
@@ -523,7 +544,7 @@ class Store:
     def set_progress(self, job_id: str, worker_id: str, *, stage: str, step: int, total: int,
                      progress: float) -> None:
         now = time.time()
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == JobStatus.RUNNING)
@@ -533,7 +554,7 @@ class Store:
     def set_preview(self, job_id: str, worker_id: str, preview: dict[str, Any]) -> None:
         """The running job's latest live preview (`server.worker`), kept as its only `outputs` entry until the
         job finishes (the finished outputs replace it; `output_urls` lists nothing before then)."""
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == JobStatus.RUNNING)
@@ -541,7 +562,7 @@ class Store:
             )
 
     def cancel_requested(self, job_id: str) -> bool:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             v = c.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar_one_or_none()
         return bool(v)
 
@@ -569,7 +590,7 @@ class Store:
             if value is not None:
                 values[name] = value
         owner = [jobs.c.worker_id == worker_id] if worker_id is not None else []
-        with self.engine.begin() as c:
+        with self._begin() as c:
             return _transition(c, job_id, to, from_=JobStatus.RUNNING, where=owner, values=values) is not None
 
     def request_cancel(self, job_id: str, reason: str = "cancelled by request") -> str | None:
@@ -577,7 +598,7 @@ class Store:
 
         Returns the job's status after the call, or None for an unknown id.
         """
-        with self.engine.begin() as c:
+        with self._begin() as c:
             if _transition(c, job_id, JobStatus.CANCELLED, from_=JobStatus.QUEUED,
                            values={"cancel_requested": True, "error": reason, "error_type": "cancelled"},
                            log_line=("info", f"{reason} while queued")):
@@ -597,7 +618,7 @@ class Store:
         q = jobs.select().where(jobs.c.status == JobStatus.RUNNING)
         if worker_ids is not None:
             q = q.where(jobs.c.worker_id.in_(worker_ids))
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return [JobRecord.from_row(r) for r in c.execute(q)]
 
     def recover_job(self, job: JobRecord, reason: str, *, max_attempts: int) -> str | None:
@@ -611,14 +632,14 @@ class Store:
             to, verb = JobStatus.FAILED, "failed"
             values = {"error": f"{reason}; the job was attempted {job.attempts} time(s) and is not retried again",
                       "error_type": "worker_died"}
-        with self.engine.begin() as c:  # the attempt count pins the view: a stale one changes nothing
+        with self._begin() as c:  # the attempt count pins the view: a stale one changes nothing
             moved = _transition(c, job.id, to, from_=JobStatus.RUNNING, where=[jobs.c.attempts == job.attempts],
                                 values=values, log_line=("warning", f"{reason}; job {verb} (attempt {job.attempts})"))
         return to if moved else None
 
     def release_job(self, job: JobRecord, reason: str) -> bool:
         """Put a running job back in the queue without spending an attempt (graceful shutdown)."""
-        with self.engine.begin() as c:
+        with self._begin() as c:
             return _transition(c, job.id, JobStatus.QUEUED, from_=JobStatus.RUNNING,
                                where=[jobs.c.attempts == job.attempts],
                                values={**_REQUEUED, "attempts": max(job.attempts - 1, 0)},
@@ -627,7 +648,7 @@ class Store:
     # ---- webhooks ------------------------------------------------------------------------------------
 
     def due_webhooks(self, now: float, limit: int = 20) -> list[JobRecord]:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return [JobRecord.from_row(r) for r in c.execute(
                 jobs.select().where(jobs.c.webhook_status == WebhookStatus.PENDING, jobs.c.webhook_next_at <= now)
                 .order_by(jobs.c.webhook_next_at).limit(limit)
@@ -640,7 +661,7 @@ class Store:
         status = (WebhookStatus.DELIVERED if delivered
                   else WebhookStatus.PENDING if next_at is not None else WebhookStatus.FAILED)
         now = time.time()
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(jobs.update().where(jobs.c.id == job_id).values(
                 webhook_status=status, webhook_attempts=attempts, webhook_next_at=next_at))
             if log_line:
@@ -650,7 +671,7 @@ class Store:
     # ---- retention -----------------------------------------------------------------------------------
 
     def expired_jobs(self, cutoff: float, limit: int = 500) -> list[str]:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return list(c.execute(
                 sa.select(jobs.c.id).where(jobs.c.finished_at.is_not(None), jobs.c.finished_at < cutoff)
                 .limit(limit)).scalars())
@@ -658,7 +679,7 @@ class Store:
     def delete_jobs(self, ids: list[str]) -> None:
         if not ids:
             return
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(job_logs.delete().where(job_logs.c.job_id.in_(ids)))
             c.execute(jobs.delete().where(jobs.c.id.in_(ids)))
 
@@ -667,7 +688,7 @@ class Store:
     def insert_upload(self, *, upload_id: str, token: str, filename: str, content_type: str | None,
                       size: int | None, path: str, completed: bool, owner: str | None = None) -> None:
         now = time.time()
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(uploads.insert().values(id=upload_id, token=token, filename=filename,
                                               content_type=content_type, size=size, path=path, created_at=now,
                                               completed_at=now if completed else None, owner=owner))
@@ -676,33 +697,33 @@ class Store:
         """The store-wide random secret `name`, created by whichever instance asks first (the primary key makes
         a concurrent second insert fail, and both then read the winner's value)."""
         q = sa.select(server_secrets.c.value).where(server_secrets.c.name == name)
-        with self.engine.connect() as c:
+        with self._connect() as c:
             value = c.execute(q).scalar()
         if value is None:
-            with contextlib.suppress(sa.exc.IntegrityError), self.engine.begin() as c:
+            with contextlib.suppress(sa.exc.IntegrityError), self._begin() as c:
                 c.execute(server_secrets.insert().values(name=name, value=secrets.token_bytes(32)))
-            with self.engine.connect() as c:
+            with self._connect() as c:
                 value = c.execute(q).scalar_one()
         return bytes(value)
 
     def get_upload(self, upload_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             row = c.execute(uploads.select().where(uploads.c.id == upload_id)).first()
         return dict(row._mapping) if row else None
 
     def complete_upload(self, upload_id: str, size: int) -> None:
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(uploads.update().where(uploads.c.id == upload_id).values(completed_at=time.time(),
                                                                                size=size))
 
     def expired_uploads(self, cutoff: float, limit: int = 500) -> list[dict[str, Any]]:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return [dict(r._mapping) for r in c.execute(
                 uploads.select().where(uploads.c.created_at < cutoff).limit(limit))]
 
     def delete_uploads(self, ids: list[str]) -> None:
         if ids:
-            with self.engine.begin() as c:
+            with self._begin() as c:
                 c.execute(uploads.delete().where(uploads.c.id.in_(ids)))
 
     # ---- workers -------------------------------------------------------------------------------------
@@ -710,7 +731,7 @@ class Store:
     def upsert_worker(self, worker_id: str, **values: Any) -> None:
         now = time.time()
         values.setdefault("heartbeat_at", now)
-        with self.engine.begin() as c:
+        with self._begin() as c:
             n = c.execute(workers.update().where(workers.c.id == worker_id).values(**values)).rowcount
             if not n:
                 values.setdefault("started_at", now)
@@ -724,7 +745,7 @@ class Store:
         vals: dict[str, Any] = {"heartbeat_at": now, "current_job": job_id}
         if info is not None:
             vals["info"] = info
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(workers.update().where(workers.c.id == worker_id).values(**vals))
             if job_id:
                 c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.worker_id == worker_id,
@@ -737,13 +758,13 @@ class Store:
         if instance is not None:
             q = q.where(workers.c.instance == instance)
         latest: dict[tuple[str, int], dict[str, Any]] = {}
-        with self.engine.connect() as c:
+        with self._connect() as c:
             for r in c.execute(q):
                 latest[(r.instance, r.slot)] = dict(r._mapping)
         return sorted(latest.values(), key=lambda w: (w["slot"], w["started_at"]))
 
     def get_worker(self, worker_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             row = c.execute(workers.select().where(workers.c.id == worker_id)).first()
         return dict(row._mapping) if row else None
 
@@ -751,16 +772,16 @@ class Store:
         """Forget the worker rows a previous run of this instance left (None: every row, for a store with one
         server); other instances' rows are theirs."""
         q = workers.delete() if instance is None else workers.delete().where(workers.c.instance == instance)
-        with self.engine.begin() as c:
+        with self._begin() as c:
             c.execute(q)
 
     # ---- stage statistics (Prometheus histograms, monotonic across restarts) --------------------------
 
     def observe_stages(self, slot: int, timings: dict[str, float]) -> None:
         """Add one job's stage durations; each worker slot owns its rows, so there is a single writer."""
-        with self.engine.connect() as c:  # read outside the write transaction: no snapshot upgrade on SQLite
+        with self._connect() as c:  # read outside the write transaction: no snapshot upgrade on SQLite
             existing = {r.stage: r for r in c.execute(stage_stats.select().where(stage_stats.c.slot == slot))}
-        with self.engine.begin() as c:
+        with self._begin() as c:
             for stage, secs in timings.items():
                 row = existing.get(stage)
                 buckets = list(row.buckets) if row is not None else [0] * len(STAGE_BUCKETS)
@@ -778,7 +799,7 @@ class Store:
 
     def stage_histograms(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        with self.engine.connect() as c:
+        with self._connect() as c:
             for r in c.execute(stage_stats.select()):
                 agg = out.setdefault(r.stage, {"count": 0, "total": 0.0, "buckets": [0] * len(STAGE_BUCKETS)})
                 agg["count"] += r.count
@@ -791,7 +812,7 @@ class Store:
     def expired_leases(self, now: float, legacy_timeout_s: float) -> list[JobRecord]:
         """Running jobs whose lease ran out (their worker stopped renewing it). A job claimed before leases
         existed (no `lease_expires_at`) falls back to its last heartbeat plus `legacy_timeout_s`."""
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return [JobRecord.from_row(r) for r in c.execute(jobs.select().where(
                 jobs.c.status == JobStatus.RUNNING,
                 sa.or_(jobs.c.lease_expires_at < now,
@@ -801,7 +822,7 @@ class Store:
     def running_jobs_of_instance(self, instance: str) -> list[JobRecord]:
         """Running jobs claimed by any worker of `instance` (this run's or a previous run's)."""
         own = sa.select(workers.c.id).where(workers.c.instance == instance)
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return [JobRecord.from_row(r) for r in c.execute(
                 jobs.select().where(jobs.c.status == JobStatus.RUNNING, jobs.c.worker_id.in_(own)))]
 
@@ -812,7 +833,7 @@ class Store:
                 jobs.c.webhook_attempts == job.webhook_attempts]
         cond.append(jobs.c.webhook_next_at.is_(None) if job.webhook_next_at is None
                     else jobs.c.webhook_next_at == job.webhook_next_at)
-        with self.engine.begin() as c:
+        with self._begin() as c:
             return c.execute(jobs.update().where(*cond).values(webhook_next_at=until)).rowcount == 1
 
     @contextlib.contextmanager
@@ -823,7 +844,7 @@ class Store:
             yield True
             return
         key = zlib.crc32(f"vace:{name}".encode())
-        with self.engine.connect() as c:
+        with self._connect() as c:
             got = bool(c.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
             c.commit()
             try:

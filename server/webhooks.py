@@ -23,14 +23,15 @@ from urllib.parse import urlsplit
 import httpx
 
 from server import media_refs
-from server.core import JobService
+from server.files import Files
+from server.services import Services
 from server.store import JobRecord
 from vace_local.core.errors import InputError
 from vace_local.core.http_guard import PinnedAsyncBackend, PinnedAsyncTransport
 
 log = logging.getLogger("vace.server.webhooks")
 
-Renderer = Callable[[JobRecord, JobService], dict[str, Any]]
+Renderer = Callable[[JobRecord, Files], dict[str, Any]]
 
 def backoff(attempt: int) -> float:
     return min(2.0 ** (attempt - 1), 300.0)
@@ -42,44 +43,44 @@ def destination(url: str) -> str:
     return f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
 
 
-def pinned_client(core: JobService) -> httpx.AsyncClient:
+def pinned_client(services: Services) -> httpx.AsyncClient:
     """A client that connects only to addresses `resolve_checked` approved for the "webhook" field."""
-    allowed = core.settings.allowed_hosts
+    allowed = services.settings.allowed_hosts
 
     def resolve(host: str, port: int) -> list[str]:
         return media_refs.resolve_checked(host, port, "webhook", allowed)
 
     return httpx.AsyncClient(transport=PinnedAsyncTransport(PinnedAsyncBackend(resolve)),
-                             timeout=core.settings.webhook_timeout_s, trust_env=False, follow_redirects=False)
+                             timeout=services.settings.webhook_timeout_s, trust_env=False, follow_redirects=False)
 
 
-async def deliver_once(core: JobService, job: JobRecord, render: Renderer, client: httpx.AsyncClient) -> None:
+async def deliver_once(services: Services, job: JobRecord, render: Renderer, client: httpx.AsyncClient) -> None:
     attempts = job.webhook_attempts + 1
     url = job.webhook_url or ""
-    limit = core.settings.webhook_timeout_s
+    limit = services.settings.webhook_timeout_s
     ok = False
     reason = ""
     try:
         async with asyncio.timeout(limit):  # DNS, connect, send and answer together
-            r = await client.post(url, json=render(job, core), headers={"User-Agent": "vace-local-webhook"})
+            r = await client.post(url, json=render(job, services.files), headers={"User-Agent": "vace-local-webhook"})
         ok = 200 <= r.status_code < 300
         reason = f"HTTP {r.status_code}"
     except InputError as e:
         reason = e.message
-        attempts = core.settings.webhook_max_attempts  # a refused host will not become acceptable
+        attempts = services.settings.webhook_max_attempts  # a refused host will not become acceptable
     except TimeoutError:
         reason = f"no answer within {limit:g} s"
     except httpx.HTTPError as e:
         reason = f"{type(e).__name__}: {e}"
     if ok:
-        await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=True, attempts=attempts,
-                                next_at=None, log_line=f"webhook delivered ({reason})")
+        await services.offload.store(services.store.webhook_attempted, job.id, delivered=True, attempts=attempts,
+                                     next_at=None, log_line=f"webhook delivered ({reason})")
         return
-    next_at = time.time() + backoff(attempts) if attempts < core.settings.webhook_max_attempts else None
+    next_at = time.time() + backoff(attempts) if attempts < services.settings.webhook_max_attempts else None
     tail = f"retrying in {backoff(attempts):g} s" if next_at else "giving up"
-    await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=False, attempts=attempts,
-                            next_at=next_at, log_line=f"webhook attempt {attempts} failed ({reason}); {tail}",
-                            level="warning")
+    await services.offload.store(services.store.webhook_attempted, job.id, delivered=False, attempts=attempts,
+                                 next_at=next_at, log_line=f"webhook attempt {attempts} failed ({reason}); {tail}",
+                                 level="warning")
 
 
 class _Limits:
@@ -108,9 +109,9 @@ class _Limits:
 class _Dispatcher:
     """Starts one task per due webhook, capped per destination, per owner and overall; tracks what is in flight."""
 
-    def __init__(self, core: JobService, client: httpx.AsyncClient) -> None:
-        s = core.settings
-        self.core = core
+    def __init__(self, services: Services, client: httpx.AsyncClient) -> None:
+        s = services.settings
+        self.services = services
         self.client = client
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.overall = asyncio.Semaphore(s.webhook_max_in_flight)
@@ -125,8 +126,8 @@ class _Dispatcher:
         so with several instances on one store exactly one of them delivers; False when another one won."""
         waits = (self.per_dest.rounds_ahead(destination(job.webhook_url or ""))
                  + self.per_owner.rounds_ahead(job.owner or ""))
-        lease = time.time() + self.core.settings.webhook_timeout_s * (waits + 1) + 5.0
-        return self.core.store.claim_webhook(job, lease)
+        lease = time.time() + self.services.settings.webhook_timeout_s * (waits + 1) + 5.0
+        return self.services.store.claim_webhook(job, lease)
 
     def start(self, job: JobRecord, render: Renderer) -> None:
         dest, owner = destination(job.webhook_url or ""), job.owner or ""
@@ -142,7 +143,7 @@ class _Dispatcher:
             # the destination's slot, then the owner's, then a global one: a tarpit's queue holds no owner or
             # global slot, and one owner's queue holds no global slot
             async with dest_sem, owner_sem, self.overall:
-                await deliver_once(self.core, job, render, self.client)
+                await deliver_once(self.services, job, render, self.client)
         except Exception:  # noqa: BLE001 - one bad delivery must not stop the others
             log.exception("webhook delivery for job %s failed", job.id)
 
@@ -160,25 +161,26 @@ class _Dispatcher:
 
 
 async def webhook_loop(
-    core: JobService, renderers: dict[str, Renderer], stop: asyncio.Event, interval: float = 0.5
+    services: Services, renderers: dict[str, Renderer], stop: asyncio.Event, interval: float = 0.5
 ) -> None:
-    async with pinned_client(core) as client:
-        dispatcher = _Dispatcher(core, client)
+    async with pinned_client(services) as client:
+        dispatcher = _Dispatcher(services, client)
         try:
             while not stop.is_set():
                 try:
                     # past the ones still in flight (a lease can run out while its delivery waits for a slot),
                     # so those can never fill the window and hide other owners' due webhooks
-                    due = await asyncio.to_thread(core.store.due_webhooks, time.time(), 20 + len(dispatcher.tasks))
+                    due = await services.offload.store(services.store.due_webhooks, time.time(),
+                                                       20 + len(dispatcher.tasks))
                     for job in due:
                         if job.id in dispatcher.tasks:
                             continue
                         render = renderers.get(job.dialect)
                         if render is None:
-                            await asyncio.to_thread(core.store.webhook_attempted, job.id, delivered=False,
-                                                    attempts=job.webhook_attempts, next_at=None)
+                            await services.offload.store(services.store.webhook_attempted, job.id, delivered=False,
+                                                         attempts=job.webhook_attempts, next_at=None)
                             continue
-                        if await asyncio.to_thread(dispatcher.lease, job):
+                        if await services.offload.store(dispatcher.lease, job):
                             dispatcher.start(job, render)
                 except Exception:  # noqa: BLE001 - the loop must survive any one bad delivery
                     log.exception("webhook loop error")

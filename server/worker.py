@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from server import media_refs
-from server.core import map_exception, user_field
+from server.errors import map_exception, user_field
 from server.settings import Settings
-from server.states import WorkerExit, WorkerStatus
+from server.states import JobStatus, WorkerExit, WorkerStatus
 from server.storage import key_of_path, make_storage
-from server.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, Store
+from server.store import JobRecord, Store
+from vace_local.core.config import export
 from vace_local.core.errors import InputError, JobCancelled
 from vace_local.core.events import Progress
-from vace_local.core.spec import JobSpec
+from vace_local.core.inputs import Fetcher, MediaRef, walk_inputs
+from vace_local.core.spec import JobInputs, JobSpec
 
 log = logging.getLogger("vace.worker")
 
@@ -133,8 +135,8 @@ class Worker:
             msg = f"the parallel group failed: {reason}"
             job = self.current
             if job is not None:
-                self.store.finish_job(job.id, self.id, status=FAILED, error=msg, error_type="internal_error")
-                self.store.add_log(job.id, f"{FAILED}: {msg}", level="error", source="worker")
+                self.store.finish_job(job.id, self.id, status=JobStatus.FAILED, error=msg, error_type="internal_error")
+                self.store.add_log(job.id, f"{JobStatus.FAILED}: {msg}", level="error", source="worker")
             self.store.upsert_worker(self.id, status=WorkerStatus.DEAD, message=msg)
             log.error("%s; restarting the group", msg)
             os._exit(WorkerExit.GROUP_FAILED)
@@ -215,47 +217,54 @@ class Worker:
     def resolve_inputs(self, spec: JobSpec, dest: Path, fields: dict[str, str]) -> JobSpec:
         """Every input becomes a checked local file (downloads follow the safety rules and stop within a
         fraction of a second of a cancel)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        spec = self.resolve_loras(spec, fields)
+        inputs = walk_inputs(spec.inputs, self.input_fetcher(dest, fields), JobInputs)
+        return spec.model_copy(update={"inputs": inputs})
+
+    def input_fetcher(self, dest: Path, fields: dict[str, str]) -> Fetcher[str]:
+        """The worker's fetcher: a data URI decoded and sniffed, a URL downloaded under the network rules and
+        sniffed, a path (what the API left: an upload or output) taken from this box's data dir or the shared
+        storage and sniffed. Errors name the user's field."""
         s = self.settings
 
-        def one(value: str, name: str, kind: media_refs.Kind, stem: str) -> str:
-            label = user_field(name, fields)
+        def label(ref: MediaRef) -> str:
             if self.should_cancel():
                 raise JobCancelled("cancelled while fetching inputs")
-            if value.startswith("data:"):
-                data = media_refs.decode_data_uri(value, label, s.max_upload_bytes)
-                ext = media_refs.check_content(data[:512], label, kind)
-                p = dest / f"{stem}.{ext}"
-                p.write_bytes(data)
-                return str(p)
-            if value.lower().startswith(("http://", "https://")):
-                p = media_refs.download(value, dest / f"{stem}.download", label, allowed=s.allowed_hosts,
+            return user_field(ref.label, fields)
+
+        def data_uri(ref: MediaRef) -> str:
+            name = label(ref)
+            data = media_refs.decode_data_uri(ref.value, name, s.max_upload_bytes)
+            ext = media_refs.check_content(data[:512], name, ref.kind)
+            p = dest / f"{ref.stem}.{ext}"
+            p.write_bytes(data)
+            return str(p)
+
+        def url(ref: MediaRef) -> str:
+            name = label(ref)
+            p = media_refs.download(ref.value, dest / f"{ref.stem}.download", name, allowed=s.allowed_hosts,
                                     max_bytes=s.max_download_bytes, timeout_s=s.download_timeout_s,
                                     should_cancel=self.should_cancel)
-                ext = media_refs.check_file(p, label, kind)
-                final = p.with_suffix(f".{ext}")
-                p.replace(final)
-                return str(final)
-            p = Path(value).resolve()
+            ext = media_refs.check_file(p, name, ref.kind)
+            final = p.with_suffix(f".{ext}")
+            p.replace(final)
+            return str(final)
+
+        def path(ref: MediaRef) -> str:
+            name = label(ref)
+            p = Path(ref.value).resolve()
             if not p.is_relative_to(self.data_dir) or not p.is_file():
                 # stored by another box (object storage): fetched into this box's data dir, else gone
                 key = key_of_path(p) if self.storage.remote or p.is_relative_to(self.data_dir) else None
                 fetched = self.storage.fetch(key) if key else None
                 if fetched is None:
-                    raise InputError(label, "file is not available on this server any more")
+                    raise InputError(name, "file is not available on this server any more")
                 p = fetched
-            media_refs.check_file(p, label, kind)
+            media_refs.check_file(p, name, ref.kind)
             return str(p)
 
-        dest.mkdir(parents=True, exist_ok=True)
-        spec = self.resolve_loras(spec, fields)
-        upd: dict[str, Any] = {}
-        for name, kind in media_refs.FIELD_KINDS.items():
-            val = getattr(spec.inputs, name)
-            if name == "reference_images":
-                upd[name] = [one(v, f"{name}[{i}]", kind, f"ref{i}") for i, v in enumerate(val)]
-            elif val:
-                upd[name] = one(val, name, kind, name)
-        return spec.model_copy(update={"inputs": spec.inputs.model_copy(update=upd)})
+        return Fetcher(data_uri=data_uri, url=url, path=path)
 
     def resolve_loras(self, spec: JobSpec, fields: dict[str, str]) -> JobSpec:
         """Each `loras[i].path` becomes a local file: from the LoRA folder, or downloaded (URL / Hugging Face)
@@ -329,7 +338,7 @@ class Worker:
                 self.storage.publish(f"outputs/{job.id}/{o['file']}")
             self.store.observe_stages(self.args.slot, {k: v for k, v in timings.items() if k != "total"})
             self.storage.delete_prefix(f"windows/{job.id}")  # done: nothing left to resume
-            if self.store.finish_job(job.id, self.id, status=SUCCEEDED, outputs=outputs, result=info,
+            if self.store.finish_job(job.id, self.id, status=JobStatus.SUCCEEDED, outputs=outputs, result=info,
                                      timings=timings):
                 note = " (tiny random-weight model: the video is noise)" if result.tiny else ""
                 self.store.add_log(job.id, f"completed in {timings.get('total', 0):.1f} s, seed {result.seed}"
@@ -345,13 +354,13 @@ class Worker:
             failure = map_exception(exc, fields)
             if failure.error_type == "internal_error":
                 log.exception("job %s failed", job.id)
-            status = CANCELLED if failure.status == CANCELLED else FAILED
+            status = JobStatus.CANCELLED if failure.status == JobStatus.CANCELLED else JobStatus.FAILED
             shutil.rmtree(out_dir, ignore_errors=True)
             self.storage.delete_prefix(f"windows/{job.id}")
             self.store.finish_job(job.id, self.id, status=status, error=failure.message,
                                   error_type=failure.error_type, error_detail=failure.detail or None)
             self.store.add_log(job.id, f"{status}: {failure.message}",
-                               level="info" if status == CANCELLED else "error", source="worker")
+                               level="info" if status == JobStatus.CANCELLED else "error", source="worker")
             if failure.restart_worker:
                 self.store.upsert_worker(self.id, status=WorkerStatus.DEAD,
                                          message="restarting after GPU out-of-memory")
@@ -407,7 +416,8 @@ def worker_main(args: WorkerArgs) -> None:
     settings.export_limits()
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s worker{args.slot} %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("VACE_CACHE_DIR", str((settings.data_dir / "cache").resolve()))
+    if settings.cache_dir is None:  # the engine's caches (tiny models, LoRA files) go in the data dir
+        export(cache_dir=(settings.data_dir / "cache").resolve())
     if settings.is_tiny:
         try:  # build the tiny annotators before reporting ready (the run path would do it on first use)
             from preprocessors.tiny import tiny_annotators_dir

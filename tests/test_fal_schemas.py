@@ -188,13 +188,11 @@ def test_acceleration_reaches_the_step_cache():
 
 def test_model_mapping_rules():
     """tiny serves every id; a family mismatch is refused unless Settings.model_map maps it."""
-    from types import SimpleNamespace
-
     from server.dialects.common import check_served_model, served_note
     from server.settings import Settings
 
     def core(**kw):
-        return SimpleNamespace(settings=Settings(**kw))
+        return Settings(**kw)
 
     wan22 = ("alibaba/wan2.2-vace-fun-a14b-pose", "wan2.2-vace-fun-a14b")
     assert check_served_model(core(model="tiny"), *wan22) is None
@@ -219,8 +217,8 @@ def test_model_mapping_rules():
 
 def test_wan22_vace_fun_paths_share_the_wan_vace_14b_schemas():
     """`fal-ai/wan-22-vace-fun-a14b` has the five sub-paths (no base) with `wan-vace-14b`'s fields."""
-    from server.core import ApiError
     from server.dialects.fal.serving import split_app_path
+    from server.errors import ApiError
 
     for sub in ("depth", "pose", "inpainting", "outpainting", "reframe"):
         app, endpoint = split_app_path(f"fal-ai/wan-22-vace-fun-a14b/{sub}")

@@ -24,6 +24,7 @@ import pytest
 
 from server import media_refs
 from vace_local.core.errors import InputError, JobCancelled
+from vace_local.core.spec import JobInputs
 
 Handler = Callable[[socket.socket, "RawServer"], None]
 
@@ -205,7 +206,7 @@ def test_cli_fetcher_has_a_wall_clock_deadline(servers, tmp_path, monkeypatch):
     srv = servers(drip)
     t = time.monotonic()
     with pytest.raises(InputError, match="took longer than 2 s"):
-        inputs.fetch_one(f"http://127.0.0.1:{srv.port}/clip.mp4", tmp_path / "video", "video")
+        inputs.fetch_inputs(JobInputs(video=f"http://127.0.0.1:{srv.port}/clip.mp4"), tmp_path)
     assert time.monotonic() - t < 3.0
 
 
@@ -286,14 +287,14 @@ def test_pinned_tls_keeps_sni_and_verifies_the_name(servers, fake_dns, tmp_path,
 
 
 def _finished_jobs_with_webhooks(store, urls: list[str], owner: str | None = None) -> list[str]:
-    from server.store import FAILED
+    from server.states import JobStatus
 
     ids = []
     for url in urls:
         ids.append(store.insert_job(dialect="wavespeed", model="m", spec={"prompt": "x"}, webhook_url=url,
                                     owner=owner).id)
         store.claim_next("w")
-        store.finish_job(ids[-1], "w", status=FAILED, error="x", error_type="input_error")
+        store.finish_job(ids[-1], "w", status=JobStatus.FAILED, error="x", error_type="input_error")
     return ids
 
 
@@ -306,7 +307,7 @@ def _run_webhooks(core, until: Callable[[], bool], limit_s: float) -> float:
         stop = asyncio.Event()
         task = asyncio.create_task(webhook_loop(core, {"wavespeed": render_webhook}, stop, interval=0.1))
         t = time.monotonic()
-        while not until() and time.monotonic() - t < limit_s:
+        while not await asyncio.to_thread(until) and time.monotonic() - t < limit_s:  # the store: off the loop
             await asyncio.sleep(0.05)
         took = time.monotonic() - t
         stop.set()
@@ -322,7 +323,7 @@ def _run_webhooks(core, until: Callable[[], bool], limit_s: float) -> float:
 
 @pytest.fixture
 def core(tmp_path):
-    from server.core import JobService
+    from server.services import Services
     from server.settings import Settings
     from server.store import Store
 
@@ -331,7 +332,9 @@ def core(tmp_path):
     settings.prepare_dirs()
     store = Store(settings.db_url)
     store.create_all()
-    yield JobService(settings, store)
+    services = Services.build(settings, store)
+    yield services
+    services.close()
     store.dispose()
 
 

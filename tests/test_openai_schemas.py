@@ -3,15 +3,16 @@ names, the error envelope and list pagination on a real SQLite store."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from starlette.datastructures import Headers, UploadFile
 
-from server.core import ApiError, JobService
 from server.dialects.openai.render import render_error, render_video
 from server.dialects.openai.schemas import NAME, InputReferenceObject
 from server.dialects.openai.serving import (
@@ -25,6 +26,8 @@ from server.dialects.openai.serving import (
     seconds_text,
     to_spec,
 )
+from server.errors import ApiError
+from server.services import Services
 from server.settings import Settings
 from server.store import Store
 
@@ -43,12 +46,15 @@ def _field_error(body: dict, ref: Reference | None = None) -> ApiError:
 
 
 @pytest.fixture
-def core(tmp_path: Path) -> JobService:
+def core(tmp_path: Path) -> Iterator[Services]:
     settings = Settings(model="wan2.1-vace-14b", data_dir=tmp_path, model_map={"veo-3": "wan2.1-vace-14b"})
     settings.prepare_dirs()
     store = Store(settings.db_url)
     store.create_all()
-    return JobService(settings, store)
+    services = Services.build(settings, store)
+    yield services
+    services.close()
+    store.dispose()
 
 
 def test_seconds_become_4k_plus_1_frames_at_16_fps():
@@ -145,8 +151,8 @@ def test_reference_kind_from_data_uri_bytes():
 
 def test_model_names(core):
     for ok in ("sora-2", "sora-2-pro", "sora-2-2025-10-06", "sora-2-pro-2025-10-06", "wan2.1-vace-14b", "veo-3"):
-        assert model_problem(core, ok) is None, ok
-    problem = model_problem(core, "gpt-video")
+        assert model_problem(core.settings, ok) is None, ok
+    problem = model_problem(core.settings, "gpt-video")
     assert problem and "VACE_MODEL_MAP" in problem
 
 
@@ -161,18 +167,22 @@ def test_error_envelope():
 
 def test_list_pages_by_cursor_and_only_this_dialect(core):
     spec, _ = _spec({"prompt": "x", "size": "64x64", "seconds": "1"})
-    ids = [core.create_job(spec, dialect=NAME, model_id="sora-2", base_url="http://h").id for _ in range(5)]
-    core.create_job(spec, dialect="wavespeed", model_id="w", base_url="http://h")
-    page, more = list_jobs(core, after=None, limit=2, order="desc")
+    ids = [core.jobs.create_job_sync(spec, dialect=NAME, model_id="sora-2", base_url="http://h").id for _ in range(5)]
+    core.jobs.create_job_sync(spec, dialect="wavespeed", model_id="w", base_url="http://h")
+
+    def pages(**kw):  # noqa: ANN003, ANN202 - the dialect's async list, run as a handler would
+        return asyncio.run(list_jobs(core.api, **kw))
+
+    page, more = pages(after=None, limit=2, order="desc")
     assert [j.id for j in page] == ids[::-1][:2] and more
-    page, more = list_jobs(core, after=page[-1].id, limit=10, order="desc")
+    page, more = pages(after=page[-1].id, limit=10, order="desc")
     assert [j.id for j in page] == ids[::-1][2:] and not more
-    page, more = list_jobs(core, after=ids[1], limit=10, order="asc")
+    page, more = pages(after=ids[1], limit=10, order="asc")
     assert [j.id for j in page] == ids[2:] and not more
     with pytest.raises(ApiError) as e:
-        list_jobs(core, after="nope", limit=1, order="asc")
+        pages(after="nope", limit=1, order="asc")
     assert e.value.field == "after"
-    video = render_video(page[0], core)
+    video = render_video(page[0], core.settings.retention_hours)
     assert (video["object"], video["status"], video["seconds"], video["size"], video["progress"]) == (
         "video", "queued", "1", "64x64", 0)
 

@@ -47,7 +47,7 @@ def test_api_process_never_imports_torch_nor_decodes_media(tmp_path):
         "    assert r.status_code == 200, r.text\n"
         f"    r = c.post('/fal-ai/wan-vace-14b', json={{'prompt': 'x', 'video_url': 'data:video/mp4;base64,{clip}'}})\n"
         "    assert r.status_code == 200, r.text\n"
-        "    job = app.state.core.get_job(r.json()['request_id'])\n"
+        "    job = app.state.services.jobs.get_sync(r.json()['request_id'])\n"
         "    assert job.spec['width'] > job.spec['height'], job.spec  # the probe saw the 80x48 clip\n"
         "    c.get('/metrics'); c.get('/ready')\n"
         "for mod in ('torch', 'decord', 'cv2', 'PIL.Image', 'imageio_ffmpeg'):\n"
@@ -205,7 +205,7 @@ def test_download_rules(file_server, tmp_path):
 def test_one_exception_mapper():
     from pydantic import BaseModel, ValidationError
 
-    from server.core import map_exception
+    from server.errors import map_exception
     from vace_local.core.errors import JobCancelled, ModelNotFoundError, OutOfMemory
 
     fields = {"reference_images": "images"}

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from server.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Store
+from server.states import JobStatus
+from server.store import Store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -40,7 +41,7 @@ def test_wal_mode_and_roundtrip(store):
             assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     jid = _job(store, extra={"k": [1, 2]}, logs=["hello"])
     job = store.get_job(jid, with_logs=True)
-    assert job.status == QUEUED and job.extra == {"k": [1, 2]} and job.spec == {"prompt": "x"}
+    assert job.status == JobStatus.QUEUED and job.extra == {"k": [1, 2]} and job.spec == {"prompt": "x"}
     assert [entry["message"] for entry in job.logs] == ["hello"]
     assert store.get_job("nope") is None
 
@@ -49,7 +50,7 @@ def test_failure_keeps_its_field_and_rule_as_data(store):
     jid = _job(store)
     store.claim_next("w1", lease_s=30)
     detail = [{"field": "video_url", "message": "could not be read", "type": "value_error"}]
-    assert store.finish_job(jid, "w1", status=FAILED, error="input 'video_url': could not be read",
+    assert store.finish_job(jid, "w1", status=JobStatus.FAILED, error="input 'video_url': could not be read",
                             error_type="input_error", error_detail=detail)
     assert store.get_job(jid).error_detail == detail
 
@@ -126,7 +127,7 @@ def test_concurrent_claims_never_double_claim(db_url):
         while (job := s.claim_next(f"w{n}")) is not None:
             with lock:
                 claimed.append((job.id, f"w{n}"))
-            s.finish_job(job.id, f"w{n}", status=SUCCEEDED, outputs=[])
+            s.finish_job(job.id, f"w{n}", status=JobStatus.SUCCEEDED, outputs=[])
         s.dispose()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
@@ -136,25 +137,25 @@ def test_concurrent_claims_never_double_claim(db_url):
         t.join(60)
     got = [j for j, _ in claimed]
     assert sorted(got) == sorted(ids), "every job claimed exactly once"
-    assert setup.count_by_status()[SUCCEEDED] == 30
+    assert setup.count_by_status()[JobStatus.SUCCEEDED] == 30
 
 
 def test_only_the_owning_worker_can_finish(store):
     jid = _job(store)
     job = store.claim_next("w1")
-    assert job.id == jid and job.status == RUNNING and job.attempts == 1
-    assert not store.finish_job(jid, "w2", status=FAILED, error="stale")
-    assert store.finish_job(jid, "w1", status=SUCCEEDED, outputs=[{"file": "o.mp4"}], timings={"total": 1.0})
+    assert job.id == jid and job.status == JobStatus.RUNNING and job.attempts == 1
+    assert not store.finish_job(jid, "w2", status=JobStatus.FAILED, error="stale")
+    assert store.finish_job(jid, "w1", status=JobStatus.SUCCEEDED, outputs=[{"file": "o.mp4"}], timings={"total": 1.0})
     job = store.get_job(jid)
-    assert job.status == SUCCEEDED and job.progress == 1.0 and job.outputs == [{"file": "o.mp4"}]
+    assert job.status == JobStatus.SUCCEEDED and job.progress == 1.0 and job.outputs == [{"file": "o.mp4"}]
 
 
 def test_cancel_queued_is_immediate_running_is_flagged(store):
     queued, running = _job(store), _job(store)
     store.claim_next("w1")  # claims `queued` (oldest)
-    assert store.get_job(queued).status == RUNNING
-    assert store.request_cancel(running) == CANCELLED
-    assert store.request_cancel(queued) == RUNNING
+    assert store.get_job(queued).status == JobStatus.RUNNING
+    assert store.request_cancel(running) == JobStatus.CANCELLED
+    assert store.request_cancel(queued) == JobStatus.RUNNING
     assert store.cancel_requested(queued)
     assert store.request_cancel("missing") is None
 
@@ -162,12 +163,13 @@ def test_cancel_queued_is_immediate_running_is_flagged(store):
 def test_recovery_requeues_once_then_fails(store):
     jid = _job(store)
     job = store.claim_next("w1")
-    assert store.recover_job(job, "the worker process died (killed by signal SIGKILL)", max_attempts=2) == QUEUED
+    assert store.recover_job(job, "the worker process died (killed by signal SIGKILL)",
+                             max_attempts=2) == JobStatus.QUEUED
     job = store.claim_next("w2")
     assert job.id == jid and job.attempts == 2
-    assert store.recover_job(job, "the worker process died", max_attempts=2) == FAILED
+    assert store.recover_job(job, "the worker process died", max_attempts=2) == JobStatus.FAILED
     job = store.get_job(jid, with_logs=True)
-    assert job.status == FAILED and "worker process died" in job.error and job.error_type == "worker_died"
+    assert job.status == JobStatus.FAILED and "worker process died" in job.error and job.error_type == "worker_died"
     assert any("re-queued" in entry["message"] for entry in job.logs)
     # a stale view (wrong attempt count) changes nothing
     assert store.recover_job(job, "again", max_attempts=5) is None
@@ -178,7 +180,7 @@ def test_release_does_not_spend_an_attempt(store):
     job = store.claim_next("w1")
     assert store.release_job(job, "server shutting down")
     again = store.get_job(jid)
-    assert again.status == QUEUED and again.attempts == 0
+    assert again.status == JobStatus.QUEUED and again.attempts == 0
 
 
 def test_webhook_state_machine(store):
@@ -186,8 +188,8 @@ def test_webhook_state_machine(store):
     plain = _job(store)
     store.claim_next("w")
     store.claim_next("w")
-    store.finish_job(jid, "w", status=SUCCEEDED, outputs=[])
-    store.finish_job(plain, "w", status=SUCCEEDED, outputs=[])
+    store.finish_job(jid, "w", status=JobStatus.SUCCEEDED, outputs=[])
+    store.finish_job(plain, "w", status=JobStatus.SUCCEEDED, outputs=[])
     due = store.due_webhooks(time.time() + 1)
     assert [j.id for j in due] == [jid]
     store.webhook_attempted(jid, delivered=False, attempts=1, next_at=time.time() + 100)
@@ -213,8 +215,8 @@ def test_retention_selects_only_old_finished_jobs(store):
     old, new, queued = _job(store), _job(store), _job(store)
     store.claim_next("w")
     store.claim_next("w")
-    store.finish_job(old, "w", status=SUCCEEDED, outputs=[])
-    store.finish_job(new, "w", status=SUCCEEDED, outputs=[])
+    store.finish_job(old, "w", status=JobStatus.SUCCEEDED, outputs=[])
+    store.finish_job(new, "w", status=JobStatus.SUCCEEDED, outputs=[])
     with store.engine.begin() as c:
         from server.store import jobs
 
@@ -255,10 +257,11 @@ def test_old_schema_upgrades_in_place(db_url):
     s.create_all()
     assert current_version(s.engine) == LATEST
     old = s.get_job("old-run")
-    assert old.status == RUNNING and old.step == 3 and old.lease_expires_at is None and old.error_detail is None
+    assert old.status == JobStatus.RUNNING and old.step == 3
+    assert old.lease_expires_at is None and old.error_detail is None
     # a job claimed before leases existed is recovered by its heartbeat age
     assert [j.id for j in s.expired_leases(time.time(), legacy_timeout_s=60)] == ["old-run"]
-    assert s.recover_job(old, "its worker stopped heart-beating", max_attempts=2) == QUEUED
+    assert s.recover_job(old, "its worker stopped heart-beating", max_attempts=2) == JobStatus.QUEUED
     job = s.claim_next("w1", lease_s=30)
     assert job.id == "old-run" and job.attempts == 2 and job.lease_expires_at > time.time() + 25
     s.create_all()  # idempotent: opening it again applies nothing
@@ -285,13 +288,13 @@ def test_lease_is_renewed_by_heartbeat_and_expires_without_it(store):
     assert store.get_job(jid).lease_expires_at < time.time() + 31
     [expired] = store.expired_leases(time.time() + 31, legacy_timeout_s=60)
     assert expired.id == jid
-    assert store.recover_job(expired, "the lease expired", max_attempts=2) == QUEUED
+    assert store.recover_job(expired, "the lease expired", max_attempts=2) == JobStatus.QUEUED
     assert store.get_job(jid).lease_expires_at is None
     again = store.claim_next("w2", lease_s=30)
     assert again.id == jid
     store.worker_heartbeat("w1", jid, lease_s=1000)  # the old worker, back from a pause, cannot take it back
-    assert not store.finish_job(jid, "w1", status=SUCCEEDED, outputs=[])
-    assert store.finish_job(jid, "w2", status=SUCCEEDED, outputs=[])
+    assert not store.finish_job(jid, "w1", status=JobStatus.SUCCEEDED, outputs=[])
+    assert store.finish_job(jid, "w2", status=JobStatus.SUCCEEDED, outputs=[])
 
 
 def test_instances_see_only_their_own_jobs_and_workers(store):
@@ -308,7 +311,7 @@ def test_a_webhook_is_claimed_by_exactly_one_instance(db_url, store):
     ids = [_job(store, webhook_url="https://example.com/hook") for _ in range(20)]
     for jid in ids:
         store.claim_next("w")
-        store.finish_job(jid, "w", status=SUCCEEDED, outputs=[])
+        store.finish_job(jid, "w", status=JobStatus.SUCCEEDED, outputs=[])
     wins: list[str] = []
     lock = threading.Lock()
 
@@ -351,11 +354,11 @@ def _job_in(store: Store, status: str, **kw) -> str:
     """A new job brought to `status` through the public methods, as the server does. Each one has a lower
     priority number than any before it, so the claim takes this job and no older queued one."""
     jid = _job(store, priority=-next(_PRIORITY), **kw)
-    if status == CANCELLED:
-        assert store.request_cancel(jid) == CANCELLED
-    elif status != QUEUED:
+    if status == JobStatus.CANCELLED:
+        assert store.request_cancel(jid) == JobStatus.CANCELLED
+    elif status != JobStatus.QUEUED:
         assert store.claim_next("w").id == jid
-        if status != RUNNING:
+        if status != JobStatus.RUNNING:
             assert store.finish_job(jid, "w", status=status, outputs=[])
     assert store.get_job(jid).status == status
     return jid
@@ -366,7 +369,8 @@ def test_the_transition_table_refuses_illegal_moves(store):
     from server.store import _transition
 
     illegal = [(a, b) for a in JobStatus for b in JobStatus if b not in TRANSITIONS[a]]
-    assert (SUCCEEDED, RUNNING) in illegal and (CANCELLED, SUCCEEDED) in illegal and (FAILED, QUEUED) in illegal
+    assert (JobStatus.SUCCEEDED, JobStatus.RUNNING) in illegal and (JobStatus.CANCELLED, JobStatus.SUCCEEDED) in illegal
+    assert (JobStatus.FAILED, JobStatus.QUEUED) in illegal
     assert len(illegal) == 25 - 6  # queued → running | cancelled; running → the 3 final statuses | queued
     for frm, to in illegal:
         jid = _job_in(store, frm)
@@ -375,18 +379,19 @@ def test_the_transition_table_refuses_illegal_moves(store):
             _transition(c, jid, to, from_=frm)
         assert store.get_job(jid) == before, (frm, to)
     # the public methods cannot move a finished job either, and a finish must be final
-    done, cancelled, running = (_job_in(store, s) for s in (SUCCEEDED, CANCELLED, RUNNING))
+    done, cancelled, running = (_job_in(store, s)
+                                for s in (JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.RUNNING))
     before = {j: store.get_job(j) for j in (done, cancelled)}
-    assert not store.finish_job(done, "w", status=FAILED, error="late")
-    assert not store.finish_job(cancelled, None, status=SUCCEEDED, outputs=[])
-    assert store.request_cancel(done) == SUCCEEDED
+    assert not store.finish_job(done, "w", status=JobStatus.FAILED, error="late")
+    assert not store.finish_job(cancelled, None, status=JobStatus.SUCCEEDED, outputs=[])
+    assert store.request_cancel(done) == JobStatus.SUCCEEDED
     assert store.recover_job(before[cancelled], "gone", max_attempts=5) is None
     assert not store.release_job(before[done], "shutting down")
     assert {j: store.get_job(j) for j in (done, cancelled)} == before
-    for not_final in (QUEUED, RUNNING):
+    for not_final in (JobStatus.QUEUED, JobStatus.RUNNING):
         with pytest.raises(IllegalTransition, match="terminal"):
             store.finish_job(running, "w", status=not_final)
-    assert store.get_job(running).status == RUNNING
+    assert store.get_job(running).status == JobStatus.RUNNING
 
 
 def test_every_move_to_a_final_status_makes_the_webhook_due(store):
@@ -400,15 +405,17 @@ def test_every_move_to_a_final_status_makes_the_webhook_due(store):
         assert store.recover_job(store.get_job(jid), "worker died", max_attempts=max_attempts)
 
     paths = {  # name: (status the job starts in, the move)
-        "claim": (QUEUED, lambda jid: store.claim_next("w")),
-        "cancel while queued": (QUEUED, lambda jid: store.request_cancel(jid)),
-        "succeed": (RUNNING, lambda jid: store.finish_job(jid, "w", status=SUCCEEDED, outputs=[])),
-        "fail": (RUNNING, lambda jid: store.finish_job(jid, "w", status=FAILED, error="x", error_type="x")),
-        "cancelled by its worker": (RUNNING, lambda jid: store.finish_job(jid, "w", status=CANCELLED)),
-        "recovered for a retry": (RUNNING, lambda jid: recover(jid, 2)),
-        "recovered, out of attempts": (RUNNING, lambda jid: recover(jid, 1)),
-        "recovered, cancel requested": (RUNNING, lambda jid: recover(jid, 2, cancel=True)),
-        "released on shutdown": (RUNNING, lambda jid: store.release_job(store.get_job(jid), "shutting down")),
+        "claim": (JobStatus.QUEUED, lambda jid: store.claim_next("w")),
+        "cancel while queued": (JobStatus.QUEUED, lambda jid: store.request_cancel(jid)),
+        "succeed": (JobStatus.RUNNING, lambda jid: store.finish_job(jid, "w", status=JobStatus.SUCCEEDED, outputs=[])),
+        "fail": (JobStatus.RUNNING,
+                 lambda jid: store.finish_job(jid, "w", status=JobStatus.FAILED, error="x", error_type="x")),
+        "cancelled by its worker": (JobStatus.RUNNING,
+                                    lambda jid: store.finish_job(jid, "w", status=JobStatus.CANCELLED)),
+        "recovered for a retry": (JobStatus.RUNNING, lambda jid: recover(jid, 2)),
+        "recovered, out of attempts": (JobStatus.RUNNING, lambda jid: recover(jid, 1)),
+        "recovered, cancel requested": (JobStatus.RUNNING, lambda jid: recover(jid, 2, cancel=True)),
+        "released on shutdown": (JobStatus.RUNNING, lambda jid: store.release_job(store.get_job(jid), "shutting down")),
     }
     taken: set[tuple[str, str]] = set()
     due: set[str] = set()

@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from server.app import create_app
-from server.core import map_exception
+from server.errors import map_exception
 from server.settings import Settings
-from server.store import FAILED
+from server.states import JobStatus
 from vace_local.cli import app as cli_app
 from vace_local.core.errors import InputError
 from vace_local.core.spec import JobSpec
@@ -35,11 +35,11 @@ def client(tmp_path: Path):
 def _fail_like_the_worker(client: TestClient, exc: BaseException) -> str:
     """Queue a fal job, claim it and record `exc` exactly as server/worker.py does; returns the request id."""
     rid = client.post("/fal-ai/wan-vace-14b", json=TEXT).json()["request_id"]
-    store = client.app.state.core.store
+    store = client.app.state.services.store
     job = store.claim_next("w-test")
     assert job is not None and job.id == rid
     failure = map_exception(exc, job.extra.get("fields"))
-    store.finish_job(rid, "w-test", status=FAILED, error=failure.message, error_type=failure.error_type,
+    store.finish_job(rid, "w-test", status=JobStatus.FAILED, error=failure.message, error_type=failure.error_type,
                      error_detail=failure.detail or None)
     return rid
 
@@ -74,8 +74,8 @@ def test_webhook_body_carries_the_same_detail(client):
     from server.dialects.fal.render import render_webhook
 
     rid = _fail_like_the_worker(client, InputError("video", TRICKY))
-    core = client.app.state.core
-    body = render_webhook(core.get_job(rid), core)
+    core = client.app.state.services
+    body = render_webhook(core.jobs.get_sync(rid), core.files)
     assert body["status"] == "ERROR"
     assert body["payload"]["detail"] == [{"loc": ["body", "video_url"], "msg": TRICKY, "type": "value_error"}]
 

@@ -45,7 +45,7 @@ def test_submit_and_get_envelope(client):
     for path in (f"/api/v3/predictions/{d['id']}/result", f"/api/v3/predictions/{d['id']}"):
         g = client.get(path, headers=AUTH)
         assert g.status_code == 200 and g.json()["data"]["id"] == d["id"]
-    job = client.app.state.core.get_job(d["id"], with_logs=True)
+    job = client.app.state.services.jobs.get_sync(d["id"], with_logs=True)
     assert job.spec["num_frames"] == 81 and (job.spec["width"], job.spec["height"]) == (832, 480)
     assert job.spec["task"] == "none" and job.spec["model"] == "tiny"  # depth without video → none, logged
     assert any("needs a video" in entry["message"] for entry in job.logs)
@@ -150,7 +150,7 @@ def test_upload_binary_then_use_as_input(client):
     if not FIXTURES.is_dir():
         pytest.skip("../shared/fixtures absent")
     data = (FIXTURES / "test2.mp4").read_bytes()
-    client.app.state.core.settings.max_upload_bytes = 10_000_000
+    client.app.state.services.settings.max_upload_bytes = 10_000_000
     r = client.post("/api/v3/media/upload/binary", files={"file": ("clip one.mp4", io.BytesIO(data), "video/mp4")},
                     headers=AUTH)
     assert r.status_code == 200, r.text
@@ -161,7 +161,7 @@ def test_upload_binary_then_use_as_input(client):
     assert got.status_code == 200 and got.content == data and got.headers["content-type"] == "video/mp4"
     r = _submit(client, {"prompt": "x", "video": d["download_url"], "task": "pose"})
     assert r.status_code == 200, r.text
-    job = client.app.state.core.get_job(r.json()["data"]["id"])
+    job = client.app.state.services.jobs.get_sync(r.json()["data"]["id"])
     assert Path(job.spec["inputs"]["video"]).read_bytes() == data  # resolved locally, not over HTTP
     r = _submit(client, {"prompt": "x", "images": [d["download_url"]]})  # a video where an image belongs
     assert r.status_code == 400 and "images[0]: must be an image" in r.json()["message"]
@@ -207,17 +207,17 @@ def test_file_route_refuses_traversal(client, tmp_path):
 
 def test_cancel_in_queue_reports_failed(client):
     ids = [_submit(client, {"prompt": f"p{i}"}).json()["data"]["id"] for i in range(3)]
-    core = client.app.state.core
-    assert [core.queue_position(i) for i in ids] == [0, 1, 2]
+    core = client.app.state.services
+    assert [core.store.queue_position(i) for i in ids] == [0, 1, 2]
     r = client.post(f"/api/v3/predictions/{ids[1]}/cancel", headers=AUTH)
     assert r.status_code == 200
     d = r.json()["data"]
     assert d["status"] == "failed" and "cancelled" in d["error"]
-    assert [core.queue_position(i) for i in (ids[0], ids[2])] == [0, 1]
+    assert [core.store.queue_position(i) for i in (ids[0], ids[2])] == [0, 1]
 
 
 def test_sync_mode_timeout_shape(client):
-    client.app.state.core.settings.sync_timeout_s = 0.3
+    client.app.state.services.settings.sync_timeout_s = 0.3
     r = _submit(client, {"prompt": "x", "enable_sync_mode": True})
     assert r.status_code == 200
     d = r.json()["data"]
@@ -237,11 +237,11 @@ def test_metrics_and_ready(client):
 
 def test_fast_mode_maps_to_acceleration(client):
     r = _submit(client, {"prompt": "x", "enable_fast_mode": True})
-    job = client.app.state.core.get_job(r.json()["data"]["id"], with_logs=True)
+    job = client.app.state.services.jobs.get_sync(r.json()["data"]["id"], with_logs=True)
     assert job.spec["acceleration"] == "regular"
     assert any("enable_fast_mode" in entry["message"] for entry in job.logs)
     r = _submit(client, {"prompt": "x"})
-    assert client.app.state.core.get_job(r.json()["data"]["id"]).spec["acceleration"] == "none"
+    assert client.app.state.services.jobs.get_sync(r.json()["data"]["id"]).spec["acceleration"] == "none"
 
 
 def test_retention_removes_old_jobs_outputs_and_uploads(client):
@@ -249,12 +249,12 @@ def test_retention_removes_old_jobs_outputs_and_uploads(client):
 
     from server.store import jobs, uploads
 
-    core = client.app.state.core
+    core = client.app.state.services
     jid = _submit(client, {"prompt": "x"}).json()["data"]["id"]
     up = client.post("/api/v3/media/upload/binary", files={"file": ("a.png", io.BytesIO(PNG))}, headers=AUTH)
     up_url = up.json()["data"]["download_url"].removeprefix("http://testserver")
     job = core.store.claim_next("w")
-    out_dir = core.data_dir / "outputs" / jid
+    out_dir = core.files.data_dir / "outputs" / jid
     out_dir.mkdir(parents=True)
     (out_dir / "output.mp4").write_bytes(MP4)
     core.store.finish_job(job.id, "w", status="succeeded", outputs=[
@@ -263,13 +263,13 @@ def test_retention_removes_old_jobs_outputs_and_uploads(client):
     assert got["status"] == "completed" and got["outputs"][0].endswith("/output.mp4")
     assert got["outputs"][0].startswith(f"http://testserver/files/outputs/{jid}/")  # …/<token>/output.mp4 with keys
     assert client.get(got["outputs"][0].removeprefix("http://testserver")).content == MP4
-    assert core.cleanup_expired() == 0  # nothing old yet
+    assert core.jobs.cleanup_expired_sync() == 0  # nothing old yet
     old = _time.time() - 2 * 3600
     with core.store.engine.begin() as c:
         c.execute(jobs.update().where(jobs.c.id == jid).values(finished_at=old))
         c.execute(uploads.update().values(created_at=old))
     core.settings.retention_hours = 1
-    assert core.cleanup_expired() >= 2
+    assert core.jobs.cleanup_expired_sync() >= 2
     assert not out_dir.exists()
     assert client.get(f"/api/v3/predictions/{jid}/result", headers=AUTH).status_code == 404
     assert client.get(got["outputs"][0].removeprefix("http://testserver")).status_code == 404
@@ -288,7 +288,7 @@ def test_hf_negative_prompt_list_is_joined_and_unknown_values_not_stored(client)
     r = _submit(client, {"prompt": "x", "negative_prompt": ["blurry", "dark"], "num_frames": 81.0,
                          "junk": "y" * 10_000})
     assert r.status_code == 200, r.text
-    job = client.app.state.core.get_job(r.json()["data"]["id"], with_logs=True)
+    job = client.app.state.services.jobs.get_sync(r.json()["data"]["id"], with_logs=True)
     assert job.spec["negative_prompt"] == "blurry, dark"
     assert "junk" not in job.extra["input"] and "num_frames" not in job.extra["input"]  # values never stored
     assert any("ignored unknown fields: junk, num_frames" in e["message"] for e in job.logs)
@@ -314,7 +314,7 @@ def test_body_envelope_errors(client):
 def test_request_body_limit(client):
     from server.settings import max_request_bytes
 
-    limit = max_request_bytes(client.app.state.core.settings)
+    limit = max_request_bytes(client.app.state.services.settings)
     big = {"prompt": "x", "video": "data:video/mp4;base64," + "A" * limit}
     r = _submit(client, big)
     assert r.status_code == 413 and r.json()["data"] is None and "byte limit" in r.json()["message"]
@@ -328,7 +328,7 @@ def test_request_body_limit(client):
     r = client.post(SUBMIT, content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["code"] == 413
     assert client.get("/health").status_code == 200
-    assert client.app.state.core.store.queue_depth() == 0
+    assert client.app.state.services.store.queue_depth() == 0
 
 
 def test_empty_and_nameless_uploads_are_refused(client):
@@ -348,7 +348,7 @@ def test_empty_and_nameless_uploads_are_refused(client):
 def test_empty_webhook_param_means_none(client):
     r = client.post(SUBMIT + "?webhook=", json={"prompt": "x"}, headers=AUTH)
     assert r.status_code == 200, r.text
-    assert client.app.state.core.get_job(r.json()["data"]["id"]).webhook_url is None
+    assert client.app.state.services.jobs.get_sync(r.json()["data"]["id"]).webhook_url is None
 
 
 def test_other_hosts_files_paths_are_plain_urls(client):
@@ -356,7 +356,7 @@ def test_other_hosts_files_paths_are_plain_urls(client):
     url = "https://v3.fal.media/files/penguin/abc123_ref.png"
     r = _submit(client, {"prompt": "x", "images": [url]})
     assert r.status_code == 200, r.text
-    assert client.app.state.core.get_job(r.json()["data"]["id"]).spec["inputs"]["reference_images"] == [url]
+    assert client.app.state.services.jobs.get_sync(r.json()["data"]["id"]).spec["inputs"]["reference_images"] == [url]
     r = _submit(client, {"prompt": "x", "video": "http://testserver/files/uploads/../../jobs.db"})
     assert r.status_code == 400 and "path traversal refused" in r.json()["message"]
 
@@ -367,7 +367,7 @@ def test_unexpected_errors_keep_the_envelope(tmp_path):
     settings = Settings(data_dir=tmp_path, workers="0", api_keys=[KEY], model="tiny")
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         jid = c.post(SUBMIT, json={"prompt": "x"}, headers=AUTH).json()["data"]["id"]
-        core = c.app.state.core
+        core = c.app.state.services
         with core.store.engine.begin() as conn:  # a row this version cannot render (e.g. written by a newer one)
             conn.execute(jobs.update().where(jobs.c.id == jid).values(status="paused"))
         r = c.get(f"/api/v3/predictions/{jid}/result", headers=AUTH)

@@ -16,8 +16,9 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from vace_local.core.config import EngineSettings, engine_flags, vace_settings
 from vace_local.core.errors import VaceError, problems_from_pydantic, problems_text
-from vace_local.core.spec import DTYPES, FP8_MODES, OFFLOAD_POLICIES
+from vace_local.core.spec import TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan VACE video models locally.")
 
@@ -25,6 +26,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Wan 
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+@app.callback()
+def _check_settings() -> None:
+    """A bad `VACE_*` value stops every command at once, naming the variable (not a traceback mid-run)."""
+    try:
+        vace_settings()
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -62,11 +72,11 @@ def _parse_prompt_at(value: str) -> dict[str, object]:
     return {"start_frame": int(frame), "prompt": prompt.strip()}
 
 
+@engine_flags(env_help=False)
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What should happen in the video.")] = "",
     model: Annotated[str, typer.Option(help="Built-in name, Hugging Face repo id, local dir, or 'tiny'.")] = "",
-    task: Annotated[str, typer.Option(help="none | depth | depthv2 | pose | face | inpainting | outpainting | "
-                                           "reframe")] = "",
+    task: Annotated[str, typer.Option(help=" | ".join(TASKS))] = "",
     negative_prompt: Annotated[str | None, typer.Option(help="Default: the official Wan negative prompt.")] = None,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT or WIDTH*HEIGHT, e.g. 832x480 "
                                                   "(multiples of 16).")] = None,
@@ -106,21 +116,12 @@ def generate(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("outputs"),
     name: Annotated[str | None, typer.Option(help="Output file stem (default: generated from time).")] = None,
     save_control: Annotated[bool, typer.Option(help="Also write the control and mask videos.")] = False,
-    offload: Annotated[str, typer.Option(help=" | ".join(OFFLOAD_POLICIES))] = "auto",
+    engine: dict | None = None,  # the EngineSettings flags (--offload, --dtype, ... --lora): see engine_flags
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help=f"{' | '.join(DTYPES)} (auto: bf16 on CUDA).")] = "auto",
     download: Annotated[bool, typer.Option(help="Download missing Hub weights instead of failing.")] = False,
     acceleration: Annotated[str | None, typer.Option(help="Step cache: none | low | regular.")] = None,
     step_cache_threshold: Annotated[float | None, typer.Option(help="Explicit step-cache threshold "
                                                                     "(0 = never skip).")] = None,
-    attention: Annotated[str, typer.Option(help="Attention backend: auto | fa3 | cudnn | fa2 | sdpa | "
-                                                "a diffusers name.")] = "auto",
-    cfg_batch: Annotated[bool, typer.Option(help="Run CFG's two branches as one batched forward.")] = False,
-    compile_blocks: Annotated[bool, typer.Option("--compile", help="torch.compile the repeated blocks.")] = False,
-    fp8: Annotated[str, typer.Option(help="none | storage (fp8 weights, bf16 compute) | linear (torchao "
-                                          "float8).")] = "none",
-    lora: Annotated[list[str] | None, typer.Option("--lora", help="PATH[:scale[:steps[:guidance[:shift]]]] "
-                                                                  "(repeatable).")] = None,
     job_lora: Annotated[list[str] | None, typer.Option(
         "--job-lora", help="PATH_OR_URL[:scale[:high|low|both]]: a LoRA for this job only, loaded as an adapter "
         "(repeatable; the spec file's `loras` takes the same). PATH: a local file, a name in VACE_LORA_DIR, an "
@@ -135,6 +136,7 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate one video and write <out>/<name>.mp4 plus <name>.json metadata."""
+    _check_settings()  # also when run as scripts/generate.py (generate_app has no callback)
     from vace_local.core.spec import JobSpec
 
     base: dict = {}
@@ -182,17 +184,14 @@ def generate(
         raise
 
     from vace_local.engine.engine import EngineOptions
-    from vace_local.engine.lora import LoraOption
 
-    if fp8 not in FP8_MODES:
-        _fail(f"fp8: must be {', '.join(FP8_MODES[:-1])} or {FP8_MODES[-1]}, got {fp8!r}")
     try:
-        options = EngineOptions(
-            device=device, dtype=dtype, offload=offload, allow_download=download,  # type: ignore[arg-type]
-            attention=attention, cfg_batch=cfg_batch, compile=compile_blocks,
-            fp8_storage=fp8 == "storage", fp8_linear=fp8 == "linear",
-            loras=tuple(LoraOption.parse(x) for x in lora or ()),
-        )
+        picked = EngineSettings.model_validate(engine or {})
+    except ValidationError as exc:
+        _fail(format_validation_error(exc))
+        raise
+    try:
+        options = EngineOptions.from_settings(picked, device=device, allow_download=download)
     except ValueError as exc:
         _fail(str(exc))
         raise

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from vace_local.core.spec import TASKS
+
 
 def annotate(task: str, frames: Iterable[np.ndarray], info: dict[str, Any], size: tuple[int, int],
              annotators_dir: Path | None = None) -> np.ndarray:
@@ -20,11 +22,12 @@ def annotate(task: str, frames: Iterable[np.ndarray], info: dict[str, Any], size
     order): pose is detected and drawn, depth estimated and normalised, before the crop. `annotators_dir`:
     the weights folder (None: the default, see `preprocessors.weights`).
     """
-    if task in ("depth", "depthv2"):
+    family = TASKS[task].annotator if task in TASKS else None
+    if family == "depth":
         from preprocessors.annotators.depth import depth_frames
 
         return depth_frames(task, frames, size[0], size[1], info, annotators_dir)
-    if task in ("pose", "face"):
+    if family == "pose":
         from preprocessors.annotators.pose import pose_frames
 
         return pose_frames(task, frames, info, size, annotators_dir)

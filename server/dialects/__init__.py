@@ -2,7 +2,7 @@
 `DIALECT = Dialect(...)`.
 
 Adding a dialect: write `server/dialects/<name>/router.py` with an `APIRouter` whose routes carry `tags=[<name>]`,
-a `render_error(request, ApiError) -> Response`, optionally `render_webhook(job, core) -> dict`, and list
+a `render_error(request, ApiError) -> Response`, optionally `render_webhook(job, files) -> dict`, and list
 the module name in `DIALECT_MODULES`. Routers are included in list order, except that dialects marked
 `catch_all=True` (fal's `POST /{app_id:path}`) always come last so specific routes win.
 """

@@ -19,8 +19,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field, ValidationError
 
 from server import media_refs
-from server.core import ApiError, JobService, user_field
-from server.store import JobRecord
+from server.errors import ApiError, user_field
+from server.files import Files
+from server.jobs import JobRecord
+from server.services import Api, DialectConfig
 from vace_local.core.errors import InputError, Problem, problems_from_pydantic
 from vace_local.core.media_limits import MediaLimits
 from vace_local.core.sandbox import vet_file_async
@@ -111,7 +113,7 @@ class Dialect:
     router: APIRouter
     render_error: Callable[[Request, ApiError], Response] = default_render_error
     #: Builds the JSON body POSTed to the job's webhook when it finishes; None = no webhooks.
-    render_webhook: Callable[[JobRecord, JobService], dict[str, Any]] | None = None
+    render_webhook: Callable[[JobRecord, Files], dict[str, Any]] | None = None
     #: Path prefixes owned by this dialect, used to render errors for requests that matched no route.
     path_prefixes: tuple[str, ...] = ()
     #: True for dialects with a path catch-all route; included after all others.
@@ -162,39 +164,28 @@ def served_family(settings: Any) -> str | None:
     return TINY_FAMILIES.get(settings.model, settings.model)
 
 
-def check_served_model(core: JobService, model_id: str, family: str) -> str | None:
+def check_served_model(config: DialectConfig, model_id: str, family: str) -> str | None:
     """None when the served model answers `model_id`, else the reason it does not. Returns a log note
     via `served_note`. `tiny` serves every id, `tiny-two-expert` the Wan 2.2 ids; `Settings.model_map` maps an
     id or family to the served model."""
-    served = core.settings.model
-    if served_family(core.settings) in (None, family):
+    served = config.model
+    if served_family(config) in (None, family):
         return None
-    mapping = getattr(core.settings, "model_map", {}) or {}
+    mapping = getattr(config, "model_map", {}) or {}
     if mapping.get(model_id) == served or mapping.get(family) == served:
         return None
     return (f"model '{model_id}' ({family}) is not served here: this server runs '{served}'. Map it with "
             f"VACE_MODEL_MAP='{{\"{family}\": \"{served}\"}}' to answer it with the served model")
 
 
-def served_note(core: JobService, model_id: str, family: str) -> str:
-    served = core.settings.model
-    if served_family(core.settings) in (None, family):
+def served_note(config: DialectConfig, model_id: str, family: str) -> str:
+    served = config.model
+    if served_family(config) in (None, family):
         return f"model: {model_id} served by {served}"
     return f"model: {model_id} ({family}) answered with the served model '{served}' (model mapping)"
 
 
 # ---- input video probing at submit (fal and AI/ML: auto resolution / aspect, match_input_*) ----------------
-
-def _local_path_url(core: JobService, base: str, path: str) -> str:
-    """Our own file URL for a path under data_dir/uploads (what create_job accepts)."""
-    p = Path(path).resolve()
-    for kind in ("uploads", "outputs"):
-        root = (core.data_dir / kind).resolve()
-        if p.is_relative_to(root):
-            rel = p.relative_to(root)
-            return core.file_url(base, kind, rel.parts[0], rel.parts[1])
-    raise ValueError(f"{p} is not a file of this server")
-
 
 async def _file_chunks(path: Path):  # noqa: ANN202 - async generator
     with open(path, "rb") as f:
@@ -206,7 +197,7 @@ async def _file_chunks(path: Path):  # noqa: ANN202 - async generator
 SUBMIT_PROBE_TIMEOUT_S = 30.0
 
 
-async def probe_source(core: JobService, base: str, value: str, field: str,
+async def probe_source(api: Api, base: str, value: str, field: str,
                        owner: str | None = None) -> tuple[SourceInfo | None, str, str | None]:
     """Make the input video local (stored as an upload), probe it; returns its facts, the reference to submit
     instead (our own file URL, so the worker does not download it again) and None.
@@ -219,13 +210,13 @@ async def probe_source(core: JobService, base: str, value: str, field: str,
     The video is probed in a sandboxed child process (`vace_local.core.sandbox`), never here: a crafted header can
     make a decoder abort or allocate tens of GB, which must cost one 4xx, not the API process."""
     # may decode a data URI: on the slow pool
-    ref = await core.run_slow(core.resolve_input_reference, value, field, base, "video", owner)
+    ref = await api.offload.slow(api.inputs.resolve_input_reference, value, field, base, "video", owner)
     if ref.lower().startswith(("http://", "https://")):
-        with tempfile.TemporaryDirectory(dir=core.data_dir / "cache") as tmp:
+        with tempfile.TemporaryDirectory(dir=api.files.data_dir / "cache") as tmp:
             dest = Path(tmp) / "video"
-            s = core.settings
+            s = api.config
             try:
-                await core.run_slow(media_refs.download, ref, dest, field, allowed=s.allowed_hosts,
+                await api.offload.slow(media_refs.download, ref, dest, field, allowed=s.allowed_hosts,
                                     max_bytes=s.max_download_bytes,
                                     timeout_s=min(s.download_timeout_s, SUBMIT_PROBE_TIMEOUT_S))
             except InputError as e:
@@ -233,7 +224,7 @@ async def probe_source(core: JobService, base: str, value: str, field: str,
                                      "it, and resolution/aspect_ratio 'auto' use the defaults")
             ext = media_refs.check_file(dest, field, "video")
             # already bounded by the download limit: a video the client sent as a URL is not an upload
-            info = await core.save_upload(_file_chunks(dest), f"{field}.{ext}", media_refs.mime_of(ext), owner=owner,
+            info = await api.uploads.save(_file_chunks(dest), f"{field}.{ext}", media_refs.mime_of(ext), owner=owner,
                                           field_name=field, max_bytes=s.max_download_bytes)
         local = str(info.path)
     else:
@@ -242,7 +233,7 @@ async def probe_source(core: JobService, base: str, value: str, field: str,
     limits = replace(limits, timeout_s=min(limits.timeout_s, SUBMIT_PROBE_TIMEOUT_S))
     facts = await vet_file_async(local, field, "video", decode=False, limits=limits)
     return (SourceInfo(num_frames=facts.num_frames, fps=facts.fps, width=facts.width, height=facts.height),
-            _local_path_url(core, base, local), None)
+            api.files.local_url(base, local), None)
 
 
 def needs_source(body: Any) -> bool:

@@ -1,6 +1,7 @@
 """The Wan VACE request fields fal and the AI/ML API share: the same name, type, range and default in both
-published schemas (shared/seeds/001-004), declared once here and subclassed by each dialect's schema, which
-adds its own fields and overrides the ones that differ (AI/ML: `num_frames` from 81, `video_url` required).
+published schemas (fal.ai/models/fal-ai/wan-vace-14b, docs.aimlapi.com), declared once here and subclassed by
+each dialect's schema, which adds its own fields and overrides the ones that differ (AI/ML: `num_frames` from
+81, `video_url` required).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`ControlBundle`: what the preprocessors hand to the engine — exactly what the VACE model is conditioned on.
 
-Conventions (ali-vilab/VACE, see shared/reference/vace-conventions.md):
+Conventions (ali-vilab/VACE; each rule with its source and test in docs/CONDITIONING.md):
 - `frames`: (F, H, W, 3) float32 in [0, 1]; regions to generate are neutral gray 0.5 (never black).
 - `masks`: (F, H, W) float32, exactly 0 or 1; 1 (white) = generate, 0 (black) = keep.
 - `reference_images`: each (H, W, 3) float32 in [0, 1], already fitted on a white canvas of the job size,

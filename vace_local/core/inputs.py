@@ -1,8 +1,11 @@
-"""Fetch a job's media inputs to local files before any model code runs (cog's rule: inputs outside the model).
+"""The one walk over a job's media inputs, and the CLI's fetcher of them (cog's rule: inputs outside the model).
 
-Accepted forms: an existing local path, a `data:` URI, or an http(s) URL. The server passes its own
-`url_fetcher` (with its network safety rules); the CLI's default fetcher trusts the user's URLs but still
-limits size and time.
+`walk_inputs` visits every media value of a `JobInputs` / `ResolvedInputs` (the fields of
+`vace_local.core.spec.MEDIA_FIELDS`) and hands each, by its form (`data:` URI, http(s) URL or anything else,
+a path), to the `Fetcher` its caller passes in. Three callers, three fetchers: the API's submit-time checks
+(data URIs stored as uploads, our own file URLs mapped to files, URL hosts checked, local paths refused), the
+worker's (guarded downloads, content sniffing) and the CLI's `local_fetcher` (trusts the user's URLs and paths
+but still limits size and time; its URL part is the `url_fetcher` argument).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import base64
 import binascii
 import mimetypes
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Literal, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from vace_local.core.errors import InputError
-from vace_local.core.spec import JobInputs
+from vace_local.core.spec import MEDIA_FIELDS, JobInputs, MediaField, MediaInputs, MediaKind
 
 MAX_INPUT_BYTES = 512 * 1024 * 1024
 FETCH_TIMEOUT_S = 60.0  # longest wait for any one read
@@ -26,19 +30,69 @@ DATA_URI_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-
                        re.I)
 
 UrlFetcher = Callable[[str, Path, str], Path]
+R = TypeVar("R")
+M = TypeVar("M", bound=MediaInputs)
 
 
-@dataclass
-class ResolvedInputs:
+class ResolvedInputs(MediaInputs[Path]):
     """`JobInputs` with every value a local file."""
 
-    video: Path | None = None
-    mask_video: Path | None = None
-    mask_image: Path | None = None
-    reference_images: list[Path] = field(default_factory=list)
-    first_image: Path | None = None
-    last_image: Path | None = None
-    extend: Path | None = None
+
+@dataclass(frozen=True)
+class MediaRef:
+    """One media value of a job, as the walk hands it to a fetcher."""
+
+    #: The JobInputs path errors name: `video`, `reference_images[2]`.
+    label: str
+    kind: MediaKind
+    value: str
+    #: A file name stem for a local copy: `video`, `reference_images_2`.
+    stem: str
+
+    @property
+    def form(self) -> Literal["data", "url", "path"]:
+        """How the value is given: a data URI, an http(s) URL, or anything else (a path)."""
+        head = self.value.lstrip()[:8].lower()
+        if head.startswith("data:"):
+            return "data"
+        return "url" if head.startswith(("http://", "https://")) else "path"
+
+
+@dataclass(frozen=True)
+class Fetcher(Generic[R]):
+    """What one caller makes of each form of media reference (a local file, a checked reference)."""
+
+    data_uri: Callable[[MediaRef], R]
+    url: Callable[[MediaRef], R]
+    path: Callable[[MediaRef], R]
+
+    def __call__(self, ref: MediaRef) -> R:
+        form = ref.form
+        if form == "data":
+            return self.data_uri(ref)
+        return self.url(ref) if form == "url" else self.path(ref)
+
+
+def _field_refs(f: MediaField, value: object) -> list[MediaRef]:
+    if f.many:
+        return [MediaRef(f"{f.name}[{i}]", f.kind, str(v), f"{f.name}_{i}") for i, v in enumerate(value or [])]
+    return [MediaRef(f.name, f.kind, str(value), f.name)] if value else []
+
+
+def input_refs(inputs: MediaInputs) -> Iterator[MediaRef]:
+    """Every given media value of `inputs`, in MEDIA_FIELDS order."""
+    for f in MEDIA_FIELDS:
+        yield from _field_refs(f, getattr(inputs, f.name))
+
+
+def walk_inputs(inputs: MediaInputs, fetch: Callable[[MediaRef], R], into: type[M]) -> M:
+    """`inputs` with every media value replaced by `fetch(ref)` (a `Fetcher`), as an `into`: the one walk the
+    API's submit checks, the worker and the CLI share. Errors (InputError) name the JobInputs path."""
+    out: dict[str, object] = {}
+    for f in MEDIA_FIELDS:
+        got = [fetch(ref) for ref in _field_refs(f, getattr(inputs, f.name))]
+        out[f.name] = got if f.many else (got[0] if got else None)
+    return into.model_validate(out)
 
 
 def data_uri_bytes(uri: str, field_name: str, max_bytes: int = MAX_INPUT_BYTES) -> tuple[str | None, bytes]:
@@ -128,35 +182,26 @@ def default_url_fetcher(url: str, dest_stem: Path, field_name: str) -> Path:
                      timeout_s=FETCH_DEADLINE_S, read_timeout_s=FETCH_TIMEOUT_S)
 
 
-def fetch_one(value: str, dest_stem: Path, field_name: str, url_fetcher: UrlFetcher = default_url_fetcher) -> Path:
-    value = value.strip()
-    if value.startswith("data:"):
-        return decode_data_uri(value, dest_stem, field_name)
-    if re.match(r"^https?://", value, re.I):
-        return url_fetcher(value, dest_stem, field_name)
-    path = Path(value.removeprefix("file://")).expanduser()
+def local_path(ref: MediaRef) -> Path:
+    """The CLI's rule for a path: an existing local file (`file://` accepted)."""
+    path = Path(ref.value.strip().removeprefix("file://")).expanduser()
     if not path.is_file():
-        raise InputError(field_name, f"not a file, URL or data URI: {value[:200]}")
+        raise InputError(ref.label, f"not a file, URL or data URI: {ref.value.strip()[:200]}")
     return path
 
 
+def local_fetcher(dest: Path, url_fetcher: UrlFetcher = default_url_fetcher) -> Fetcher[Path]:
+    """The CLI's fetcher: data URIs decoded into `dest`, URLs downloaded there by `url_fetcher`, paths as
+    they are (they must exist)."""
+    return Fetcher(
+        data_uri=lambda ref: decode_data_uri(ref.value.strip(), dest / ref.stem, ref.label),
+        url=lambda ref: url_fetcher(ref.value.strip(), dest / ref.stem, ref.label),
+        path=local_path,
+    )
+
+
 def fetch_inputs(inputs: JobInputs, dest: Path, url_fetcher: UrlFetcher = default_url_fetcher) -> ResolvedInputs:
+    """Every input of a CLI job as a local file (data URIs and downloads written under `dest`)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-
-    def get(name: str) -> Path | None:
-        value = getattr(inputs, name)
-        return fetch_one(value, dest / name, name, url_fetcher) if value else None
-
-    return ResolvedInputs(
-        video=get("video"),
-        mask_video=get("mask_video"),
-        mask_image=get("mask_image"),
-        reference_images=[
-            fetch_one(v, dest / f"reference_{i}", f"reference_images[{i}]", url_fetcher)
-            for i, v in enumerate(inputs.reference_images)
-        ],
-        first_image=get("first_image"),
-        last_image=get("last_image"),
-        extend=get("extend"),
-    )
+    return walk_inputs(inputs, local_fetcher(dest, url_fetcher), ResolvedInputs)

@@ -7,55 +7,37 @@ check against the same `MediaLimits`.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
+from vace_local.core.config import VaceSettings, vace_settings
 from vace_local.core.errors import InputError
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {raw!r}")
-    return value
 
 
 @dataclass(frozen=True)
 class MediaLimits:
     """What an input may declare before we decode it, and what its decoding child may use.
 
-    Every limit has an environment variable (read by `from_env`), so the CLI, the API and the workers
-    agree on one set without passing it around.
+    Every limit is a `VACE_MEDIA_*` variable of the settings registry (core.config, where the defaults and
+    meanings are), so the CLI, the API and the workers agree on one set without passing it around.
     """
 
-    max_side: int = 8192  # VACE_MEDIA_MAX_SIDE: pixels per side, videos and images
-    max_frames: int = 2000  # VACE_MEDIA_MAX_FRAMES
-    max_seconds: float = 120.0  # VACE_MEDIA_MAX_SECONDS
-    max_image_pixels: int = 8192 * 8192  # VACE_MEDIA_MAX_IMAGE_PIXELS: width x height of a still image
-    #: VACE_MEDIA_MAX_DECODED_PIXELS: width x height x frames, what decoding every frame costs
-    #: (about 1000 frames of 4K); bounds GIFs whose canvas and frame count are each just allowed.
-    max_decoded_pixels: int = 1 << 33
-    memory_mb: int = 4096  # VACE_MEDIA_MEMORY_MB: address-space cap of the decoding child
-    timeout_s: float = 120.0  # VACE_MEDIA_TIMEOUT_S: wall-clock cap of the decoding child
+    max_side: int  # VACE_MEDIA_MAX_SIDE: pixels per side, videos and images
+    max_frames: int  # VACE_MEDIA_MAX_FRAMES
+    max_seconds: float  # VACE_MEDIA_MAX_SECONDS
+    max_image_pixels: int  # VACE_MEDIA_MAX_IMAGE_PIXELS: width x height of a still image
+    max_decoded_pixels: int  # VACE_MEDIA_MAX_DECODED_PIXELS: width x height x frames
+    memory_mb: int  # VACE_MEDIA_MEMORY_MB: address-space cap of the decoding child
+    timeout_s: float  # VACE_MEDIA_TIMEOUT_S: wall-clock cap of the decoding child
 
     @classmethod
     def from_env(cls) -> MediaLimits:
-        d = cls()
-        return cls(
-            max_side=int(_env_number("VACE_MEDIA_MAX_SIDE", d.max_side)),
-            max_frames=int(_env_number("VACE_MEDIA_MAX_FRAMES", d.max_frames)),
-            max_seconds=_env_number("VACE_MEDIA_MAX_SECONDS", d.max_seconds),
-            max_image_pixels=int(_env_number("VACE_MEDIA_MAX_IMAGE_PIXELS", d.max_image_pixels)),
-            max_decoded_pixels=int(_env_number("VACE_MEDIA_MAX_DECODED_PIXELS", d.max_decoded_pixels)),
-            memory_mb=int(_env_number("VACE_MEDIA_MEMORY_MB", d.memory_mb)),
-            timeout_s=_env_number("VACE_MEDIA_TIMEOUT_S", d.timeout_s),
-        )
+        return cls.from_settings(vace_settings())
+
+    @classmethod
+    def from_settings(cls, s: VaceSettings) -> MediaLimits:
+        return cls(max_side=s.media_max_side, max_frames=s.media_max_frames, max_seconds=s.media_max_seconds,
+                   max_image_pixels=s.media_max_image_pixels, max_decoded_pixels=s.media_max_decoded_pixels,
+                   memory_mb=s.media_memory_mb, timeout_s=s.media_timeout_s)
 
 
 @dataclass

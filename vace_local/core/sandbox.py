@@ -22,17 +22,14 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 from vace_local.core.errors import InputError, JobCancelled
 from vace_local.core.events import CancelFn, never_cancel
+from vace_local.core.inputs import input_refs
 from vace_local.core.media_limits import MediaFacts, MediaLimits
+from vace_local.core.spec import MediaInputs
+from vace_local.core.spec import MediaKind as Kind
 
-Kind = Literal["image", "video"]
-#: Input fields (JobInputs / ResolvedInputs) and the kind of media each holds.
-INPUT_KINDS: dict[str, Kind] = {"video": "video", "mask_video": "video", "mask_image": "image",
-                                "reference_images": "image", "first_image": "image", "last_image": "image",
-                                "extend": "video"}
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -126,14 +123,10 @@ async def vet_file_async(path: str | Path, field: str, kind: Kind, *, decode: bo
     return _verdict(field, decode, limits, proc.returncode, out, err, timed_out=False)
 
 
-def vet_inputs(resolved: object, *, limits: MediaLimits | None = None,
+def vet_inputs(resolved: MediaInputs, *, limits: MediaLimits | None = None,
                should_cancel: CancelFn = never_cancel) -> None:
     """Vet and fully decode every local input of a job (`ResolvedInputs` or `JobInputs` of local paths) in
     the sandbox before the process that holds the model decodes any of them. Errors name the input field."""
     limits = limits or MediaLimits.from_env()
-    for name, kind in INPUT_KINDS.items():
-        value = getattr(resolved, name, None)
-        items = [(f"{name}[{i}]", p) for i, p in enumerate(value or [])] if name == "reference_images" else (
-            [(name, value)] if value else [])
-        for field, path in items:
-            vet_file(path, field, kind, decode=True, limits=limits, should_cancel=should_cancel)
+    for ref in input_refs(resolved):
+        vet_file(ref.value, ref.label, ref.kind, decode=True, limits=limits, should_cancel=should_cancel)

@@ -7,9 +7,26 @@ to API users verbatim.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Generic, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The engine options' words live with the settings registry; re-exported here for the contract's readers.
+from vace_local.core.config import (  # noqa: F401
+    DEFAULT_MAX_JOB_FRAMES,
+    DEFAULT_MODEL,
+    DTYPES,
+    FP8_MODES,
+    OFFLOAD_POLICIES,
+    DtypeName,
+    Fp8Mode,
+    MemoryPolicy,
+    OffloadPolicy,
+    vace_settings,
+)
 
 #: The official Wan 2.1 negative prompt (`sample_neg_prompt`); diffusers would silently use "" instead.
 OFFICIAL_NEGATIVE_PROMPT = (
@@ -21,14 +38,15 @@ OFFICIAL_NEGATIVE_PROMPT = (
 MAX_REFERENCE_IMAGES = 5
 #: One denoising window: the model's own range (fal's 17..241); longer jobs are made of windows (windows.py).
 MIN_FRAMES, MAX_FRAMES = 17, 241
-#: The longest job the server accepts by default (60 s at 16 fps); `VACE_MAX_FRAMES` changes it, up to
-#: `HARD_MAX_FRAMES` (10 minutes at 16 fps).
-DEFAULT_MAX_JOB_FRAMES, HARD_MAX_FRAMES = 961, 9601
+#: The longest job `VACE_MAX_FRAMES` may ask for (10 minutes at 16 fps; its default, DEFAULT_MAX_JOB_FRAMES, is 60 s).
+HARD_MAX_FRAMES = 9601
 #: The trained clip length: a job longer than its `window_frames` (default) is generated in windows.
 DEFAULT_WINDOW_FRAMES, DEFAULT_OVERLAP_FRAMES = 81, 16
 MAX_SEED = 2**31 - 1
 #: The Wan VAE's compression: 4 frames in time (after the first), 8×8 pixels in space.
 VAE_STRIDE = (4, 8, 8)
+#: Frame sides in pixels: multiples of 16 (the VAE's 8× times the transformer's 2×2 patches), 16..2048.
+SIDE_MULTIPLE, MIN_SIDE, MAX_SIDE = 16, 16, 2048
 
 
 def latent_tokens(width: int, height: int, num_frames: int, patch: tuple[int, int, int] = (1, 2, 2),
@@ -37,6 +55,20 @@ def latent_tokens(width: int, height: int, num_frames: int, patch: tuple[int, in
     frames = (num_frames - 1) // VAE_STRIDE[0] + 1 + num_refs
     lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
     return (frames // patch[0]) * (lat_h // patch[1]) * (lat_w // patch[2])
+
+
+def side_problem(v: int) -> str | None:
+    """Why `v` cannot be a frame side (the rule in words), or None when it can."""
+    if not MIN_SIDE <= v <= MAX_SIDE or v % SIDE_MULTIPLE:
+        return f"must be a multiple of {SIDE_MULTIPLE} within {MIN_SIDE}..{MAX_SIDE}"
+    return None
+
+
+def round_side(x: float, mode: Literal["nearest", "down"] = "nearest") -> int:
+    """The legal frame side nearest to `x` (or the largest at most `x`), within MIN_SIDE..MAX_SIDE."""
+    k = int(x // SIDE_MULTIPLE) if mode == "down" else int(x / SIDE_MULTIPLE + 0.5)
+    return min(MAX_SIDE, max(MIN_SIDE, k * SIDE_MULTIPLE))
+
 
 Task = Literal["none", "depth", "depthv2", "pose", "face", "inpainting", "outpainting", "reframe"]
 Sampler = Literal["unipc", "dpm++", "euler"]
@@ -47,42 +79,61 @@ VideoWriteMode = Literal["fast", "balanced", "small"]
 #: Step-cache presets (fal's `acceleration`; WaveSpeed's enable_fast_mode → "regular"). See step_cache.py.
 Acceleration = Literal["none", "low", "regular"]
 
-# -- engine options (process-level): the words EngineOptions, the server settings and both CLIs accept --
-#: Where the weights live while a job runs (vace_local.engine.memory); `auto` picks one from free VRAM.
-MemoryPolicy = Literal["none", "model", "group", "sequential"]
-OffloadPolicy = Literal["auto", MemoryPolicy]
-#: Compute dtype of the transformer and text encoder; `auto` = bf16 on CUDA, fp32 on CPU (the VAE stays fp32).
-DtypeName = Literal["auto", "bf16", "fp16", "fp32"]
-#: fp8 weights: `storage` keeps e4m3 weights and computes in bf16, `linear` runs torchao float8 linears.
-Fp8Mode = Literal["none", "storage", "linear"]
-OFFLOAD_POLICIES: tuple[str, ...] = get_args(OffloadPolicy)
-DTYPES: tuple[str, ...] = get_args(DtypeName)
-FP8_MODES: tuple[str, ...] = get_args(Fp8Mode)
 
-# -- what each task needs ----------------------------------------------------------------------------------
+# -- the task table: what each task needs and how its control video is made ------------------------------
+@dataclass(frozen=True)
+class TaskRule:
+    """One task's rules. The spec checks a job's inputs against them (`input_gaps`), the dialects phrase the
+    same gaps in their own words, and the preprocessors (preprocessors/build.py) build the control from them."""
+
+    #: `video`: the input video's own frames; `annotator`: an annotator's output of them (depth maps,
+    #: skeletons; `annotator` names the family in preprocessors.annotators); `canvas`: the clip placed on the
+    #: job's canvas (preprocessors/outpaint.py).
+    control: Literal["video", "annotator", "canvas"]
+    #: The control signal comes from `inputs.video`, so a job without one is refused.
+    needs_video: bool = True
+    #: Only a masked region is repainted: `inputs.mask_video` or `inputs.mask_image` is required.
+    needs_mask: bool = False
+    #: For `annotator` control: the annotator family that makes it (`preprocessors.annotators.annotate`).
+    annotator: str | None = None
+    #: The masked region of the video is gray (generated afresh), not kept under a control signal.
+    gray_masked: bool = False
+    #: A mask image is tracked through the clip (SAM2 or flow); else it holds on every frame.
+    track_mask: bool = True
+    #: The task applies `mask_video` / `mask_image` (canvas tasks make their own mask).
+    uses_masks: bool = True
+
+
+TASKS: dict[str, TaskRule] = {
+    "none": TaskRule("video", needs_video=False, track_mask=False),
+    "depth": TaskRule("annotator", annotator="depth"),
+    "depthv2": TaskRule("annotator", annotator="depth"),
+    "pose": TaskRule("annotator", annotator="pose"),
+    "face": TaskRule("annotator", annotator="pose"),
+    "inpainting": TaskRule("video", needs_mask=True, gray_masked=True),
+    "outpainting": TaskRule("canvas", uses_masks=False),
+    "reframe": TaskRule("canvas", uses_masks=False),
+}
+if tuple(TASKS) != get_args(Task):  # the Literal is for pydantic and type checkers; the table is the rules
+    raise RuntimeError("spec.TASKS and spec.Task must list the same tasks")
+
 #: Tasks whose control signal is derived from `inputs.video` (everything but text/image-only `none`).
-TASKS_NEEDING_VIDEO: frozenset[str] = frozenset(get_args(Task)) - {"none"}
+TASKS_NEEDING_VIDEO: frozenset[str] = frozenset(t for t, r in TASKS.items() if r.needs_video)
 #: Tasks that repaint only a masked region, so they need `inputs.mask_video` or `inputs.mask_image`.
-TASKS_NEEDING_MASK: frozenset[str] = frozenset({"inpainting"})
+TASKS_NEEDING_MASK: frozenset[str] = frozenset(t for t, r in TASKS.items() if r.needs_mask)
 #: Tasks whose control video is an annotator's output (depth maps, skeletons); with `control.preprocess` off
 #: the given video already is that output.
-TASKS_ANNOTATED: frozenset[str] = frozenset({"depth", "depthv2", "pose", "face"})
+TASKS_ANNOTATED: frozenset[str] = frozenset(t for t, r in TASKS.items() if r.control == "annotator")
 #: Tasks that run annotator or tracker weights: the annotated ones and inpainting's mask tracker.
 TASKS_USING_ANNOTATOR_WEIGHTS: frozenset[str] = TASKS_ANNOTATED | TASKS_NEEDING_MASK
 
 
 def max_job_frames() -> int:
-    """The longest job this process accepts: `VACE_MAX_FRAMES` (default 961), within 17..9601.
+    """The longest job this process accepts: `VACE_MAX_FRAMES` (default 961), clamped to 17..9601.
 
     The server sets it from its settings (`VACE_MAX_FRAMES` / `--max-frames`) in the API and worker processes;
     the CLI reads the same variable."""
-    import os
-
-    raw = os.environ.get("VACE_MAX_FRAMES", "")
-    try:
-        value = int(raw) if raw.strip() else DEFAULT_MAX_JOB_FRAMES
-    except ValueError:
-        value = DEFAULT_MAX_JOB_FRAMES
+    value = vace_settings().max_frames
     value = max(MIN_FRAMES, min(HARD_MAX_FRAMES, value))
     return value - (value - 1) % 4  # a legal 4k+1 count
 
@@ -93,6 +144,50 @@ def task_needs_video(task: str) -> bool:
 
 def task_needs_mask(task: str) -> bool:
     return task in TASKS_NEEDING_MASK
+
+
+@dataclass(frozen=True)
+class InputGap:
+    """A task input rule that a job's media inputs break; `field` is the JobInputs field it is about."""
+
+    rule: Literal["mask_needs_video", "task_needs_video", "task_needs_mask", "task_ignores_mask"]
+    field: str
+    task: str
+
+    def message(self, names: Mapping[str, str] | None = None) -> str:
+        """The rule in words, naming inputs by `names` (a dialect's words for the JobInputs fields `video`,
+        `mask_video`, `mask_image`; None: `inputs.<field>`)."""
+        def n(f: str) -> str:
+            return f"inputs.{f}" if names is None else names.get(f, f)
+
+        if self.rule == "mask_needs_video":
+            return f"a mask needs {n('video')} to apply to"
+        if self.rule == "task_needs_video":
+            return f"task '{self.task}' needs {n('video')}"
+        if self.rule == "task_ignores_mask":
+            return (f"task '{self.task}' does not use {n(self.field)}: it masks the canvas it adds itself "
+                    "(send a mask with task 'inpainting')")
+        return f"task '{self.task}' needs {n('mask_video')} or {n('mask_image')}"
+
+
+def input_gaps(task: str, given: Mapping[str, object]) -> list[InputGap]:
+    """The input rules `task` breaks with the media inputs `given` (JobInputs names → values; empty = absent):
+    a mask without a video first, then what the task needs, then a mask the task would not use (TASKS). Every
+    entry point checks these."""
+    has = {k for k, v in given.items() if v}
+    rule = TASKS[task]
+    gaps = []
+    if "video" not in has:
+        mask = next((m for m in ("mask_video", "mask_image") if m in has), None)
+        if mask is not None:
+            gaps.append(InputGap("mask_needs_video", mask, task))
+        if rule.needs_video:
+            gaps.append(InputGap("task_needs_video", "video", task))
+    if rule.needs_mask and not has & {"mask_video", "mask_image"}:
+        gaps.append(InputGap("task_needs_mask", "mask_video", task))
+    if not rule.uses_masks and "video" in has:
+        gaps += [InputGap("task_ignores_mask", m, task) for m in ("mask_video", "mask_image") if m in has]
+    return gaps
 
 
 # -- frame counts ------------------------------------------------------------------------------------------
@@ -116,19 +211,75 @@ def round_frames_4k1(n: int, mode: FrameRounding = "up", *, lo: int | None = MIN
     return out
 
 
-class JobInputs(BaseModel):
-    """Media inputs: local paths, http(s) URLs or data URIs. Resolved to local files before preprocessing."""
+MediaKind = Literal["image", "video"]
+
+
+@dataclass(frozen=True)
+class Media:
+    """What a media input field holds: the kind of media (content is sniffed for it at submit and in the worker,
+    and decoded as it in the sandbox)."""
+
+    kind: MediaKind
+
+
+@dataclass(frozen=True)
+class MediaField:
+    """One media input of a job, as the input walker (vace_local.core.inputs.walk_inputs) sees it."""
+
+    name: str
+    kind: MediaKind
+    #: A list of values (reference_images), each named `name[i]` in errors.
+    many: bool
+
+    @property
+    def required_by(self) -> frozenset[str]:
+        """Tasks that refuse a job without this input (the masks: either one)."""
+        if self.name == "video":
+            return TASKS_NEEDING_VIDEO
+        return TASKS_NEEDING_MASK if self.name in ("mask_video", "mask_image") else frozenset()
+
+    @property
+    def used_by(self) -> frozenset[str]:
+        """Tasks that act on this input (canvas tasks make their own mask)."""
+        if self.name in ("mask_video", "mask_image"):
+            return frozenset(t for t, r in TASKS.items() if r.uses_masks)
+        return frozenset(TASKS)
+
+
+Ref = TypeVar("Ref", str, Path)
+
+
+class MediaInputs(BaseModel, Generic[Ref]):
+    """A job's media inputs, declared once: references as the user gave them (`JobInputs`) or local files
+    (`vace_local.core.inputs.ResolvedInputs`). Each field's `Media` says what it must hold; `MEDIA_FIELDS`
+    lists them for every walker (the API's submit checks, the worker, the CLI, the sandbox)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    video: str | None = None
-    mask_video: str | None = None
-    mask_image: str | None = None
-    reference_images: list[str] = Field(default_factory=list)
-    first_image: str | None = None
-    last_image: str | None = None
+    video: Annotated[Ref | None, Media("video")] = None
+    mask_video: Annotated[Ref | None, Media("video")] = None
+    mask_image: Annotated[Ref | None, Media("image")] = None
+    reference_images: Annotated[list[Ref], Media("image")] = Field(default_factory=list)
+    first_image: Annotated[Ref | None, Media("image")] = None
+    last_image: Annotated[Ref | None, Media("image")] = None
     #: A clip to continue: its last `overlap_frames` frames condition the first window (`extend_frames`).
-    extend: str | None = None
+    extend: Annotated[Ref | None, Media("video")] = None
+
+
+def _media_fields() -> tuple[MediaField, ...]:
+    out = []
+    for name, info in MediaInputs.model_fields.items():
+        media = next(m for m in info.metadata if isinstance(m, Media))
+        out.append(MediaField(name, media.kind, many=get_origin(info.annotation) is list))
+    return tuple(out)
+
+
+#: The media inputs, in declaration order: name, kind, list or single (see MediaField).
+MEDIA_FIELDS: tuple[MediaField, ...] = _media_fields()
+
+
+class JobInputs(MediaInputs[str]):
+    """Media inputs: local paths, http(s) URLs or data URIs. Resolved to local files before preprocessing."""
 
     @field_validator("reference_images")
     @classmethod
@@ -139,8 +290,8 @@ class JobInputs(BaseModel):
 
     @model_validator(mode="after")
     def _masks_need_video(self) -> JobInputs:
-        if (self.mask_video or self.mask_image) and not self.video:
-            raise ValueError("mask_video / mask_image need a video to apply to")
+        for gap in input_gaps("none", dict(self)):  # task "none" needs nothing: only the mask rule applies
+            raise ValueError(f"{gap.field}: {gap.message()}")
         return self
 
 
@@ -243,14 +394,14 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "wan2.1-vace-14b"
+    model: str = DEFAULT_MODEL
     task: Task = "none"
     prompt: str = ""
     negative_prompt: str | None = Field(
         None, description="None or empty → the official Wan negative prompt (see effective_negative_prompt)."
     )
-    width: int = Field(832, ge=16, le=2048)
-    height: int = Field(480, ge=16, le=2048)
+    width: int = Field(832, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(480, ge=MIN_SIDE, le=MAX_SIDE)
     num_frames: int = Field(81, ge=MIN_FRAMES, le=HARD_MAX_FRAMES)
     #: Frames per denoising window (4k+1); a longer job is generated as overlapping windows (windows.py).
     window_frames: int = Field(DEFAULT_WINDOW_FRAMES, ge=MIN_FRAMES, le=MAX_FRAMES)
@@ -289,9 +440,9 @@ class JobSpec(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _multiple_of_16(cls, v: int, info) -> int:  # noqa: ANN001
-        if v % 16:
-            raise ValueError(f"{info.field_name} must be a multiple of 16, got {v}")
+    def _side(cls, v: int, info) -> int:  # noqa: ANN001
+        if v % SIDE_MULTIPLE:
+            raise ValueError(f"{info.field_name} must be a multiple of {SIDE_MULTIPLE}, got {v}")
         return v
 
     @field_validator("num_frames", "window_frames")
@@ -349,10 +500,9 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _task_inputs(self) -> JobSpec:
-        if task_needs_video(self.task) and not self.inputs.video:
-            raise ValueError(f"task '{self.task}' needs inputs.video")
-        if task_needs_mask(self.task) and not (self.inputs.mask_video or self.inputs.mask_image):
-            raise ValueError(f"task '{self.task}' needs inputs.mask_video or inputs.mask_image")
+        for gap in input_gaps(self.task, dict(self.inputs)):
+            if gap.rule != "mask_needs_video":  # JobInputs refused that one already
+                raise ValueError(gap.message())
         return self
 
     @property

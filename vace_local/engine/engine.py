@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from vace_local.core.bundle import ControlBundle
+from vace_local.core.config import EngineSettings
 from vace_local.core.errors import InputError, JobCancelled, OutOfMemory
 from vace_local.core.events import CancelFn, Progress, ProgressFn, never_cancel, no_progress
 from vace_local.core.spec import DtypeName as Dtype
@@ -45,24 +46,28 @@ from vace_local.engine.step_cache import ACCELERATION_THRESHOLDS, DenoiserForwar
 log = logging.getLogger(__name__)
 
 
+#: The defaults of the options a user picks, declared once (core.config.EngineSettings).
+_PICKED = EngineSettings()
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Process-level settings (not per job): where and how the weights live."""
 
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    dtype: Dtype = "auto"  # auto: bf16 on CUDA; on the CPU fp32 when it fits in RAM, else bf16
-    offload: OffloadPolicy = "auto"
+    dtype: Dtype = _PICKED.dtype  # auto: bf16 on CUDA; on the CPU fp32 when it fits in RAM, else bf16
+    offload: OffloadPolicy = _PICKED.offload
     vae_tiling: bool | None = None  # None: on when memory is tight
     allow_download: bool = False
     # -- fast path (docs/PERFORMANCE.md); defaults are on only where they cost no quality --
     #: Attention kernel, pinned per model: "auto" (FA3 > cuDNN SDPA > FA2 > SDPA on CUDA), or a name.
-    attention: str = "auto"
+    attention: str = _PICKED.attention
     #: Prompt → embeddings cache entries (exact: same tensors the text encoder gives); 0 turns it off.
     text_cache: int = 32
     #: Run CFG's cond and uncond branches as one batch-2 forward (same result, more activation memory).
-    cfg_batch: bool = False
+    cfg_batch: bool = _PICKED.cfg_batch
     #: Regional torch.compile of the repeated transformer / VACE blocks.
-    compile: bool = False
+    compile: bool = _PICKED.compile
     compile_backend: str = "inductor"
     #: Store transformer weights as fp8 (e4m3) and upcast per layer: ~half the VRAM, small output change.
     fp8_storage: bool = False
@@ -71,10 +76,10 @@ class EngineOptions:
     #: LoRAs fused at load; distillation LoRAs carry step / guidance / shift overrides.
     loras: tuple[LoraOption, ...] = field(default_factory=tuple)
     #: Per-request LoRAs (`JobSpec.loras`) kept loaded as adapters, least recently used dropped first.
-    lora_adapters: int = 4
+    lora_adapters: int = _PICKED.lora_adapters
     #: With `compile`: rank of the fixed LoRA slot per-request LoRAs are written into (no recompile per swap; the
     #: slot's matmuls run on every linear on every job). 0: no slot, per-request LoRAs refused with `compile`.
-    lora_slot_rank: int = 64
+    lora_slot_rank: int = _PICKED.lora_slot_rank
     #: Bytes of helper models (prompt expander, safety checker) that `auto` must leave room for on the GPU.
     aux_bytes: int = 0
     #: Host RAM (bytes) the load may plan with; None: what the OS reports available (MemAvailable, cgroup limit).
@@ -87,6 +92,15 @@ class EngineOptions:
             raise ValueError(f"text_cache must be >= 0, got {self.text_cache}")
         if self.fp8_storage and self.fp8_linear:
             raise ValueError("fp8_storage and fp8_linear are exclusive: fp8_linear already stores fp8 weights")
+
+    @classmethod
+    def from_settings(cls, s: EngineSettings, **process: Any) -> EngineOptions:
+        """The options a user picked (`generate` / `serve` flags, the server's `VACE_*` variables: one declaration,
+        core.config.EngineSettings) plus this process's own (`device`, `allow_download`, `aux_bytes`, ...)."""
+        return cls(offload=s.offload, dtype=s.dtype, attention=s.attention, cfg_batch=s.cfg_batch, compile=s.compile,
+                   fp8_storage=s.fp8 == "storage", fp8_linear=s.fp8 == "linear",
+                   loras=tuple(LoraOption.parse(x) for x in s.loras), lora_adapters=s.lora_adapters,
+                   lora_slot_rank=s.lora_slot_rank, **process)
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

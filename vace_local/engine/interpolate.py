@@ -15,7 +15,6 @@ frames between every output pair (the fps scales by k + 1 so the duration stays)
 from __future__ import annotations
 
 import math
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vace_local.core.config import vace_settings
 from vace_local.core.errors import InputError
 from vace_local.core.spec import round_frames_4k1
 
@@ -203,8 +203,8 @@ def flow_pair(a: np.ndarray, b: np.ndarray, ts: Sequence[float], method: str = "
 
 
 def rife_model_path() -> Path:
-    env = os.environ.get("VACE_RIFE_ONNX")
-    return Path(env) if env else Path.home() / ".cache" / "vace-local" / "rife.onnx"
+    """`VACE_RIFE_ONNX` (default ~/.cache/vace-local/rife.onnx)."""
+    return vace_settings().rife_path
 
 
 class RifeOnnx:

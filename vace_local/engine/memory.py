@@ -18,6 +18,7 @@ from pathlib import Path
 from vace_local.core.errors import InputError, InsufficientMemory
 from vace_local.core.spec import OFFLOAD_POLICIES as POLICIES
 from vace_local.core.spec import MemoryPolicy as Policy
+from vace_local.core.spec import latent_tokens
 
 GIB = 1024**3
 
@@ -40,8 +41,7 @@ class Footprint:
 
 def activation_reserve(width: int = 832, height: int = 480, num_frames: int = 81) -> int:
     """Headroom for activations and the VAE decode; grows with the token count (rough, measured-order)."""
-    tokens = (num_frames - 1) // 4 + 1
-    tokens *= (height // 16) * (width // 16)
+    tokens = latent_tokens(width, height, num_frames)
     return int(4 * GIB + tokens * 160 * 1024)  # ~9 GiB at 480p×81, ~16 GiB at 720p×81
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vace_local.core.config import env_name, vace_settings
 from vace_local.core.errors import ModelNotFoundError
 from vace_local.engine.checkpoints import BASE_PATTERNS, EXPERT_DIRS, OriginalCheckpoint, find_original
 from vace_local.engine.memory import ComponentSize, ModelSize
@@ -30,7 +31,7 @@ class ModelInfo:
     allow: tuple[str, ...] | None = None
 
 
-# Repos and expert layout from the published configs (see shared/reference/diffusers-wan-notes.md §2, §8).
+# Repos and expert layout from the published configs (each repo's model_index.json and transformer config).
 # Wan 2.2 VACE-Fun A14B is the official release in its original format (two expert folders), converted at
 # load; its other components are Wan 2.1 VACE 14B's (same UMT5-XXL, VAE and transformer config).
 BUILTIN_MODELS: dict[str, ModelInfo] = {
@@ -41,8 +42,7 @@ BUILTIN_MODELS: dict[str, ModelInfo] = {
 }
 #: Environment variable naming the base model (built-in name or diffusers directory) of a local
 #: original-format checkpoint; default: the official diffusers model of the checkpoint's width.
-BASE_MODEL_ENV = "VACE_BASE_MODEL"
-DEFAULT_MODEL = "wan2.1-vace-14b"
+BASE_MODEL_ENV = env_name("base_model")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -132,12 +132,10 @@ def _original_or_fail(root: Path, name: str) -> OriginalCheckpoint:
 
 def _local_base(original: OriginalCheckpoint, allow_download: bool) -> Path:
     """The base of a local original-format checkpoint: $VACE_BASE_MODEL, else the official model of its width."""
-    import os
-
     from vace_local.engine.checkpoints import checkpoint_shape, default_base
 
     shape = checkpoint_shape(original.experts[0])  # a non-VACE or non-Wan file fails here, before any weight
-    base = os.environ.get(BASE_MODEL_ENV) or default_base(shape)
+    base = vace_settings().base_model or default_base(shape)
     if base in BUILTIN_MODELS:
         return _base_snapshot(base, base, allow_download)
     resolved = resolve_model(base, allow_download=allow_download)

@@ -8,16 +8,15 @@ gives the same expansion. The LM is loaded on first use and moved off the GPU af
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from vace_local.core.config import DEFAULT_EXPANDER_MODEL, VaceSettings, vace_settings
 from vace_local.engine.model_cache import OptionalModelCache
 from vace_local.engine.tiny import TINY_HELPER
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPANDER_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DOWNLOAD_NAME = "prompt-expander"
 NOT_INSTALLED = "prompt expander not installed"
 
@@ -45,7 +44,13 @@ class ExpanderOptions:
 
     @classmethod
     def from_env(cls) -> ExpanderOptions:
-        return cls(model=os.environ.get("VACE_PROMPT_EXPANDER_MODEL") or DEFAULT_EXPANDER_MODEL)
+        return cls.from_settings(vace_settings())
+
+    @classmethod
+    def from_settings(cls, s: VaceSettings, device: str = "cpu") -> ExpanderOptions:
+        """The registry's `VACE_PROMPT_EXPANDER_*` (the CLI's environment, or the server's settings)."""
+        return cls(model=s.prompt_expander_model, max_new_tokens=s.prompt_expander_max_new_tokens,
+                   keep_on_gpu=s.prompt_expander_keep_on_gpu, device=device)
 
 
 @dataclass

@@ -8,20 +8,19 @@ means "flagged" comes from the model's `id2label` (or is configured), never from
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from vace_local.core.config import DEFAULT_SAFETY_MODEL, VaceSettings, vace_settings
 from vace_local.core.errors import VaceError
 from vace_local.engine.model_cache import OptionalModelCache
 from vace_local.engine.tiny import TINY_HELPER
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAFETY_MODEL = "Falconsai/nsfw_image_detection"
 #: `vace-local download safety` fetches this model; the same name appears in "not installed" errors.
 DOWNLOAD_NAME = "safety"
 NOT_INSTALLED = "safety checker not installed"
@@ -50,7 +49,14 @@ class SafetyOptions:
 
     @classmethod
     def from_env(cls) -> SafetyOptions:
-        return cls(model=os.environ.get("VACE_SAFETY_MODEL") or DEFAULT_SAFETY_MODEL)
+        return cls.from_settings(vace_settings())
+
+    @classmethod
+    def from_settings(cls, s: VaceSettings, device: str = "cpu") -> SafetyOptions:
+        """The registry's `VACE_SAFETY_*` (the CLI's environment, or the server's settings)."""
+        return cls(model=s.safety_model, policy=s.safety_policy, check_inputs=s.safety_check_inputs,
+                   flagged_labels=tuple(s.safety_flagged_labels), threshold=s.safety_threshold,
+                   frames=s.safety_frames, device=device)
 
 
 @dataclass

@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from vace_local.core.config import vace_settings
+
 TINY_MODELS = ("tiny", "tiny-two-expert")
 #: Bumped whenever the tiny recipe changes so stale cached copies are rebuilt.
 TINY_VERSION = 1
@@ -23,8 +25,8 @@ _WORDS = (
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("VACE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vace-local")
-    return Path(root)
+    """`VACE_CACHE_DIR` (default ~/.cache/vace-local)."""
+    return vace_settings().cache_root
 
 
 def _build_tokenizer():  # noqa: ANN202 - transformers tokenizer

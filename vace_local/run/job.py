@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from vace_local.core.bundle import ControlBundle
+    from vace_local.core.inputs import ResolvedInputs
     from vace_local.engine.engine import Engine
     from vace_local.engine.prompt_expand import ExpanderOptions
     from vace_local.engine.safety_check import SafetyOptions
@@ -122,7 +123,7 @@ class _Job:
     """What the stages pass on: the plan, the inputs, the bundle, the frames and the reports."""
 
     plan: JobPlan
-    resolved: Any  # vace_local.core.inputs.ResolvedInputs
+    resolved: ResolvedInputs
     seed: int
     bundle: ControlBundle | None = None
     frames: np.ndarray | None = None
@@ -214,7 +215,7 @@ def _load(stage: Stages, model: str, engine: Engine | None) -> Engine:
     return engine
 
 
-def _fetch(stage: Stages, spec: JobSpec, work: Path) -> Any:
+def _fetch(stage: Stages, spec: JobSpec, work: Path) -> ResolvedInputs:
     from vace_local.core.inputs import fetch_inputs
     from vace_local.core.sandbox import vet_inputs
 
@@ -229,8 +230,7 @@ def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
     server's worker has already resolved them to files under its own rules)."""
     if not spec.loras:
         return spec
-    import os
-
+    from vace_local.core.config import vace_settings
     from vace_local.core.inputs import FETCH_DEADLINE_S, FETCH_TIMEOUT_S, MAX_INPUT_BYTES
     from vace_local.core.lora_sources import LoraFiles
     from vace_local.engine.tiny import default_cache_dir
@@ -241,7 +241,7 @@ def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
         return fetch_url(url, dest, field, max_bytes=MAX_INPUT_BYTES, timeout_s=FETCH_DEADLINE_S,
                          read_timeout_s=FETCH_TIMEOUT_S, should_cancel=stage.should_cancel)
 
-    files = LoraFiles(default_cache_dir() / "loras", download, lora_dir=os.environ.get("VACE_LORA_DIR") or None,
+    files = LoraFiles(default_cache_dir() / "loras", download, lora_dir=vace_settings().lora_dir,
                       allow_local_paths=True)
     with stage("fetch"):
         loras = [ref.model_copy(update={"path": str(files.resolve(ref, f"loras[{i}].path"))})
@@ -249,8 +249,8 @@ def _fetch_loras(stage: Stages, spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"loras": loras})
 
 
-def _plan(stage: Stages, spec: JobSpec, resolved: Any, seed: int) -> JobPlan:
-    """match_input_*, the temporal and the window plan (timed with preprocessing, as before: the keys stay)."""
+def _plan(stage: Stages, spec: JobSpec, resolved: ResolvedInputs, seed: int) -> JobPlan:
+    """match_input_*, the temporal and the window plan (timed under `preprocess`, the key clients already read)."""
     with stage("preprocess"):
         return plan_job(spec, resolved.video, seed=seed, extend=resolved.extend)
 
@@ -284,8 +284,8 @@ def _lazy_bundle(job: _Job, annotators_dir: Path | None) -> Any:
     spec, total = job.plan.bundle_spec, job.plan.bundle_spec.num_frames
 
     def build(a: int, b: int) -> Any:
-        resolved = replace(job.resolved, first_image=job.resolved.first_image if a == 0 else None,
-                           last_image=job.resolved.last_image if b == total else None)
+        resolved = job.resolved.model_copy(update={"first_image": job.resolved.first_image if a == 0 else None,
+                                                   "last_image": job.resolved.last_image if b == total else None})
         return build_bundle(spec.model_copy(update={"num_frames": b - a}), resolved, annotators_dir)
 
     first = build(0, min(total, 1))

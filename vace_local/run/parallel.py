@@ -274,7 +274,7 @@ class GroupEngine:
             from vace_local.core.spec import latent_tokens
 
             tokens = latent_tokens(spec.width, spec.height, spec.num_frames, num_refs=len(bundle.reference_images))
-            per_frame = (spec.height // 16) * (spec.width // 16)
+            per_frame = latent_tokens(spec.width, spec.height, 1)
             if tokens % u:
                 raise InputError("width", f"{spec.width}x{spec.height} gives {per_frame} tokens per latent frame "
                                           f"({tokens} in all), which {u} sequence-parallel ranks cannot split "

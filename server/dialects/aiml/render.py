@@ -10,10 +10,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TINY_NOTE, ApiError, JobRecord, JobService
 from server.dialects.common import check_fields, prompt_used
+from server.errors import ApiError
+from server.files import Files
+from server.jobs import TINY_NOTE, JobRecord
+from server.states import JobStatus
 
-STATUS = {QUEUED: "queued", RUNNING: "generating", SUCCEEDED: "completed", FAILED: "error", CANCELLED: "error"}
+STATUS = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "generating", JobStatus.SUCCEEDED: "completed",
+          JobStatus.FAILED: "error", JobStatus.CANCELLED: "error"}
 
 
 def render_error(request: Request, err: ApiError) -> Response:
@@ -35,18 +39,18 @@ def generation_id(job: JobRecord) -> str:
     return f"{job.id}:{job.model}"
 
 
-def render_generation(job: JobRecord, core: JobService, base: str) -> dict[str, Any]:
+def render_generation(job: JobRecord, files: Files, base: str) -> dict[str, Any]:
     status = STATUS[job.status]
     body: dict[str, Any] = {"id": generation_id(job), "status": status, "video": None, "error": None, "meta": None}
-    if job.status == SUCCEEDED:
-        outs = core.output_urls(job, base)
+    if job.status == JobStatus.SUCCEEDED:
+        outs = files.output_urls(job, base)
         video = next((o for o in outs if o.get("kind") == "video"), outs[0] if outs else None)
         body["video"] = {"url": video["url"]} if video else None
         body["meta"] = {"usage": {"credits_used": 0}, **check_fields(job)}
         if ((job.result or {}).get("prompt_expansion") or {}).get("status") == "expanded":
             body["meta"]["prompt"] = prompt_used(job)  # AI/ML has no prompt field of its own
     elif status == "error":
-        name = "CancelledError" if job.status == CANCELLED else (job.error_type or "GenerationError")
+        name = "CancelledError" if job.status == JobStatus.CANCELLED else (job.error_type or "GenerationError")
         body["error"] = {"name": name, "message": job.error or "generation failed"}
     if job.spec.get("model") == "tiny":
         body["note"] = TINY_NOTE

@@ -11,12 +11,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.auth import request_owner, require_auth
 from server.body_guard import JSON_MEDIA, accepts
-from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.aiml.render import render_error, render_generation
 from server.dialects.aiml.schemas import NAME
 from server.dialects.aiml.serving import create_generation
 from server.dialects.common import Dialect
+from server.errors import ApiError
+from server.services import Api, get_api
 from vace_local.core.errors import Problem
 
 router = APIRouter(prefix="/v2", tags=[NAME])
@@ -25,21 +27,21 @@ authed = [Depends(require_auth)]
 
 @router.post("/video/generations", dependencies=authed, status_code=201, summary="Create a video generation task")
 @accepts(JSON_MEDIA)
-async def create(request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = await create_generation(request, core)
-    return JSONResponse(render_generation(job, core, core.base_url(request)), status_code=201)
+async def create(request: Request, api: Api = Depends(get_api)) -> Response:
+    job = await create_generation(request, api)
+    return JSONResponse(render_generation(job, api.files, api.files.base_url(request)), status_code=201)
 
 
 @router.get("/video/generations", dependencies=authed, summary="Fetch a video generation task")
-def fetch(request: Request, core: JobService = Depends(get_job_service)) -> Response:
+async def fetch(request: Request, api: Api = Depends(get_api)) -> Response:
     gid = request.query_params.get("generation_id") or request.query_params.get("id")
     if not gid:
         raise ApiError.invalid(Problem("generation_id", "query parameter is required", "missing", "query"))
     job_id, sep, model = gid.partition(":")
-    job = core.get_job(job_id, owner=request_owner(request))
+    job = await api.jobs.get(job_id, owner=request_owner(request))
     if job is None or job.dialect != NAME or (sep and model != job.model):
         raise ApiError(404, f"generation '{gid}' not found", error_type="not_found")
-    return JSONResponse(render_generation(job, core, core.base_url(request)))
+    return JSONResponse(render_generation(job, api.files, api.files.base_url(request)))
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False,

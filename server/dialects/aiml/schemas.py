@@ -1,9 +1,10 @@
 """AI/ML API `alibaba/wan2.2-vace-fun-a14b-*` request schemas: the wire contract only.
 
-The AI/ML API fronts the same Wan VACE Fun models with fal-like fields (shared/seeds/003, 004;
-reference/client-protocols.md §6): the fields both share are declared once in `server.dialects.vace_fields`;
-here are AI/ML's own (`model`, `image_list`, `image_url`, `last_image_url`, `preprocess`) and the ones whose
-contract differs from fal's (`video_url` required, `num_frames` from 81, `sync_mode` without effect).
+The AI/ML API fronts the same Wan VACE Fun models with fal-like fields (its published model pages on
+docs.aimlapi.com, `POST /v2/video/generations`): the fields both share are declared once in
+`server.dialects.vace_fields`; here are AI/ML's own (`model`, `image_list`, `image_url`, `last_image_url`,
+`preprocess`) and the ones whose contract differs from fal's (`video_url` required, `num_frames` from 81,
+`sync_mode` without effect).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
+from server.auth import request_owner
 from server.body_guard import read_json
-from server.core import ApiError, JobRecord, JobService, request_owner
 from server.dialects.aiml.schemas import (
     AIML_MODEL_PREFIX,
     AIML_MODELS,
@@ -32,6 +32,9 @@ from server.dialects.common import (
     unknown_fields_note,
 )
 from server.dialects.fal.serving import fal_to_jobspec, parse_fal_request
+from server.errors import ApiError
+from server.jobs import JobRecord
+from server.services import Api
 from vace_local.core.errors import InputError, Problem
 
 log = logging.getLogger("vace.server.aiml")
@@ -84,7 +87,7 @@ async def _read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-async def create_generation(request: Request, core: JobService) -> JobRecord:
+async def create_generation(request: Request, api: Api) -> JobRecord:
     """Validate a `POST /v2/video/generations` body, probe the input video when the size or timing follows it,
     translate and queue the job; refusals are 400s naming the field (404 for a model not served)."""
     body = await _read_json(request)
@@ -95,30 +98,29 @@ async def create_generation(request: Request, core: JobService) -> JobRecord:
                               "enum")) from None
     except ValidationError as e:
         raise invalid(pydantic_problems(e)) from None
-    problem = check_served_model(core, req.model, REQUESTED_FAMILY)
+    problem = check_served_model(api.config, req.model, REQUESTED_FAMILY)
     if problem:
         raise ApiError(404, problem, error_type="model_not_served")
-    base = core.base_url(request)
+    base = api.files.base_url(request)
     source, probe_note = None, None
     if needs_source(req):
         try:
-            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url",
+            source, local_ref, probe_note = await probe_source(api, base, req.video_url, "video_url",
                                                                request_owner(request))
         except InputError as e:
             raise ApiError.invalid(Problem(e.field, e.message), error_type="invalid_input") from None
         req = req.model_copy(update={"video_url": local_ref})
     try:
-        tr = aiml_to_jobspec(req, model=core.settings.model, source=source)
+        tr = aiml_to_jobspec(req, model=api.config.model, source=source)
     except FieldError as e:
         raise invalid(Problem(_FROM_FAL.get(e.field, e.field), e.message)) from None
     except ValidationError as e:
         raise invalid(pydantic_problems(e, FIELD_NAMES)) from None
     # Only the normalised spec is stored (not the raw body): unknown fields are named in a bounded log line.
     unknown = unknown_fields_note(set(body) - set(type(req).model_fields))
-    logs = [served_note(core, req.model, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes,
+    logs = [served_note(api.config, req.model, REQUESTED_FAMILY), *([probe_note] if probe_note else []), *tr.notes,
             *([unknown] if unknown else [])]
-    job = await core.create_job_async(tr.spec, dialect=NAME, model_id=req.model, base_url=base,
-                                      field_names=FIELD_NAMES, logs=logs, extra={"ignored": tr.ignored},
-                                      owner=request_owner(request))
+    job = await api.jobs.submit(tr.spec, dialect=NAME, model_id=req.model, base_url=base, field_names=FIELD_NAMES,
+                                logs=logs, extra={"ignored": tr.ignored}, owner=request_owner(request))
     log.info("aiml job %s for %s (%s)", job.id, req.model, "; ".join(logs))
     return job

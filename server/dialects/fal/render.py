@@ -11,20 +11,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    TINY_NOTE,
-    ApiError,
-    JobRecord,
-    JobService,
-    iso_time,
-)
 from server.dialects.common import check_fields, prompt_used
 from server.dialects.fal.schemas import ALIAS, FAL_APPS, OWNER
+from server.errors import ApiError
+from server.files import Files
+from server.jobs import TINY_NOTE, JobRecord, iso_time
+from server.states import JobStatus
 from vace_local.core.errors import Problem
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -86,26 +78,26 @@ def urls(base: str, job: JobRecord) -> dict[str, str]:
     return {"response_url": b, "status_url": f"{b}/status", "cancel_url": f"{b}/cancel"}
 
 
-def _file(job: JobRecord, core: JobService, out: dict[str, Any], data_uri: bool) -> dict[str, Any]:
+def _file(job: JobRecord, files: Files, out: dict[str, Any], data_uri: bool) -> dict[str, Any]:
     url = out["url"]
     if data_uri:
-        raw = core.output_path(job, out).read_bytes()
+        raw = files.output_path(job, out).read_bytes()
         url = f"data:{out.get('content_type') or 'application/octet-stream'};base64,{base64.b64encode(raw).decode()}"
     return {"url": url, "content_type": out.get("content_type"), "file_name": out.get("file"),
             "file_size": out.get("size")}
 
 
-def render_output(job: JobRecord, core: JobService, base: str) -> dict[str, Any]:
+def render_output(job: JobRecord, files: Files, base: str) -> dict[str, Any]:
     """fal's output: {video: {url, content_type, file_name, file_size, width, height, fps, duration,
     num_frames}, seed, prompt, frames_zip?}; `sync_mode` returns the media as data URIs."""
-    outs = core.output_urls(job, base)
+    outs = files.output_urls(job, base)
     sync = bool(job.extra.get("sync_mode"))
     video = next((o for o in outs if o.get("kind") == "video"), outs[0] if outs else None)
     res = job.result or {}
     # `prompt` is the prompt used for generation: the expanded one when enable_prompt_expansion ran.
     body: dict[str, Any] = {"prompt": prompt_used(job), "seed": res.get("seed", job.spec.get("seed"))}
     if video is not None:
-        v = _file(job, core, video, sync)
+        v = _file(job, files, video, sync)
         w = video.get("width", res.get("width"))
         h = video.get("height", res.get("height"))
         fps = video.get("fps", res.get("fps"))
@@ -115,7 +107,7 @@ def render_output(job: JobRecord, core: JobService, base: str) -> dict[str, Any]
         body["video"] = v
     zips = [o for o in outs if o.get("kind") == "frames_zip" or str(o.get("file", "")).endswith(".zip")]
     if zips:
-        body["frames_zip"] = _file(job, core, zips[0], sync)
+        body["frames_zip"] = _file(job, files, zips[0], sync)
     if job.spec.get("model") == "tiny":
         body["note"] = TINY_NOTE
     body.update(check_fields(job))
@@ -126,7 +118,7 @@ def failure_error(job: JobRecord) -> ApiError:
     """A finished-but-unsuccessful job as fal answers it on the result URL; an input failure keeps the field
     and rule the worker recorded (`job.error_detail`)."""
     msg = job.error or "the request failed"
-    if job.status == CANCELLED:
+    if job.status == JobStatus.CANCELLED:
         return ApiError(400, "Request was cancelled", error_type="cancelled")
     if job.error_type in ("input_error", "invalid_input"):
         problems = [Problem(d.get("field"), str(d.get("message", "")), str(d.get("type") or "value_error"))
@@ -140,36 +132,38 @@ def failure_error(job: JobRecord) -> ApiError:
 def _log_items(job: JobRecord) -> list[dict[str, Any]]:
     items = [{"message": x.get("message", ""), "level": str(x.get("level", "info")).upper(),
               "source": x.get("source", "server"), "timestamp": iso_time(x.get("ts"))} for x in job.logs]
-    if job.status == RUNNING and job.stage:
+    if job.status == JobStatus.RUNNING and job.stage:
         step = f" {job.step}/{job.total}" if job.total else ""
         items.append({"message": f"{job.stage}{step}", "level": "INFO", "source": "worker",
                       "timestamp": iso_time(job.updated_at)})
     return items
 
 
-def render_status(job: JobRecord, core: JobService, base: str, with_logs: bool) -> tuple[int, dict[str, Any]]:
+def render_status(job: JobRecord, base: str, with_logs: bool, queue_position: int | None) -> tuple[int, dict[str, Any]]:
+    """The queue status body (`queue_position`: the job's while it is queued)."""
     body: dict[str, Any] = {"request_id": job.id, **urls(base, job)}
     logs = _log_items(job) if with_logs else None
-    if job.status == QUEUED:
-        body.update(status="IN_QUEUE", queue_position=core.queue_position(job.id) or 0, logs=logs)
+    if job.status == JobStatus.QUEUED:
+        body.update(status="IN_QUEUE", queue_position=queue_position or 0, logs=logs)
         return 202, body
-    if job.status == RUNNING:
+    if job.status == JobStatus.RUNNING:
         body.update(status="IN_PROGRESS", logs=logs)
         return 202, body
     body.update(status="COMPLETED", logs=logs,
                 metrics={"inference_time": job.timings.get("generate") or job.timings.get("total")})
-    if job.status in (FAILED, CANCELLED):
-        body.update(error=job.error or ("cancelled" if job.status == CANCELLED else "failed"),
-                    error_type=job.error_type or ("cancelled" if job.status == CANCELLED else "internal_error"))
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        cancelled = job.status == JobStatus.CANCELLED
+        body.update(error=job.error or ("cancelled" if cancelled else "failed"),
+                    error_type=job.error_type or ("cancelled" if cancelled else "internal_error"))
     return 200, body
 
 
-def render_webhook(job: JobRecord, core: JobService) -> dict[str, Any]:
+def render_webhook(job: JobRecord, files: Files) -> dict[str, Any]:
     """fal's webhook payload: status OK + payload (the output) or ERROR + error and detail."""
-    base = core.settings.public_base_url or job.extra.get("base_url") or core.base_url()
+    base = files.job_base_url(job)
     body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
-    if job.status == SUCCEEDED:
-        body.update(status="OK", payload=render_output(job, core, base), error=None)
+    if job.status == JobStatus.SUCCEEDED:
+        body.update(status="OK", payload=render_output(job, files, base), error=None)
     else:
         err = failure_error(job)
         body.update(status="ERROR", error=err.message,

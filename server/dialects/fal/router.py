@@ -1,5 +1,5 @@
 """fal dialect: the `fal-ai/wan-vace-14b` and `fal-ai/wan-22-vace-fun-a14b` queue APIs (and the synchronous run
-path) on the shared core.
+path) on the shared services.
 
 Routes (fal-client's FAL_QUEUE_RUN_HOST = `<host>:<port>`, FAL_RUN_HOST = `<host>:<port>/run`), `<app>` being
 `wan-vace-14b` (sub-paths optional) or `wan-22-vace-fun-a14b` (a sub-path required, as at fal):
@@ -16,13 +16,11 @@ the app it was submitted to. Every response carries
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from server.auth import request_owner, require_auth
 from server.body_guard import JSON_MEDIA, accepts
-from server.core import SUCCEEDED, ApiError, JobRecord, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.fal.render import (
     failure_error,
@@ -36,6 +34,10 @@ from server.dialects.fal.render import (
 )
 from server.dialects.fal.schemas import FAL_APPS, NAME, OWNER
 from server.dialects.fal.serving import create_fal_job, served_apps_text, split_app_path
+from server.errors import ApiError
+from server.jobs import JobRecord
+from server.services import Api, get_api
+from server.states import JobStatus
 
 router = APIRouter(tags=[NAME])
 authed = [Depends(require_auth)]
@@ -55,8 +57,8 @@ def _of_app(job: JobRecord | None, alias: str) -> bool:
     return job is not None and job.dialect == NAME and (job.model == app_id or job.model.startswith(app_id + "/"))
 
 
-def _job_or_404(core: JobService, alias: str, request_id: str, request: Request) -> JobRecord:
-    job = core.get_job(request_id, with_logs=True, owner=request_owner(request))
+async def _job_or_404(api: Api, alias: str, request_id: str, request: Request) -> JobRecord:
+    job = await api.jobs.get(request_id, with_logs=True, owner=request_owner(request))
     if not _of_app(job, alias):
         raise ApiError(404, f"Request '{request_id}' not found", error_type="not_found")
     return job
@@ -74,55 +76,55 @@ def _check_endpoint(alias: str, endpoint: str) -> None:
 
 
 @router.get(SUB_REQ + "/status", dependencies=authed, include_in_schema=False)
-def status_sub(
-    alias: str, endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
-) -> Response:
+async def status_sub(alias: str, endpoint: str, request_id: str, request: Request,
+                     api: Api = Depends(get_api)) -> Response:
     _check_endpoint(alias, endpoint)
-    return status(alias, request_id, request, core)
+    return await status(alias, request_id, request, api)
 
 
 @router.get(SUB_REQ, dependencies=authed, include_in_schema=False)
-def result_sub(
-    alias: str, endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
-) -> Response:
+async def result_sub(alias: str, endpoint: str, request_id: str, request: Request,
+                     api: Api = Depends(get_api)) -> Response:
     _check_endpoint(alias, endpoint)
-    return result(alias, request_id, request, core)
+    return await result(alias, request_id, request, api)
 
 
 @router.put(SUB_REQ + "/cancel", dependencies=authed, include_in_schema=False)
-def cancel_sub(
-    alias: str, endpoint: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)
-) -> Response:
+async def cancel_sub(alias: str, endpoint: str, request_id: str, request: Request,
+                     api: Api = Depends(get_api)) -> Response:
     _check_endpoint(alias, endpoint)
-    return cancel(alias, request_id, request, core)
+    return await cancel(alias, request_id, request, api)
 
 
 @router.get(REQ + "/status", dependencies=authed, summary="fal queue status")
-def status(alias: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = _job_or_404(core, alias, request_id, request)
+async def status(alias: str, request_id: str, request: Request, api: Api = Depends(get_api)) -> Response:
+    job = await _job_or_404(api, alias, request_id, request)
     with_logs = request.query_params.get("logs", "0").lower() in ("1", "true", "yes")
-    code, body = render_status(job, core, core.base_url(request), with_logs)
+    position = await api.jobs.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+    code, body = render_status(job, api.files.base_url(request), with_logs, position)
     return json_response(body, job.id, code)
 
 
 @router.get(REQ, dependencies=authed, summary="fal queue result")
-def result(alias: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = _job_or_404(core, alias, request_id, request)
-    if job.status == SUCCEEDED:
-        return json_response(render_output(job, core, core.base_url(request)), job.id)
+async def result(alias: str, request_id: str, request: Request, api: Api = Depends(get_api)) -> Response:
+    job = await _job_or_404(api, alias, request_id, request)
+    if job.status == JobStatus.SUCCEEDED:
+        # sync_mode jobs answer base64 media: read + encoded off the loop
+        body = await api.offload.slow(render_output, job, api.files, api.files.base_url(request))
+        return json_response(body, job.id)
     if job.terminal:
         raise failure_error(job)
     raise ApiError(400, "Request is still in progress", error_type="in_progress")
 
 
 @router.put(REQ + "/cancel", dependencies=authed, summary="fal queue cancel")
-def cancel(alias: str, request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = core.get_job(request_id, owner=request_owner(request))
+async def cancel(alias: str, request_id: str, request: Request, api: Api = Depends(get_api)) -> Response:
+    job = await api.jobs.get(request_id, owner=request_owner(request))
     if not _of_app(job, alias):
         return json_response({"status": "NOT_FOUND"}, header_id(request_id), 404)
     if job.terminal:
         return json_response({"status": "ALREADY_COMPLETED"}, request_id, 400)
-    core.cancel_job(request_id, request_owner(request))
+    await api.jobs.cancel(request_id, request_owner(request))
     return json_response({"status": "CANCELLATION_REQUESTED"}, request_id, 202)
 
 
@@ -139,25 +141,25 @@ async def not_found(rest: str, request: Request) -> Response:
 
 @router.post("/run/{app_path:path}", dependencies=authed, summary="fal synchronous run")
 @accepts(JSON_MEDIA)
-async def run_sync(app_path: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = await create_fal_job(request, core, app_path)
+async def run_sync(app_path: str, request: Request, api: Api = Depends(get_api)) -> Response:
+    job = await create_fal_job(request, api, app_path)
     request.state.fal_request_id = job.id
-    job = await core.wait_for_job(job.id)
+    job = await api.jobs.wait(job.id)
     if not job.terminal:
         raise ApiError(504, "Request timed out", error_type="request_timeout")
-    if job.status != SUCCEEDED:
+    if job.status != JobStatus.SUCCEEDED:
         raise failure_error(job)
-    body = await asyncio.to_thread(render_output, job, core, core.base_url(request))  # sync_mode: base64 media
+    body = await api.offload.slow(render_output, job, api.files, api.files.base_url(request))  # sync_mode: base64
     return json_response(body, job.id)
 
 
 @router.post("/{app_path:path}", dependencies=authed, summary="fal queue submit (fal-ai/<app>[/sub])")
 @accepts(JSON_MEDIA)
-async def submit(app_path: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = await create_fal_job(request, core, app_path)
-    base = core.base_url(request)
+async def submit(app_path: str, request: Request, api: Api = Depends(get_api)) -> Response:
+    job = await create_fal_job(request, api, app_path)
+    base = api.files.base_url(request)
     body = {"request_id": job.id, "gateway_request_id": job.id, "status": "IN_QUEUE",
-            "queue_position": await asyncio.to_thread(core.queue_position, job.id) or 0, **urls(base, job)}
+            "queue_position": await api.jobs.queue_position(job.id) or 0, **urls(base, job)}
     return json_response(body, job.id)
 
 

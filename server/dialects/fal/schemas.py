@@ -2,10 +2,10 @@
 
 `fal-ai/wan-22-vace-fun-a14b/{depth,pose,inpainting,outpainting,reframe}` (Wan 2.2 VACE Fun) has no base endpoint
 and exactly the same fields, types, defaults and ranges as the matching `wan-vace-14b` sub-path (fal's generated
-types alias them: reference/previews-and-loras.md §3), so one schema per sub-path serves both apps.
+types alias them), so one schema per sub-path serves both apps.
 
-Field names, defaults and ranges follow the published fal schema (shared/seeds/001, 002;
-reference/client-protocols.md §4), so that a fal client's request validates here exactly as it would at fal.
+Field names, defaults and ranges follow the published fal schema (fal.ai/models/fal-ai/wan-vace-14b and its
+sub-paths' API pages), so that a fal client's request validates here exactly as it would at fal.
 The fields fal shares with the AI/ML API are declared once in `server.dialects.vace_fields`.
 """
 

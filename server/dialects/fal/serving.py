@@ -10,15 +10,14 @@ the resolved video and passes them in as a `SourceInfo`.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
 from pydantic import ValidationError
 
+from server.auth import request_owner
 from server.body_guard import read_json
-from server.core import ApiError, JobRecord, JobService, request_owner
 from server.dialects.common import (
     HOSTED_MAX_FRAMES,
     FieldError,
@@ -43,15 +42,21 @@ from server.dialects.fal.schemas import (
     FalReframeRequest,
 )
 from server.dialects.fal.schemas import FalRequest as _Common
+from server.errors import ApiError
+from server.jobs import JobRecord
+from server.services import Api
+from vace_local.core.config import vace_settings
 from vace_local.core.errors import InputError, Problem
 from vace_local.core.spec import (
+    TASKS,
     ControlOptions,
     JobInputs,
     JobSpec,
     OutputOptions,
     TemporalOptions,
+    input_gaps,
+    round_side,
     task_needs_mask,
-    task_needs_video,
 )
 from vace_local.core.timing import match_input_timing
 
@@ -64,14 +69,9 @@ SHORT_SIDE = {"240p": 240, "360p": 352, "480p": 480, "580p": 576, "720p": 720}
 LANDSCAPE = {"240p": (416, 240), "360p": (640, 352), "480p": (832, 480), "580p": (1024, 576), "720p": (1280, 720)}
 #: Without an input video, "auto" resolution means Wan's native 480p.
 DEFAULT_TIER = "480p"
-MAX_SIDE = 2048
 
 
 # --- geometry and timing (shared with the AI/ML dialect, whose fields mirror fal's) -------------------------
-
-def _round16(x: float) -> int:
-    return max(16, int(math.floor(x / 16.0 + 0.5)) * 16)
-
 
 def auto_tier(source: SourceInfo | None) -> str:
     """Largest tier whose short side the input reaches (240p at least, 720p at most)."""
@@ -106,8 +106,8 @@ def output_size(
         w, h = LANDSCAPE[tier]
         return h, w
     if aspect >= 1:
-        return min(_round16(short * aspect), MAX_SIDE), short
-    return short, min(_round16(short / aspect), MAX_SIDE)
+        return round_side(short * aspect), short
+    return short, round_side(short / aspect)
 
 
 def timing(
@@ -129,18 +129,17 @@ def timing(
 def temporal_options(req: Any, notes: list[str]) -> TemporalOptions:
     """fal's downsample/interpolation extras. 'film' is served by the built-in optical-flow interpolator, and so
     is 'rife' when no RIFE weights are installed: both are valid fal values, so a fal client never fails on them."""
-    from vace_local.engine.interpolate import rife_model_path
-
     k = req.num_interpolated_frames
     if getattr(req, "temporal_upsample_factor", None) is not None and not k:
         k = req.temporal_upsample_factor
     used = bool(k or req.temporal_downsample_factor or req.enable_auto_downsample)
     interp = "flow"
     if req.interpolator_model == "rife":
-        if rife_model_path().is_file():
+        rife = vace_settings().rife_path
+        if rife.is_file():
             interp = "rife"
         elif used:
-            notes.append(f"interpolator_model 'rife': no RIFE weights at {rife_model_path()} (VACE_RIFE_ONNX), "
+            notes.append(f"interpolator_model 'rife': no RIFE weights at {rife} (VACE_RIFE_ONNX), "
                          "served by the built-in optical-flow interpolator")
     if req.interpolator_model == "film" and used:
         notes.append("interpolator_model 'film' is served by the built-in optical-flow interpolator")
@@ -196,7 +195,7 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         "match_input_frames_per_second": req.match_input_frames_per_second and source is None,
         "output_num_frames": trim,
     }
-    if task in ("depth", "pose") and hasattr(req, "preprocess"):
+    if TASKS[task].control == "annotator" and hasattr(req, "preprocess"):
         control["preprocess"] = req.preprocess
     if isinstance(req, FalOutpaintingRequest):
         control.update(expand_left=req.expand_left, expand_right=req.expand_right, expand_top=req.expand_top,
@@ -218,13 +217,9 @@ def fal_to_jobspec(endpoint: str, req: _Common, *, model: str, source: SourceInf
         else:
             notes.append("mask_image_url ignored: mask_video_url is given")
             mask_image = None
-    if task_needs_video(task) and not req.video_url:
-        raise FieldError("video_url", f"required (a non-empty URL) for the {task} task")
-    if (mask_video or mask_image) and not req.video_url:
-        raise FieldError("mask_image_url" if mask_image else "mask_video_url",
-                         "a mask needs video_url (the video it applies to)")
-    if task_needs_mask(task) and not (mask_video or mask_image):
-        raise FieldError("mask_video_url", "inpainting needs mask_video_url or mask_image_url")
+    gaps = input_gaps(task, {"video": req.video_url, "mask_video": mask_video, "mask_image": mask_image})
+    for gap in sorted(gaps, key=lambda g: g.rule != "task_needs_video"):  # a missing video_url is named first
+        raise FieldError(FIELD_NAMES[gap.field], gap.message(FIELD_NAMES))
     inputs = JobInputs(
         video=req.video_url,
         mask_video=mask_video if task_needs_mask(task) or endpoint == "" else None,
@@ -295,12 +290,12 @@ async def _read_json(request: Request) -> Any:
                        problems=[Problem("body", f"invalid JSON: {e}", "json_invalid")]) from None
 
 
-async def create_fal_job(request: Request, core: JobService, app_path: str) -> JobRecord:
+async def create_fal_job(request: Request, api: Api, app_path: str) -> JobRecord:
     """Validate a submit against its endpoint's schema, probe the input video when the size or timing follows
     it, translate, and queue the job; every refusal is fal's 422 naming the field (or a 404 for the app)."""
     app, endpoint = split_app_path(app_path)
     app_id = app.app_id + (f"/{endpoint}" if endpoint else "")
-    problem = check_served_model(core, app_id, app.family)
+    problem = check_served_model(api.config, app_id, app.family)
     if problem:
         raise ApiError(404, problem, error_type="model_not_served")
     body = await _read_json(request)
@@ -310,17 +305,17 @@ async def create_fal_job(request: Request, core: JobService, app_path: str) -> J
         req = parse_fal_request(endpoint, body)
     except ValidationError as e:
         raise fal_invalid(pydantic_problems(e)) from None
-    base = core.base_url(request)
+    base = api.files.base_url(request)
     source, probe_note = None, None
     if needs_source(req):
         try:
-            source, local_ref, probe_note = await probe_source(core, base, req.video_url, "video_url",
+            source, local_ref, probe_note = await probe_source(api, base, req.video_url, "video_url",
                                                                request_owner(request))
         except InputError as e:
             raise field_error(e.field, e.message) from None
         req = req.model_copy(update={"video_url": local_ref})
     try:
-        tr: Translation = fal_to_jobspec(endpoint, req, model=core.settings.model, source=source)
+        tr: Translation = fal_to_jobspec(endpoint, req, model=api.config.model, source=source)
     except FieldError as e:
         raise field_error(e.field, e.message) from None
     except ValidationError as e:
@@ -328,15 +323,15 @@ async def create_fal_job(request: Request, core: JobService, app_path: str) -> J
     webhook = request.query_params.get("fal_webhook") or None
     if webhook is not None:
         try:
-            core.check_webhook_url(webhook, "fal_webhook")
+            api.jobs.check_webhook_url(webhook, "fal_webhook")
         except ApiError as e:
             raise fal_invalid([replace(p, location="query") for p in e.problems]) from None
     # Only the normalised spec is stored (not the raw body): unknown fields are named in a bounded log line.
     unknown = unknown_fields_note(set(body) - set(type(req).model_fields))
-    logs = [served_note(core, app_id, app.family), *([probe_note] if probe_note else []), *tr.notes,
+    logs = [served_note(api.config, app_id, app.family), *([probe_note] if probe_note else []), *tr.notes,
             *([unknown] if unknown else [])]
     try:
-        job = await core.create_job_async(
+        job = await api.jobs.submit(
             tr.spec, dialect=NAME, model_id=app_id, base_url=base, webhook_url=webhook, field_names=FIELD_NAMES,
             logs=logs, extra={"endpoint": endpoint, "sync_mode": tr.sync_mode, "ignored": tr.ignored},
             owner=request_owner(request),

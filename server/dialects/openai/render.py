@@ -8,10 +8,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TINY_NOTE, ApiError, JobRecord, JobService
 from server.dialects.common import windows_field
 from server.dialects.openai.schemas import STATUS
 from server.dialects.openai.serving import seconds_text
+from server.errors import ApiError
+from server.jobs import TINY_NOTE, JobRecord
+from server.states import JobStatus
 
 #: Sent with every non-terminal retrieve: the SDK's `poll()` waits this long between polls.
 POLL_AFTER_MS = 500
@@ -31,21 +33,21 @@ def render_error(request: Request, err: ApiError) -> Response:
     return JSONResponse({"error": body}, status_code=status)
 
 
-def render_video(job: JobRecord, core: JobService) -> dict[str, Any]:
-    """The `Video` object of the SDK (openai/types/video.py) for one job."""
+def render_video(job: JobRecord, retention_hours: float) -> dict[str, Any]:
+    """The `Video` object of the SDK (openai/types/video.py) for one job (`expires_at` from the retention)."""
     spec = job.spec
     status = STATUS[job.status]
-    if job.status == SUCCEEDED:
+    if job.status == JobStatus.SUCCEEDED:
         progress = 100
-    elif job.status == RUNNING:
+    elif job.status == JobStatus.RUNNING:
         progress = max(0, min(99, int(job.progress * 100)))
     else:
-        progress = 0 if job.status == QUEUED else int(job.progress * 100)
+        progress = 0 if job.status == JobStatus.QUEUED else int(job.progress * 100)
     error = None
     if status == "failed":
-        code = "cancelled" if job.status == CANCELLED else (job.error_type or "generation_failed")
+        code = "cancelled" if job.status == JobStatus.CANCELLED else (job.error_type or "generation_failed")
         error = {"code": code, "message": job.error or "generation failed"}
-    retention = core.settings.retention_hours
+    retention = retention_hours
     finished = int(job.finished_at) if job.finished_at is not None else None
     body: dict[str, Any] = {
         "id": job.id,

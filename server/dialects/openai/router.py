@@ -1,4 +1,4 @@
-"""OpenAI videos API dialect: what the official `openai` SDK's `client.videos` calls, on the shared core.
+"""OpenAI videos API dialect: what the official `openai` SDK's `client.videos` calls, on the shared services.
 
 Routes: `POST /v1/videos` (multipart — what the SDK always sends — or JSON), `GET /v1/videos` (cursor list:
 `after`, `limit`, `order`), `GET /v1/videos/{id}`, `DELETE /v1/videos/{id}`, `GET /v1/videos/{id}/content`
@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from server import media_refs
+from server.auth import request_owner, require_auth
 from server.body_guard import JSON_OR_FORM_MEDIA, accepts
-from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.openai.render import POLL_AFTER_MS, render_error, render_video
 from server.dialects.openai.schemas import NAME
@@ -29,6 +29,8 @@ from server.dialects.openai.serving import (
     read_request,
     stop_and_delete,
 )
+from server.errors import ApiError
+from server.services import Api, get_api
 
 router = APIRouter(prefix="/v1", tags=[NAME])
 authed = [Depends(require_auth)]
@@ -36,43 +38,43 @@ authed = [Depends(require_auth)]
 
 @router.post("/videos", dependencies=authed, summary="Create a video (OpenAI videos API)")
 @accepts(JSON_OR_FORM_MEDIA)
-async def create_video(request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    body, upload = await read_request(request, core)
+async def create_video(request: Request, api: Api = Depends(get_api)) -> Response:
+    body, upload = await read_request(request, api)
     try:
-        job = await create_video_job(request, core, body, upload)
+        job = await create_video_job(request, api, body, upload)
     finally:
         if upload is not None:
             await upload.close()  # the spooled copy of the file part
-    return JSONResponse(render_video(job, core))
+    return JSONResponse(render_video(job, api.config.retention_hours))
 
 
 @router.get("/videos", dependencies=authed, summary="List videos (cursor pages)")
-def list_videos(request: Request, after: str | None = Query(None), limit: str = Query("20"),
-                order: str = Query("desc"), core: JobService = Depends(get_job_service)) -> Response:
-    page, has_more = list_page(core, after=after, limit=limit, order=order, owner=request_owner(request))
-    data = [render_video(j, core) for j in page]
+async def list_videos(request: Request, after: str | None = Query(None), limit: str = Query("20"),
+                      order: str = Query("desc"), api: Api = Depends(get_api)) -> Response:
+    page, has_more = await list_page(api, after=after, limit=limit, order=order, owner=request_owner(request))
+    data = [render_video(j, api.config.retention_hours) for j in page]
     return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                          "last_id": data[-1]["id"] if data else None, "has_more": has_more})
 
 
 @router.get("/videos/{video_id}", dependencies=authed, summary="Retrieve a video")
-def retrieve_video(video_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
-    job = job_or_404(core, video_id, request_owner(request))
+async def retrieve_video(video_id: str, request: Request, api: Api = Depends(get_api)) -> Response:
+    job = await job_or_404(api, video_id, request_owner(request))
     headers = {} if job.terminal else {"openai-poll-after-ms": str(POLL_AFTER_MS)}
-    return JSONResponse(render_video(job, core), headers=headers)
+    return JSONResponse(render_video(job, api.config.retention_hours), headers=headers)
 
 
 @router.delete("/videos/{video_id}", dependencies=authed, summary="Delete a video and its files")
-def delete_video(video_id: str, request: Request, core: JobService = Depends(get_job_service)) -> Response:
+async def delete_video(video_id: str, request: Request, api: Api = Depends(get_api)) -> Response:
     owner = request_owner(request)
-    stop_and_delete(core, job_or_404(core, video_id, owner), owner)
+    await stop_and_delete(api, await job_or_404(api, video_id, owner), owner)
     return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
 
 @router.get("/videos/{video_id}/content", dependencies=authed, summary="Download the video (mp4)")
-def download_content(video_id: str, request: Request, variant: str = Query("video"),
-                     core: JobService = Depends(get_job_service)) -> Response:
-    return FileResponse(content_path(core, video_id, variant, request_owner(request)), media_type="video/mp4",
+async def download_content(video_id: str, request: Request, variant: str = Query("video"),
+                           api: Api = Depends(get_api)) -> Response:
+    return FileResponse(await content_path(api, video_id, variant, request_owner(request)), media_type="video/mp4",
                         headers=media_refs.FILE_HEADERS)
 
 

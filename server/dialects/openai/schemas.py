@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from server.dialects.common import PROMPT_MAX_CHARS, loras_field, loras_from_text, not_blank
+from server.states import JobStatus
 from vace_local.core.spec import (
     MAX_REFERENCE_IMAGES,
     MAX_SEED,
@@ -25,12 +25,13 @@ from vace_local.core.spec import (
     Sampler,
     Task,
     max_job_frames,
+    side_problem,
 )
 
 NAME = "openai"
 #: Our statuses → the SDK's (a cancelled job is `failed` with code `cancelled`).
-STATUS = {QUEUED: "queued", RUNNING: "in_progress", SUCCEEDED: "completed", FAILED: "failed",
-          CANCELLED: "failed"}
+STATUS = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "in_progress", JobStatus.SUCCEEDED: "completed",
+          JobStatus.FAILED: "failed", JobStatus.CANCELLED: "failed"}
 #: Largest page `GET /v1/videos` returns.
 LIST_LIMIT_MAX = 100
 #: `GET /v1/videos/{id}/content?variant=`: only `video` is produced here.
@@ -42,12 +43,9 @@ DEFAULT_SIZE = "720x1280"
 #: OpenAI's model names (and their dated snapshots): all answered by the served VACE model.
 OPENAI_MODEL_RE = re.compile(r"^sora-2(-pro)?(-\d{4}-\d{2}-\d{2})?$")
 MIN_SECONDS = (MIN_FRAMES - 1) / FPS
-MAX_SIDE = 2048
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 #: JobSpec / JobInputs names → this dialect's (errors name the user's field).
 FIELD_NAMES = {"width": "size", "height": "size", "num_frames": "seconds"}
-#: Media extras (URLs, data URIs or files uploaded here); only `input_reference` may be a file part.
-MEDIA_FIELDS = ("video", "mask_video", "mask_image", "first_image", "last_image", "reference_images")
 
 
 class InputReferenceObject(BaseModel):
@@ -138,12 +136,12 @@ class VideoCreateRequest(BaseModel):
 
 
 def parse_size(v: str) -> tuple[int, int]:
-    """`"WxH"` → (width, height); both multiples of 16 within 16..2048 (what the engine accepts)."""
+    """`"WxH"` → (width, height); both legal frame sides (`vace_local.core.spec.side_problem`)."""
     m = SIZE_RE.match(v.strip())
     if not m:
         raise ValueError("must be WIDTHxHEIGHT in pixels, e.g. \"1280x720\"")
     w, h = int(m.group(1)), int(m.group(2))
     for name, x in (("width", w), ("height", h)):
-        if not 16 <= x <= MAX_SIDE or x % 16:
-            raise ValueError(f"{name} {x} must be a multiple of 16 within 16..{MAX_SIDE}")
+        if problem := side_problem(x):
+            raise ValueError(f"{name} {x} {problem}")
     return w, h

@@ -6,11 +6,9 @@ The translation is pure code (no HTTP, no job store, no media decoding).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server import media_refs
+from server.auth import request_owner
 from server.body_guard import read_json
-from server.core import SUCCEEDED, ApiError, JobRecord, JobService, request_owner, validation_error
 from server.dialects.common import check_served_model
 from server.dialects.openai.schemas import (
     FIELD_NAMES,
@@ -36,22 +34,27 @@ from server.dialects.openai.schemas import (
     VideoCreateRequest,
     parse_size,
 )
+from server.errors import ApiError, validation_error
+from server.jobs import JobRecord
+from server.services import Api, DialectConfig
 from server.settings import max_request_bytes
+from server.states import JobStatus
 from vace_local.core.errors import Problem
 from vace_local.core.spec import (
     ControlOptions,
     JobInputs,
     JobSpec,
+    input_gaps,
     max_job_frames,
     round_frames_4k1,
-    task_needs_mask,
-    task_needs_video,
 )
 
 log = logging.getLogger("vace.server.openai")
 
 #: Form fields of one create request: every field once, `reference_images[]` five times, and room to spare.
 FORM_MAX_FIELDS = 64
+#: How the task-input rules name the media inputs here (a video may come as `input_reference`).
+_INPUT_WORDS = {"video": "a video (video or a video input_reference)"}
 #: How long a DELETE of a running video waits for its worker to stop at the next step.
 DELETE_WAIT_S = 10.0
 
@@ -121,18 +124,14 @@ def to_spec(req: VideoCreateRequest, ref: Reference | None) -> tuple[JobSpec, li
             raise _bad("input_reference", "a video input_reference is the control video; do not also send video")
         video = ref.value
         notes.append("input_reference (video) → control video")
-    if (req.mask_video or req.mask_image) and not video:
-        raise _bad("mask_video" if req.mask_video else "mask_image", "a mask needs a video (video or a video "
-                   "input_reference) to apply to")
     task = req.task
     if task is None:
         task = "depth" if video else "none"
         if video:
             notes.append("task not given: 'depth' (the control video's structure, the prompt's look)")
-    if task_needs_video(task) and not video:
-        raise _bad("task", f"'{task}' needs a video (video or a video input_reference)")
-    if task_needs_mask(task) and not (req.mask_video or req.mask_image):
-        raise _bad("task", f"'{task}' needs mask_video or mask_image")
+    for gap in input_gaps(task, {"video": video, "mask_video": req.mask_video, "mask_image": req.mask_image}):
+        raise _bad(gap.field if gap.rule in ("mask_needs_video", "task_ignores_mask") else "task",
+                   gap.message(_INPUT_WORDS))
     width, height = parse_size(req.size)
     num_frames = frames_for(req.seconds)
     if num_frames != round(float(req.seconds) * FPS) + 1:
@@ -188,11 +187,11 @@ def form_to_dict(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], UploadFi
     return body, upload
 
 
-async def read_request(request: Request, core: JobService) -> tuple[dict[str, Any], UploadFile | None]:
+async def read_request(request: Request, api: Api) -> tuple[dict[str, Any], UploadFile | None]:
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await request.form(max_files=2, max_fields=FORM_MAX_FIELDS,
-                                  max_part_size=max_request_bytes(core.settings))
+                                  max_part_size=max_request_bytes(api.config))
         return form_to_dict(form.multi_items())
     try:
         body = await read_json(request, empty={})  # off the event loop, shape-checked as it arrived (body_guard)
@@ -230,11 +229,11 @@ def reference_of(value: InputReferenceObject | str) -> Reference:
     return Reference("video" if kind == "video" else "image", value.strip())
 
 
-def model_problem(core: JobService, model: str) -> str | None:
+def model_problem(config: DialectConfig, model: str) -> str | None:
     """None when the served model answers `model` (see the module docstring), else the reason."""
-    if OPENAI_MODEL_RE.match(model) or model == core.settings.model:
+    if OPENAI_MODEL_RE.match(model) or model == config.model:
         return None
-    return check_served_model(core, model, model)
+    return check_served_model(config, model, model)
 
 
 async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
@@ -242,39 +241,25 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def discard_upload(core: JobService, upload_id: str) -> None:
-    core.storage.delete_prefix(f"uploads/{upload_id}")
-    core.store.delete_uploads([upload_id])
-
-
-def list_jobs(core: JobService, *, after: str | None, limit: int, order: str,
-              owner: str | None = None) -> tuple[list[JobRecord], bool]:
+async def list_jobs(api: Api, *, after: str | None, limit: int, order: str,
+                    owner: str | None = None) -> tuple[list[JobRecord], bool]:
     """One page of this dialect's jobs visible to `owner` (its own and those made without keys) by
     (created_at, id), after the job `after`; returns (page, has_more)."""
-    page = core.store.page_jobs(NAME, after=after, limit=limit, ascending=order == "asc", owner=owner)
+    page = await api.jobs.page(NAME, after=after, limit=limit, ascending=order == "asc", owner=owner)
     if page is None:
         raise _bad("after", f"no video with id '{after}'")
     return page
 
 
-def delete_job(core: JobService, job: JobRecord) -> None:
-    """Remove the job, its outputs and the upload its input_reference became."""
-    core.storage.delete_prefix(f"outputs/{job.id}")
-    core.store.delete_jobs([job.id])
-    upload_id = job.extra.get("upload_id")
-    if upload_id:
-        discard_upload(core, upload_id)
-
-
 async def create_video_job(
-    request: Request, core: JobService, body: dict[str, Any], upload: UploadFile | None
+    request: Request, api: Api, body: dict[str, Any], upload: UploadFile | None
 ) -> JobRecord:
     """Validate a create request (every field checked before anything is stored), store its file part as an
     upload and queue the job; the upload is removed again when queueing fails."""
     if upload is not None and "input_reference" in body:
         raise _bad("input_reference", "send either a file part or image_url, not both")
     req: VideoCreateRequest = parse_request(body)
-    problem = model_problem(core, req.model)
+    problem = model_problem(api.config, req.model)
     if problem:
         raise _bad("model", problem, code="model_not_found")
     ref: Reference | None = None
@@ -289,75 +274,72 @@ async def create_video_job(
     elif req.input_reference is not None:
         ref = reference_of(req.input_reference)
     spec, notes = to_spec(req, ref)  # every field is checked before anything is stored
-    base = core.base_url(request)
+    base = api.files.base_url(request)
     upload_id = None
     if upload is not None and ref is not None:
-        info = await core.save_upload(_chunks(upload), upload.filename or f"input_reference.{ref.kind}",
+        info = await api.uploads.save(_chunks(upload), upload.filename or f"input_reference.{ref.kind}",
                                       upload.content_type, owner=request_owner(request),
                                       field_name="input_reference")
         upload_id = info.id
         target = "first_image" if ref.kind == "image" else "video"
-        url = core.file_url(base, "uploads", info.id, info.filename, request_owner(request))
+        url = api.files.file_url(base, "uploads", info.id, info.filename, request_owner(request))
         spec = spec.model_copy(update={"inputs": spec.inputs.model_copy(update={target: url})})
-    served = core.settings.model
+    served = api.config.model
     logs = [f"model: '{req.model}' answered by the served model '{served}'", *notes]
     try:
-        job = await core.create_job_async(
+        job = await api.jobs.submit(
             spec, dialect=NAME, model_id=req.model, base_url=base, field_names=field_names(ref), logs=logs,
             extra={"upload_id": upload_id}, owner=request_owner(request))
     except BaseException:
         if upload_id:
-            await asyncio.to_thread(discard_upload, core, upload_id)
+            await api.uploads.discard(upload_id)
         raise
     log.info("openai video %s (%s)", job.id, "; ".join(logs))
     return job
 
 
-def list_page(core: JobService, *, after: str | None, limit: str, order: str,
+async def list_page(api: Api, *, after: str | None, limit: str, order: str,
               owner: str | None) -> tuple[list[JobRecord], bool]:
     """`GET /v1/videos`'s query checked (400 naming `limit` / `order`), then one page of `list_jobs`."""
     if not limit.strip().isdigit() or not 1 <= int(limit) <= LIST_LIMIT_MAX:
         raise _bad("limit", f"must be an integer within 1..{LIST_LIMIT_MAX} (got {limit!r})")
     if order not in ("asc", "desc"):
         raise _bad("order", f"must be 'asc' or 'desc' (got {order!r})")
-    return list_jobs(core, after=after or None, limit=int(limit), order=order, owner=owner)
+    return await list_jobs(api, after=after or None, limit=int(limit), order=order, owner=owner)
 
 
-def stop_and_delete(core: JobService, job: JobRecord, owner: str | None) -> None:
+async def stop_and_delete(api: Api, job: JobRecord, owner: str | None) -> None:
     """Delete a video; a running one is cancelled first and waited for (up to DELETE_WAIT_S) to stop."""
     video_id = job.id
     if not job.terminal:
-        core.cancel_job(video_id, owner)
-        deadline = time.monotonic() + DELETE_WAIT_S
-        while not job.terminal and time.monotonic() < deadline:
-            time.sleep(0.1)
-            job = job_or_404(core, video_id, owner)
+        await api.jobs.cancel(video_id, owner)
+        job = await api.jobs.wait(video_id, DELETE_WAIT_S)
         if not job.terminal:
             raise ApiError(409, f"video '{video_id}' is still stopping after cancellation; retry the delete",
                            error_type="video_in_progress")
-    delete_job(core, job)
+    await api.jobs.delete(job)
 
 
-def job_or_404(core: JobService, video_id: str, owner: str | None) -> JobRecord:
-    job = core.get_job(video_id, owner=owner)
+async def job_or_404(api: Api, video_id: str, owner: str | None) -> JobRecord:
+    job = await api.jobs.get(video_id, owner=owner)
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"video '{video_id}' not found", field="video_id", error_type="not_found")
     return job
 
 
-def content_path(core: JobService, video_id: str, variant: str, owner: str | None) -> Path:
+async def content_path(api: Api, video_id: str, variant: str, owner: str | None) -> Path:
     """The mp4 of a completed video; 400/404 naming `variant` or `video_id` otherwise."""
     if variant not in VARIANTS:
         raise _bad("variant", f"must be one of {', '.join(VARIANTS)} (got {variant!r})")
-    job = job_or_404(core, video_id, owner)
+    job = await job_or_404(api, video_id, owner)
     if variant != "video":
         raise _bad("variant", f"'{variant}' is not produced by this server; only 'video' (the mp4) is",
                    status=404, code="variant_not_available")
-    if job.status != SUCCEEDED:
+    if job.status != JobStatus.SUCCEEDED:
         raise ApiError(400, f"video '{video_id}' is {STATUS[job.status]}; its content is available once it is "
                        "completed", field="video_id", error_type="video_not_ready")
     video = next((o for o in job.outputs if o.get("kind") == "video"), None)
-    path = core.output_path(job, video) if video else None
+    path = await api.offload.slow(api.files.output_path, job, video) if video else None
     if path is None or not path.is_file():
         raise ApiError(404, f"the content of video '{video_id}' is no longer available", field="video_id",
                        error_type="not_found")

@@ -8,25 +8,29 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.core import CANCELLED, TINY_NOTE, ApiError, JobRecord, JobService, iso_time, request_owner
+from server.auth import request_owner
 from server.dialects.common import expansion_note, nsfw_flag, safety_note, windows_field
 from server.dialects.wavespeed.schemas import STATUS, SYNC_TIMEOUT_CODE
+from server.errors import ApiError
+from server.files import Files
+from server.jobs import TINY_NOTE, JobRecord, iso_time
+from server.states import JobStatus
 
 
 def envelope(data: Any, code: int = 200, message: str = "success") -> dict[str, Any]:
     return {"code": code, "message": message, "data": data}
 
 
-def render_data(job: JobRecord, core: JobService, base: str, *, base64_output: bool | None = None) -> dict[str, Any]:
+def render_data(job: JobRecord, files: Files, base: str, *, base64_output: bool | None = None) -> dict[str, Any]:
     """The `data` object for one job: id, model, outputs, urls.get, status, created_at, error, timings."""
     if base64_output is None:
         base64_output = bool(job.extra.get("enable_base64_output"))
-    outs = core.output_urls(job, base)
+    outs = files.output_urls(job, base)
     media = [o for o in outs if str(o.get("content_type", "")).startswith(("video/", "image/"))]
     videos = [o for o in media if o.get("kind") == "video"] + [o for o in media if o.get("kind") != "video"]
     if base64_output:
         try:
-            outputs = [base64.b64encode(core.output_path(job, o).read_bytes()).decode() for o in videos]
+            outputs = [base64.b64encode(files.output_path(job, o).read_bytes()).decode() for o in videos]
         except OSError:
             raise ApiError(404, f"the outputs of prediction '{job.id}' are no longer available",
                            error_type="not_found") from None
@@ -35,7 +39,7 @@ def render_data(job: JobRecord, core: JobService, base: str, *, base64_output: b
     infer_ms = int(round(1000 * (job.timings.get("generate") or 0.0)))
     total_ms = int(round(1000 * (job.timings.get("total") or 0.0)))
     error = job.error or ""
-    if job.status == CANCELLED and not error:
+    if job.status == JobStatus.CANCELLED and not error:
         error = "cancelled by request"
     data: dict[str, Any] = {
         "id": job.id,
@@ -60,9 +64,8 @@ def render_data(job: JobRecord, core: JobService, base: str, *, base64_output: b
     return data
 
 
-def render_webhook(job: JobRecord, core: JobService) -> dict[str, Any]:
-    base = core.settings.public_base_url or job.extra.get("base_url") or core.base_url()
-    data = render_data(job, core, base, base64_output=False)
+def render_webhook(job: JobRecord, files: Files) -> dict[str, Any]:
+    data = render_data(job, files, files.job_base_url(job), base64_output=False)
     data["input"] = job.extra.get("input", {})
     data.pop("executionTime", None)
     return data
@@ -76,21 +79,22 @@ def render_error(request: Request, err: ApiError) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-def sync_data(job: JobRecord, core: JobService, base: str) -> dict[str, Any]:
-    """`data` for `enable_sync_mode`: a job still running when the wait ends carries WaveSpeed's timeout code."""
-    data = render_data(job, core, base)
+def sync_data(job: JobRecord, files: Files, base: str, timeout_s: float) -> dict[str, Any]:
+    """`data` for `enable_sync_mode`: a job still running when the wait ends (`timeout_s`) carries WaveSpeed's
+    timeout code."""
+    data = render_data(job, files, base)
     if not job.terminal:
         data["code"] = SYNC_TIMEOUT_CODE
-        data["error"] = (f"Sync mode timed out after {core.settings.sync_timeout_s:g} s; the task is still "
+        data["error"] = (f"Sync mode timed out after {timeout_s:g} s; the task is still "
                          f"running, query {data['urls']['get']}")
     return data
 
 
-def upload_data(core: JobService, request: Request, info: Any) -> dict[str, Any]:
-    base = core.base_url(request)
+def upload_data(files: Files, request: Request, info: Any) -> dict[str, Any]:
+    base = files.base_url(request)
     return {
         "type": info.media_kind or "file",
-        "download_url": core.file_url(base, "uploads", info.id, info.filename, request_owner(request)),
+        "download_url": files.file_url(base, "uploads", info.id, info.filename, request_owner(request)),
         "filename": info.filename,
         "size": info.size,
     }

@@ -10,7 +10,6 @@ because older SDKs only treat `failed` as terminal). Requests are translated in 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
@@ -18,12 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from server.auth import request_owner, require_auth
 from server.body_guard import JSON_MEDIA, JSON_SMALL, MISSING, MULTIPART_UPLOAD, RAW_UPLOAD, accepts, read_json
-from server.core import ApiError, JobService, get_job_service, request_owner, require_auth
 from server.dialects.common import Dialect
 from server.dialects.wavespeed.render import envelope, render_data, render_error, render_webhook, sync_data, upload_data
 from server.dialects.wavespeed.schemas import MODEL_ID, NAME, UploadTicketRequest, WanVaceInput
 from server.dialects.wavespeed.serving import job_or_404, submit_prediction
+from server.errors import ApiError
+from server.services import Api, get_api
 from vace_local.core.errors import Problem
 
 router = APIRouter(prefix="/api/v3", tags=[NAME])
@@ -31,22 +32,22 @@ authed = [Depends(require_auth)]
 
 
 @router.get("/predictions/{request_id}/result", dependencies=authed, summary="Get a prediction's result")
-def get_result(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> dict[str, Any]:
-    job = job_or_404(core, request_id, request)
-    return envelope(render_data(job, core, core.base_url(request)))
+async def get_result(request_id: str, request: Request, api: Api = Depends(get_api)) -> dict[str, Any]:
+    job = await job_or_404(api, request_id, request)
+    return envelope(render_data(job, api.files, api.files.base_url(request)))
 
 
 @router.get("/predictions/{request_id}", dependencies=authed, summary="Get a prediction")
-def get_prediction(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> dict[str, Any]:
-    return get_result(request_id, request, core)
+async def get_prediction(request_id: str, request: Request, api: Api = Depends(get_api)) -> dict[str, Any]:
+    return await get_result(request_id, request, api)
 
 
 @router.post("/predictions/{request_id}/cancel", dependencies=authed, summary="Cancel a prediction")
-def cancel_prediction(request_id: str, request: Request, core: JobService = Depends(get_job_service)) -> dict[str, Any]:
-    job_or_404(core, request_id, request)
-    job = core.cancel_job(request_id, request_owner(request))
+async def cancel_prediction(request_id: str, request: Request, api: Api = Depends(get_api)) -> dict[str, Any]:
+    await job_or_404(api, request_id, request)
+    job = await api.jobs.cancel(request_id, request_owner(request))
     assert job is not None
-    return envelope(render_data(job, core, core.base_url(request)))
+    return envelope(render_data(job, api.files, api.files.base_url(request)))
 
 
 #: One file part and a few small fields: a 400-part form is refused at its second file, not held in memory.
@@ -57,7 +58,7 @@ UPLOAD_FORM_LIMITS = {"max_files": 1, "max_fields": 8, "max_part_size": 64 * 102
              form_limits=UPLOAD_FORM_LIMITS)
 @accepts(MULTIPART_UPLOAD)
 async def upload_binary(request: Request, file: UploadFile | str | None = File(None),
-                        core: JobService = Depends(get_job_service)) -> dict[str, Any]:
+                        api: Api = Depends(get_api)) -> dict[str, Any]:
     if file is None:
         raise ApiError.invalid(Problem("file", "multipart form field 'file' is required"), error_type="invalid_request")
     if isinstance(file, str):  # a part without a filename arrives as a plain form value
@@ -68,19 +69,18 @@ async def upload_binary(request: Request, file: UploadFile | str | None = File(N
         while chunk := await file.read(1 << 20):
             yield chunk
 
-    info = await core.save_upload(chunks(), file.filename or "upload", file.content_type,
+    info = await api.uploads.save(chunks(), file.filename or "upload", file.content_type,
                                   owner=request_owner(request))
-    return envelope(upload_data(core, request, info))
+    return envelope(upload_data(api.files, request, info))
 
 
 @router.post("/media/uploads", dependencies=authed, summary="Create an upload URL (then PUT the bytes)")
 @accepts(JSON_SMALL)
-def create_upload(body: UploadTicketRequest, request: Request,
-                  core: JobService = Depends(get_job_service)) -> dict[str, Any]:
-    info = core.create_upload_ticket(body.filename, body.size, body.content_type, request_owner(request))
-    base = core.base_url(request)
+async def create_upload(body: UploadTicketRequest, request: Request, api: Api = Depends(get_api)) -> dict[str, Any]:
+    info = await api.uploads.create_ticket(body.filename, body.size, body.content_type, request_owner(request))
+    base = api.files.base_url(request)
     headers = {"Content-Type": body.content_type} if body.content_type else {}
-    data = upload_data(core, request, info)
+    data = upload_data(api.files, request, info)
     data["id"] = info.id
     data["upload"] = {"method": "PUT", "url": f"{base}/api/v3/media/uploads/{info.id}?token={info.token}",
                       "headers": headers}
@@ -90,9 +90,9 @@ def create_upload(body: UploadTicketRequest, request: Request,
 @router.put("/media/uploads/{upload_id}", summary="Receive the bytes of a ticketed upload (token-authorised)")
 @accepts(RAW_UPLOAD)
 async def put_upload(upload_id: str, request: Request, token: str = Query(""),
-                     core: JobService = Depends(get_job_service)) -> dict[str, Any]:
-    info = await core.receive_upload(upload_id, token, request.stream())
-    return envelope(upload_data(core, request, info))
+                     api: Api = Depends(get_api)) -> dict[str, Any]:
+    info = await api.uploads.receive(upload_id, token, request.stream())
+    return envelope(upload_data(api.files, request, info))
 
 
 async def submit_body(request: Request) -> WanVaceInput:
@@ -114,14 +114,15 @@ async def submit_body(request: Request) -> WanVaceInput:
     "requestBody": {"required": True, "content": {"application/json": {"schema": WanVaceInput.model_json_schema()}}}})
 @accepts(JSON_MEDIA)
 async def submit(request: Request, body: WanVaceInput = Depends(submit_body), webhook: str | None = Query(None),
-                 core: JobService = Depends(get_job_service)) -> Response:
-    job = await submit_prediction(body, request, (webhook or "").strip() or None, core)
-    base = core.base_url(request)
+                 api: Api = Depends(get_api)) -> Response:
+    job = await submit_prediction(body, request, (webhook or "").strip() or None, api)
+    base = api.files.base_url(request)
     if body.enable_sync_mode:
-        job = await core.wait_for_job(job.id)
-        data = await asyncio.to_thread(sync_data, job, core, base)  # base64 output: read + encoded off the loop
+        job = await api.jobs.wait(job.id)
+        # base64 output: read + encoded off the loop
+        data = await api.offload.slow(sync_data, job, api.files, base, api.config.sync_timeout_s)
         return JSONResponse(envelope(data))
-    return JSONResponse(envelope(render_data(job, core, base)))
+    return JSONResponse(envelope(render_data(job, api.files, base)))
 
 
 @router.post("/{model:path}", dependencies=authed, include_in_schema=False)

@@ -1,5 +1,5 @@
 """WaveSpeed `wavespeed-ai/wan-2.1-14b-vace` request schema and the constants of its wire contract
-(fields, defaults and ranges as documented: shared/seeds/000)."""
+(fields, defaults and ranges as documented at wavespeed.ai/models/wavespeed-ai/wan-2.1-14b-vace)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from server.core import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from server.dialects.common import LONG_VIDEO_DESCRIPTION, PROMPT_MAX_CHARS, long_video_limit, loras_field, not_blank
+from server.states import JobStatus
 from vace_local.core.spec import HARD_MAX_FRAMES, LoraRef
 
 NAME = "wavespeed"
@@ -20,7 +20,8 @@ BASE64_WEBHOOK_ERROR = ("webhook callback does not support base64 output, please
                         "base64 output")
 #: JobSpec / JobInputs names → WaveSpeed's, so errors name the user's field.
 FIELD_NAMES = {"reference_images": "images", "num_frames": "duration", "width": "size", "height": "size"}
-STATUS = {QUEUED: "created", RUNNING: "processing", SUCCEEDED: "completed", FAILED: "failed", CANCELLED: "failed"}
+STATUS = {JobStatus.QUEUED: "created", JobStatus.RUNNING: "processing", JobStatus.SUCCEEDED: "completed",
+          JobStatus.FAILED: "failed", JobStatus.CANCELLED: "failed"}
 
 
 class WanVaceInput(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.core import ApiError, JobRecord, JobService, request_owner, validation_error
+from server.auth import request_owner
 from server.dialects.common import unknown_fields_note
 from server.dialects.wavespeed.schemas import (
     BASE64_WEBHOOK_ERROR,
@@ -19,12 +19,16 @@ from server.dialects.wavespeed.schemas import (
     SIZES,
     WanVaceInput,
 )
+from server.errors import ApiError, validation_error
+from server.jobs import JobRecord
+from server.services import Api
 from vace_local.core.errors import Problem
-from vace_local.core.spec import JobInputs, JobSpec, OutputOptions, task_needs_video
+from vace_local.core.spec import MEDIA_FIELDS, JobInputs, JobSpec, OutputOptions, input_gaps, task_needs_video
 
 log = logging.getLogger("vace.server.wavespeed")
-#: Media fields whose data-URI values are shortened in the stored copy of the input (`data.input` of webhooks).
-MEDIA_FIELDS = ("images", "video", "mask_video", "mask_image", "image", "first_image", "last_image", "extend")
+#: Media fields whose data-URI values are shortened in the stored copy of the input (`data.input` of webhooks):
+#: WaveSpeed's names of the JobInputs media fields, and `image` (one more reference image).
+MEDIA_WIRE_FIELDS = (*(FIELD_NAMES.get(f.name, f.name) for f in MEDIA_FIELDS), "image")
 
 def field_names_for(inp: WanVaceInput) -> dict[str, str]:
     """FIELD_NAMES plus the slot `image` takes in reference_images, so its errors say `image`, not `images[N]`."""
@@ -38,15 +42,17 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     if len(refs) > 5:
         raise ApiError.invalid(Problem("images", "at most 5 reference images are allowed (including `image`), "
                                        f"got {len(refs)}"), error_type="invalid_request")
-    if (inp.mask_video or inp.mask_image) and not inp.video:
-        raise ApiError(400, "mask_video/mask_image: a mask needs `video` to apply to", field="video")
+    given = {"video": inp.video, "mask_video": inp.mask_video, "mask_image": inp.mask_image}
     task = inp.task
+    for gap in input_gaps(task, given):
+        if gap.rule == "mask_needs_video":
+            raise ApiError(400, f"{gap.field}: {gap.message({'video': '`video`'})}", field="video")
     if not inp.video and task_needs_video(task):
         notes.append(f"task '{task}' needs a video; none given, so generating from the prompt/images only")
         task = "none"
-    if task == "inpainting" and not (inp.mask_video or inp.mask_image):
-        raise ApiError.invalid(Problem("task", "'inpainting' needs mask_video or mask_image"),
-                               error_type="invalid_request")
+    for gap in input_gaps(task, given):  # what the task still lacks (a mask), or a mask it would not use
+        field = gap.field if gap.rule == "task_ignores_mask" else "task"
+        raise ApiError.invalid(Problem(field, gap.message({})), error_type="invalid_request")
     flow_shift = inp.flow_shift
     if flow_shift <= 0:
         flow_shift = 1e-3
@@ -75,8 +81,8 @@ def to_spec(inp: WanVaceInput) -> tuple[JobSpec, list[str]]:
     return spec, notes
 
 
-def job_or_404(core: JobService, request_id: str, request: Request) -> JobRecord:
-    job = core.get_job(request_id, owner=request_owner(request))
+async def job_or_404(api: Api, request_id: str, request: Request) -> JobRecord:
+    job = await api.jobs.get(request_id, owner=request_owner(request))
     if job is None or job.dialect != NAME:
         raise ApiError(404, f"prediction '{request_id}' not found", error_type="not_found")
     return job
@@ -86,7 +92,7 @@ def stored_input(body: WanVaceInput) -> dict[str, Any]:
     """The request as the job keeps it (echoed in webhooks): documented fields only, data URIs shortened.
     Unknown fields are only named in the job log (to_spec): their values are never stored or echoed."""
     raw = body.model_dump(mode="json", exclude_none=True, exclude=set(body.model_extra or ()))
-    for k in MEDIA_FIELDS:
+    for k in MEDIA_WIRE_FIELDS:
         v = raw.get(k)
         if isinstance(v, str) and v.startswith("data:"):
             raw[k] = v[:64] + "…"
@@ -95,13 +101,13 @@ def stored_input(body: WanVaceInput) -> dict[str, Any]:
     return raw
 
 
-async def submit_prediction(body: WanVaceInput, request: Request, webhook: str | None, core: JobService) -> JobRecord:
+async def submit_prediction(body: WanVaceInput, request: Request, webhook: str | None, api: Api) -> JobRecord:
     """Check and translate a submit, then queue it (`?webhook=` empty means no webhook)."""
     if webhook and body.enable_base64_output:
         raise ApiError(400, BASE64_WEBHOOK_ERROR, error_type="base64_webhook")
     spec, notes = to_spec(body)
-    return await core.create_job_async(
-        spec, dialect=NAME, model_id=MODEL_ID, base_url=core.base_url(request), webhook_url=webhook,
+    return await api.jobs.submit(
+        spec, dialect=NAME, model_id=MODEL_ID, base_url=api.files.base_url(request), webhook_url=webhook,
         field_names=field_names_for(body), logs=notes, owner=request_owner(request),
         extra={"input": stored_input(body), "enable_base64_output": body.enable_base64_output},
     )
