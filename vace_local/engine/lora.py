@@ -390,10 +390,10 @@ class CompiledLoraSlot(AdapterPool):
 
     Why not PEFT's hotswap (`enable_lora_hotswap` + `load_lora_weights(..., hotswap=True)`): it swaps one adapter
     for another with the same or fewer targets (a LoRA on more layers than the first raises), one adapter per model,
-    and turning adapters off (`disable_lora`) for a job without LoRA recompiles too (measured). The slot (PEFT layers, in-place
-    copies) also serves several LoRAs in one job and LoRAs on any linear (untargeted layers stay zero). Cost: the
-    rank-`rank` matmuls run on every linear on every job (zeros when unused). The converted weights of the
-    `capacity` most recently used LoRA files stay in CPU memory (`loaded`).
+    and turning adapters off (`disable_lora`) for a job without LoRA recompiles too (measured). The slot (PEFT
+    layers, in-place copies) also serves several LoRAs in one job and LoRAs on any linear (untargeted layers stay
+    zero). Cost: the rank-`rank` matmuls run on every linear on every job (zeros when unused). The converted weights
+    of the `capacity` most recently used LoRA files stay in CPU memory (`loaded`).
     """
 
     def __init__(self, pipe: Any, capacity: int = 4, policy: MemoryPolicy = "none", rank: int = 64) -> None:
