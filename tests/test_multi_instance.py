@@ -52,10 +52,13 @@ def hook_url():
     srv.shutdown()
 
 
-def _instance(name: str, data_dir: Path, cache: Path, db_url: str) -> LiveServer:
-    # Small jobs (64 px, 17 frames); the long one has LONG_STEPS steps, so it is killed mid-run.
+def _instance(name: str, data_dir: Path, cache: Path, db_url: str, hold: Path | None = None) -> LiveServer:
+    # Small jobs (64 px, 17 frames). With `hold` (VACE_TINY_HOLD_FILE) the instance's jobs hold after their
+    # first step while that file exists: box-a's long job is mid-run when box-a is killed, whatever the load.
     env = {"VACE_DATABASE_URL": db_url, "VACE_INSTANCE_ID": name, "VACE_HEARTBEAT_TIMEOUT_S": str(LEASE_S),
            "VACE_TINY_MAX_SIDE": "64", "VACE_TINY_MAX_FRAMES": "17"}
+    if hold is not None:
+        env["VACE_TINY_HOLD_FILE"] = str(hold)
     return LiveServer(data_dir, cache, extra_env=env)
 
 
@@ -119,7 +122,9 @@ def test_two_instances_share_one_queue(pg_cluster, tmp_path, hook_url):
     db_url = pg_cluster.create_database()
     data, cache = tmp_path / "shared-data", tmp_path / "cache"
     store = Store(db_url)
-    a = _instance("box-a", data, cache, db_url)
+    hold = tmp_path / "hold-box-a"
+    hold.touch()
+    a = _instance("box-a", data, cache, db_url, hold=hold)
     b = _instance("box-b", data, cache, db_url)
     t0 = time.time()
     phases: dict[str, float] = {}
@@ -128,7 +133,7 @@ def test_two_instances_share_one_queue(pg_cluster, tmp_path, hook_url):
         phases["a_ready"] = time.time() - t0
         long_id = _submit_wavespeed(a, "runs on box-a, then box-a dies", LONG_STEPS, hook_url)
         running = _wait(lambda: (j := store.get_job(long_id)) and j.stage == "generate" and j.step >= 1 and j,
-                        90, "the first job to denoise on box-a")
+                        90, "the first job to denoise on box-a")  # and hold there: box-a's worker is busy
         phases["long_generating"] = time.time() - t0
         # A second instance on the same store: box-a's running job and worker rows stay as they are. Its API
         # answers once its supervisor has started (recovery included); its worker loads meanwhile.
