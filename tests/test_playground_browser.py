@@ -164,7 +164,7 @@ def test_playground_end_to_end(server, browser):
     page.get_by_label("Steps").fill("2")
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function("() => /^(Completed|Failed)/.test(document.querySelector('#status').textContent)",
-                           timeout=60_000)
+                           timeout=300_000)  # a loaded box: the inpainting preprocess alone took 60 s
     status = page.locator("#status").inner_text()
     assert status.startswith("Completed"), f"{status}\n{page.locator('#logs').inner_text()}"
     statuses = page.evaluate("window.__statuses")
@@ -191,6 +191,8 @@ def test_playground_end_to_end(server, browser):
 
     # recent jobs survive a reload (localStorage) with their parameters; re-run behind a busy worker (so it
     # shows its queue position), then cancel it while queued
+    hold = server.data_dir / "hold"  # the blocker holds after step 1 (VACE_TINY_HOLD_FILE) until cancelled
+    hold.write_text("1")
     blocker = server.submit({"prompt": "keeps the worker busy", "task": "none", "num_inference_steps": 40})
     server.wait(blocker["id"], lambda r: r["status"] == "running", timeout=30, what="blocker running")
     page.reload()
@@ -208,6 +210,8 @@ def test_playground_end_to_end(server, browser):
     assert "cancelled by request while queued" in page.locator("#logs").inner_text()
     httpx.post(f"{server.base}/api/v3/predictions/{blocker['id']}/cancel", headers={"Authorization": f"Bearer {KEY}"},
                timeout=10)
+    server.wait(blocker["id"], lambda r: r["status"] == "cancelled", timeout=30, what="blocker cancelled")
+    hold.unlink()
     assert page.locator("#key-dialog[open]").count() == 0  # the key was kept: not asked again
     assert page.locator("#history-list li").count() == 2
     page.screenshot(path=str(ARTIFACTS / "4-cancelled.png"), full_page=True)
