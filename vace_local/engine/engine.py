@@ -269,16 +269,17 @@ class Engine:
         `describe()`; None when it can."""
         o = self.options
         if o.fp8_storage or o.fp8_linear:
-            return ("not available with --fp8: the fp8 paths cast or quantise the transformer weights at load and "
-                    "adapter layers added per job are not covered by them; fuse LoRAs at start with --lora (fused "
-                    "before the fp8 cast)")
+            return ("per-request LoRAs are not available with --fp8: the fp8 paths cast or quantise the transformer "
+                    "weights at load and adapter layers added per job are not covered by them; fuse LoRAs at start "
+                    "with --lora (fused before the fp8 cast)")
         if o.compile and o.lora_slot_rank <= 0:
-            return ("not available with --compile when the LoRA slot is off (lora_slot_rank 0): adding, switching "
-                    "or rescaling an adapter would recompile the blocks (6-30 s per change measured on the tiny "
-                    "model on CPU); fuse LoRAs at start with --lora")
+            return ("per-request LoRAs are not available with --compile when the LoRA slot is off (lora_slot_rank "
+                    "0): adding, switching or rescaling an adapter would recompile the blocks (6-30 s per change "
+                    "measured on the tiny model on CPU); fuse LoRAs at start with --lora")
         if o.compile and self.plan.policy not in ("none", "model"):
-            return (f"not available with --compile under offload '{self.plan.policy}': the LoRA slot is written "
-                    "in place, which offload 'none' or 'model' allows; fuse LoRAs at start with --lora")
+            return (f"per-request LoRAs are not available with --compile under offload '{self.plan.policy}': the "
+                    "LoRA slot is written in place, which offload 'none' or 'model' allows; fuse LoRAs at start "
+                    "with --lora")
         return None
 
     def _pick_device(self) -> str:
@@ -386,7 +387,7 @@ class Engine:
         from vace_local.engine.lora import CompiledLoraSlot
 
         if self.lora_refusal:
-            return {"mode": "refused", "refused": f"per-request LoRAs are {self.lora_refusal}"}
+            return {"mode": "refused", "refused": self.lora_refusal}
         if isinstance(self.adapters, CompiledLoraSlot):
             return {"mode": "compiled-slot", "slot_rank": self.adapters.rank}
         return {"mode": "adapters"}
@@ -432,7 +433,7 @@ class Engine:
         from vace_local.engine.lora import JobLora, lora_path
 
         if spec.loras and self.lora_refusal:
-            raise InputError("loras", f"per-request LoRAs are {self.lora_refusal}")
+            raise InputError("loras", self.lora_refusal)
         out = []
         for i, lora in enumerate(spec.loras):
             try:

@@ -1,4 +1,5 @@
-"""LoRA loading through diffusers' Wan LoRA loader, fused into the weights for zero runtime cost.
+"""LoRA loading through diffusers' Wan LoRA loader: fused into the weights for zero runtime cost (`--lora`, for
+the whole process), or as adapters switched per job (`AdapterPool`; `CompiledLoraSlot` under `--compile`).
 
 Sources are local `.safetensors` files (or a directory holding exactly one) or in-memory state dicts;
 nothing is fetched from the Hub. diffusers converts the common key layouts on load: Kijai/ComfyUI
@@ -11,8 +12,8 @@ them on `text_embedding`, `time_embedding`, `time_projection` or `head` (some li
 would otherwise fail inside diffusers with a message naming neither the file nor the key.
 
 Distillation LoRAs (CausVid, lightx2v) only work with their own schedule: they carry overrides for the
-step count, guidance scale and flow shift, which the engine then applies to every job (the fused weights
-would give broken output at 30 steps with CFG 5).
+step count, guidance scale and flow shift, which the engine applies to every job when fused and to the jobs
+that ask for them when per request (their weights give broken output at 30 steps with CFG 5).
 """
 
 from __future__ import annotations
@@ -150,6 +151,24 @@ def read_lora_file(source: str | Path) -> dict[str, Any]:
 LoraItem = tuple[dict[str, Any], float, Experts, str]  # (state dict, scale, experts, label naming its file)
 
 
+def expert_components(pipe: Any, experts: Experts) -> tuple[str, ...]:
+    """The pipeline's transformers a LoRA goes to: "high" = `transformer`, "low" = `transformer_2` (Wan 2.2's
+    experts; a one-transformer model has only `transformer`)."""
+    out = []
+    if experts in ("both", "high") and pipe.transformer is not None:
+        out.append("transformer")
+    if experts in ("both", "low") and getattr(pipe, "transformer_2", None) is not None:
+        out.append("transformer_2")
+    return tuple(out)
+
+
+def split_lora_key(key: str) -> tuple[str, str]:
+    """A converted (diffusers `transformer.*`) LoRA key as (module path, what follows `.lora_`), e.g.
+    `transformer.blocks.0.attn1.to_q.lora_A.weight` → (`blocks.0.attn1.to_q`, `A.weight`); no `.lora_`: (key, "")."""
+    stem, sep, tail = key.removeprefix("transformer.").rpartition(".lora_")
+    return (stem, tail) if sep else (key.removeprefix("transformer."), "")
+
+
 def _mapping_error(label: str, exc: Exception) -> LoraFormatError:
     """diffusers' conversion / PEFT error, restated with the file and the first key it could not place."""
     text = str(exc)
@@ -182,12 +201,8 @@ def fuse_loras(pipe: Any, loras: list[LoraItem]) -> list[str]:
         state = fold_alphas(raw, label)
         name = f"lora{i}"
         names.append(name)
-        loads = []
-        if experts in ("both", "high") and pipe.transformer is not None:
-            loads.append(("transformer", {}))
-        if experts in ("both", "low") and getattr(pipe, "transformer_2", None) is not None:
-            loads.append(("transformer_2", {"load_into_transformer_2": True}))
-        for component, kwargs in loads:
+        for component in expert_components(pipe, experts):
+            kwargs = {"load_into_transformer_2": True} if component == "transformer_2" else {}
             try:
                 pipe.load_lora_weights(dict(state), adapter_name=name, **kwargs)
             except (ValueError, KeyError, RuntimeError, AttributeError) as exc:
@@ -237,8 +252,8 @@ def check_targets(state: dict[str, Any], model: Any, label: str) -> None:
     do not fit it (a LoRA for another model family or size): PEFT would only warn and load part of it."""
     shapes = _linear_shapes(model)
     for key, value in state.items():
-        stem, sep, tail = key.removeprefix("transformer.").rpartition(".lora_")
-        if not sep:
+        stem, tail = split_lora_key(key)
+        if not tail:
             raise LoraFormatError(f"lora file {label}: key {key!r} is not a LoRA weight")
         base = stem.removesuffix(".base_layer")
         if base not in shapes:
@@ -272,14 +287,6 @@ class AdapterPool:
         self._counter = 0
         self.loads = 0  # adapters loaded from disk (tests and benchmarks read it)
 
-    def _components(self, experts: Experts) -> tuple[str, ...]:
-        out = []
-        if experts in ("both", "high") and self.pipe.transformer is not None:
-            out.append("transformer")
-        if experts in ("both", "low") and getattr(self.pipe, "transformer_2", None) is not None:
-            out.append("transformer_2")
-        return tuple(out)
-
     def _key(self, lora: JobLora) -> tuple[str, int, int, str]:
         st = lora.file.stat()
         return (str(lora.file.resolve()), st.st_size, st.st_mtime_ns, lora.experts)
@@ -287,7 +294,7 @@ class AdapterPool:
     def _load(self, lora: JobLora, keep: set[str]) -> _Adapter:
         from vace_local.core.errors import InputError
 
-        components = self._components(lora.experts)
+        components = expert_components(self.pipe, lora.experts)
         if not components:
             raise InputError(lora.field.removesuffix(".path") + ".transformer",
                              f"this model has no {lora.experts}-noise expert")
@@ -429,7 +436,7 @@ class CompiledLoraSlot(AdapterPool):
             check_targets(state, getattr(self.pipe, c), lora.file.name)
         ranks: dict[str, int] = {}
         for key, value in state.items():
-            stem, _, tail = key.removeprefix("transformer.").rpartition(".lora_")
+            stem, tail = split_lora_key(key)
             if tail == "A.weight":
                 ranks[stem] = int(value.shape[0])
         wide = {m: r for m, r in ranks.items() if r > self.rank}
@@ -456,7 +463,7 @@ class CompiledLoraSlot(AdapterPool):
                 if c not in adapter.components or adapter.state is None:
                     continue
                 for key, a in adapter.state.items():
-                    stem, _, tail = key.removeprefix("transformer.").rpartition(".lora_")
+                    stem, tail = split_lora_key(key)
                     if tail != "A.weight":
                         continue
                     bias = adapter.state.get(f"transformer.{stem}.lora_B.bias")
